@@ -1,0 +1,1 @@
+"""Infrastructure both processes use: settings, logging, object store, broker topology."""

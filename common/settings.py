@@ -1,0 +1,65 @@
+"""Settings shared by the gateway and the workers. Each process has one class, env prefix VIDEOGEN_."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from schemas.registry import Registry, load_registry
+
+
+class CommonSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="VIDEOGEN_", extra="ignore")
+
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    broker_namespace: str = Field(default="videogen", pattern=r"^[A-Za-z0-9_.-]+$",
+                                  description="Prefix of every exchange and queue name.")
+    s3_endpoint: str = Field(default="127.0.0.1:9000", description="host:port of the S3 API.")
+    s3_secure: bool = False
+    s3_region: str = "us-east-1"
+    s3_access_key: str = "videogen"
+    s3_secret_key: SecretStr = SecretStr("videogen-secret")
+    s3_bucket: str = "videogen"
+    models_file: Path | None = None
+    model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    default_model: str | None = None
+    models_dir: Path = Path("models")
+    log_level: str = "INFO"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+    def registry(self) -> Registry:
+        return load_registry(self.models_file, self.model_overrides, self.default_model)
+
+
+class GatewaySettings(CommonSettings):
+    host: str = "127.0.0.1"
+    port: int = 8080
+    s3_public_endpoint: str | None = Field(
+        default=None, description="URL clients use to reach the store (presigned links are bound to it); "
+                                  "defaults to the S3 endpoint.")
+    presign_expiry_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    event_buffer_jobs: int = Field(default=2000, ge=10,
+                                   description="Jobs whose recent events each gateway keeps for late WebSocket joins.")
+
+
+class WorkerSettings(CommonSettings):
+    serve_models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["ltx-video"])
+    device: str = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    worker_id: str | None = None
+    health_host: str = "127.0.0.1"
+    health_port: int = Field(default=8081, description="HTTP port for /health and /ready; 0 disables it.")
+    upload_attempts: int = Field(default=5, ge=1)
+    shutdown_grace_s: float = Field(default=60.0, ge=0,
+                                    description="On SIGTERM, how long the current job may run on before it is requeued.")
+
+    @field_validator("serve_models", mode="before")
+    @classmethod
+    def _split(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value

@@ -1,0 +1,116 @@
+"""The object store: job records, inputs and outputs in one bucket, through the `minio` client.
+
+minio's client is blocking; every call here runs in a thread so the event loop keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import urllib3
+from minio import Minio
+from minio.error import S3Error
+
+from common.settings import CommonSettings
+from schemas.jobs import JobRecord
+
+
+def record_key(job_id: str) -> str:
+    return f"jobs/{job_id}/job.json"
+
+
+def output_key(job_id: str) -> str:
+    return f"jobs/{job_id}/video.mp4"
+
+
+class StoreUnavailable(RuntimeError):
+    """The store could not be reached or answered with a server error."""
+
+
+class ObjectStore:
+    def __init__(self, settings: CommonSettings, public_endpoint: str | None = None) -> None:
+        self.bucket = settings.s3_bucket
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=3.0, read=60.0),
+            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+            maxsize=16,
+        )
+        self._client = self._make_client(settings, settings.s3_endpoint, settings.s3_secure, http)
+        # Presigned URLs are bound to the host they are signed for, so sign with the host clients use.
+        if public_endpoint:
+            parts = urlsplit(public_endpoint if "://" in public_endpoint else f"http://{public_endpoint}")
+            self._signer = self._make_client(settings, parts.netloc, parts.scheme == "https", http)
+        else:
+            self._signer = self._client
+
+    @staticmethod
+    def _make_client(settings: CommonSettings, endpoint: str, secure: bool, http: urllib3.PoolManager) -> Minio:
+        # With the region given, presigning is pure computation: no request to the store.
+        return Minio(endpoint, access_key=settings.s3_access_key,
+                     secret_key=settings.s3_secret_key.get_secret_value(),
+                     secure=secure, region=settings.s3_region, http_client=http)
+
+    async def ensure_bucket(self) -> None:
+        def run() -> None:
+            if not self._client.bucket_exists(self.bucket):
+                try:
+                    self._client.make_bucket(self.bucket)
+                except S3Error as exc:
+                    if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+        await asyncio.to_thread(run)
+
+    async def ping(self, timeout: float = 3.0) -> bool:
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._client.bucket_exists, self.bucket), timeout)
+        except Exception:
+            return False
+
+    async def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        await asyncio.to_thread(self._client.put_object, self.bucket, key, io.BytesIO(data), len(data),
+                                content_type=content_type)
+
+    async def put_file(self, key: str, path: Path, content_type: str) -> None:
+        await asyncio.to_thread(self._client.fput_object, self.bucket, key, str(path), content_type=content_type)
+
+    async def get_bytes(self, key: str) -> bytes | None:
+        def run() -> bytes | None:
+            try:
+                response = self._client.get_object(self.bucket, key)
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject"):
+                    return None
+                raise
+            try:
+                return response.read()
+            finally:
+                response.close()
+                response.release_conn()
+        return await asyncio.to_thread(run)
+
+    async def exists(self, key: str) -> bool:
+        def run() -> bool:
+            try:
+                self._client.stat_object(self.bucket, key)
+                return True
+            except S3Error as exc:
+                if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
+                    return False
+                raise
+        return await asyncio.to_thread(run)
+
+    async def put_record(self, record: JobRecord) -> None:
+        await self.put_bytes(record_key(record.job_id), record.model_dump_json().encode(), "application/json")
+
+    async def get_record(self, job_id: str) -> JobRecord | None:
+        raw = await self.get_bytes(record_key(job_id))
+        return None if raw is None else JobRecord.model_validate_json(raw)
+
+    def presign(self, key: str, expires_s: int) -> tuple[str, datetime]:
+        expires = timedelta(seconds=expires_s)
+        url = self._signer.presigned_get_object(self.bucket, key, expires=expires)
+        return url, datetime.now(UTC) + expires

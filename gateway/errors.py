@@ -1,0 +1,57 @@
+"""Every error leaves the gateway as JSON: `{"error": {"code", "message", "details"?}}`."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+from aiohttp import web
+from pydantic import ValidationError
+
+log = structlog.get_logger("gateway")
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message, self.details, self.headers = status, code, message, details, headers
+
+    def response(self) -> web.Response:
+        body: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.details:
+            body["details"] = self.details
+        return web.json_response({"error": body}, status=self.status, headers=self.headers)
+
+
+def validation_error(exc: ValidationError) -> ApiError:
+    details = []
+    for err in exc.errors(include_url=False, include_input=False):
+        field = ".".join(str(p) for p in err["loc"]) or "body"
+        details.append({"field": field, "rule": err["type"], "message": f"{field}: {err['msg']}"})
+    message = "; ".join(d["message"] for d in details)
+    return ApiError(422, "validation_error", message, details)
+
+
+_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
+               415: "unsupported_media_type"}
+
+
+@web.middleware
+async def error_middleware(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        message = exc.text if exc.status == 413 and exc.text else exc.reason
+        headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
+        return ApiError(exc.status, code, message, headers=headers).response()
+    except Exception:
+        log.exception("unhandled_error", path=request.path, method=request.method)
+        return ApiError(500, "internal_error", "internal error; see the gateway log").response()

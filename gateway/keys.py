@@ -1,0 +1,17 @@
+"""Typed keys for what the gateway application owns."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from common.settings import GatewaySettings
+from common.store import ObjectStore
+from gateway.broker import GatewayBroker
+from gateway.events import EventHub
+from schemas.registry import Registry
+
+SETTINGS = web.AppKey("settings", GatewaySettings)
+REGISTRY = web.AppKey("registry", Registry)
+STORE = web.AppKey("store", ObjectStore)
+BROKER = web.AppKey("broker", GatewayBroker)
+HUB = web.AppKey("hub", EventHub)

@@ -1,0 +1,93 @@
+"""Versioned envelopes on the wire. Every message body is one of these, as JSON."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field, TypeAdapter, ValidationError
+
+from schemas.jobs import GenerationParams, JobRecord, JobStatus, Mode, Phase, utcnow
+
+SCHEMA_VERSION = 1
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class JobMessage(BaseModel):
+    """Gateway → worker: run this job. Published persistent to the jobs exchange."""
+
+    type: Literal["job.submit"] = "job.submit"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    message_id: str = Field(default_factory=new_id)
+    timestamp: datetime = Field(default_factory=utcnow)
+    job_id: str
+    mode: Mode
+    params: GenerationParams
+
+
+class JobEvent(BaseModel):
+    """Worker (or gateway, for `queued`) → everyone: a job's state changed.
+
+    `seq` increases by one per event of a job. Terminal events carry the final record.
+    """
+
+    type: Literal["job.event"] = "job.event"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    message_id: str = Field(default_factory=new_id)
+    timestamp: datetime = Field(default_factory=utcnow)
+    job_id: str
+    seq: int = Field(ge=0)
+    status: JobStatus
+    phase: Phase
+    progress: float = Field(ge=0.0, le=1.0)
+    step: int | None = None
+    total_steps: int | None = None
+    job: JobRecord | None = None
+
+    @classmethod
+    def from_record(cls, record: JobRecord) -> JobEvent:
+        return cls(
+            job_id=record.job_id,
+            seq=record.seq,
+            status=record.status,
+            phase=record.phase,
+            progress=record.progress,
+            step=record.step,
+            total_steps=record.total_steps,
+            timestamp=record.updated_at,
+            job=record if record.status.is_terminal else None,
+        )
+
+
+Envelope = Annotated[JobMessage | JobEvent, Field(discriminator="type")]
+_envelope = TypeAdapter(Envelope)
+
+
+class DecodeError(ValueError):
+    """A message body that is not a valid envelope of a known version; keeps the raw bytes."""
+
+    def __init__(self, raw: bytes, reason: str) -> None:
+        super().__init__(reason)
+        self.raw = raw
+        self.reason = reason
+
+
+def decode(raw: bytes) -> JobMessage | JobEvent:
+    try:
+        return _envelope.validate_json(raw)
+    except ValidationError as exc:
+        raise DecodeError(raw, _summarise(exc)) from exc
+
+
+def encode(message: BaseModel) -> bytes:
+    return message.model_dump_json(exclude_none=False).encode()
+
+
+def _summarise(exc: ValidationError) -> str:
+    first = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "body"
+    return f"{where}: {first['msg']} ({exc.error_count()} error(s))"

