@@ -30,13 +30,16 @@ class EventHub:
 
     def __init__(self, max_jobs: int) -> None:
         self._max_jobs = max_jobs
-        self._recent: OrderedDict[str, list[JobEvent]] = OrderedDict()
+        self._recent: OrderedDict[str, dict[int, JobEvent]] = OrderedDict()
         self._subscribers: dict[str, set[Subscription]] = {}
 
     def publish(self, event: JobEvent) -> None:
-        events = self._recent.setdefault(event.job_id, [])
-        events.append(event)
-        del events[:-MAX_EVENTS_PER_JOB]
+        events = self._recent.setdefault(event.job_id, {})
+        if event.seq in events:
+            return  # the gateway's own `queued` event also comes back from the broker
+        events[event.seq] = event
+        if len(events) > MAX_EVENTS_PER_JOB:
+            del events[min(events)]
         self._recent.move_to_end(event.job_id)
         while len(self._recent) > self._max_jobs:
             self._recent.popitem(last=False)
@@ -46,7 +49,8 @@ class EventHub:
     @contextmanager
     def subscribe(self, job_id: str) -> Iterator[Subscription]:
         # Snapshot and registration happen without an await in between: nothing slips through.
-        sub = Subscription(job_id, backlog=list(self._recent.get(job_id, ())))
+        backlog = sorted(self._recent.get(job_id, {}).values(), key=lambda e: e.seq)
+        sub = Subscription(job_id, backlog=backlog)
         self._subscribers.setdefault(job_id, set()).add(sub)
         try:
             yield sub

@@ -12,7 +12,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from gateway.errors import ApiError, validation_error
-from gateway.keys import BROKER, REGISTRY, SETTINGS, STORE
+from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE
 from gateway.views import job_view
 from schemas.jobs import JobError, JobRecord, JobStatus, Mode, Phase, utcnow
 from schemas.messages import JobEvent, JobMessage
@@ -78,8 +78,12 @@ async def _submit(request: web.Request, req: TextToVideoRequest, mode: Mode) -> 
         await _mark_unpublished(request, record)
         raise ApiError(503, "broker_unavailable", "the job could not be queued; retry later",
                        headers={"Retry-After": "5"}) from exc
+    queued = JobEvent.from_record(record)
+    # Straight into this gateway's hub as well, so a client that connects right after the 202
+    # starts from seq 0 even before the broker's copy comes back.
+    app[HUB].publish(queued)
     try:
-        await broker.publish_event(JobEvent.from_record(record))
+        await broker.publish_event(queued)
     except Exception as exc:  # the job is safely queued; the record already says so
         log.warning("queued_event_failed", job_id=record.job_id, error=str(exc))
     log.info("job_accepted", job_id=record.job_id, model=params.model, mode=mode)

@@ -30,10 +30,10 @@ async def job_events(request: web.Request) -> web.WebSocketResponse:
         ws = web.WebSocketResponse(heartbeat=20.0)
         await ws.prepare(request)
 
-        # What this gateway already saw of the job, or else the stored state, then live events.
-        pending = sorted(sub.backlog, key=lambda e: e.seq)
-        if not pending or record.seq > pending[-1].seq:
-            pending.append(JobEvent.from_record(record))
+        # What this gateway already saw of the job, then live events. A gateway that saw none
+        # of it (it started after the job did) begins with the stored state instead. When the
+        # record is ahead of the backlog, the missing events are still on their way here.
+        pending = sub.backlog or [JobEvent.from_record(record)]
         last_seq = -1
         reader = asyncio.create_task(_drain_client(ws))
         try:

@@ -200,11 +200,12 @@ def start_rabbit_node(url: str, base_dir: Path) -> str:
                                "installed: run `sudo apt-get install rabbitmq-server` or point VIDEOGEN_AMQP_URL "
                                "at a running broker")
     port = urlsplit(url).port or 5672
+    dist_port = port + 20000 if port + 20000 < 65536 else free_port_block(1)
     node = f"videogen-{port}@localhost"
     base_dir.mkdir(parents=True, exist_ok=True)
     (base_dir / "enabled_plugins").write_text("[].\n")
     env = dict(os.environ, RABBITMQ_NODENAME=node, RABBITMQ_NODE_PORT=str(port),
-               RABBITMQ_NODE_IP_ADDRESS="127.0.0.1", RABBITMQ_DIST_PORT=str(port + 20000),
+               RABBITMQ_NODE_IP_ADDRESS="127.0.0.1", RABBITMQ_DIST_PORT=str(dist_port),
                RABBITMQ_MNESIA_BASE=str(base_dir / "mnesia"), RABBITMQ_LOG_BASE=str(base_dir / "log"),
                RABBITMQ_ENABLED_PLUGINS_FILE=str(base_dir / "enabled_plugins"))
     subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True)
@@ -236,10 +237,10 @@ def service_env(store: S3Store, amqp_url: str, namespace: str, models_dir: Path,
     return env
 
 
-def start_gateway(env: dict[str, str], port: int, log: Path) -> subprocess.Popen:
+def start_gateway(env: dict[str, str], port: int, log: Path, wait_for: str = "/ready") -> subprocess.Popen:
     env = dict(env, VIDEOGEN_PORT=str(port), VIDEOGEN_HOST="127.0.0.1")
     proc = spawn([sys.executable, "-m", "gateway.main"], env, log)
-    wait_until(lambda: http_ok(f"http://127.0.0.1:{port}/ready"), 60, "gateway", proc, log)
+    wait_until(lambda: http_ok(f"http://127.0.0.1:{port}{wait_for}"), 60, "gateway", proc, log)
     return proc
 
 

@@ -67,7 +67,7 @@ class ModelRunner:
         pipeline_cls = getattr(diffusers, PIPELINE_CLASSES[(spec.family, "text-to-video")])
         source = spec.source(models_dir)
         started = time.perf_counter()
-        pipeline = pipeline_cls.from_pretrained(source, revision=spec.revision, torch_dtype=dtype)
+        pipeline = pipeline_cls.from_pretrained(source, revision=spec.revision, dtype=dtype)
         pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)
         log.info("model_loaded", model=spec.id, source=source, device=str(device), dtype=str(dtype),

@@ -1,0 +1,109 @@
+"""Shared fixtures: a real S3 store (SeaweedFS), the real RabbitMQ, tiny models, real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import aio_pika
+import pytest
+
+from scripts import devstack
+from scripts.devstack import S3Store
+from schemas.registry import load_registry
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def amqp_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The broker at VIDEOGEN_TEST_AMQP_URL (default: local 5672), else a private node started here."""
+    url = os.environ.get("VIDEOGEN_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
+    if devstack.amqp_answers(url):
+        yield url
+        return
+    url = f"amqp://guest:guest@127.0.0.1:{devstack.free_port_block(1)}/"
+    node = devstack.start_rabbit_node(url, tmp_path_factory.mktemp("rabbitmq"))
+    yield url
+    devstack.stop_rabbit_node(node)
+
+
+@pytest.fixture(scope="session")
+def namespace(amqp_url: str) -> Iterator[str]:
+    """A broker namespace of this run's own, so a running local stack never sees test jobs."""
+    ns = f"test-{uuid.uuid4().hex[:10]}"
+    yield ns
+    asyncio.run(_delete_namespace(amqp_url, ns))
+
+
+async def _delete_namespace(amqp_url: str, ns: str) -> None:
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        for model_id in load_registry().models:
+            await channel.queue_delete(f"{ns}.jobs.{model_id}")
+        await channel.queue_delete(f"{ns}.dead")
+        for exchange in ("jobs", "events", "dlx"):
+            await channel.exchange_delete(f"{ns}.{exchange}")
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Store]:
+    base = devstack.free_port_block(10)
+    proc, store = devstack.start_weed(tmp_path_factory.mktemp("weed"), base + 6, base,
+                                      "test-access", "test-secret-key-123", "videogen-test")
+    yield store
+    devstack.stop_pid(proc.pid)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("models")
+    devstack.build_tiny_models(root)
+    return root
+
+
+@dataclass
+class Stack:
+    """Real gateway and worker processes on free ports, and how to start more of them."""
+
+    env: dict[str, str]
+    logs: Path
+    gateway_url: str = ""
+    worker_health_url: str = ""
+    procs: list[subprocess.Popen] = field(default_factory=list)
+
+    def start_gateway(self, name: str, wait_for: str = "/ready", **env: str) -> tuple[str, subprocess.Popen]:
+        port = devstack.free_port_block(1)
+        proc = devstack.start_gateway(dict(self.env, **env), port, self.logs / f"{name}.log", wait_for)
+        self.procs.append(proc)
+        return f"http://127.0.0.1:{port}", proc
+
+    def start_worker(self, name: str, models: list[str], **env: str) -> tuple[str, subprocess.Popen]:
+        port = devstack.free_port_block(1)
+        proc = devstack.start_worker(dict(self.env, **env), models, port, self.logs / f"{name}.log")
+        self.procs.append(proc)
+        return f"http://127.0.0.1:{port}", proc
+
+    def stop_all(self) -> None:
+        for proc in reversed(self.procs):
+            devstack.stop_pid(proc.pid)
+
+
+@pytest.fixture(scope="session")
+def stack(s3_store: S3Store, amqp_url: str, namespace: str, models_dir: Path,
+          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    env = devstack.service_env(s3_store, amqp_url, namespace, models_dir, VIDEOGEN_DEFAULT_MODEL="ltx-tiny",
+                               VIDEOGEN_S3_PUBLIC_ENDPOINT=f"http://{s3_store.endpoint}")
+    running = Stack(env=env, logs=tmp_path_factory.mktemp("logs"))
+    try:
+        running.gateway_url, _ = running.start_gateway("gateway")
+        running.worker_health_url, _ = running.start_worker("worker", ["ltx-tiny"])
+        yield running
+    finally:
+        running.stop_all()

@@ -1,0 +1,106 @@
+"""Bad input is refused at the gateway with a 4xx JSON error naming the field and the rule."""
+
+from __future__ import annotations
+
+import json
+
+import aiohttp
+import pytest
+
+URL = "/api/v1/generate/text-to-video"
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+CASES = [
+    # (body, status, code, field, rule, text in the message)
+    ({}, 422, "validation_error", "prompt", "missing", "Field required"),
+    ({"prompt": ""}, 422, "validation_error", "prompt", "string_too_short", "at least 1 character"),
+    ({"prompt": "x", "colour": "red"}, 422, "validation_error", "colour", "extra_forbidden", "not permitted"),
+    ({"prompt": "x", "width": "wide"}, 422, "validation_error", "width", "int_parsing", "valid integer"),
+    ({"prompt": "x", "width": 33.5}, 422, "validation_error", "width", "int_from_float", "fractional"),
+    ({"prompt": "x", "guidance_scale": 51}, 422, "validation_error", "guidance_scale", "less_than_equal", "50"),
+    ({"prompt": "x", "seed": -1}, 422, "validation_error", "seed", "greater_than_equal", "0"),
+    ({"prompt": "x", "fps": 0}, 422, "validation_error", "fps", "greater_than_equal", "1"),
+    ({"prompt": "x", "num_inference_steps": 0}, 422, "validation_error", "num_inference_steps",
+     "greater_than_equal", "1"),
+    ({"prompt": "x", "width": 40}, 422, "validation_error", "width", "multiple_of_32", "nearest valid values: 32 or 64"),
+    ({"prompt": "x", "height": 100}, 422, "validation_error", "height", "multiple_of_32", "96 or 128"),
+    ({"prompt": "x", "width": 512}, 422, "validation_error", "width", "range", "between 32 and 256"),
+    ({"prompt": "x", "num_frames": 10}, 422, "validation_error", "num_frames", "8k+1", "nearest valid values: 9 or 17"),
+    ({"prompt": "x", "num_frames": 73}, 422, "validation_error", "num_frames", "maximum", "at most 65"),
+    ({"prompt": "x", "num_inference_steps": 21}, 422, "validation_error", "num_inference_steps", "maximum", "at most 20"),
+    ({"prompt": "x", "model": "sora"}, 422, "validation_error", "model", "known_model", "unknown model 'sora'"),
+]
+
+
+@pytest.mark.parametrize(("body", "status", "code", "field", "rule", "text"), CASES,
+                         ids=[f"{c[3]}-{c[4]}" for c in CASES])
+async def test_bad_field_is_named(stack, http, body, status, code, field, rule, text) -> None:
+    async with http.post(stack.gateway_url + URL, json=body) as response:
+        payload = await response.json()
+    assert response.status == status, payload
+    error = payload["error"]
+    assert error["code"] == code
+    detail = next(d for d in error["details"] if d["field"] == field)
+    assert detail["rule"] == rule
+    assert text in detail["message"] and field in detail["message"]
+
+
+async def test_malformed_json_is_400(stack, http) -> None:
+    async with http.post(stack.gateway_url + URL, data=b'{"prompt": "x",',
+                         headers={"Content-Type": "application/json"}) as response:
+        assert response.status == 400
+        assert (await response.json())["error"]["code"] == "invalid_json"
+
+
+async def test_body_must_be_an_object(stack, http) -> None:
+    async with http.post(stack.gateway_url + URL, json=["prompt"]) as response:
+        assert response.status == 422
+        assert (await response.json())["error"]["details"][0]["field"] == "body"
+
+
+async def test_wrong_content_type_is_415(stack, http) -> None:
+    async with http.post(stack.gateway_url + URL, data="prompt=x",
+                         headers={"Content-Type": "application/x-www-form-urlencoded"}) as response:
+        assert response.status == 415
+        assert (await response.json())["error"]["code"] == "unsupported_media_type"
+
+
+async def test_oversized_body_is_413(stack, http) -> None:
+    gateway, _ = stack.start_gateway("gateway-small-body", VIDEOGEN_MAX_BODY_BYTES="4096")
+    body = json.dumps({"prompt": "x" * 5000}).encode()
+    async with http.post(gateway + URL, data=body, headers={"Content-Type": "application/json"}) as response:
+        assert response.status == 413
+        assert (await response.json())["error"]["code"] == "body_too_large"
+    async with http.post(gateway + URL, json={"prompt": "fits"}) as response:
+        assert response.status == 202
+
+
+async def test_refused_requests_leave_no_job_behind(stack, http, s3_store) -> None:
+    from minio import Minio
+
+    client = Minio(s3_store.endpoint, access_key=s3_store.access_key, secret_key=s3_store.secret_key,
+                   secure=False, region="us-east-1")
+
+    def job_records() -> set[str]:
+        return {o.object_name for o in client.list_objects(s3_store.bucket, prefix="jobs/", recursive=True)}
+
+    before = job_records()
+    for body, *_ in CASES:
+        async with http.post(stack.gateway_url + URL, json=body) as response:
+            assert response.status == 422
+    assert job_records() == before
+    accepted = await (await http.post(stack.gateway_url + URL, json={"prompt": "counted"})).json()
+    assert f"jobs/{accepted['job_id']}/job.json" in job_records()
+
+
+async def test_unknown_route_and_method_are_json(stack, http) -> None:
+    async with http.get(stack.gateway_url + "/api/v1/nothing-here") as response:
+        assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
+    async with http.get(stack.gateway_url + URL) as response:
+        assert response.status == 405 and (await response.json())["error"]["code"] == "method_not_allowed"

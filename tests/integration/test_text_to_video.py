@@ -1,0 +1,128 @@
+"""Text-to-video end to end: real gateway and worker processes, real RabbitMQ, real S3 store."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.helpers import download, get_json, submit, watch
+from worker.encode import probe_mp4
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def test_job_runs_end_to_end(stack, http, tmp_path: Path) -> None:
+    request = {"prompt": "a lighthouse in a storm", "width": 64, "height": 32, "num_frames": 17, "fps": 12,
+               "num_inference_steps": 3, "seed": 7}
+    accepted = await submit(http, stack.gateway_url, request)
+    assert accepted["status"] == "queued"
+    assert accepted["request"] | request == accepted["request"]  # every field as sent, defaults filled
+
+    frames = await watch(http, stack.gateway_url, accepted["job_id"])
+
+    seqs = [f["seq"] for f in frames]
+    assert seqs == list(range(len(frames))), "events arrive in order, from the first, with no gap"
+    assert all(f["job_id"] == accepted["job_id"] for f in frames)
+    phases = [f["phase"] for f in frames]
+    assert phases == ["queued", "loading", "denoising", "denoising", "denoising", "decoding", "encoding",
+                      "uploading", "succeeded"]
+    assert [f["step"] for f in frames if f["phase"] == "denoising"] == [1, 2, 3]
+    progress = [f["progress"] for f in frames]
+    assert progress == sorted(progress) and progress[-1] == 1.0
+    assert [f["status"] for f in frames][-1] == "succeeded"
+    assert all("job" not in f for f in frames[:-1])
+
+    final = frames[-1]["job"]
+    assert final["status"] == "succeeded" and final["request"]["seed"] == 7
+    result = final["result"]
+    assert (result["num_frames"], result["width"], result["height"], result["fps"]) == (17, 64, 32, 12)
+
+    video = await download(http, result["url"], tmp_path / "out.mp4")
+    assert video.stat().st_size == result["bytes"]
+    info = probe_mp4(video)
+    assert (info.num_frames, info.width, info.height, info.fps) == (17, 64, 32, 12)
+    assert (info.codec, info.pix_fmt) == ("h264", "yuv420p")
+    head = video.read_bytes()[:4096]
+    assert head.find(b"moov") != -1 and head.find(b"moov") < max(head.find(b"mdat"), 4096), "faststart"
+
+    # The job record: same state through both paths, timestamps set, presigned link fresh.
+    for path in (f"/api/v1/jobs/{accepted['job_id']}", f"/api/v1/job/{accepted['job_id']}"):
+        status, job = await get_json(http, stack.gateway_url + path)
+        assert status == 200
+        assert job["status"] == "succeeded" and job["progress"] == 1.0 and job["seq"] == seqs[-1]
+        assert job["created_at"] <= job["started_at"] <= job["finished_at"]
+        assert job["result"]["bytes"] == result["bytes"] and job["error"] is None
+
+
+async def test_defaults_come_from_the_model_registry(stack, http) -> None:
+    accepted = await submit(http, stack.gateway_url, {"prompt": "defaults"})
+    req = accepted["request"]
+    assert req["model"] == "ltx-tiny"
+    assert (req["width"], req["height"], req["num_frames"], req["fps"], req["num_inference_steps"]) == (32, 32, 9, 8, 2)
+    assert isinstance(req["seed"], int)
+    frames = await watch(http, stack.gateway_url, accepted["job_id"])
+    assert frames[-1]["status"] == "succeeded"
+
+
+async def test_late_watcher_gets_the_final_state(stack, http) -> None:
+    accepted = await submit(http, stack.gateway_url, {"prompt": "late"})
+    await watch(http, stack.gateway_url, accepted["job_id"])
+    # A second gateway never saw this job's events: it answers from the stored record.
+    other, _ = stack.start_gateway("gateway-late")
+    frames = await watch(http, other, accepted["job_id"])
+    assert len(frames) == 1 and frames[0]["status"] == "succeeded"
+    assert frames[0]["job"]["result"]["url"]
+
+
+async def test_record_survives_gateway_restart(stack, http) -> None:
+    first, proc = stack.start_gateway("gateway-a")
+    accepted = await submit(http, first, {"prompt": "restart"})
+    await watch(http, first, accepted["job_id"])
+    from scripts.devstack import stop_pid
+
+    stop_pid(proc.pid)
+    second, _ = stack.start_gateway("gateway-b")
+    status, job = await get_json(http, f"{second}/api/v1/jobs/{accepted['job_id']}")
+    assert status == 200 and job["status"] == "succeeded"
+    async with http.get(job["result"]["url"]) as response:
+        assert response.status == 200
+
+
+async def test_unknown_job_is_404(stack, http) -> None:
+    for job_id in ("0b6f2ad6-4f7e-4c55-9b1f-3f0a2c1d9e11", "not-a-job", "..%2F..%2Fetc"):
+        status, body = await get_json(http, f"{stack.gateway_url}/api/v1/jobs/{job_id}")
+        assert status == 404 and body["error"]["code"] == "job_not_found"
+    async with http.get(f"{stack.gateway_url}/api/v1/ws",
+                        params={"job_id": "0b6f2ad6-4f7e-4c55-9b1f-3f0a2c1d9e11"}) as response:
+        assert response.status == 404 and (await response.json())["error"]["code"] == "job_not_found"
+    async with http.get(f"{stack.gateway_url}/api/v1/ws") as response:
+        assert response.status == 400 and (await response.json())["error"]["code"] == "missing_parameter"
+
+
+async def test_health_and_readiness(stack, http) -> None:
+    assert await get_json(http, f"{stack.gateway_url}/health") == (200, {"status": "ok"})
+    status, body = await get_json(http, f"{stack.gateway_url}/ready")
+    assert (status, body["broker"], body["store"]) == (200, "ok", "ok")
+    status, body = await get_json(http, f"{stack.worker_health_url}/ready")
+    assert status == 200 and body["models"] == ["ltx-tiny"]
+
+
+async def test_ready_is_503_when_the_store_is_unreachable(stack, http) -> None:
+    from scripts.devstack import free_port_block
+
+    dead_store = f"127.0.0.1:{free_port_block(1)}"
+    gateway, _ = stack.start_gateway("gateway-no-store", wait_for="/health", VIDEOGEN_S3_ENDPOINT=dead_store)
+    assert (await get_json(http, f"{gateway}/health"))[0] == 200
+    status, body = await get_json(http, f"{gateway}/ready")
+    assert (status, body["broker"], body["store"]) == (503, "ok", "unreachable")
+    async with http.post(f"{gateway}/api/v1/generate/text-to-video", json={"prompt": "x"}) as response:
+        assert response.status == 503 and (await response.json())["error"]["code"] == "store_unavailable"
+        assert response.headers["Retry-After"]

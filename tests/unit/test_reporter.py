@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from schemas.jobs import GenerationParams, JobRecord, JobStatus, Phase, utcnow
+from worker.reporter import JobReporter
+
+PARAMS = GenerationParams(prompt="p", model="ltx-tiny", num_frames=9, width=32, height=32, fps=8,
+                          num_inference_steps=2, guidance_scale=1.0, seed=1)
+
+
+class FakeStore:
+    """Keeps the last record per job, like the bucket; can be made to fail."""
+
+    def __init__(self) -> None:
+        self.records: list[JobRecord] = []
+        self.fail = False
+
+    async def put_record(self, record: JobRecord) -> None:
+        await asyncio.sleep(0)  # yield like real I/O would
+        if self.fail:
+            raise ConnectionError("store down")
+        self.records.append(record)
+
+
+def new_record() -> JobRecord:
+    now = utcnow()
+    return JobRecord(job_id="j", mode="text-to-video", model="ltx-tiny", status=JobStatus.QUEUED,
+                     phase=Phase.QUEUED, progress=0.0, seq=0, created_at=now, updated_at=now, params=PARAMS)
+
+
+@pytest.fixture
+def published():
+    return []
+
+
+async def test_each_update_is_written_then_published_in_order(published) -> None:
+    store = FakeStore()
+
+    async def publish(event):
+        assert store.records[-1].seq == event.seq, "the record is written before the event goes out"
+        published.append(event)
+
+    reporter = JobReporter(new_record(), store, publish)
+    await reporter.update(status=JobStatus.RUNNING, phase=Phase.LOADING)
+
+    def gpu_thread() -> None:
+        for step in (1, 2, 3, 4):
+            reporter.update_threadsafe(phase=Phase.DENOISING, step=step, progress=step / 5)
+
+    thread = threading.Thread(target=gpu_thread)
+    thread.start()
+    await asyncio.to_thread(thread.join)
+    await reporter.flush()
+    await reporter.update(phase=Phase.ENCODING, progress=0.1)  # lower progress is ignored
+
+    assert [e.seq for e in published] == [1, 2, 3, 4, 5, 6]
+    assert [e.step for e in published[1:5]] == [1, 2, 3, 4]
+    assert published[-1].progress == pytest.approx(0.8)
+    assert reporter.record.seq == 6 and store.records[-1] == reporter.record
+
+
+async def test_failed_write_raises_and_publishes_nothing(published) -> None:
+    store = FakeStore()
+
+    async def publish(event):
+        published.append(event)
+
+    reporter = JobReporter(new_record(), store, publish)
+    store.fail = True
+    with pytest.raises(ConnectionError):
+        await reporter.update(status=JobStatus.RUNNING, phase=Phase.LOADING)
+    assert published == [] and reporter.record.seq == 0
+    reporter.update_threadsafe(phase=Phase.DENOISING, step=1)  # best effort: logged, not raised
+    await asyncio.sleep(0)
+    await reporter.flush()
+    assert published == []
