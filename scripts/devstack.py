@@ -204,9 +204,15 @@ def start_rabbit_node(url: str, base_dir: Path) -> str:
     node = f"videogen-{port}@localhost"
     base_dir.mkdir(parents=True, exist_ok=True)
     (base_dir / "enabled_plugins").write_text("[].\n")
-    env = dict(os.environ, RABBITMQ_NODENAME=node, RABBITMQ_NODE_PORT=str(port),
-               RABBITMQ_NODE_IP_ADDRESS="127.0.0.1", RABBITMQ_DIST_PORT=str(dist_port),
-               RABBITMQ_MNESIA_BASE=str(base_dir / "mnesia"), RABBITMQ_LOG_BASE=str(base_dir / "log"),
+    # Our own config file: the system one may pin the listener to the default port.
+    (base_dir / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{port}\n"
+                                            "consumer_timeout = 7200000\n")
+    if os.geteuid() == 0:
+        # Run as root, Debian's wrapper drops to the `rabbitmq` user, which must own the node's files.
+        subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(base_dir)], check=False)
+    env = dict(os.environ, RABBITMQ_NODENAME=node, RABBITMQ_CONFIG_FILE=str(base_dir / "rabbitmq.conf"),
+               RABBITMQ_DIST_PORT=str(dist_port), RABBITMQ_MNESIA_BASE=str(base_dir / "mnesia"),
+               RABBITMQ_LOG_BASE=str(base_dir / "log"),
                RABBITMQ_ENABLED_PLUGINS_FILE=str(base_dir / "enabled_plugins"))
     subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True)
     wait_until(lambda: amqp_answers(url), 90, f"RabbitMQ node {node}")

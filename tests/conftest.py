@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import subprocess
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -21,16 +23,19 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture(scope="session")
-def amqp_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def amqp_url() -> Iterator[str]:
     """The broker at VIDEOGEN_TEST_AMQP_URL (default: local 5672), else a private node started here."""
     url = os.environ.get("VIDEOGEN_TEST_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     if devstack.amqp_answers(url):
         yield url
         return
     url = f"amqp://guest:guest@127.0.0.1:{devstack.free_port_block(1)}/"
-    node = devstack.start_rabbit_node(url, tmp_path_factory.mktemp("rabbitmq"))
+    # Not under pytest's tmp dir: the broker may run as the `rabbitmq` user, which cannot enter it.
+    base = Path(tempfile.mkdtemp(prefix="videogen-rabbitmq-"))
+    node = devstack.start_rabbit_node(url, base)
     yield url
     devstack.stop_rabbit_node(node)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
