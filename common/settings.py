@@ -41,7 +41,13 @@ class GatewaySettings(CommonSettings):
         default=None, description="URL clients use to reach the store (presigned links are bound to it); "
                                   "defaults to the S3 endpoint.")
     presign_expiry_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
-    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="Limit for JSON bodies without files.")
+    max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1024,
+                                  description="Limit for an uploaded image or video (multipart, or base64 in JSON).")
+    max_image_pixels: int = Field(default=4096 * 4096, ge=1)
+    max_video_frames: int = Field(default=1000, ge=1)
+    max_video_seconds: float = Field(default=120.0, gt=0)
+    max_video_side: int = Field(default=4096, ge=16)
     event_buffer_jobs: int = Field(default=2000, ge=10,
                                    description="Jobs whose recent events each gateway keeps for late WebSocket joins.")
 

@@ -27,6 +27,11 @@ def output_key(job_id: str) -> str:
     return f"jobs/{job_id}/video.mp4"
 
 
+def input_key(job_id: str, name: str, ext: str) -> str:
+    """Built from our own names only: the job id we made, the input's role, the format we detected."""
+    return f"jobs/{job_id}/input/{name}.{ext}"
+
+
 class StoreUnavailable(RuntimeError):
     """The store could not be reached or answered with a server error."""
 

@@ -1,9 +1,13 @@
 """Names and declarations of every exchange and queue. Both processes declare through here.
 
 - `<ns>.jobs`   direct exchange; routing key = model id; one durable quorum queue per model,
-                `<ns>.jobs.<model>`. Messages: persistent `JobMessage`.
+                `<ns>.jobs.<model>`. Model downloads use routing key `_download` and the queue
+                `<ns>.downloads`, which every worker consumes. Messages: persistent `JobMessage`
+                with a per-message TTL (the model's `max_queue_s`).
 - `<ns>.events` topic exchange; routing key `job.<job_id>.<status>`. Messages: `JobEvent`.
-- `<ns>.dlx`    fanout exchange for dead letters, bound to the queue `<ns>.dead`.
+- `<ns>.dlx`    fanout exchange for dead letters (expired, delivery limit reached, rejected), bound
+                to `<ns>.dead` (kept for operators) and `<ns>.dead.notify` (gateways consume it and
+                mark those jobs failed).
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ log = structlog.get_logger("broker")
 
 # A message that has been delivered this many times without an ack goes to the dead-letter queue.
 DELIVERY_LIMIT = 5
+# Routing key of model download jobs; model ids cannot contain "_", so it never names a model.
+DOWNLOAD_KEY = "_download"
 
 
 @dataclass(frozen=True)
@@ -41,8 +47,19 @@ class Topology:
     def dead_letter_queue(self) -> str:
         return f"{self.namespace}.dead"
 
+    @property
+    def dead_letter_notify_queue(self) -> str:
+        return f"{self.namespace}.dead.notify"
+
+    @property
+    def downloads_queue(self) -> str:
+        return f"{self.namespace}.downloads"
+
     def job_queue(self, model_id: str) -> str:
         return f"{self.namespace}.jobs.{model_id}"
+
+    def queue_for(self, routing_key: str) -> str:
+        return self.downloads_queue if routing_key == DOWNLOAD_KEY else self.job_queue(routing_key)
 
     @staticmethod
     def event_key(job_id: str, status: str) -> str:
@@ -51,24 +68,27 @@ class Topology:
     async def declare_events(self, channel: AbstractChannel) -> AbstractExchange:
         return await channel.declare_exchange(self.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
 
-    async def declare_jobs(self, channel: AbstractChannel, model_ids: list[str]) -> tuple[AbstractExchange, dict[str, AbstractQueue]]:
-        """Declare the jobs exchange, the dead-letter path and one queue per model."""
+    async def declare_jobs(self, channel: AbstractChannel,
+                           model_ids: list[str]) -> tuple[AbstractExchange, dict[str, AbstractQueue]]:
+        """Declare the jobs exchange, the dead-letter path, the downloads queue and one queue per model.
+
+        Returns the queues by routing key (model id, or DOWNLOAD_KEY).
+        """
         dlx = await channel.declare_exchange(self.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
-        dead = await channel.declare_queue(self.dead_letter_queue, durable=True,
-                                           arguments={"x-queue-type": "quorum"})
-        await dead.bind(dlx)
+        for name in (self.dead_letter_queue, self.dead_letter_notify_queue):
+            dead = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
+            await dead.bind(dlx)
         jobs = await channel.declare_exchange(self.jobs_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
         queues = {}
-        for model_id in model_ids:
-            queue = await channel.declare_queue(self.job_queue(model_id), durable=True, arguments={
+        for key in [*model_ids, DOWNLOAD_KEY]:
+            queue = await channel.declare_queue(self.queue_for(key), durable=True, arguments={
                 "x-queue-type": "quorum",
                 "x-delivery-limit": DELIVERY_LIMIT,
                 "x-dead-letter-exchange": self.dead_letter_exchange,
             })
-            await queue.bind(jobs, routing_key=model_id)
-            queues[model_id] = queue
+            await queue.bind(jobs, routing_key=key)
+            queues[key] = queue
         return jobs, queues
-
 
 async def connect(url: str, timeout: float = 30.0) -> AbstractRobustConnection:
     """Open a robust (self-reconnecting) connection, retrying until `timeout`: the broker may be starting."""

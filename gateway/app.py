@@ -10,8 +10,9 @@ from aiohttp import web
 from common.settings import GatewaySettings
 from common.store import ObjectStore
 from common.topology import Topology
-from gateway import handlers, ws
+from gateway import handlers, models, ws
 from gateway.broker import GatewayBroker
+from gateway.deadletters import dead_letter_handler
 from gateway.errors import error_middleware
 from gateway.events import EventHub
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE
@@ -20,7 +21,8 @@ log = structlog.get_logger("gateway")
 
 
 def create_app(settings: GatewaySettings) -> web.Application:
-    app = web.Application(client_max_size=settings.max_body_bytes, middlewares=[error_middleware])
+    # Body limits are enforced per route by the handlers (JSON vs uploads); this is the outer bound.
+    app = web.Application(client_max_size=settings.max_upload_bytes * 4 // 3 + 65536, middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[REGISTRY] = settings.registry()
     app[HUB] = EventHub(settings.event_buffer_jobs)
@@ -34,7 +36,11 @@ def create_app(settings: GatewaySettings) -> web.Application:
 def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
-    app.router.add_post("/api/v1/generate/text-to-video", handlers.submit_text_to_video)
+    for mode in handlers.MODES:
+        app.router.add_post(f"/api/v1/generate/{mode}", handlers.submit_handler(mode))
+    app.router.add_get("/api/v1/models", models.list_models)
+    app.router.add_get("/api/v1/model/info", models.model_info)
+    app.router.add_post("/api/v1/models/download", handlers.download_model)
     app.router.add_get("/api/v1/jobs/{job_id}", handlers.get_job)
     app.router.add_get("/api/v1/job/{job_id}", handlers.get_job)  # the seed's path
     app.router.add_get("/api/v1/ws", ws.job_events)
@@ -54,8 +60,9 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     broker = GatewayBroker(settings.amqp_url, Topology(settings.broker_namespace), app[HUB])
-    await broker.start(sorted(app[REGISTRY].models))
     app[BROKER] = broker
+    await broker.start(sorted(app[REGISTRY].models),
+                       on_dead_letter=dead_letter_handler(app[STORE], broker, app[REGISTRY]))
     log.info("gateway_started", host=settings.host, port=settings.port)
     yield
     await broker.close()

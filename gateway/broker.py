@@ -1,16 +1,29 @@
-"""The gateway's side of RabbitMQ: publish jobs with confirms, receive every job event."""
+"""The gateway's side of RabbitMQ: publish jobs with confirms, receive every job event,
+turn dead-lettered jobs into failed jobs."""
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
 import aio_pika
 import structlog
-from aio_pika.abc import AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 
-from common.topology import Topology, connect
+from common.topology import DOWNLOAD_KEY, Topology, connect
 from gateway.events import EventHub
 from schemas.messages import DecodeError, JobEvent, JobMessage, decode, encode
+from schemas.registry import Registry
 
 log = structlog.get_logger("gateway.broker")
+
+DeadLetterHandler = Callable[[JobMessage, str], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    messages: int
+    consumers: int
 
 
 class GatewayBroker:
@@ -21,11 +34,14 @@ class GatewayBroker:
         self._connection: AbstractRobustConnection | None = None
         self._jobs: AbstractExchange | None = None
         self._events: AbstractExchange | None = None
+        self._stats_channel: AbstractChannel | None = None
 
-    async def start(self, model_ids: list[str], connect_timeout: float = 30.0) -> None:
+    async def start(self, model_ids: list[str], on_dead_letter: DeadLetterHandler,
+                    connect_timeout: float = 30.0) -> None:
         self._connection = await connect(self._url, connect_timeout)
         # Publisher confirms: a publish returns only once the broker has the message.
-        channel = await self._connection.channel(publisher_confirms=True)
+        # on_return_raises: a job no queue would take (mandatory) fails the publish instead of vanishing.
+        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         # Declaring every model's queue here means a job accepted before any worker
         # started is stored, not dropped by an exchange with no bound queue.
         self._jobs, _ = await self._topology.declare_jobs(channel, model_ids)
@@ -38,6 +54,12 @@ class GatewayBroker:
         await queue.bind(self._topology.events_exchange, routing_key="job.#")
         await queue.consume(self._on_event, no_ack=True)
 
+        # Gateways share the dead-letter notifications: each dead job is handled once.
+        dead_channel = await self._connection.channel()
+        await dead_channel.set_qos(prefetch_count=10)
+        dead = await dead_channel.get_queue(self._topology.dead_letter_notify_queue, ensure=False)
+        await dead.consume(lambda m: self._on_dead_letter(m, on_dead_letter))
+
     async def close(self) -> None:
         if self._connection is not None:
             await self._connection.close()
@@ -46,12 +68,18 @@ class GatewayBroker:
     def connected(self) -> bool:
         return self._connection is not None and not self._connection.is_closed and self._connection.connected.is_set()
 
-    async def publish_job(self, message: JobMessage) -> None:
+    async def publish_job(self, message: JobMessage, registry: Registry) -> None:
         assert self._jobs is not None
+        if message.mode == "download":
+            routing_key, ttl = DOWNLOAD_KEY, None
+        else:
+            routing_key, ttl = message.params.model, registry.models[message.params.model].max_queue_s
         await self._jobs.publish(
             aio_pika.Message(encode(message), content_type="application/json", type=message.type,
-                             message_id=message.message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key=message.params.model,
+                             message_id=message.message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                             # Expired messages are dead-lettered, and the job fails with `expired`.
+                             expiration=ttl),
+            routing_key=routing_key,
             mandatory=True,
         )
 
@@ -63,6 +91,19 @@ class GatewayBroker:
             routing_key=Topology.event_key(event.job_id, event.status),
         )
 
+    async def queue_stats(self, message: JobMessage) -> QueueStats:
+        """Depth and consumer count of the queue this job went to (a passive declare)."""
+        key = DOWNLOAD_KEY if message.mode == "download" else message.params.model
+        return await self.stats_of(self._topology.queue_for(key))
+
+    async def stats_of(self, queue_name: str) -> QueueStats:
+        assert self._connection is not None
+        if self._stats_channel is None or self._stats_channel.is_closed:
+            self._stats_channel = await self._connection.channel()
+        result = await self._stats_channel.declare_queue(queue_name, passive=True)
+        return QueueStats(messages=result.declaration_result.message_count,
+                          consumers=result.declaration_result.consumer_count)
+
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
         try:
             event = decode(message.body)
@@ -72,3 +113,20 @@ class GatewayBroker:
         if isinstance(event, JobEvent):
             self._hub.publish(event)
 
+    async def _on_dead_letter(self, message: AbstractIncomingMessage, handler: DeadLetterHandler) -> None:
+        reason = str((message.headers or {}).get("x-first-death-reason", "unknown"))
+        try:
+            job = decode(message.body)
+        except DecodeError as exc:
+            # Nothing to mark; the copy in the kept dead-letter queue is there for inspection.
+            log.warning("dead_letter_undecodable", reason=reason, error=exc.reason)
+            await message.ack()
+            return
+        if isinstance(job, JobMessage):
+            try:
+                await handler(job, reason)
+            except Exception:
+                log.exception("dead_letter_failed", job_id=job.job_id)
+                await message.nack(requeue=True)
+                return
+        await message.ack()

@@ -1,7 +1,10 @@
-"""HTTP handlers: submit, query, health."""
+"""HTTP handlers: submit jobs (three modes and model downloads), query jobs, health."""
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import json
 import re
 import uuid
@@ -9,18 +12,30 @@ from typing import Any
 
 import structlog
 from aiohttp import web
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
+from common.store import input_key
 from gateway.errors import ApiError, validation_error
+from gateway.inputs import CheckedInput, bad_input, check_image, check_video
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE
 from gateway.views import job_view
-from schemas.jobs import JobError, JobRecord, JobStatus, Mode, Phase, utcnow
+from schemas.jobs import (DownloadParams, GenerationMode, GenerationParams, JobError, JobRecord, JobStatus, Mode,
+                          Phase, utcnow)
 from schemas.messages import JobEvent, JobMessage
-from schemas.requests import JobAccepted, TextToVideoRequest
+from schemas.requests import (DownloadRequest, ImageToVideoRequest, JobAccepted, TextToVideoRequest,
+                              VideoToVideoRequest)
 
 log = structlog.get_logger("gateway")
 
 _JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+# Mode → (request model, name of its file input or None).
+MODES: dict[GenerationMode, tuple[type[TextToVideoRequest], str | None]] = {
+    "text-to-video": (TextToVideoRequest, None),
+    "image-to-video": (ImageToVideoRequest, "image"),
+    "video-to-video": (VideoToVideoRequest, "video"),
+}
+MAX_FORM_FIELD_BYTES = 64 * 1024
 
 
 def parse_job_id(value: str | None) -> str:
@@ -30,51 +45,155 @@ def parse_job_id(value: str | None) -> str:
     return value
 
 
-async def read_json(request: web.Request) -> Any:
+async def read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+    body = await request.content.read(limit + 1)
+    if len(body) > limit:
+        raise _too_large(limit)
+    return body
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, "body_too_large", f"request body is larger than the limit of {limit} bytes")
+
+
+async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise ApiError(415, "unsupported_media_type",
                        f"expected Content-Type application/json, got {request.content_type!r}")
-    body = await request.read()
     try:
-        return json.loads(body)
+        payload = json.loads(await read_body(request, limit))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
-
-
-async def submit_text_to_video(request: web.Request) -> web.Response:
-    payload = await read_json(request)
     if not isinstance(payload, dict):
         raise ApiError(422, "validation_error", "request body must be a JSON object",
                        [{"field": "body", "rule": "object", "message": "request body must be a JSON object"}])
+    return payload
+
+
+async def read_multipart(request: web.Request, file_field: str, limit: int) -> tuple[dict[str, str], bytes | None]:
+    """Form fields as strings (pydantic parses the numbers) and the one file, each bounded."""
+    fields: dict[str, str] = {}
+    data: bytes | None = None
+    reader = await request.multipart()
+    async for part in reader:
+        if not isinstance(part, web.BodyPartReader) or part.name is None:
+            raise ApiError(400, "bad_request", "nested multipart bodies are not accepted")
+        if part.name == file_field:
+            data = await _read_part(part, limit)
+        elif part.filename is not None:
+            raise bad_input(part.name, "extra_forbidden", f"{part.name}: unexpected file; the only file field "
+                                                          f"is {file_field!r}")
+        else:
+            fields[part.name] = (await _read_part(part, MAX_FORM_FIELD_BYTES)).decode(errors="replace")
+    return fields, data
+
+
+async def _read_part(part: web.BodyPartReader, limit: int) -> bytes:
+    chunks, size = [], 0
+    while chunk := await part.read_chunk():
+        size += len(chunk)
+        if size > limit:
+            raise ApiError(413, "body_too_large", f"{part.name}: larger than the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _decode_base64(field: str, text: str) -> bytes:
+    if text.startswith("data:") and "," in text:  # accept data URLs too
+        text = text.split(",", 1)[1]
     try:
-        req = TextToVideoRequest.model_validate(payload)
-    except ValidationError as exc:
-        raise validation_error(exc) from exc
-    return await _submit(request, req, "text-to-video")
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise bad_input(field, "base64", f"{field}: not valid base64 ({exc})") from exc
 
 
-async def _submit(request: web.Request, req: TextToVideoRequest, mode: Mode) -> web.Response:
-    app = request.app
-    params, problems = app[REGISTRY].resolve(req, mode)
+def submit_handler(mode: GenerationMode):
+    async def handler(request: web.Request) -> web.Response:
+        return await submit(request, mode)
+    handler.__name__ = f"submit_{mode.replace('-', '_')}"
+    return handler
+
+
+async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
+    settings = request.app[SETTINGS]
+    request_model, file_field = MODES[mode]
+    data: bytes | None = None
+    if file_field is not None and request.content_type == "multipart/form-data":
+        fields, data = await read_multipart(request, file_field, settings.max_upload_bytes)
+        payload: dict[str, Any] = dict(fields)
+    else:
+        # Base64 inflates by 4/3; leave room for the other fields.
+        limit = settings.max_body_bytes if file_field is None else settings.max_upload_bytes * 4 // 3 + 65536
+        payload = await read_json(request, limit)
+    req = _validate(request_model, payload)
+    if file_field is not None and data is None:
+        encoded = getattr(req, file_field)
+        if encoded is None:
+            raise bad_input(file_field, "missing", f"{file_field}: required for {mode} (a multipart file part "
+                                                   f"named {file_field!r}, or base64 in JSON)")
+        data = _decode_base64(file_field, encoded)
+        if len(data) > settings.max_upload_bytes:
+            raise ApiError(413, "body_too_large", f"{file_field}: larger than the limit of "
+                                                  f"{settings.max_upload_bytes} bytes")
+
+    params, problems = request.app[REGISTRY].resolve(req, mode)
     if problems:
         raise ApiError(422, "validation_error", "; ".join(p.message for p in problems),
                        [p.model_dump() for p in problems])
     assert params is not None
-    now = utcnow()
-    record = JobRecord(job_id=str(uuid.uuid4()), mode=mode, model=params.model, status=JobStatus.QUEUED,
-                       phase=Phase.QUEUED, progress=0.0, seq=0, created_at=now, updated_at=now, params=params)
-    # The record is written before the job is published, so a worker always finds it.
+    checked = None if data is None else await asyncio.to_thread(_check_input, file_field, data, params, settings)
+    return await enqueue(request, mode, params, [checked] if checked else [])
+
+
+def _validate(model: type[BaseModel], payload: dict[str, Any]) -> Any:
     try:
-        await app[STORE].put_record(record)
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+def _check_input(field: str | None, data: bytes, params: GenerationParams, settings: Any) -> CheckedInput:
+    if field == "image":
+        return check_image(data, settings.max_image_pixels)
+    return check_video(data, params.num_frames, settings.max_video_frames, settings.max_video_seconds,
+                       settings.max_video_side)
+
+
+async def download_model(request: web.Request) -> web.Response:
+    req = _validate(DownloadRequest, await read_json(request, request.app[SETTINGS].max_body_bytes))
+    spec = request.app[REGISTRY].get(req.model)
+    if spec is None:
+        raise ApiError(422, "validation_error", f"unknown model {req.model!r}",
+                       [{"field": "model", "rule": "known_model", "message": f"unknown model {req.model!r}"}])
+    return await enqueue(request, "download", DownloadParams(model=spec.id, repo=spec.repo, revision=spec.revision), [])
+
+
+async def enqueue(request: web.Request, mode: Mode, params: GenerationParams | DownloadParams,
+                  inputs: list[CheckedInput]) -> web.Response:
+    """Store inputs and the record, publish the job (confirmed), announce it, answer 202."""
+    app = request.app
+    store, broker = app[STORE], app[BROKER]
+    job_id = str(uuid.uuid4())
+    now = utcnow()
+    keys = {item.name: input_key(job_id, item.name, item.ext) for item in inputs}
+    record = JobRecord(job_id=job_id, mode=mode, model=params.model, status=JobStatus.QUEUED, phase=Phase.QUEUED,
+                       progress=0.0, seq=0, created_at=now, updated_at=now, params=params, inputs=keys)
+    # Inputs and record are stored before the job is published, so a worker always finds them.
+    try:
+        for item in inputs:
+            await store.put_bytes(keys[item.name], item.data, item.content_type)
+        await store.put_record(record)
     except Exception as exc:
-        log.error("store_write_failed", job_id=record.job_id, error=str(exc))
+        log.error("store_write_failed", job_id=job_id, error=str(exc))
         raise ApiError(503, "store_unavailable", "the object store is unavailable; retry later",
                        headers={"Retry-After": "5"}) from exc
-    broker = app[BROKER]
+    message = JobMessage(job_id=job_id, mode=mode, params=params, inputs=keys)
     try:
-        await broker.publish_job(JobMessage(job_id=record.job_id, mode=mode, params=params))
+        await broker.publish_job(message, app[REGISTRY])
     except Exception as exc:
-        log.error("publish_failed", job_id=record.job_id, error=str(exc))
+        log.error("publish_failed", job_id=job_id, error=str(exc))
         await _mark_unpublished(request, record)
         raise ApiError(503, "broker_unavailable", "the job could not be queued; retry later",
                        headers={"Retry-After": "5"}) from exc
@@ -85,13 +204,14 @@ async def _submit(request: web.Request, req: TextToVideoRequest, mode: Mode) -> 
     try:
         await broker.publish_event(queued)
     except Exception as exc:  # the job is safely queued; the record already says so
-        log.warning("queued_event_failed", job_id=record.job_id, error=str(exc))
-    log.info("job_accepted", job_id=record.job_id, model=params.model, mode=mode)
-    accepted = JobAccepted(job_id=record.job_id, status=record.status, model=params.model, request=params,
-                           links={"self": f"/api/v1/jobs/{record.job_id}",
-                                  "events": f"/api/v1/ws?job_id={record.job_id}"})
+        log.warning("queued_event_failed", job_id=job_id, error=str(exc))
+    stats = await broker.queue_stats(message)
+    log.info("job_accepted", job_id=job_id, model=params.model, mode=mode, workers=stats.consumers)
+    accepted = JobAccepted(job_id=job_id, status=record.status, model=params.model, mode=mode, request=params,
+                           workers=stats.consumers, queue_depth=stats.messages,
+                           links={"self": f"/api/v1/jobs/{job_id}", "events": f"/api/v1/ws?job_id={job_id}"})
     return web.json_response(accepted.model_dump(mode="json"), status=202,
-                             headers={"Location": f"/api/v1/jobs/{record.job_id}"})
+                             headers={"Location": f"/api/v1/jobs/{job_id}"})
 
 
 async def _mark_unpublished(request: web.Request, record: JobRecord) -> None:

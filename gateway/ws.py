@@ -34,6 +34,8 @@ async def job_events(request: web.Request) -> web.WebSocketResponse:
         # of it (it started after the job did) begins with the stored state instead. When the
         # record is ahead of the backlog, the missing events are still on their way here.
         pending = sub.backlog or [JobEvent.from_record(record)]
+        if record.status.is_terminal and record.seq > pending[-1].seq:
+            pending.append(JobEvent.from_record(record))  # the job ended; never leave a client waiting
         last_seq = -1
         reader = asyncio.create_task(_drain_client(ws))
         try:

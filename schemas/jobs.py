@@ -36,6 +36,7 @@ class Phase(StrEnum):
     QUEUED = "queued"
     LOADING = "loading"
     DENOISING = "denoising"
+    DOWNLOADING = "downloading"
     DECODING = "decoding"
     ENCODING = "encoding"
     UPLOADING = "uploading"
@@ -44,7 +45,9 @@ class Phase(StrEnum):
     CANCELLED = "cancelled"
 
 
-Mode = Literal["text-to-video"]
+Mode = Literal["text-to-video", "image-to-video", "video-to-video", "download"]
+GenerationMode = Literal["text-to-video", "image-to-video", "video-to-video"]
+GENERATION_MODES: tuple[GenerationMode, ...] = ("text-to-video", "image-to-video", "video-to-video")
 
 
 class GenerationParams(BaseModel):
@@ -62,6 +65,17 @@ class GenerationParams(BaseModel):
     num_inference_steps: int
     guidance_scale: float
     seed: int
+    strength: float | None = None  # video-to-video only: how far the output may move from the input
+
+
+class DownloadParams(BaseModel):
+    """A model download job: fetch the model's weights into the shared Hugging Face cache."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str
+    repo: str | None
+    revision: str | None = None
 
 
 class JobOutput(BaseModel):
@@ -98,9 +112,11 @@ class JobRecord(BaseModel):
     updated_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
-    params: GenerationParams
+    params: GenerationParams | DownloadParams
+    inputs: dict[str, str] = Field(default_factory=dict, description="Input name → object key.")
     output: JobOutput | None = None
     error: JobError | None = None
+    message: str | None = None
     attempts: int = 0
     worker: str | None = None
 
@@ -132,6 +148,7 @@ class JobView(BaseModel):
     updated_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
-    request: GenerationParams
+    request: GenerationParams | DownloadParams
     result: ResultView | None
     error: JobError | None
+    message: str | None

@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from schemas.jobs import GenerationParams, JobRecord, JobStatus, Mode, Phase, utcnow
+from schemas.jobs import DownloadParams, GenerationParams, JobRecord, JobStatus, Mode, Phase, utcnow
 
 SCHEMA_VERSION = 1
 
@@ -26,7 +26,8 @@ class JobMessage(BaseModel):
     timestamp: datetime = Field(default_factory=utcnow)
     job_id: str
     mode: Mode
-    params: GenerationParams
+    params: GenerationParams | DownloadParams
+    inputs: dict[str, str] = Field(default_factory=dict, description="Input name → object key in the store.")
 
 
 class JobEvent(BaseModel):
@@ -46,6 +47,7 @@ class JobEvent(BaseModel):
     progress: float = Field(ge=0.0, le=1.0)
     step: int | None = None
     total_steps: int | None = None
+    message: str | None = None
     job: JobRecord | None = None
 
     @classmethod
@@ -58,6 +60,7 @@ class JobEvent(BaseModel):
             progress=record.progress,
             step=record.step,
             total_steps=record.total_steps,
+            message=record.message,
             timestamp=record.updated_at,
             job=record if record.status.is_terminal else None,
         )

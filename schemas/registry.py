@@ -11,7 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from schemas.jobs import GenerationParams, Mode
+from schemas.jobs import GenerationMode, GenerationParams
 from schemas.requests import MAX_SEED
 
 Family = Literal["ltx", "wan"]
@@ -28,6 +28,7 @@ class ModelDefaults(BaseModel):
     num_inference_steps: int
     guidance_scale: float
     fps: int | None = None
+    strength: float = Field(default=0.8, gt=0.0, le=1.0)
 
 
 class ModelLimits(BaseModel):
@@ -49,11 +50,13 @@ class ModelSpec(BaseModel):
     revision: str | None = None
     path: str | None = None
     native_fps: int
-    modes: list[Mode]
+    modes: list[GenerationMode] = Field(min_length=1, description="The first is the mode its weights load as.")
     defaults: ModelDefaults
     limits: ModelLimits
     size_multiple: int | None = None
     frame_step: int | None = None
+    max_queue_s: int = Field(default=3600, ge=1,
+                             description="A job waiting longer than this for a worker fails with code `expired`.")
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -91,7 +94,7 @@ class Registry(BaseModel):
     def get(self, model_id: str) -> ModelSpec | None:
         return self.models.get(model_id)
 
-    def resolve(self, request: Any, mode: Mode) -> tuple[GenerationParams | None, list[FieldProblem]]:
+    def resolve(self, request: Any, mode: GenerationMode) -> tuple[GenerationParams | None, list[FieldProblem]]:
         """Fill a request's unset fields from its model's defaults and check the model's rules."""
         model_id = request.model or self.default_model
         spec = self.models.get(model_id)
@@ -116,6 +119,7 @@ class Registry(BaseModel):
             "guidance_scale": _pick(request.guidance_scale, d.guidance_scale),
             # An unset seed is drawn here and recorded, so every job can be reproduced.
             "seed": secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
+            "strength": _pick(request.strength, d.strength) if mode == "video-to-video" else None,
         }
         problems = check_rules(spec, values)
         if problems:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from schemas.jobs import GenerationParams, JobStatus
+from schemas.jobs import DownloadParams, GenerationParams, JobStatus
 
 MAX_SEED = 2**32 - 1
 
@@ -26,11 +26,35 @@ class TextToVideoRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
 
 
+class ImageToVideoRequest(TextToVideoRequest):
+    """`POST /api/v1/generate/image-to-video`: JSON with a base64 `image`, or multipart with an `image` file."""
+
+    image: str | None = Field(default=None, description="Base64-encoded PNG, JPEG or WebP (JSON requests).")
+
+
+class VideoToVideoRequest(TextToVideoRequest):
+    """`POST /api/v1/generate/video-to-video`: multipart with a `video` file, or JSON with a base64 `video`."""
+
+    video: str | None = Field(default=None, description="Base64-encoded video (JSON requests).")
+    strength: float | None = Field(default=None, gt=0.0, le=1.0)
+
+
+class DownloadRequest(BaseModel):
+    """`POST /api/v1/models/download`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=100)
+
+
 class JobAccepted(BaseModel):
     """The 202 answer to a submission."""
 
     job_id: str
     status: JobStatus
     model: str
-    request: GenerationParams
+    mode: str
+    request: GenerationParams | DownloadParams
+    workers: int = Field(description="Workers consuming this model's queue right now (0: none yet).")
+    queue_depth: int = Field(description="Jobs waiting in this model's queue, this one included.")
     links: dict[str, str]

@@ -33,7 +33,7 @@ async def run(settings: WorkerSettings) -> None:
 
     store = ObjectStore(settings)
     await store.ensure_bucket()
-    worker = Worker(settings, store, runners)
+    worker = Worker(settings, store, runners, registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 import structlog
 import torch
+from PIL import Image
 
-from schemas.jobs import GenerationParams
+from schemas.jobs import GenerationMode, GenerationParams
 from schemas.registry import ModelSpec
 
 log = structlog.get_logger("worker.pipelines")
@@ -20,10 +21,22 @@ log = structlog.get_logger("worker.pipelines")
 # The diffusers class that serves each (family, mode).
 PIPELINE_CLASSES: dict[tuple[str, str], str] = {
     ("ltx", "text-to-video"): "LTXPipeline",
+    ("ltx", "image-to-video"): "LTXImageToVideoPipeline",
+    ("ltx", "video-to-video"): "LTXConditionPipeline",
     ("wan", "text-to-video"): "WanPipeline",
+    ("wan", "image-to-video"): "WanImageToVideoPipeline",
+    ("wan", "video-to-video"): "WanVideoToVideoPipeline",
 }
 
 StepCallback = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Decoded inputs, already fitted to the output size."""
+
+    image: Image.Image | None = None
+    video: list[Image.Image] | None = None
 
 
 @dataclass(frozen=True)
@@ -48,12 +61,20 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
 
 
 class ModelRunner:
-    """One model's pipeline, loaded once per process and kept on its device."""
+    """One model's pipelines, one per mode, sharing one set of weights kept on its device."""
 
     def __init__(self, spec: ModelSpec, pipeline: Any, device: torch.device) -> None:
+        import diffusers
+
         self.spec = spec
-        self.pipeline = pipeline
         self.device = device
+        base_mode = spec.modes[0]
+        self.pipelines: dict[str, Any] = {base_mode: pipeline}
+        for mode in spec.modes[1:]:
+            # from_pipe shares the loaded modules: a mode switch never loads weights again.
+            derived = getattr(diffusers, PIPELINE_CLASSES[(spec.family, mode)]).from_pipe(pipeline)
+            derived.set_progress_bar_config(disable=True)
+            self.pipelines[mode] = derived
 
     @classmethod
     def load(cls, spec: ModelSpec, models_dir: Path, device: torch.device, dtype: torch.dtype) -> ModelRunner:
@@ -64,7 +85,7 @@ class ModelRunner:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
 
-        pipeline_cls = getattr(diffusers, PIPELINE_CLASSES[(spec.family, "text-to-video")])
+        pipeline_cls = getattr(diffusers, PIPELINE_CLASSES[(spec.family, spec.modes[0])])
         source = spec.source(models_dir)
         started = time.perf_counter()
         pipeline = pipeline_cls.from_pretrained(source, revision=spec.revision, dtype=dtype)
@@ -74,9 +95,10 @@ class ModelRunner:
                  seconds=round(time.perf_counter() - started, 3))
         return cls(spec, pipeline, device)
 
-    def generate(self, params: GenerationParams, on_step: StepCallback) -> Generated:
+    def generate(self, mode: GenerationMode, params: GenerationParams, inputs: Inputs,
+                 on_step: StepCallback) -> Generated:
         """Run one generation on the calling thread; `on_step(k, n)` after each denoising step."""
-        pipe = self.pipeline
+        pipe = self.pipelines[mode]
         marks = {"last_step": 0.0}
 
         def step_end(_pipe: Any, index: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -84,6 +106,24 @@ class ModelRunner:
             on_step(index + 1, getattr(_pipe, "num_timesteps", params.num_inference_steps))
             return callback_kwargs
 
+        kwargs = self._call_kwargs(mode, params, inputs)
+        kwargs.update(
+            # A CPU generator gives the same noise for a seed on any device.
+            generator=torch.Generator(device="cpu").manual_seed(params.seed),
+            output_type="np",
+            callback_on_step_end=step_end,
+        )
+        started = time.perf_counter()
+        output = pipe(**kwargs)
+        finished = time.perf_counter()
+        frames = np.asarray(output.frames[0])
+        frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+        last_step = marks["last_step"] or finished
+        return Generated(frames=frames, denoise_s=last_step - started, decode_s=finished - last_step)
+
+    def _call_kwargs(self, mode: GenerationMode, params: GenerationParams, inputs: Inputs) -> dict[str, Any]:
+        """The pipeline arguments for this (family, mode)."""
+        family = self.spec.family
         kwargs: dict[str, Any] = {
             "prompt": params.prompt,
             "negative_prompt": params.negative_prompt,
@@ -92,17 +132,19 @@ class ModelRunner:
             "num_frames": params.num_frames,
             "num_inference_steps": params.num_inference_steps,
             "guidance_scale": params.guidance_scale,
-            # A CPU generator gives the same noise for a seed on any device.
-            "generator": torch.Generator(device="cpu").manual_seed(params.seed),
-            "output_type": "np",
-            "callback_on_step_end": step_end,
         }
-        if self.spec.family == "ltx":
+        if family == "ltx":
             kwargs["frame_rate"] = params.fps  # LTX conditions its position embedding on the frame rate
-        started = time.perf_counter()
-        output = pipe(**kwargs)
-        finished = time.perf_counter()
-        frames = np.asarray(output.frames[0])
-        frames = (np.clip(frames, 0.0, 1.0) * 255.0).round().astype(np.uint8)
-        last_step = marks["last_step"] or finished
-        return Generated(frames=frames, denoise_s=last_step - started, decode_s=finished - last_step)
+        if mode == "image-to-video":
+            kwargs["image"] = inputs.image
+        elif mode == "video-to-video" and family == "ltx":
+            from diffusers.pipelines.ltx.pipeline_ltx_condition import LTXVideoCondition
+
+            # A bare `video=frames` would condition on the first frame only.
+            kwargs["conditions"] = [LTXVideoCondition(video=inputs.video, frame_index=0)]
+            kwargs["denoise_strength"] = params.strength
+        elif mode == "video-to-video" and family == "wan":
+            del kwargs["num_frames"]  # Wan takes the length from the video itself
+            kwargs["video"] = inputs.video
+            kwargs["strength"] = params.strength
+        return kwargs

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import aio_pika
 import structlog
@@ -16,11 +19,15 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from common.settings import WorkerSettings
 from common.store import ObjectStore, output_key
-from common.topology import Topology, connect
-from schemas.jobs import JobError, JobOutput, JobRecord, JobStatus, Phase, utcnow
+from common.topology import DOWNLOAD_KEY, Topology, connect
+from schemas import errors
+from schemas.jobs import DownloadParams, GenerationParams, JobError, JobOutput, JobRecord, JobStatus, Phase, utcnow
 from schemas.messages import DecodeError, JobEvent, JobMessage, decode, encode
+from schemas.registry import Registry
+from worker.download import DownloadFailed, download
 from worker.encode import encode_mp4
-from worker.pipelines import Generated, ModelRunner
+from worker.inputs import load_image, load_video
+from worker.pipelines import Generated, Inputs, ModelRunner
 from worker.reporter import JobReporter
 
 log = structlog.get_logger("worker")
@@ -35,15 +42,19 @@ PROGRESS_AT = {Phase.DECODING: 0.90, Phase.ENCODING: 0.94, Phase.UPLOADING: 0.97
 class JobFailed(Exception):
     """The job cannot succeed (bad input for the model, generation error): fail it and ack."""
 
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-        self.message = message
+    def __init__(self, error: JobError) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+Runner = Callable[[JobMessage, JobReporter], Awaitable[None]]
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, store: ObjectStore, runners: dict[str, ModelRunner]) -> None:
+    def __init__(self, settings: WorkerSettings, store: ObjectStore, runners: dict[str, ModelRunner],
+                 registry: Registry) -> None:
         self.settings = settings
+        self._registry = registry
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
         self._store = store
         self._runners = runners
@@ -74,15 +85,16 @@ class Worker:
         # prefetch=1: a worker holds one job at a time; the rest stay in the queue for other workers.
         await self._consume_channel.set_qos(prefetch_count=1)
         _, queues = await self._topology.declare_jobs(self._consume_channel, sorted(self._runners))
-        for model_id, queue in queues.items():
-            self._consumer_tags[model_id] = await queue.consume(self._on_message)
+        for key, queue in queues.items():
+            callback = self._on_download if key == DOWNLOAD_KEY else self._on_message
+            self._consumer_tags[key] = await queue.consume(callback)
         log.info("worker_started", worker=self.worker_id, models=sorted(self._runners))
 
     async def stop(self, grace_s: float) -> None:
         """Stop taking jobs, give the current one `grace_s` to finish, then disconnect."""
         if self._consume_channel is not None:
-            for model_id, tag in self._consumer_tags.items():
-                queue = await self._consume_channel.get_queue(self._topology.job_queue(model_id), ensure=False)
+            for key, tag in self._consumer_tags.items():
+                queue = await self._consume_channel.get_queue(self._topology.queue_for(key), ensure=False)
                 await queue.cancel(tag)
             self._consumer_tags.clear()
         # The connection stays open meanwhile so heartbeats keep flowing.
@@ -99,9 +111,14 @@ class Worker:
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         async with self._busy:
-            await self.handle(message)
+            await self.handle(message, self.run_job)
 
-    async def handle(self, message: AbstractIncomingMessage) -> None:
+    async def _on_download(self, message: AbstractIncomingMessage) -> None:
+        # Downloads use the network and disk, not the GPU: they do not wait for the current job.
+        await self.handle(message, self.run_download)
+
+    async def handle(self, message: AbstractIncomingMessage, run: Runner) -> None:
+        """Decode, skip what already ended, run, then settle the message: exceptions decide how."""
         try:
             job = decode(message.body)
             if not isinstance(job, JobMessage):
@@ -110,39 +127,46 @@ class Worker:
             log.error("message_rejected", reason=exc.reason, raw=exc.raw[:200].decode(errors="replace"))
             await message.reject(requeue=False)  # to the dead-letter queue
             return
-        with structlog.contextvars.bound_contextvars(job_id=job.job_id, model=job.params.model):
-            record = await self._store.get_record(job.job_id) or _record_from(job)
-            if record.status.is_terminal:
-                # A redelivery of a job that already ended: never run it twice.
-                log.info("job_already_finished", status=record.status)
-                await message.ack()
-                return
-            reporter = JobReporter(record, self._store, self._publish_event)
+        with structlog.contextvars.bound_contextvars(job_id=job.job_id, model=job.params.model, mode=job.mode):
+            reporter: JobReporter | None = None
             try:
-                await self.run_job(job, reporter)
-            except JobFailed as exc:
-                await reporter.flush()
-                await reporter.update(status=JobStatus.FAILED, phase=Phase.FAILED, finished_at=utcnow(),
-                                      error=JobError(code=exc.code, message=exc.message))
-                log.warning("job_failed", code=exc.code, error=exc.message)
+                record = await self._store.get_record(job.job_id) or _record_from(job)
+                if record.status.is_terminal:
+                    # A redelivery of a job that already ended: never run it twice.
+                    log.info("job_already_finished", status=record.status)
+                    await message.ack()
+                    return
+                reporter = JobReporter(record, self._store, self._publish_event)
+                try:
+                    await run(job, reporter)
+                except JobFailed as exc:
+                    await reporter.flush()
+                    await reporter.update(status=JobStatus.FAILED, phase=Phase.FAILED, finished_at=utcnow(),
+                                          error=exc.error)
+                    log.warning("job_failed", code=exc.error.code, error=exc.error.message)
+                await message.ack()
+                self.jobs_done += 1
             except Exception:
                 # Infrastructure trouble (store or broker): give the job back for another try.
                 # The queue's delivery limit dead-letters a job that keeps failing this way.
                 log.exception("job_interrupted")
-                await reporter.flush()
+                if reporter is not None:
+                    await reporter.flush()
                 await asyncio.sleep(REQUEUE_DELAY_S)
-                await message.nack(requeue=True)
-                return
-            await message.ack()
-            self.jobs_done += 1
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
 
     async def run_job(self, job: JobMessage, reporter: JobReporter) -> None:
-        """The life of a job: generate, encode, upload, report success."""
+        """The life of a job: check it is still wanted, fetch inputs, generate, encode, upload, report."""
         params = job.params
-        runner = self._runners[params.model]
+        assert isinstance(params, GenerationParams) and job.mode != "download"
+        spec = self._registry.models[params.model]
         queued_s = (utcnow() - reporter.record.created_at).total_seconds()
+        if queued_s > spec.max_queue_s:
+            raise JobFailed(errors.expired(spec.id, spec.max_queue_s))
         await reporter.update(status=JobStatus.RUNNING, phase=Phase.LOADING, started_at=utcnow(),
                               attempts=reporter.record.attempts + 1, worker=self.worker_id)
+        inputs = await self._fetch_inputs(job)
 
         def on_step(step: int, total: int) -> None:
             reporter.update_threadsafe(phase=Phase.DENOISING, step=step, total_steps=total,
@@ -150,12 +174,14 @@ class Worker:
             if step == total:
                 reporter.update_threadsafe(phase=Phase.DECODING, progress=PROGRESS_AT[Phase.DECODING])
 
+        runner = self._runners[params.model]
         loop = asyncio.get_running_loop()
         try:
-            generated: Generated = await loop.run_in_executor(self._gpu, runner.generate, params, on_step)
+            generated: Generated = await loop.run_in_executor(self._gpu, runner.generate, job.mode, params, inputs,
+                                                              on_step)
         except Exception as exc:
             log.exception("generation_failed")
-            raise JobFailed("generation_failed", f"{type(exc).__name__}: {exc}") from exc
+            raise JobFailed(JobError(code="generation_failed", message=f"{type(exc).__name__}: {exc}")) from exc
         await reporter.flush()
 
         await reporter.update(phase=Phase.ENCODING, progress=PROGRESS_AT[Phase.ENCODING])
@@ -165,7 +191,7 @@ class Worker:
             try:
                 await asyncio.to_thread(encode_mp4, generated.frames, params.fps, path)
             except Exception as exc:
-                raise JobFailed("encode_failed", f"{type(exc).__name__}: {exc}") from exc
+                raise JobFailed(JobError(code="encode_failed", message=f"{type(exc).__name__}: {exc}")) from exc
             encode_s = time.perf_counter() - started
 
             await reporter.update(phase=Phase.UPLOADING, progress=PROGRESS_AT[Phase.UPLOADING])
@@ -183,6 +209,44 @@ class Worker:
         log.info("job_succeeded", queued_s=round(queued_s, 3), denoise_s=round(generated.denoise_s, 3),
                  decode_s=round(generated.decode_s, 3), encode_s=round(encode_s, 3),
                  upload_s=round(upload_s, 3), bytes=size, frames=frames, width=width, height=height)
+
+    async def _fetch_inputs(self, job: JobMessage) -> Inputs:
+        params = job.params
+        assert isinstance(params, GenerationParams)
+        decoded: dict[str, Any] = {}
+        for name, key in job.inputs.items():
+            data = await self._store.get_bytes(key)
+            if data is None:
+                raise JobFailed(JobError(code="input_missing", message=f"the job's {name} ({key}) is not in the store"))
+            try:
+                if name == "image":
+                    decoded["image"] = await asyncio.to_thread(load_image, data, params.width, params.height)
+                else:
+                    decoded["video"] = await asyncio.to_thread(load_video, data, params.num_frames, params.width,
+                                                               params.height)
+            except Exception as exc:
+                raise JobFailed(JobError(code="invalid_input", message=f"{name}: {exc}")) from exc
+        return Inputs(**decoded)
+
+    async def run_download(self, job: JobMessage, reporter: JobReporter) -> None:
+        """Fetch a model into the Hugging Face cache, reporting progress per finished file."""
+        params = job.params
+        assert isinstance(params, DownloadParams)
+        spec = self._registry.models[params.model]
+        await reporter.update(status=JobStatus.RUNNING, phase=Phase.DOWNLOADING, started_at=utcnow(),
+                              attempts=reporter.record.attempts + 1, worker=self.worker_id)
+
+        def on_progress(done: int, total: int) -> None:
+            reporter.update_threadsafe(progress=0.99 * done / total, message=f"{done} of {total} files")
+
+        try:
+            summary = await asyncio.to_thread(download, spec, self.settings.models_dir, on_progress)
+        except DownloadFailed as exc:
+            raise JobFailed(JobError(code=exc.code, message=exc.message)) from exc
+        await reporter.flush()
+        await reporter.update(status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED, progress=1.0, finished_at=utcnow(),
+                              message=summary)
+        log.info("model_downloaded", summary=summary)
 
     async def _upload(self, key: str, path: Path) -> None:
         """Upload with backoff; if the store stays down, raise and leave the job unacked."""

@@ -1,43 +1,73 @@
-"""The worker's model runner on the tiny LTX pipeline, loaded through the real from_pretrained."""
+"""The worker's model runner on the tiny pipelines, loaded through the real from_pretrained."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from schemas.jobs import GenerationParams
 from schemas.registry import load_registry
-from worker.pipelines import ModelRunner, pick_device, pick_dtype
-from worker.tiny_models import build_tiny_ltx
+from worker.pipelines import Inputs, ModelRunner, pick_device, pick_dtype
+from worker.tiny_models import build_all
 
 
 @pytest.fixture(scope="module")
-def runner(tmp_path_factory) -> ModelRunner:
+def runners(tmp_path_factory) -> dict[str, ModelRunner]:
     root = tmp_path_factory.mktemp("models")
-    build_tiny_ltx(root / "ltx-tiny")
-    spec = load_registry().get("ltx-tiny")
+    build_all(root)
+    registry = load_registry()
     device = pick_device("auto")
-    return ModelRunner.load(spec, root, device, pick_dtype("auto", device))
+    return {m: ModelRunner.load(registry.get(m), root, device, pick_dtype("auto", device))
+            for m in ("ltx-tiny", "wan-tiny", "wan-i2v-tiny")}
 
 
-def params(**changes) -> GenerationParams:
-    base = dict(prompt="p", model="ltx-tiny", num_frames=17, width=64, height=32, fps=8, num_inference_steps=3,
+def params(model: str, **changes) -> GenerationParams:
+    base = dict(prompt="p", model=model, num_frames=17, width=64, height=32, fps=8, num_inference_steps=3,
                 guidance_scale=1.0, seed=5)
     return GenerationParams(**(base | changes))
 
 
-def test_generate_reports_each_step_and_returns_uint8_frames(runner) -> None:
+def picture(width: int, height: int, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
+
+
+@pytest.mark.parametrize(("model", "mode", "strength", "steps_run"), [
+    ("ltx-tiny", "text-to-video", None, 3),
+    ("ltx-tiny", "image-to-video", None, 3),
+    ("ltx-tiny", "video-to-video", 0.8, None),
+    ("wan-tiny", "text-to-video", None, 3),
+    ("wan-tiny", "video-to-video", 0.7, 2),  # Wan's v2v runs int(steps * strength) steps
+    ("wan-i2v-tiny", "image-to-video", None, 3),
+])
+def test_every_mode_reports_each_step_and_returns_the_requested_video(runners, model, mode, strength,
+                                                                      steps_run) -> None:
+    runner = runners[model]
+    size = (64, 32)
+    inputs = Inputs(image=picture(*size), video=[picture(*size, seed=i) for i in range(17)])
     steps = []
-    out = runner.generate(params(), lambda k, n: steps.append((k, n)))
-    assert steps == [(1, 3), (2, 3), (3, 3)]
+    out = runner.generate(mode, params(model, strength=strength), inputs, lambda k, n: steps.append((k, n)))
+    total = steps[-1][1]
+    assert steps == [(k, total) for k in range(1, total + 1)]
+    if steps_run is not None:
+        assert total == steps_run
     assert out.frames.shape == (17, 32, 64, 3) and out.frames.dtype.name == "uint8"
-    assert out.denoise_s > 0 and out.decode_s >= 0
 
 
-def test_same_seed_same_video(runner) -> None:
-    a = runner.generate(params(seed=11), lambda k, n: None).frames
-    b = runner.generate(params(seed=11), lambda k, n: None).frames
-    c = runner.generate(params(seed=12), lambda k, n: None).frames
+def test_modes_share_one_set_of_weights(runners) -> None:
+    runner = runners["ltx-tiny"]
+    pipes = list(runner.pipelines.values())
+    assert len(pipes) == 3 and all(p.transformer is pipes[0].transformer for p in pipes)
+
+
+def test_same_seed_same_video(runners) -> None:
+    runner = runners["ltx-tiny"]
+
+    def run(seed: int) -> np.ndarray:
+        return runner.generate("text-to-video", params("ltx-tiny", seed=seed), Inputs(), lambda k, n: None).frames
+
+    a, b, c = run(11), run(11), run(12)
     assert (a == b).all() and not (a == c).all()
 
 

@@ -1,0 +1,39 @@
+"""Jobs whose message was dead-lettered end `failed`, with a code saying why."""
+
+from __future__ import annotations
+
+import structlog
+
+from common.store import ObjectStore
+from gateway.broker import DeadLetterHandler, GatewayBroker
+from schemas import errors
+from schemas.jobs import JobError, JobStatus, Phase, utcnow
+from schemas.messages import JobEvent, JobMessage
+from schemas.registry import Registry
+
+log = structlog.get_logger("gateway.deadletters")
+
+
+def explain(job: JobMessage, reason: str, registry: Registry) -> JobError:
+    if reason == "expired":
+        spec = registry.get(job.params.model)
+        return errors.expired(job.params.model, spec.max_queue_s if spec is not None else 0)
+    if reason == "delivery_limit":
+        return errors.worker_crashed()
+    return errors.dead_lettered(reason)
+
+
+def dead_letter_handler(store: ObjectStore, broker: GatewayBroker, registry: Registry) -> DeadLetterHandler:
+    async def handle(job: JobMessage, reason: str) -> None:
+        record = await store.get_record(job.job_id)
+        if record is None or record.status.is_terminal:
+            return
+        error = explain(job, reason, registry)
+        now = utcnow()
+        failed = record.model_copy(update={"status": JobStatus.FAILED, "phase": Phase.FAILED, "seq": record.seq + 1,
+                                           "updated_at": now, "finished_at": now, "error": error})
+        await store.put_record(failed)
+        await broker.publish_event(JobEvent.from_record(failed))
+        log.warning("job_dead_lettered", job_id=job.job_id, reason=reason, code=error.code)
+
+    return handle

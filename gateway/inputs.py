@@ -1,0 +1,87 @@
+"""Check uploaded images and videos before anything is queued: decodable, of a known kind, bounded."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+
+import av
+from PIL import Image
+
+from gateway.errors import ApiError
+
+IMAGE_FORMATS = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "WEBP": ("webp", "image/webp")}
+
+
+@dataclass(frozen=True)
+class CheckedInput:
+    """An input that passed its checks; `ext` comes from its content, never from a client's file name."""
+
+    name: str
+    data: bytes
+    ext: str
+    content_type: str
+    width: int
+    height: int
+    frames: int = 1
+
+
+def bad_input(field: str, rule: str, message: str) -> ApiError:
+    return ApiError(422, "invalid_input", message, [{"field": field, "rule": rule, "message": message}])
+
+
+def check_image(data: bytes, max_pixels: int) -> CheckedInput:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as image:
+                kind, (width, height) = image.format, image.size
+                if kind not in IMAGE_FORMATS:
+                    raise bad_input("image", "format", f"image: {kind or 'unknown'} images are not accepted; "
+                                                       "send PNG, JPEG or WebP")
+                # Bound the pixel count before decoding: a small file can expand to gigabytes.
+                if width * height > max_pixels:
+                    raise bad_input("image", "max_pixels", f"image: {width}x{height} is {width * height} pixels; "
+                                                           f"the limit is {max_pixels}")
+                image.load()
+    except ApiError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise bad_input("image", "max_pixels", f"image: too many pixels ({exc})") from exc
+    except Exception as exc:
+        raise bad_input("image", "decodable", f"image: not a readable PNG, JPEG or WebP image ({exc})") from exc
+    ext, content_type = IMAGE_FORMATS[kind]
+    return CheckedInput("image", data, ext, content_type, width, height)
+
+
+def check_video(data: bytes, min_frames: int, max_frames: int, max_seconds: float, max_side: int) -> CheckedInput:
+    """Probe with PyAV and decode up to `max_frames` frames: the worker must be able to read it too."""
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            if not container.streams.video:
+                raise bad_input("video", "video_stream", "video: the file has no video stream")
+            stream = container.streams.video[0]
+            width, height = stream.codec_context.width, stream.codec_context.height
+            if max(width, height) > max_side:
+                raise bad_input("video", "max_size", f"video: {width}x{height} is larger than {max_side} pixels "
+                                                     "on a side")
+            seconds = float(container.duration / av.time_base) if container.duration else 0.0
+            if seconds > max_seconds:
+                raise bad_input("video", "max_duration", f"video: {seconds:.1f} s is longer than the limit of "
+                                                         f"{max_seconds:g} s")
+            frames = 0
+            for _ in container.decode(stream):
+                frames += 1
+                if frames > max_frames:
+                    raise bad_input("video", "max_frames", f"video: more than {max_frames} frames")
+            container_format = container.format.name
+    except ApiError:
+        raise
+    except Exception as exc:
+        raise bad_input("video", "decodable", f"video: not a readable video file ({exc})") from exc
+    if frames < min_frames:
+        raise bad_input("video", "min_frames", f"video: has {frames} frames; num_frames={min_frames} needs at "
+                                               f"least {min_frames} (lower num_frames or send a longer video)")
+    ext = "mp4" if "mp4" in container_format else container_format.split(",")[0]
+    return CheckedInput("video", data, ext, "application/octet-stream", width, height, frames)

@@ -1,0 +1,58 @@
+"""Model endpoints: the registry as clients see it, with live worker counts from the broker."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from common.topology import DOWNLOAD_KEY, Topology
+from gateway.broker import QueueStats
+from gateway.errors import ApiError
+from gateway.keys import BROKER, REGISTRY, SETTINGS
+from schemas.registry import ModelSpec
+
+
+def describe(spec: ModelSpec, stats: QueueStats | None) -> dict[str, Any]:
+    source = {"repo": spec.repo, "revision": spec.revision} if spec.repo else {"path": spec.path}
+    return {
+        "id": spec.id,
+        "family": spec.family,
+        "description": spec.description,
+        "source": source,
+        "modes": spec.modes,
+        "native_fps": spec.native_fps,
+        "defaults": spec.defaults.model_dump() | {"fps": spec.defaults.fps or spec.native_fps},
+        "limits": spec.limits.model_dump(),
+        "rules": {"size_multiple": spec.size_multiple, "num_frames": f"{spec.frame_step}k+1"},
+        "max_queue_s": spec.max_queue_s,
+        "workers": None if stats is None else stats.consumers,
+        "queue_depth": None if stats is None else stats.messages,
+    }
+
+
+async def _stats(request: web.Request, model_id: str) -> QueueStats | None:
+    topology = Topology(request.app[SETTINGS].broker_namespace)
+    try:
+        return await request.app[BROKER].stats_of(topology.queue_for(model_id))
+    except Exception:
+        return None  # broker unreachable: say "unknown" rather than fail the listing
+
+
+async def list_models(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    models = [describe(spec, await _stats(request, spec.id)) for spec in registry.models.values()]
+    return web.json_response({"default_model": registry.default_model, "models": models})
+
+
+async def model_info(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    model_id = request.query.get("model", registry.default_model)
+    spec = registry.get(model_id)
+    if spec is None:
+        raise ApiError(404, "model_not_found", f"unknown model {model_id!r}; known models: "
+                                               f"{', '.join(sorted(registry.models))}")
+    info = describe(spec, await _stats(request, spec.id))
+    downloads = await _stats(request, DOWNLOAD_KEY)
+    info["download_workers"] = None if downloads is None else downloads.consumers
+    return web.json_response(info)

@@ -1,0 +1,19 @@
+"""Error codes a job can end with, and their messages, in one place for gateway and worker."""
+
+from __future__ import annotations
+
+from schemas.jobs import JobError
+
+
+def expired(model_id: str, max_queue_s: int) -> JobError:
+    return JobError(code="expired", message=f"no worker took the job within the model's maximum queue time "
+                                            f"({max_queue_s} s); no worker may be serving {model_id!r}")
+
+
+def worker_crashed() -> JobError:
+    return JobError(code="worker_crashed", message="the job was handed to workers repeatedly and none finished it "
+                                                   "(they crashed or were stopped while running it)")
+
+
+def dead_lettered(reason: str) -> JobError:
+    return JobError(code="dead_lettered", message=f"the broker dead-lettered the job ({reason})")

@@ -1,0 +1,46 @@
+"""Model download jobs: fetch a model's files into the (shared) Hugging Face cache."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from schemas.registry import ModelSpec
+
+Progress = Callable[[int, int], None]
+
+
+class DownloadFailed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def download(spec: ModelSpec, models_dir: Path, on_progress: Progress) -> str:
+    """Make the model's weights available to workers; return a sentence saying where they are."""
+    if spec.path is not None:
+        folder = Path(spec.source(models_dir))
+        if not (folder / "model_index.json").is_file():
+            raise DownloadFailed("model_missing", f"{spec.id!r} is configured as the local folder {folder}, "
+                                                  "which holds no diffusers pipeline (model_index.json)")
+        return f"{spec.id!r} is the local folder {folder}; nothing to download"
+
+    from huggingface_hub import snapshot_download
+
+    class Reporting(tqdm):
+        """huggingface_hub counts finished files through this bar; pass the count on."""
+
+        def update(self, n: float | None = 1) -> bool | None:
+            shown = super().update(n)
+            if self.total:
+                on_progress(int(self.n), int(self.total))
+            return shown
+
+    try:
+        path = snapshot_download(spec.repo, revision=spec.revision, tqdm_class=Reporting)
+    except Exception as exc:
+        raise DownloadFailed("download_failed", f"could not download {spec.repo!r}: {type(exc).__name__}: {exc}") \
+            from exc
+    return f"{spec.repo}@{spec.revision or 'default branch'} is in the Hugging Face cache at {path}"
