@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 import aio_pika
 import structlog
@@ -17,7 +18,8 @@ from schemas.registry import Registry
 
 log = structlog.get_logger("gateway.broker")
 
-DeadLetterHandler = Callable[[JobMessage, str], Awaitable[None]]
+# (job, reason, the first x-death entry: reason, queue, count, original-expiration, ...)
+DeadLetterHandler = Callable[[JobMessage, str, dict[str, Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,10 @@ class GatewayBroker:
             self._hub.publish(event)
 
     async def _on_dead_letter(self, message: AbstractIncomingMessage, handler: DeadLetterHandler) -> None:
-        reason = str((message.headers or {}).get("x-first-death-reason", "unknown"))
+        headers = message.headers or {}
+        reason = str(headers.get("x-first-death-reason", "unknown"))
+        deaths = headers.get("x-death") or [{}]
+        death = dict(deaths[0]) if isinstance(deaths, list) and isinstance(deaths[0], dict) else {}
         try:
             job = decode(message.body)
         except DecodeError as exc:
@@ -124,7 +129,7 @@ class GatewayBroker:
             return
         if isinstance(job, JobMessage):
             try:
-                await handler(job, reason)
+                await handler(job, reason, death)
             except Exception:
                 log.exception("dead_letter_failed", job_id=job.job_id)
                 await message.nack(requeue=True)

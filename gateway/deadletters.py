@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import structlog
 
 from common.store import ObjectStore
@@ -14,21 +16,27 @@ from schemas.registry import Registry
 log = structlog.get_logger("gateway.deadletters")
 
 
-def explain(job: JobMessage, reason: str, registry: Registry) -> JobError:
+def explain(job: JobMessage, reason: str, death: dict[str, Any], registry: Registry) -> JobError:
     if reason == "expired":
-        spec = registry.get(job.params.model)
-        return errors.expired(job.params.model, spec.max_queue_s if spec is not None else 0)
+        # The TTL the message really had, which the gateway that published it chose.
+        expiration_ms = death.get("original-expiration")
+        if expiration_ms is not None:
+            limit_s = int(expiration_ms) // 1000
+        else:
+            spec = registry.get(job.params.model)
+            limit_s = spec.max_queue_s if spec is not None else 0
+        return errors.expired(job.params.model, limit_s)
     if reason == "delivery_limit":
         return errors.worker_crashed()
     return errors.dead_lettered(reason)
 
 
 def dead_letter_handler(store: ObjectStore, broker: GatewayBroker, registry: Registry) -> DeadLetterHandler:
-    async def handle(job: JobMessage, reason: str) -> None:
+    async def handle(job: JobMessage, reason: str, death: dict[str, Any]) -> None:
         record = await store.get_record(job.job_id)
         if record is None or record.status.is_terminal:
             return
-        error = explain(job, reason, registry)
+        error = explain(job, reason, death, registry)
         now = utcnow()
         failed = record.model_copy(update={"status": JobStatus.FAILED, "phase": Phase.FAILED, "seq": record.seq + 1,
                                            "updated_at": now, "finished_at": now, "error": error})

@@ -11,7 +11,7 @@ import uuid
 from typing import Any
 
 import structlog
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, ValidationError
 
 from common.store import input_key
@@ -78,7 +78,7 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
     data: bytes | None = None
     reader = await request.multipart()
     async for part in reader:
-        if not isinstance(part, web.BodyPartReader) or part.name is None:
+        if not isinstance(part, BodyPartReader) or part.name is None:
             raise ApiError(400, "bad_request", "nested multipart bodies are not accepted")
         if part.name == file_field:
             data = await _read_part(part, limit)
@@ -90,7 +90,7 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
     return fields, data
 
 
-async def _read_part(part: web.BodyPartReader, limit: int) -> bytes:
+async def _read_part(part: BodyPartReader, limit: int) -> bytes:
     chunks, size = [], 0
     while chunk := await part.read_chunk():
         size += len(chunk)

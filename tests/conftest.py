@@ -80,7 +80,8 @@ class Stack:
     env: dict[str, str]
     logs: Path
     gateway_url: str = ""
-    worker_health_url: str = ""
+    worker_health_url: str = ""  # the LTX worker
+    wan_worker_health_url: str = ""
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def start_gateway(self, name: str, wait_for: str = "/ready", **env: str) -> tuple[str, subprocess.Popen]:
@@ -108,7 +109,10 @@ def stack(s3_store: S3Store, amqp_url: str, namespace: str, models_dir: Path,
     running = Stack(env=env, logs=tmp_path_factory.mktemp("logs"))
     try:
         running.gateway_url, _ = running.start_gateway("gateway")
-        running.worker_health_url, _ = running.start_worker("worker", ["ltx-tiny"])
+        running.worker_health_url, _ = running.start_worker("worker-ltx", ["ltx-tiny"],
+                                                            VIDEOGEN_WORKER_ID="worker-ltx")
+        running.wan_worker_health_url, _ = running.start_worker("worker-wan", ["wan-tiny", "wan-i2v-tiny"],
+                                                                VIDEOGEN_WORKER_ID="worker-wan")
         yield running
     finally:
         running.stop_all()

@@ -9,8 +9,20 @@ from typing import Any
 import aiohttp
 
 
-async def submit(http: aiohttp.ClientSession, gateway: str, body: dict[str, Any]) -> dict[str, Any]:
-    async with http.post(f"{gateway}/api/v1/generate/text-to-video", json=body) as response:
+async def submit(http: aiohttp.ClientSession, gateway: str, body: dict[str, Any],
+                 mode: str = "text-to-video", files: dict[str, bytes] | None = None) -> dict[str, Any]:
+    """Submit as JSON, or as multipart when `files` are given; expect 202."""
+    url = f"{gateway}/api/v1/generate/{mode}"
+    if files:
+        form = aiohttp.FormData()
+        for name, value in body.items():
+            form.add_field(name, str(value))
+        for name, data in files.items():
+            form.add_field(name, data, filename=f"upload.{name}", content_type="application/octet-stream")
+        request = http.post(url, data=form)
+    else:
+        request = http.post(url, json=body)
+    async with request as response:
         payload = await response.json()
         assert response.status == 202, payload
         return payload
@@ -40,3 +52,29 @@ async def download(http: aiohttp.ClientSession, url: str, path: Path) -> Path:
 async def get_json(http: aiohttp.ClientSession, url: str) -> tuple[int, dict[str, Any]]:
     async with http.get(url) as response:
         return response.status, await response.json()
+
+
+def png_bytes(width: int, height: int, fmt: str = "PNG", seed: int = 0) -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def mp4_bytes(frames: int, width: int, height: int, fps: int = 8) -> bytes:
+    import tempfile
+
+    import numpy as np
+
+    from worker.encode import encode_mp4
+
+    video = np.random.default_rng(1).integers(0, 255, (frames, height, width, 3), dtype=np.uint8)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "in.mp4"
+        encode_mp4(video, fps, path)
+        return path.read_bytes()

@@ -1,0 +1,212 @@
+"""All three modes on both families through the gateway; models, routing, downloads, expiry."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.helpers import download, get_json, mp4_bytes, png_bytes, submit, watch
+from worker.encode import probe_mp4
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+IMAGE = png_bytes(96, 48)
+VIDEO = mp4_bytes(21, 64, 32)
+
+COMBOS = [
+    # model, mode, transport, worker expected to run it
+    ("ltx-tiny", "text-to-video", "json", "worker-ltx"),
+    ("ltx-tiny", "image-to-video", "multipart", "worker-ltx"),
+    ("ltx-tiny", "video-to-video", "multipart", "worker-ltx"),
+    ("wan-tiny", "text-to-video", "json", "worker-wan"),
+    ("wan-i2v-tiny", "image-to-video", "json", "worker-wan"),
+    ("wan-tiny", "video-to-video", "json", "worker-wan"),
+]
+
+
+@pytest.mark.parametrize(("model", "mode", "transport", "worker"), COMBOS, ids=[f"{c[0]}-{c[1]}" for c in COMBOS])
+async def test_mode_end_to_end(stack, http, tmp_path: Path, model, mode, transport, worker) -> None:
+    body = {"prompt": "a paper boat on a river", "model": model, "width": 64, "height": 32, "num_frames": 17,
+            "fps": 10, "num_inference_steps": 3, "seed": 3}
+    files = {}
+    if mode != "text-to-video":
+        field, data = ("image", IMAGE) if mode == "image-to-video" else ("video", VIDEO)
+        if transport == "multipart":
+            files[field] = data
+        else:
+            body[field] = base64.b64encode(data).decode()
+    if mode == "video-to-video":
+        body["strength"] = 0.7
+    accepted = await submit(http, stack.gateway_url, body, mode=mode, files=files)
+    assert (accepted["mode"], accepted["model"], accepted["workers"]) == (mode, model, 1)
+
+    frames = await watch(http, stack.gateway_url, accepted["job_id"])
+    assert [f["seq"] for f in frames] == list(range(len(frames)))
+    final = frames[-1]["job"]
+    assert final["status"] == "succeeded", final["error"]
+    denoise = [f for f in frames if f["phase"] == "denoising"]
+    assert [f["step"] for f in denoise] == list(range(1, denoise[-1]["total_steps"] + 1))
+
+    status, record = await get_json(http, f"{stack.gateway_url}/api/v1/jobs/{accepted['job_id']}")
+    assert status == 200 and record["mode"] == mode
+    assert record["request"]["strength"] == (0.7 if mode == "video-to-video" else None)
+    video = await download(http, final["result"]["url"], tmp_path / "out.mp4")
+    info = probe_mp4(video)
+    assert (info.num_frames, info.width, info.height, info.fps) == (17, 64, 32, 10)
+    # Routing: each model's jobs reach only the worker that serves it.
+    worker_seen = await _stored_worker(stack, accepted["job_id"])
+    assert worker_seen == worker
+
+
+async def _stored_worker(stack, job_id: str) -> str:
+    from minio import Minio
+
+    env = stack.env
+    client = Minio(env["VIDEOGEN_S3_ENDPOINT"], access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
+                   secret_key=env["VIDEOGEN_S3_SECRET_KEY"], secure=False, region="us-east-1")
+    response = client.get_object(env["VIDEOGEN_S3_BUCKET"], f"jobs/{job_id}/job.json")
+    try:
+        return json.loads(response.read())["worker"]
+    finally:
+        response.close()
+
+
+async def test_inputs_are_stored_under_the_job_not_the_client_name(stack, http) -> None:
+    accepted = await submit(http, stack.gateway_url, {"prompt": "p", "model": "ltx-tiny"}, mode="image-to-video",
+                            files={"image": png_bytes(32, 32, fmt="JPEG")})
+    await watch(http, stack.gateway_url, accepted["job_id"])
+    from minio import Minio
+
+    env = stack.env
+    client = Minio(env["VIDEOGEN_S3_ENDPOINT"], access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
+                   secret_key=env["VIDEOGEN_S3_SECRET_KEY"], secure=False, region="us-east-1")
+    names = {o.object_name for o in client.list_objects(env["VIDEOGEN_S3_BUCKET"],
+                                                        prefix=f"jobs/{accepted['job_id']}/", recursive=True)}
+    job = accepted["job_id"]
+    assert names == {f"jobs/{job}/job.json", f"jobs/{job}/input/image.jpg", f"jobs/{job}/video.mp4"}
+
+
+BAD_UPLOADS = [
+    # mode, body extras, files, status, field, rule
+    ("image-to-video", {}, {}, 422, "image", "missing"),
+    ("image-to-video", {}, {"image": b"definitely not an image"}, 422, "image", "decodable"),
+    ("image-to-video", {}, {"image": png_bytes(32, 32, fmt="GIF")}, 422, "image", "format"),
+    ("image-to-video", {}, {"image": png_bytes(4200, 4200)}, 422, "image", "max_pixels"),
+    ("image-to-video", {"image": "@@not-base64@@"}, {}, 422, "image", "base64"),
+    ("video-to-video", {}, {"video": b"\x00\x00\x00\x18ftypmp42 but not really"}, 422, "video", "decodable"),
+    ("video-to-video", {"num_frames": 25}, {"video": mp4_bytes(21, 64, 32)}, 422, "video", "min_frames"),
+    ("video-to-video", {"strength": 1.5}, {"video": mp4_bytes(9, 64, 32)}, 422, "strength", "less_than_equal"),
+    ("video-to-video", {"model": "wan-i2v-tiny"}, {"video": mp4_bytes(9, 64, 32)}, 422, "model", "supports_mode"),
+    ("image-to-video", {"model": "wan-tiny"}, {"image": png_bytes(32, 32)}, 422, "model", "supports_mode"),
+    ("image-to-video", {"model": "nope"}, {"image": png_bytes(32, 32)}, 422, "model", "known_model"),
+    ("image-to-video", {"colour": "red"}, {"image": png_bytes(32, 32)}, 422, "colour", "extra_forbidden"),
+]
+
+
+@pytest.mark.parametrize(("mode", "extra", "files", "status", "field", "rule"), BAD_UPLOADS,
+                         ids=[f"{c[0]}-{c[4]}-{c[5]}" for c in BAD_UPLOADS])
+async def test_bad_uploads_are_refused_with_the_field_named(stack, http, mode, extra, files, status, field,
+                                                            rule) -> None:
+    url = f"{stack.gateway_url}/api/v1/generate/{mode}"
+    body = {"prompt": "p", "model": "ltx-tiny"} | extra
+    if files:
+        form = aiohttp.FormData()
+        for name, value in body.items():
+            form.add_field(name, str(value))
+        for name, data in files.items():
+            form.add_field(name, data, filename="x.bin")
+        request = http.post(url, data=form)
+    else:
+        request = http.post(url, json=body)
+    async with request as response:
+        payload = await response.json()
+    assert response.status == status, payload
+    detail = next(d for d in payload["error"]["details"] if d["field"] == field)
+    assert detail["rule"] == rule and field in detail["message"]
+
+
+async def test_upload_over_the_limit_is_413(stack, http) -> None:
+    gateway, _ = stack.start_gateway("gateway-small-upload", VIDEOGEN_MAX_UPLOAD_BYTES="20000")
+    form = aiohttp.FormData()
+    form.add_field("prompt", "p")
+    form.add_field("image", png_bytes(128, 128), filename="big.png")
+    async with http.post(f"{gateway}/api/v1/generate/image-to-video", data=form) as response:
+        assert response.status == 413 and (await response.json())["error"]["code"] == "body_too_large"
+
+
+async def test_models_list_live_workers(stack, http) -> None:
+    status, body = await get_json(http, f"{stack.gateway_url}/api/v1/models")
+    assert status == 200 and body["default_model"] == "ltx-tiny"
+    models = {m["id"]: m for m in body["models"]}
+    assert {"ltx-video", "wan2-1-t2v-1-3b", "wan2-1-i2v-14b-480p", "ltx-tiny", "wan-tiny", "wan-i2v-tiny"} <= set(models)
+    assert models["ltx-tiny"]["workers"] == 1 and models["wan-tiny"]["workers"] == 1
+    assert models["ltx-video"]["workers"] == 0
+    assert models["ltx-video"]["source"] == {"repo": "Lightricks/LTX-Video", "revision": None}
+
+
+async def test_model_info(stack, http) -> None:
+    status, info = await get_json(http, f"{stack.gateway_url}/api/v1/model/info?model=wan-tiny")
+    assert status == 200
+    assert info["rules"] == {"size_multiple": 16, "num_frames": "4k+1"}
+    assert info["modes"] == ["text-to-video", "video-to-video"] and info["defaults"]["fps"] == 16
+    assert info["download_workers"] == 2
+    status, info = await get_json(http, f"{stack.gateway_url}/api/v1/model/info")
+    assert status == 200 and info["id"] == "ltx-tiny"
+    status, body = await get_json(http, f"{stack.gateway_url}/api/v1/model/info?model=sora")
+    assert status == 404 and body["error"]["code"] == "model_not_found"
+
+
+async def test_wan_size_rules_are_checked_per_model(stack, http) -> None:
+    async with http.post(f"{stack.gateway_url}/api/v1/generate/text-to-video",
+                         json={"prompt": "p", "model": "wan-tiny", "width": 40, "num_frames": 10}) as response:
+        payload = await response.json()
+    assert response.status == 422
+    rules = {d["field"]: d["rule"] for d in payload["error"]["details"]}
+    assert rules == {"width": "multiple_of_16", "num_frames": "4k+1"}
+    assert "32 or 48" in payload["error"]["message"] and "9 or 13" in payload["error"]["message"]
+
+
+async def test_download_of_a_local_model_succeeds(stack, http) -> None:
+    async with http.post(f"{stack.gateway_url}/api/v1/models/download", json={"model": "wan-tiny"}) as response:
+        accepted = await response.json()
+    assert response.status == 202 and accepted["mode"] == "download" and accepted["workers"] == 2
+    frames = await watch(http, stack.gateway_url, accepted["job_id"])
+    assert [f["phase"] for f in frames] == ["queued", "downloading", "succeeded"]
+    assert "local folder" in frames[-1]["job"]["message"]
+
+
+async def test_download_from_an_unreachable_hub_fails_clearly(stack, http) -> None:
+    async with http.post(f"{stack.gateway_url}/api/v1/models/download", json={"model": "ltx-video"}) as response:
+        accepted = await response.json()
+    frames = await watch(http, stack.gateway_url, accepted["job_id"])
+    job = frames[-1]["job"]
+    assert job["status"] == "failed" and job["error"]["code"] == "download_failed"
+    assert "Lightricks/LTX-Video" in job["error"]["message"]
+
+
+async def test_download_of_an_unknown_model_is_422(stack, http) -> None:
+    async with http.post(f"{stack.gateway_url}/api/v1/models/download", json={"model": "sora"}) as response:
+        assert response.status == 422
+        assert (await response.json())["error"]["details"][0]["field"] == "model"
+
+
+async def test_job_for_a_model_without_workers_is_accepted_then_expires(stack, http) -> None:
+    gateway, _ = stack.start_gateway("gateway-short-queue",
+                                     VIDEOGEN_MODEL_OVERRIDES=json.dumps({"ltx-video": {"max_queue_s": 1}}))
+    accepted = await submit(http, gateway, {"prompt": "nobody home", "model": "ltx-video"})
+    assert accepted["workers"] == 0
+    frames = await watch(http, gateway, accepted["job_id"], timeout=30)
+    job = frames[-1]["job"]
+    assert (job["status"], job["error"]["code"]) == ("failed", "expired")
+    assert "1 s" in job["error"]["message"]
+    status, record = await get_json(http, f"{stack.gateway_url}/api/v1/jobs/{accepted['job_id']}")
+    assert record["status"] == "failed" and record["error"]["code"] == "expired"
