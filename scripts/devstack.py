@@ -29,8 +29,9 @@ STATE_DIR = ROOT / ".stack"
 STACK_S3_PORT = 9000
 STACK_WEED_BASE = 19000
 STACK_GATEWAY_PORT = 8080
-STACK_WORKER_HEALTH_PORT = 8081
-STACK_MODELS = ["ltx-tiny"]
+# Each worker: (name, health port, models it serves).
+STACK_WORKERS = [("worker-ltx", 8081, ["ltx-tiny"]), ("worker-wan", 8082, ["wan-tiny", "wan-i2v-tiny"])]
+STACK_DEFAULT_MODEL = "ltx-tiny"
 DEV_ACCESS_KEY = "videogen"
 DEV_SECRET_KEY = "videogen-secret"
 DEV_BUCKET = "videogen"
@@ -321,7 +322,7 @@ def stack_up() -> None:
 
     build_tiny_models(cfg["models_dir"])  # type: ignore[arg-type]
     env = service_env(store, amqp_url, "videogen", cfg["models_dir"],  # type: ignore[arg-type]
-                      VIDEOGEN_DEFAULT_MODEL=STACK_MODELS[0],
+                      VIDEOGEN_DEFAULT_MODEL=STACK_DEFAULT_MODEL,
                       VIDEOGEN_S3_PUBLIC_ENDPOINT=f"http://127.0.0.1:{STACK_S3_PORT}")
     gateway_url = f"http://127.0.0.1:{STACK_GATEWAY_PORT}"
     if http_ok(f"{gateway_url}/health"):
@@ -331,14 +332,15 @@ def stack_up() -> None:
         state.started["gateway"] = {"pid": proc.pid}
         state.save()
         print(f"gateway      started           {gateway_url}")
-    worker_url = f"http://127.0.0.1:{STACK_WORKER_HEALTH_PORT}"
-    if http_ok(f"{worker_url}/health"):
-        print(f"worker       already running   {worker_url}/ready")
-    else:
-        proc = start_worker(env, STACK_MODELS, STACK_WORKER_HEALTH_PORT, logs / "worker.log")
-        state.started["worker"] = {"pid": proc.pid}
+    for name, port, models in STACK_WORKERS:
+        worker_url = f"http://127.0.0.1:{port}"
+        if http_ok(f"{worker_url}/health"):
+            print(f"{name:<12} already running   {worker_url}/ready")
+            continue
+        proc = start_worker(dict(env, VIDEOGEN_WORKER_ID=name), models, port, logs / f"{name}.log")
+        state.started[name] = {"pid": proc.pid}
         state.save()
-        print(f"worker       started           {worker_url}/ready  (models: {', '.join(STACK_MODELS)})")
+        print(f"{name:<12} started           {worker_url}/ready  (models: {', '.join(models)})")
     print(f"\nAPI:  {gateway_url}/api/v1   logs: {logs}")
 
 
@@ -346,7 +348,7 @@ def stack_down() -> None:
     state = StackState.load()
     if not state.started:
         print("nothing to stop: scripts/stack started nothing that is still recorded")
-    for name in ("worker", "gateway", "rabbitmq", "s3"):
+    for name in [*(w[0] for w in STACK_WORKERS), "gateway", "rabbitmq", "s3"]:
         entry = state.started.pop(name, None)
         if entry is None:
             continue
@@ -366,8 +368,8 @@ def stack_status() -> int:
         "s3": (bucket_ready(store), f"http://{store.endpoint}"),
         "rabbitmq": (amqp_answers(cfg["amqp_url"]), _redact(cfg["amqp_url"])),  # type: ignore[arg-type]
         "gateway": (http_ok(f"http://127.0.0.1:{STACK_GATEWAY_PORT}/ready"), f"http://127.0.0.1:{STACK_GATEWAY_PORT}"),
-        "worker": (http_ok(f"http://127.0.0.1:{STACK_WORKER_HEALTH_PORT}/ready"),
-                   f"http://127.0.0.1:{STACK_WORKER_HEALTH_PORT}"),
+        **{name: (http_ok(f"http://127.0.0.1:{port}/ready"), f"http://127.0.0.1:{port}  ({', '.join(models)})")
+           for name, port, models in STACK_WORKERS},
     }
     for name, (ok, url) in checks.items():
         owner = "started by scripts/stack" if name in state.started and _alive(state.started[name]) else "external"
