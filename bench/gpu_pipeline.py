@@ -1,0 +1,194 @@
+"""Served vs bare: the worker's generation path against a bare diffusers call, same pipeline, same run.
+
+Real-size LTX-Video 2B and Wan2.1 1.3B architectures with random weights (no download): the
+transformer, the VAE and a full-size T5/UMT5 text encoder, with a tokenizer built offline. For each
+size it times, alternating, a bare `pipe(...)` call and the worker's `ModelRunner.generate` (the
+same pipeline object), then the MP4 encode the worker does after it, and prints served/bare.
+
+    python bench/gpu_pipeline.py --out bench/results/gpu-pipeline.json          # on a GPU
+    python bench/gpu_pipeline.py --tiny --out /tmp/gpu-pipeline-tiny.json       # CPU smoke test
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from schemas.jobs import GenerationParams  # noqa: E402
+from schemas.registry import ModelSpec  # noqa: E402
+from worker.encode import encode_mp4  # noqa: E402
+from worker.pipelines import Inputs, ModelRunner  # noqa: E402
+
+# (width, height, frames): the seed's three sizes and LTX's 768x512x121 reference.
+SIZES = [(256, 256, 17), (512, 512, 65), (768, 512, 121), (768, 768, 129)]
+PROMPT = "a red fox running through fresh snow at golden hour, cinematic"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def spec_for(family: str) -> ModelSpec:
+    return ModelSpec(id=f"bench-{family}", family=family, repo="bench/random", native_fps=24 if family == "ltx" else 16,
+                     modes=["text-to-video"],
+                     defaults={"width": 256, "height": 256, "num_frames": 17, "num_inference_steps": 30,
+                               "guidance_scale": 3.0},
+                     limits={"min_size": 32, "max_width": 1280, "max_height": 1280, "max_frames": 257})
+
+
+def real_pipeline(family: str, device: torch.device, dtype: torch.dtype) -> Any:
+    """Real-size architectures, random weights, built directly on the device."""
+    from diffusers import (AutoencoderKLLTXVideo, AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, LTXPipeline,
+                           LTXVideoTransformer3DModel, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel)
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    from worker.tiny_models import _t5_tokenizer
+
+    def build(factory):
+        with torch.device(device):
+            module = factory()
+        return module.to(dtype).eval()
+
+    xxl = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+               relative_attention_num_buckets=32, relative_attention_max_distance=128)
+    if family == "ltx":
+        return LTXPipeline(
+            transformer=build(LTXVideoTransformer3DModel), vae=build(AutoencoderKLLTXVideo),
+            text_encoder=build(lambda: T5EncoderModel(T5Config(vocab_size=32128, **xxl))),
+            tokenizer=_t5_tokenizer(128), scheduler=FlowMatchEulerDiscreteScheduler())
+    transformer = build(lambda: WanTransformer3DModel(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
+                                                      num_layers=30))
+    return WanPipeline(
+        transformer=transformer, vae=build(AutoencoderKLWan).to(torch.float32),  # Wan's VAE runs in float32
+        text_encoder=build(lambda: UMT5EncoderModel(UMT5Config(vocab_size=256384, **xxl))),
+        tokenizer=_t5_tokenizer(512),
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0))
+
+
+def tiny_pipeline(family: str, device: torch.device, dtype: torch.dtype) -> Any:
+    from diffusers import LTXPipeline, WanPipeline
+
+    from worker.tiny_models import build_tiny_ltx, build_tiny_wan_t2v
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-tiny-"))
+    if family == "ltx":
+        return LTXPipeline.from_pretrained(build_tiny_ltx(folder / "ltx"), dtype=dtype).to(device)
+    return WanPipeline.from_pretrained(build_tiny_wan_t2v(folder / "wan"), dtype=dtype).to(device)
+
+
+def bare_call(pipe: Any, family: str, p: GenerationParams) -> Any:
+    """What a user of diffusers writes, without any of the service around it."""
+    extra = {"frame_rate": p.fps} if family == "ltx" else {}
+    return pipe(prompt=p.prompt, width=p.width, height=p.height, num_frames=p.num_frames,
+                num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
+                generator=torch.Generator(device="cpu").manual_seed(p.seed), output_type="np", **extra).frames[0]
+
+
+def timed(fn, device: torch.device) -> float:
+    sync(device)
+    started = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - started
+
+
+def run_family(family: str, args: argparse.Namespace, device: torch.device, results: dict) -> None:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    started = time.perf_counter()
+    pipe = (tiny_pipeline if args.tiny else real_pipeline)(family, device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    build_s = time.perf_counter() - started
+    runner = ModelRunner(spec_for(family), pipe, device)
+    params_b = sum(p.numel() for p in pipe.transformer.parameters()) / 1e9
+    print(json.dumps({"family": family, "transformer_params_b": round(params_b, 3), "build_s": round(build_s, 1)}),
+          flush=True)
+    sizes = [(64, 64, 9)] if args.tiny else SIZES
+    if family == "wan" and not args.tiny:
+        sizes = sizes[: args.wan_sizes]
+    steps = args.steps
+    frame_step = 8 if family == "ltx" else 4
+    for width, height, frames in sizes:
+        frames = (frames - 1) // frame_step * frame_step + 1
+        p = GenerationParams(prompt=PROMPT, model=f"bench-{family}", num_frames=frames, width=width, height=height,
+                             fps=24, num_inference_steps=steps, guidance_scale=3.0, seed=0)
+        steps_seen: list[int] = []
+        warm = GenerationParams(**(p.model_dump() | {"num_inference_steps": 2}))
+        bare_call(pipe, family, warm)  # warm-up: kernels, allocator, first-call costs
+        runner.generate("text-to-video", warm, Inputs(), lambda k, n: None)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        bare, served, encode = [], [], []
+        out = None
+        for _ in range(args.repeats):
+            bare.append(timed(lambda: bare_call(pipe, family, p), device))
+            holder = {}
+            served.append(timed(lambda: holder.setdefault(
+                "out", runner.generate("text-to-video", p, Inputs(), lambda k, n: steps_seen.append(k))), device))
+            out = holder["out"]
+            with tempfile.TemporaryDirectory() as tmp:
+                encode.append(timed(lambda: encode_mp4(out.frames, p.fps, Path(tmp) / "v.mp4"), device))
+        row = {
+            "family": family, "width": width, "height": height, "num_frames": frames, "steps": steps,
+            "bare_s": round(statistics.median(bare), 3), "served_s": round(statistics.median(served), 3),
+            "encode_s": round(statistics.median(encode), 3),
+            "served_over_bare": round(statistics.median(served) / statistics.median(bare), 4),
+            "served_plus_encode_over_bare": round((statistics.median(served) + statistics.median(encode))
+                                                  / statistics.median(bare), 4),
+            "step_callbacks": len(steps_seen) // args.repeats,
+            "frames_out": list(out.frames.shape),
+            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        }
+        results["rows"].append(row)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+        print(json.dumps(row), flush=True)
+    del runner, pipe
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tiny", action="store_true", help="tiny random models: a smoke test that runs on a CPU")
+    parser.add_argument("--out", default="gpu-pipeline.json")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--families", default="ltx,wan")
+    parser.add_argument("--wan-sizes", type=int, default=2, help="how many of the sizes to run for Wan (slow)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    import diffusers
+
+    results: dict[str, Any] = {
+        "what": "served (worker ModelRunner.generate) vs bare diffusers call, same pipeline object, alternating",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__, "diffusers": diffusers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "tiny": args.tiny, "rows": [], "errors": [],
+    }
+    for family in args.families.split(","):
+        try:
+            run_family(family, args, device, results)
+        except Exception as exc:  # keep the other family's numbers
+            import traceback
+
+            traceback.print_exc()
+            results["errors"].append(f"{family}: {exc!r}")
+            Path(args.out).write_text(json.dumps(results, indent=1))
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    return 1 if results["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
