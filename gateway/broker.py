@@ -3,6 +3,7 @@ turn dead-lettered jobs into failed jobs."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,9 @@ from schemas.messages import DecodeError, JobEvent, JobMessage, decode, encode
 from schemas.registry import Registry
 
 log = structlog.get_logger("gateway.broker")
+
+# Pause before handing back a dead-letter notice that could not be handled.
+DEAD_LETTER_RETRY_S = 5.0
 
 # (job, reason, the first x-death entry: reason, queue, count, original-expiration, ...)
 DeadLetterHandler = Callable[[JobMessage, str, dict[str, Any]], Awaitable[None]]
@@ -102,7 +106,8 @@ class GatewayBroker:
         assert self._connection is not None
         if self._stats_channel is None or self._stats_channel.is_closed:
             self._stats_channel = await self._connection.channel()
-        result = await self._stats_channel.declare_queue(queue_name, passive=True)
+        # robust=False: a robust channel would hand back its cached declaration, with stale counts.
+        result = await self._stats_channel.declare_queue(queue_name, passive=True, robust=False)
         return QueueStats(messages=result.declaration_result.message_count,
                           consumers=result.declaration_result.consumer_count)
 
@@ -132,6 +137,7 @@ class GatewayBroker:
                 await handler(job, reason, death)
             except Exception:
                 log.exception("dead_letter_failed", job_id=job.job_id)
+                await asyncio.sleep(DEAD_LETTER_RETRY_S)  # the store is likely down: do not spin
                 await message.nack(requeue=True)
                 return
         await message.ack()

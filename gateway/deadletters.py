@@ -9,7 +9,7 @@ import structlog
 from common.store import ObjectStore
 from gateway.broker import DeadLetterHandler, GatewayBroker
 from schemas import errors
-from schemas.jobs import JobError, JobStatus, Phase, utcnow
+from schemas.jobs import JobError, JobStatus, Phase
 from schemas.messages import JobEvent, JobMessage
 from schemas.registry import Registry
 
@@ -37,9 +37,7 @@ def dead_letter_handler(store: ObjectStore, broker: GatewayBroker, registry: Reg
         if record is None or record.status.is_terminal:
             return
         error = explain(job, reason, death, registry)
-        now = utcnow()
-        failed = record.model_copy(update={"status": JobStatus.FAILED, "phase": Phase.FAILED, "seq": record.seq + 1,
-                                           "updated_at": now, "finished_at": now, "error": error})
+        failed = record.advance(status=JobStatus.FAILED, phase=Phase.FAILED, error=error)
         await store.put_record(failed)
         await broker.publish_event(JobEvent.from_record(failed))
         log.warning("job_dead_lettered", job_id=job.job_id, reason=reason, code=error.code)

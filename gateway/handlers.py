@@ -48,10 +48,13 @@ def parse_job_id(value: str | None) -> str:
 async def read_body(request: web.Request, limit: int) -> bytes:
     if request.content_length is not None and request.content_length > limit:
         raise _too_large(limit)
-    body = await request.content.read(limit + 1)
-    if len(body) > limit:
-        raise _too_large(limit)
-    return body
+    chunks, size = [], 0
+    while chunk := await request.content.read(65536):
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _too_large(limit: int) -> ApiError:
@@ -180,6 +183,7 @@ async def enqueue(request: web.Request, mode: Mode, params: GenerationParams | D
     keys = {item.name: input_key(job_id, item.name, item.ext) for item in inputs}
     record = JobRecord(job_id=job_id, mode=mode, model=params.model, status=JobStatus.QUEUED, phase=Phase.QUEUED,
                        progress=0.0, seq=0, created_at=now, updated_at=now, params=params, inputs=keys)
+    record.events = [record.last_event()]
     # Inputs and record are stored before the job is published, so a worker always finds them.
     try:
         for item in inputs:
@@ -205,20 +209,23 @@ async def enqueue(request: web.Request, mode: Mode, params: GenerationParams | D
         await broker.publish_event(queued)
     except Exception as exc:  # the job is safely queued; the record already says so
         log.warning("queued_event_failed", job_id=job_id, error=str(exc))
-    stats = await broker.queue_stats(message)
-    log.info("job_accepted", job_id=job_id, model=params.model, mode=mode, workers=stats.consumers)
+    try:
+        stats = await broker.queue_stats(message)
+    except Exception as exc:  # the job is queued; only the counts are unknown
+        log.warning("queue_stats_failed", job_id=job_id, error=str(exc))
+        stats = None
+    workers = None if stats is None else stats.consumers
+    log.info("job_accepted", job_id=job_id, model=params.model, mode=mode, workers=workers)
     accepted = JobAccepted(job_id=job_id, status=record.status, model=params.model, mode=mode, request=params,
-                           workers=stats.consumers, queue_depth=stats.messages,
+                           workers=workers, queue_depth=None if stats is None else stats.messages,
                            links={"self": f"/api/v1/jobs/{job_id}", "events": f"/api/v1/ws?job_id={job_id}"})
     return web.json_response(accepted.model_dump(mode="json"), status=202,
                              headers={"Location": f"/api/v1/jobs/{job_id}"})
 
 
 async def _mark_unpublished(request: web.Request, record: JobRecord) -> None:
-    failed = record.model_copy(update={
-        "status": JobStatus.FAILED, "phase": Phase.FAILED, "seq": 1, "updated_at": utcnow(),
-        "finished_at": utcnow(), "error": JobError(code="not_queued", message="the broker did not accept the job"),
-    })
+    failed = record.advance(status=JobStatus.FAILED, phase=Phase.FAILED,
+                            error=JobError(code="not_queued", message="the broker did not accept the job"))
     try:
         await request.app[STORE].put_record(failed)
     except Exception as exc:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -95,8 +95,27 @@ class JobError(BaseModel):
     message: str
 
 
+class EventEntry(BaseModel):
+    """One state change of a job, as kept in its record's history and sent to clients."""
+
+    seq: int = Field(ge=0)
+    timestamp: datetime
+    status: JobStatus
+    phase: Phase
+    progress: float = Field(ge=0.0, le=1.0)
+    step: int | None = None
+    total_steps: int | None = None
+    eta_s: float | None = Field(default=None, description="Estimated seconds until the job ends.")
+    queue_position: int | None = Field(default=None, description="Jobs ahead of this one (queued jobs).")
+    message: str | None = None
+
+
+# Fields of a record that each event also carries.
+_EVENT_FIELDS = ("status", "phase", "progress", "step", "total_steps", "eta_s", "queue_position", "message")
+
+
 class JobRecord(BaseModel):
-    """The durable state of one job (`jobs/<job_id>/job.json` in the bucket)."""
+    """The durable state of one job (`jobs/<job_id>/job.json` in the bucket), with its event history."""
 
     schema_version: Literal[1] = RECORD_SCHEMA_VERSION
     job_id: str
@@ -119,6 +138,30 @@ class JobRecord(BaseModel):
     message: str | None = None
     attempts: int = 0
     worker: str | None = None
+    eta_s: float | None = None
+    queue_position: int | None = None
+    events: list[EventEntry] = Field(default_factory=list, description="Every event so far, by seq.")
+
+    def advance(self, **changes: Any) -> JobRecord:
+        """The next state: seq + 1, progress never lower, the change appended to the history."""
+        now = utcnow()
+        changes.setdefault("eta_s", None)  # an estimate holds only for the event that carries it
+        if changes.get("status", self.status).is_terminal:
+            changes.setdefault("finished_at", now)
+            changes["eta_s"] = None
+            changes.setdefault("queue_position", None)
+        updated = self.model_copy(update={
+            **changes,
+            "seq": self.seq + 1,
+            "updated_at": now,
+            "progress": max(self.progress, changes.get("progress", self.progress)),
+        })
+        updated.events = [*self.events, updated.last_event()]
+        return updated
+
+    def last_event(self) -> EventEntry:
+        return EventEntry(seq=self.seq, timestamp=self.updated_at,
+                          **{name: getattr(self, name) for name in _EVENT_FIELDS})
 
 
 class ResultView(BaseModel):
@@ -152,3 +195,5 @@ class JobView(BaseModel):
     result: ResultView | None
     error: JobError | None
     message: str | None
+    eta_s: float | None
+    queue_position: int | None

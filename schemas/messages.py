@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from schemas.jobs import DownloadParams, GenerationParams, JobRecord, JobStatus, Mode, Phase, utcnow
+from schemas.jobs import DownloadParams, EventEntry, GenerationParams, JobRecord, Mode, utcnow
 
 SCHEMA_VERSION = 1
 
@@ -30,8 +30,8 @@ class JobMessage(BaseModel):
     inputs: dict[str, str] = Field(default_factory=dict, description="Input name → object key in the store.")
 
 
-class JobEvent(BaseModel):
-    """Worker (or gateway, for `queued`) → everyone: a job's state changed.
+class JobEvent(EventEntry):
+    """Worker (or gateway) → everyone: a job's state changed.
 
     `seq` increases by one per event of a job. Terminal events carry the final record.
     """
@@ -41,29 +41,17 @@ class JobEvent(BaseModel):
     message_id: str = Field(default_factory=new_id)
     timestamp: datetime = Field(default_factory=utcnow)
     job_id: str
-    seq: int = Field(ge=0)
-    status: JobStatus
-    phase: Phase
-    progress: float = Field(ge=0.0, le=1.0)
-    step: int | None = None
-    total_steps: int | None = None
-    message: str | None = None
     job: JobRecord | None = None
 
     @classmethod
+    def from_entry(cls, job_id: str, entry: EventEntry, record: JobRecord | None = None) -> JobEvent:
+        """`record` is attached when the entry is terminal (the final state)."""
+        return cls(job_id=job_id, **entry.model_dump(), job=record if entry.status.is_terminal else None)
+
+    @classmethod
     def from_record(cls, record: JobRecord) -> JobEvent:
-        return cls(
-            job_id=record.job_id,
-            seq=record.seq,
-            status=record.status,
-            phase=record.phase,
-            progress=record.progress,
-            step=record.step,
-            total_steps=record.total_steps,
-            message=record.message,
-            timestamp=record.updated_at,
-            job=record if record.status.is_terminal else None,
-        )
+        """The record's latest event."""
+        return cls.from_entry(record.job_id, record.last_event(), record)
 
 
 Envelope = Annotated[JobMessage | JobEvent, Field(discriminator="type")]

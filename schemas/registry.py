@@ -160,6 +160,12 @@ def check_rules(spec: ModelSpec, v: dict[str, Any]) -> list[FieldProblem]:
         problems.append(FieldProblem(
             field="num_frames", rule="maximum",
             message=f"num_frames must be at most {lim.max_frames} for model {spec.id!r}, got {frames}"))
+    if v.get("strength") is not None and int(v["num_inference_steps"] * v["strength"]) < 1:
+        problems.append(FieldProblem(
+            field="strength", rule="denoising_steps",
+            message=f"strength {v['strength']} with num_inference_steps {v['num_inference_steps']} leaves no "
+                    f"denoising step (video-to-video runs int(num_inference_steps * strength) steps); raise one "
+                    f"of them"))
     if v["num_inference_steps"] > lim.max_steps:
         problems.append(FieldProblem(
             field="num_inference_steps", rule="maximum",

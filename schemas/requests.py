@@ -55,6 +55,8 @@ class JobAccepted(BaseModel):
     model: str
     mode: str
     request: GenerationParams | DownloadParams
-    workers: int = Field(description="Workers consuming this model's queue right now (0: none yet).")
-    queue_depth: int = Field(description="Jobs waiting in this model's queue, this one included.")
+    workers: int | None = Field(description="Workers consuming this model's queue right now (0: none yet; "
+                                            "null: the broker could not be asked).")
+    queue_depth: int | None = Field(description="Jobs in this model's queue not yet handed to a worker, "
+                                                "right after this one was queued.")
     links: dict[str, str]

@@ -348,10 +348,10 @@ def stack_down() -> None:
     state = StackState.load()
     if not state.started:
         print("nothing to stop: scripts/stack started nothing that is still recorded")
-    for name in [*(w[0] for w in STACK_WORKERS), "gateway", "rabbitmq", "s3"]:
-        entry = state.started.pop(name, None)
-        if entry is None:
-            continue
+    # Workers first (they hold jobs), then the gateway, then the services they use.
+    order = {"gateway": 1, "rabbitmq": 2, "s3": 3}
+    for name in sorted(state.started, key=lambda n: order.get(n, 0)):
+        entry = state.started.pop(name)
         if "node" in entry:
             stop_rabbit_node(entry["node"])
         else:

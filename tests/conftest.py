@@ -52,7 +52,8 @@ async def _delete_namespace(amqp_url: str, ns: str) -> None:
         channel = await connection.channel()
         for model_id in load_registry().models:
             await channel.queue_delete(f"{ns}.jobs.{model_id}")
-        await channel.queue_delete(f"{ns}.dead")
+        for queue in ("dead", "dead.notify", "downloads"):
+            await channel.queue_delete(f"{ns}.{queue}")
         for exchange in ("jobs", "events", "dlx"):
             await channel.exchange_delete(f"{ns}.{exchange}")
 

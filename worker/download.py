@@ -34,7 +34,7 @@ def download(spec: ModelSpec, models_dir: Path, on_progress: Progress) -> str:
 
         def update(self, n: float | None = 1) -> bool | None:
             shown = super().update(n)
-            if self.total:
+            if self.total and self.unit != "B":  # the files bar, not a per-file bytes bar
                 on_progress(int(self.n), int(self.total))
             return shown
 

@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 
 from common.store import ObjectStore
-from schemas.jobs import JobRecord, utcnow
+from schemas.jobs import JobRecord
 from schemas.messages import JobEvent
 
 log = structlog.get_logger("worker.reporter")
@@ -35,13 +35,7 @@ class JobReporter:
     async def update(self, **changes: Any) -> JobRecord:
         """Apply a change now; raises if the record cannot be written."""
         async with self._lock:
-            record = self.record.model_copy(update={
-                **changes,
-                "seq": self.record.seq + 1,
-                "updated_at": utcnow(),
-                # Progress never goes backwards.
-                "progress": max(self.record.progress, changes.get("progress", self.record.progress)),
-            })
+            record = self.record.advance(**changes)
             await self._store.put_record(record)
             self.record = record
             await self._publish(JobEvent.from_record(record))

@@ -141,8 +141,7 @@ class Worker:
                     await run(job, reporter)
                 except JobFailed as exc:
                     await reporter.flush()
-                    await reporter.update(status=JobStatus.FAILED, phase=Phase.FAILED, finished_at=utcnow(),
-                                          error=exc.error)
+                    await reporter.update(status=JobStatus.FAILED, phase=Phase.FAILED, error=exc.error)
                     log.warning("job_failed", code=exc.error.code, error=exc.error.message)
                 await message.ack()
                 self.jobs_done += 1
@@ -162,7 +161,8 @@ class Worker:
         assert isinstance(params, GenerationParams) and job.mode != "download"
         spec = self._registry.models[params.model]
         queued_s = (utcnow() - reporter.record.created_at).total_seconds()
-        if queued_s > spec.max_queue_s:
+        # Only a job that never started can have waited too long; a redelivery after a crash runs.
+        if reporter.record.attempts == 0 and queued_s > spec.max_queue_s:
             raise JobFailed(errors.expired(spec.id, spec.max_queue_s))
         await reporter.update(status=JobStatus.RUNNING, phase=Phase.LOADING, started_at=utcnow(),
                               attempts=reporter.record.attempts + 1, worker=self.worker_id)
@@ -203,7 +203,7 @@ class Worker:
 
         frames, height, width = generated.frames.shape[:3]
         await reporter.update(
-            status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED, progress=1.0, finished_at=utcnow(),
+            status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED, progress=1.0,
             output=JobOutput(key=key, bytes=size, num_frames=frames, width=width, height=height, fps=params.fps),
         )
         log.info("job_succeeded", queued_s=round(queued_s, 3), denoise_s=round(generated.denoise_s, 3),
@@ -244,8 +244,7 @@ class Worker:
         except DownloadFailed as exc:
             raise JobFailed(JobError(code=exc.code, message=exc.message)) from exc
         await reporter.flush()
-        await reporter.update(status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED, progress=1.0, finished_at=utcnow(),
-                              message=summary)
+        await reporter.update(status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED, progress=1.0, message=summary)
         log.info("model_downloaded", summary=summary)
 
     async def _upload(self, key: str, path: Path) -> None:
@@ -273,7 +272,8 @@ class Worker:
 
 def _record_from(job: JobMessage) -> JobRecord:
     """A record for a job whose stored record is missing (e.g. published by another service)."""
-    now = utcnow()
-    return JobRecord(job_id=job.job_id, mode=job.mode, model=job.params.model, status=JobStatus.QUEUED,
-                     phase=Phase.QUEUED, progress=0.0, seq=0, created_at=job.timestamp, updated_at=now,
-                     params=job.params)
+    record = JobRecord(job_id=job.job_id, mode=job.mode, model=job.params.model, status=JobStatus.QUEUED,
+                       phase=Phase.QUEUED, progress=0.0, seq=0, created_at=job.timestamp, updated_at=utcnow(),
+                       params=job.params)
+    record.events = [record.last_event()]
+    return record

@@ -210,3 +210,33 @@ async def test_job_for_a_model_without_workers_is_accepted_then_expires(stack, h
     assert "1 s" in job["error"]["message"]
     status, record = await get_json(http, f"{stack.gateway_url}/api/v1/jobs/{accepted['job_id']}")
     assert record["status"] == "failed" and record["error"]["code"] == "expired"
+
+
+async def test_queue_depth_and_workers_are_live(stack, http) -> None:
+    first = await submit(http, stack.gateway_url, {"prompt": "one", "model": "wan2-1-t2v-1-3b"})
+    second = await submit(http, stack.gateway_url, {"prompt": "two", "model": "wan2-1-t2v-1-3b"})
+    assert (first["workers"], first["queue_depth"]) == (0, 1)
+    assert (second["workers"], second["queue_depth"]) == (0, 2)
+    status, info = await get_json(http, f"{stack.gateway_url}/api/v1/model/info?model=wan2-1-t2v-1-3b")
+    assert (info["workers"], info["queue_depth"]) == (0, 2)
+
+
+async def test_large_base64_json_body_is_read_whole(stack, http, tmp_path: Path) -> None:
+    video = mp4_bytes(33, 256, 256)
+    assert len(video) > 1_000_000  # arrives in many chunks
+    body = {"prompt": "big", "model": "ltx-tiny", "num_frames": 9, "video": base64.b64encode(video).decode()}
+    accepted = await submit(http, stack.gateway_url, body, mode="video-to-video")
+    frames = await watch(http, stack.gateway_url, accepted["job_id"])
+    assert frames[-1]["status"] == "succeeded"
+
+
+async def test_video_to_video_needs_at_least_one_denoising_step(stack, http) -> None:
+    form = aiohttp.FormData()
+    for name, value in {"prompt": "p", "model": "wan-tiny", "num_inference_steps": 2, "strength": 0.4}.items():
+        form.add_field(name, str(value))
+    form.add_field("video", mp4_bytes(9, 64, 32), filename="in.mp4")
+    async with http.post(f"{stack.gateway_url}/api/v1/generate/video-to-video", data=form) as response:
+        payload = await response.json()
+    assert response.status == 422
+    assert payload["error"]["details"][0]["field"] == "strength"
+    assert payload["error"]["details"][0]["rule"] == "denoising_steps"
