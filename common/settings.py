@@ -48,8 +48,6 @@ class GatewaySettings(CommonSettings):
     max_video_frames: int = Field(default=1000, ge=1)
     max_video_seconds: float = Field(default=120.0, gt=0)
     max_video_side: int = Field(default=4096, ge=16)
-    event_buffer_jobs: int = Field(default=2000, ge=10,
-                                   description="Jobs whose recent events each gateway keeps for late WebSocket joins.")
 
 
 class WorkerSettings(CommonSettings):

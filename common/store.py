@@ -27,6 +27,24 @@ def output_key(job_id: str) -> str:
     return f"jobs/{job_id}/video.mp4"
 
 
+# Index entries sort newest first: S3 lists keys in ascending order, so the time is inverted.
+_INDEX_EPOCH_MS = 10**13
+
+
+def index_keys(job_id: str, model: str, created_at: datetime) -> list[str]:
+    """Empty objects that list jobs newest first: all jobs, and per model."""
+    stamp = f"{_INDEX_EPOCH_MS - int(created_at.timestamp() * 1000):013d}-{job_id}"
+    return [f"index/jobs/{stamp}", f"index/models/{model}/{stamp}"]
+
+
+def index_prefix(model: str | None) -> str:
+    return "index/jobs/" if model is None else f"index/models/{model}/"
+
+
+def job_id_of_index(key: str) -> str:
+    return key.rsplit("/", 1)[-1].split("-", 1)[1]
+
+
 def input_key(job_id: str, name: str, ext: str) -> str:
     """Built from our own names only: the job id we made, the input's role, the format we detected."""
     return f"jobs/{job_id}/input/{name}.{ext}"
@@ -106,6 +124,17 @@ class ObjectStore:
                 if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
                     return False
                 raise
+        return await asyncio.to_thread(run)
+
+    async def list_keys(self, prefix: str, start_after: str | None, limit: int) -> list[str]:
+        def run() -> list[str]:
+            keys = []
+            for item in self._client.list_objects(self.bucket, prefix=prefix, recursive=True,
+                                                  start_after=start_after):
+                keys.append(item.object_name)
+                if len(keys) >= limit:
+                    break
+            return keys
         return await asyncio.to_thread(run)
 
     async def put_record(self, record: JobRecord) -> None:

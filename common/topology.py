@@ -5,6 +5,7 @@
                 `<ns>.downloads`, which every worker consumes. Messages: persistent `JobMessage`
                 with a per-message TTL (the model's `max_queue_s`).
 - `<ns>.events` topic exchange; routing key `job.<job_id>.<status>`. Messages: `JobEvent`.
+- `<ns>.control` fanout exchange; every worker binds an exclusive queue. Messages: `CancelMessage`.
 - `<ns>.dlx`    fanout exchange for dead letters (expired, delivery limit reached, rejected), bound
                 to `<ns>.dead` (kept for operators) and `<ns>.dead.notify` (gateways consume it and
                 mark those jobs failed).
@@ -40,6 +41,10 @@ class Topology:
         return f"{self.namespace}.events"
 
     @property
+    def control_exchange(self) -> str:
+        return f"{self.namespace}.control"
+
+    @property
     def dead_letter_exchange(self) -> str:
         return f"{self.namespace}.dlx"
 
@@ -64,6 +69,9 @@ class Topology:
     @staticmethod
     def event_key(job_id: str, status: str) -> str:
         return f"job.{job_id}.{status}"
+
+    async def declare_control(self, channel: AbstractChannel) -> AbstractExchange:
+        return await channel.declare_exchange(self.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
 
     async def declare_events(self, channel: AbstractChannel) -> AbstractExchange:
         return await channel.declare_exchange(self.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)

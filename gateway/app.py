@@ -10,7 +10,7 @@ from aiohttp import web
 from common.settings import GatewaySettings
 from common.store import ObjectStore
 from common.topology import Topology
-from gateway import handlers, models, ws
+from gateway import handlers, jobs, models, ws
 from gateway.broker import GatewayBroker
 from gateway.deadletters import dead_letter_handler
 from gateway.errors import error_middleware
@@ -25,7 +25,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app = web.Application(client_max_size=settings.max_upload_bytes * 4 // 3 + 65536, middlewares=[error_middleware])
     app[SETTINGS] = settings
     app[REGISTRY] = settings.registry()
-    app[HUB] = EventHub(settings.event_buffer_jobs)
+    app[HUB] = EventHub()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_broker_ctx)
     app.on_shutdown.append(_close_streams)
@@ -41,9 +41,13 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/models", models.list_models)
     app.router.add_get("/api/v1/model/info", models.model_info)
     app.router.add_post("/api/v1/models/download", handlers.download_model)
-    app.router.add_get("/api/v1/jobs/{job_id}", handlers.get_job)
-    app.router.add_get("/api/v1/job/{job_id}", handlers.get_job)  # the seed's path
+    app.router.add_get("/api/v1/jobs", jobs.list_jobs)
+    app.router.add_get("/api/v1/jobs/{job_id}", jobs.get_job)
+    app.router.add_get("/api/v1/job/{job_id}", jobs.get_job)  # the seed's path
+    app.router.add_post("/api/v1/jobs/{job_id}/cancel", jobs.cancel_job)
+    app.router.add_delete("/api/v1/jobs/{job_id}", jobs.cancel_job)
     app.router.add_get("/api/v1/ws", ws.job_events)
+    app.router.add_get("/api/v1/events", ws.job_events_sse)
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

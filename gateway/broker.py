@@ -14,7 +14,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from common.topology import DOWNLOAD_KEY, Topology, connect
 from gateway.events import EventHub
-from schemas.messages import DecodeError, JobEvent, JobMessage, decode, encode
+from schemas.messages import CancelMessage, DecodeError, JobEvent, JobMessage, decode, encode
 from schemas.registry import Registry
 
 log = structlog.get_logger("gateway.broker")
@@ -40,6 +40,7 @@ class GatewayBroker:
         self._connection: AbstractRobustConnection | None = None
         self._jobs: AbstractExchange | None = None
         self._events: AbstractExchange | None = None
+        self._control: AbstractExchange | None = None
         self._stats_channel: AbstractChannel | None = None
 
     async def start(self, model_ids: list[str], on_dead_letter: DeadLetterHandler,
@@ -52,6 +53,7 @@ class GatewayBroker:
         # started is stored, not dropped by an exchange with no bound queue.
         self._jobs, _ = await self._topology.declare_jobs(channel, model_ids)
         self._events = await self._topology.declare_events(channel)
+        self._control = await self._topology.declare_control(channel)
 
         # Each gateway has its own exclusive queue on the events exchange, so every
         # gateway sees every event of every job.
@@ -96,6 +98,14 @@ class GatewayBroker:
                              message_id=event.message_id),
             routing_key=Topology.event_key(event.job_id, event.status),
         )
+
+    async def publish_cancel(self, job_id: str) -> None:
+        """Tell every worker: stop this job if you are running it, drop it if it reaches you."""
+        message = CancelMessage(job_id=job_id)
+        await self._control.publish(
+            aio_pika.Message(encode(message), content_type="application/json", type=message.type,
+                             message_id=message.message_id),
+            routing_key="")
 
     async def queue_stats(self, message: JobMessage) -> QueueStats:
         """Depth and consumer count of the queue this job went to (a passive declare)."""

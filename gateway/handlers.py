@@ -14,11 +14,10 @@ import structlog
 from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, ValidationError
 
-from common.store import input_key
+from common.store import index_keys, input_key
 from gateway.errors import ApiError, validation_error
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE
-from gateway.views import job_view
 from schemas.jobs import (DownloadParams, GenerationMode, GenerationParams, JobError, JobRecord, JobStatus, Mode,
                           Phase, utcnow)
 from schemas.messages import JobEvent, JobMessage
@@ -175,25 +174,30 @@ async def download_model(request: web.Request) -> web.Response:
 
 async def enqueue(request: web.Request, mode: Mode, params: GenerationParams | DownloadParams,
                   inputs: list[CheckedInput]) -> web.Response:
-    """Store inputs and the record, publish the job (confirmed), announce it, answer 202."""
+    """Store inputs, record and index entries, publish the job (confirmed), announce it, answer 202."""
     app = request.app
     store, broker = app[STORE], app[BROKER]
     job_id = str(uuid.uuid4())
     now = utcnow()
-    keys = {item.name: input_key(job_id, item.name, item.ext) for item in inputs}
+    message = JobMessage(job_id=job_id, mode=mode, params=params,
+                         inputs={item.name: input_key(job_id, item.name, item.ext) for item in inputs})
+    # Jobs ahead of this one, read just before it joins the queue.
+    stats = await _stats_or_none(broker, message)
     record = JobRecord(job_id=job_id, mode=mode, model=params.model, status=JobStatus.QUEUED, phase=Phase.QUEUED,
-                       progress=0.0, seq=0, created_at=now, updated_at=now, params=params, inputs=keys)
+                       progress=0.0, seq=0, created_at=now, updated_at=now, params=params, inputs=message.inputs,
+                       queue_position=None if stats is None else stats.messages)
     record.events = [record.last_event()]
-    # Inputs and record are stored before the job is published, so a worker always finds them.
+    # Inputs, record and index are stored before the job is published, so a worker always finds them.
     try:
         for item in inputs:
-            await store.put_bytes(keys[item.name], item.data, item.content_type)
+            await store.put_bytes(message.inputs[item.name], item.data, item.content_type)
         await store.put_record(record)
+        for key in index_keys(job_id, params.model, now):
+            await store.put_bytes(key, b"", "application/octet-stream")
     except Exception as exc:
         log.error("store_write_failed", job_id=job_id, error=str(exc))
         raise ApiError(503, "store_unavailable", "the object store is unavailable; retry later",
                        headers={"Retry-After": "5"}) from exc
-    message = JobMessage(job_id=job_id, mode=mode, params=params, inputs=keys)
     try:
         await broker.publish_job(message, app[REGISTRY])
     except Exception as exc:
@@ -201,26 +205,34 @@ async def enqueue(request: web.Request, mode: Mode, params: GenerationParams | D
         await _mark_unpublished(request, record)
         raise ApiError(503, "broker_unavailable", "the job could not be queued; retry later",
                        headers={"Retry-After": "5"}) from exc
-    queued = JobEvent.from_record(record)
-    # Straight into this gateway's hub as well, so a client that connects right after the 202
-    # starts from seq 0 even before the broker's copy comes back.
-    app[HUB].publish(queued)
-    try:
-        await broker.publish_event(queued)
-    except Exception as exc:  # the job is safely queued; the record already says so
-        log.warning("queued_event_failed", job_id=job_id, error=str(exc))
-    try:
-        stats = await broker.queue_stats(message)
-    except Exception as exc:  # the job is queued; only the counts are unknown
-        log.warning("queue_stats_failed", job_id=job_id, error=str(exc))
-        stats = None
+    await announce(request, record)
     workers = None if stats is None else stats.consumers
     log.info("job_accepted", job_id=job_id, model=params.model, mode=mode, workers=workers)
     accepted = JobAccepted(job_id=job_id, status=record.status, model=params.model, mode=mode, request=params,
-                           workers=workers, queue_depth=None if stats is None else stats.messages,
+                           workers=workers, queue_depth=None if stats is None else stats.messages + 1,
+                           queue_position=record.queue_position,
                            links={"self": f"/api/v1/jobs/{job_id}", "events": f"/api/v1/ws?job_id={job_id}"})
     return web.json_response(accepted.model_dump(mode="json"), status=202,
                              headers={"Location": f"/api/v1/jobs/{job_id}"})
+
+
+async def _stats_or_none(broker: Any, message: JobMessage) -> Any:
+    try:
+        return await broker.queue_stats(message)
+    except Exception as exc:  # only the counts are unknown; the job can still be queued
+        log.warning("queue_stats_failed", job_id=message.job_id, error=str(exc))
+        return None
+
+
+async def announce(request: web.Request, record: JobRecord) -> None:
+    """Publish a record's latest event; also straight into this gateway's hub, so its own clients
+    see it before the broker's copy comes back (the copy is dropped by seq)."""
+    event = JobEvent.from_record(record)
+    request.app[HUB].publish(event)
+    try:
+        await request.app[BROKER].publish_event(event)
+    except Exception as exc:  # the record already says it
+        log.warning("event_publish_failed", job_id=record.job_id, error=str(exc))
 
 
 async def _mark_unpublished(request: web.Request, record: JobRecord) -> None:
@@ -230,15 +242,6 @@ async def _mark_unpublished(request: web.Request, record: JobRecord) -> None:
         await request.app[STORE].put_record(failed)
     except Exception as exc:
         log.error("store_write_failed", job_id=record.job_id, error=str(exc))
-
-
-async def get_job(request: web.Request) -> web.Response:
-    job_id = parse_job_id(request.match_info["job_id"])
-    record = await request.app[STORE].get_record(job_id)
-    if record is None:
-        raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
-    view = job_view(record, request.app[STORE], request.app[SETTINGS].presign_expiry_s)
-    return web.json_response(view.model_dump(mode="json"))
 
 
 async def health(request: web.Request) -> web.Response:

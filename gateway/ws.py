@@ -1,82 +1,45 @@
-"""`GET /api/v1/ws?job_id=…`: one JSON text frame per event of the job, ending with the terminal one."""
+"""Live job events for clients: WebSocket `GET /api/v1/ws` and Server-Sent Events `GET /api/v1/events`.
+
+Both take `job_id` (repeatable) or `all=true`, and `since=<seq>` with a single job to resume after
+the last event seen; SSE also honours the `Last-Event-ID` header its clients send on reconnect.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import json
 
-import structlog
 from aiohttp import WSMsgType, web
+from aiohttp_sse import sse_response
 
-from gateway.errors import ApiError
-from gateway.handlers import parse_job_id
-from gateway.keys import HUB, SETTINGS, STORE
-from gateway.views import event_frame
-from schemas.messages import JobEvent
-
-log = structlog.get_logger("gateway.ws")
+from gateway.streams import StreamRequest, open_stream, pump
 
 
 async def job_events(request: web.Request) -> web.WebSocketResponse:
-    app = request.app
-    if "job_id" not in request.query:
-        raise ApiError(400, "missing_parameter", "query parameter job_id is required")
-    job_id = parse_job_id(request.query["job_id"])
-    store, expiry = app[STORE], app[SETTINGS].presign_expiry_s
-
-    with app[HUB].subscribe(job_id) as sub:
-        record = await store.get_record(job_id)
-        if record is None:
-            raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+    async with open_stream(request.app, StreamRequest.parse(request)) as stream:
         ws = web.WebSocketResponse(heartbeat=20.0)
         await ws.prepare(request)
-
-        # What this gateway already saw of the job, then live events. A gateway that saw none
-        # of it (it started after the job did) begins with the stored state instead. When the
-        # record is ahead of the backlog, the missing events are still on their way here.
-        pending = sub.backlog or [JobEvent.from_record(record)]
-        if record.status.is_terminal and record.seq > pending[-1].seq:
-            pending.append(JobEvent.from_record(record))  # the job ended; never leave a client waiting
-        last_seq = -1
-        reader = asyncio.create_task(_drain_client(ws))
+        reader = asyncio.ensure_future(_drain_client(ws))
         try:
-            while True:
-                for event in pending:
-                    if event.seq <= last_seq:
-                        continue  # seen already: never a duplicate or a step backwards
-                    await ws.send_json(event_frame(event, store, expiry))
-                    last_seq = event.seq
-                    if event.status.is_terminal:
-                        return ws
-                pending = await _next_events(sub.queue, reader)
-                if pending is None:
-                    return ws
-        except ConnectionResetError:
-            return ws
+            await pump(stream.frames(), ws.send_json, reader)
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             await ws.close()
+        return ws
 
 
-async def _next_events(queue: asyncio.Queue[JobEvent | None], reader: asyncio.Task[None]) -> list[JobEvent] | None:
-    """Wait for the next event; None when the client went away or the gateway is shutting down."""
-    getter = asyncio.ensure_future(queue.get())
-    done, _ = await asyncio.wait({getter, reader}, return_when=asyncio.FIRST_COMPLETED)
-    if getter not in done:
-        getter.cancel()
-        await asyncio.gather(getter, return_exceptions=True)
-        return None
-    first = getter.result()
-    if first is None:
-        return None
-    events = [first]
-    while not queue.empty():
-        event = queue.get_nowait()
-        if event is None:
-            queue.put_nowait(None)  # keep the shutdown signal for the next wait
-            break
-        events.append(event)
-    return sorted(events, key=lambda e: e.seq)
+async def job_events_sse(request: web.Request) -> web.StreamResponse:
+    stream_request = StreamRequest.parse(request, request.headers.get("Last-Event-ID"))
+    async with open_stream(request.app, stream_request) as stream:
+        async with sse_response(request, ping_interval=15) as sse:
+
+            async def send(frame: dict) -> None:
+                # The id lets EventSource resume with Last-Event-ID (`<job_id>:<seq>`).
+                await sse.send(json.dumps(frame), id=f"{frame['job_id']}:{frame['seq']}", event="job.event")
+
+            await pump(stream.frames(), send, asyncio.ensure_future(sse.wait()))
+        return sse
 
 
 async def _drain_client(ws: web.WebSocketResponse) -> None:

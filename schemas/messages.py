@@ -54,7 +54,17 @@ class JobEvent(EventEntry):
         return cls.from_entry(record.job_id, record.last_event(), record)
 
 
-Envelope = Annotated[JobMessage | JobEvent, Field(discriminator="type")]
+class CancelMessage(BaseModel):
+    """Gateway → every worker (control exchange): stop this job if you run it; drop it if it arrives."""
+
+    type: Literal["job.cancel"] = "job.cancel"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    message_id: str = Field(default_factory=new_id)
+    timestamp: datetime = Field(default_factory=utcnow)
+    job_id: str
+
+
+Envelope = Annotated[JobMessage | JobEvent | CancelMessage, Field(discriminator="type")]
 _envelope = TypeAdapter(Envelope)
 
 
@@ -67,7 +77,7 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
-def decode(raw: bytes) -> JobMessage | JobEvent:
+def decode(raw: bytes) -> JobMessage | JobEvent | CancelMessage:
     try:
         return _envelope.validate_json(raw)
     except ValidationError as exc:

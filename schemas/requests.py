@@ -58,5 +58,6 @@ class JobAccepted(BaseModel):
     workers: int | None = Field(description="Workers consuming this model's queue right now (0: none yet; "
                                             "null: the broker could not be asked).")
     queue_depth: int | None = Field(description="Jobs in this model's queue not yet handed to a worker, "
-                                                "right after this one was queued.")
+                                                "this one included.")
+    queue_position: int | None = Field(description="Jobs ahead of this one in its queue when it was queued.")
     links: dict[str, str]

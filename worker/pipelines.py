@@ -128,6 +128,14 @@ class ModelRunner:
         last_step = marks["last_step"] or finished
         return Generated(frames=frames, denoise_s=last_step - started, decode_s=finished - last_step)
 
+    def release_memory(self) -> None:
+        """After an interrupted generation: drop its tensors and hand cached GPU memory back."""
+        import gc
+
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     def _call_kwargs(self, mode: GenerationMode, params: GenerationParams, inputs: Inputs) -> dict[str, Any]:
         """The pipeline arguments for this (family, mode)."""
         family = self.spec.family

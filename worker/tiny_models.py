@@ -78,8 +78,11 @@ def _text_encoder_kwargs(vocab_size: int) -> dict:
     )
 
 
-def build_tiny_ltx(out_dir: Path) -> Path:
-    """LTX-Video text-to-video pipeline; the folder also loads as the I2V and Condition pipelines."""
+def build_tiny_ltx(out_dir: Path, num_layers: int = 1, num_heads: int = 4, head_dim: int = 8) -> Path:
+    """LTX-Video text-to-video pipeline; the folder also loads as the I2V and Condition pipelines.
+
+    A wider or deeper transformer gives a slower model (tests that need time to act mid-job).
+    """
     from diffusers import (
         AutoencoderKLLTXVideo,
         FlowMatchEulerDiscreteScheduler,
@@ -110,10 +113,10 @@ def build_tiny_ltx(out_dir: Path) -> Path:
         transformer = LTXVideoTransformer3DModel(
             in_channels=8,
             out_channels=8,
-            num_attention_heads=4,
-            attention_head_dim=8,
-            cross_attention_dim=32,
-            num_layers=1,
+            num_attention_heads=num_heads,
+            attention_head_dim=head_dim,
+            cross_attention_dim=num_heads * head_dim,
+            num_layers=num_layers,
             caption_channels=TEXT_DIM,
         )
         # Static shifting: LTXConditionPipeline passes explicit timesteps but no `mu`, which the

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import threading
 import socket
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,10 +24,11 @@ from common.store import ObjectStore, output_key
 from common.topology import DOWNLOAD_KEY, Topology, connect
 from schemas import errors
 from schemas.jobs import DownloadParams, GenerationParams, JobError, JobOutput, JobRecord, JobStatus, Phase, utcnow
-from schemas.messages import DecodeError, JobEvent, JobMessage, decode, encode
+from schemas.messages import CancelMessage, DecodeError, JobEvent, JobMessage, decode, encode
 from schemas.registry import Registry
 from worker.download import DownloadFailed, download
 from worker.encode import encode_mp4
+from worker.eta import EtaEstimator, FinishTimes
 from worker.inputs import load_image, load_video
 from worker.pipelines import Generated, Inputs, ModelRunner
 from worker.reporter import JobReporter
@@ -47,7 +50,14 @@ class JobFailed(Exception):
         self.error = error
 
 
+class JobCancelled(Exception):
+    """A cancel request reached the worker running the job: stop without a video."""
+
+
 Runner = Callable[[JobMessage, JobReporter], Awaitable[None]]
+
+# Recently cancelled job ids each worker remembers, to drop such a job if it is delivered later.
+CANCELLED_MEMORY = 10_000
 
 
 class Worker:
@@ -62,6 +72,9 @@ class Worker:
         # One thread owns the GPU; encoding and uploads run elsewhere so it is free sooner.
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self._busy = asyncio.Lock()
+        self._cancelled: OrderedDict[str, None] = OrderedDict()
+        self._running: dict[str, threading.Event] = {}
+        self._finish_times = FinishTimes()
         self._connection: AbstractRobustConnection | None = None
         self._events: AbstractExchange | None = None
         self._consume_channel: AbstractChannel | None = None
@@ -81,6 +94,12 @@ class Worker:
         self._connection = await connect(self.settings.amqp_url)
         publish_channel = await self._connection.channel(publisher_confirms=True)
         self._events = await self._topology.declare_events(publish_channel)
+        # Cancel requests reach every worker through its own queue on the control exchange.
+        control_channel = await self._connection.channel()
+        control = await control_channel.declare_queue(exclusive=True, auto_delete=True)
+        await control.bind(await self._topology.declare_control(control_channel))
+        await control.consume(self._on_control, no_ack=True)
+
         self._consume_channel = await self._connection.channel()
         # prefetch=1: a worker holds one job at a time; the rest stay in the queue for other workers.
         await self._consume_channel.set_qos(prefetch_count=1)
@@ -108,6 +127,20 @@ class Worker:
             await self._connection.close()  # an unacked job goes back to its queue
         self._gpu.shutdown(wait=finished, cancel_futures=True)
         log.info("worker_stopped", worker=self.worker_id, jobs_done=self.jobs_done, current_job_finished=finished)
+
+    async def _on_control(self, message: AbstractIncomingMessage) -> None:
+        try:
+            command = decode(message.body)
+        except DecodeError as exc:
+            log.warning("bad_control_message", reason=exc.reason)
+            return
+        if isinstance(command, CancelMessage):
+            self._cancelled[command.job_id] = None
+            while len(self._cancelled) > CANCELLED_MEMORY:
+                self._cancelled.popitem(last=False)
+            if (flag := self._running.get(command.job_id)) is not None:
+                flag.set()
+                log.info("cancel_requested", job_id=command.job_id)
 
     async def _on_message(self, message: AbstractIncomingMessage) -> None:
         async with self._busy:
@@ -138,7 +171,15 @@ class Worker:
                     return
                 reporter = JobReporter(record, self._store, self._publish_event)
                 try:
+                    if job.job_id in self._cancelled:
+                        raise JobCancelled()
                     await run(job, reporter)
+                except JobCancelled:
+                    await reporter.flush()
+                    started = reporter.record.status == JobStatus.RUNNING
+                    await reporter.update(status=JobStatus.CANCELLED, phase=Phase.CANCELLED,
+                                          message="cancelled while running" if started else "cancelled before it started")
+                    log.info("job_cancelled", running=started)
                 except JobFailed as exc:
                     await reporter.flush()
                     await reporter.update(status=JobStatus.FAILED, phase=Phase.FAILED, error=exc.error)
@@ -168,9 +209,17 @@ class Worker:
                               attempts=reporter.record.attempts + 1, worker=self.worker_id)
         inputs = await self._fetch_inputs(job)
 
+        cancel = self._running[job.job_id] = threading.Event()
+        if job.job_id in self._cancelled:  # asked while the inputs were fetched
+            cancel.set()
+        eta = EtaEstimator(self._finish_times.expected(params.model, params.num_frames, params.width, params.height))
+
         def on_step(step: int, total: int) -> None:
+            # Runs on the generation thread, between two denoising steps.
+            if cancel.is_set():
+                raise JobCancelled()  # diffusers' own interrupt would still decode the video
             reporter.update_threadsafe(phase=Phase.DENOISING, step=step, total_steps=total,
-                                       progress=DENOISE_SHARE * step / total)
+                                       progress=DENOISE_SHARE * step / total, eta_s=eta.step(step, total))
             if step == total:
                 reporter.update_threadsafe(phase=Phase.DECODING, progress=PROGRESS_AT[Phase.DECODING])
 
@@ -179,10 +228,18 @@ class Worker:
         try:
             generated: Generated = await loop.run_in_executor(self._gpu, runner.generate, job.mode, params, inputs,
                                                               on_step)
+        except JobCancelled:
+            await loop.run_in_executor(self._gpu, runner.release_memory)
+            raise
         except Exception as exc:
             log.exception("generation_failed")
             raise JobFailed(JobError(code="generation_failed", message=f"{type(exc).__name__}: {exc}")) from exc
+        finally:
+            self._running.pop(job.job_id, None)
         await reporter.flush()
+        if cancel.is_set():
+            raise JobCancelled()  # asked while the last step or the decode ran: still no video
+        finish_started = time.perf_counter()
 
         await reporter.update(phase=Phase.ENCODING, progress=PROGRESS_AT[Phase.ENCODING])
         with tempfile.TemporaryDirectory(prefix="videogen-") as tmp:
@@ -202,6 +259,8 @@ class Worker:
             size = path.stat().st_size
 
         frames, height, width = generated.frames.shape[:3]
+        self._finish_times.observe(params.model, frames, width, height,
+                                   generated.decode_s + time.perf_counter() - finish_started)
         await reporter.update(
             status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED, progress=1.0,
             output=JobOutput(key=key, bytes=size, num_frames=frames, width=width, height=height, fps=params.fps),

@@ -1,0 +1,110 @@
+"""Job handlers: read one, cancel one, list many (newest first)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from common.store import index_prefix, job_id_of_index
+from gateway.errors import ApiError
+from gateway.handlers import announce, parse_job_id
+from gateway.keys import BROKER, REGISTRY, SETTINGS, STORE
+from gateway.views import job_view
+from schemas.jobs import JobRecord, JobStatus, Phase
+
+log = structlog.get_logger("gateway")
+
+LIST_LIMIT_MAX = 100
+_CURSOR = re.compile(r"^index/(jobs|models/[a-z0-9-]+)/\d{13}-[0-9a-f-]{36}$")
+
+
+async def _load(request: web.Request) -> JobRecord:
+    job_id = parse_job_id(request.match_info["job_id"])
+    record = await request.app[STORE].get_record(job_id)
+    if record is None:
+        raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
+    return record
+
+
+def _view(request: web.Request, record: JobRecord) -> dict[str, Any]:
+    return job_view(record, request.app[STORE], request.app[SETTINGS].presign_expiry_s).model_dump(mode="json")
+
+
+async def get_job(request: web.Request) -> web.Response:
+    return web.json_response(_view(request, await _load(request)))
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    """200 with the cancelled job if it had not started; 202 while a running job stops at its next
+    denoising step; 409 if it already ended."""
+    record = await _load(request)
+    if record.status.is_terminal:
+        raise ApiError(409, "job_finished", f"job {record.job_id} already ended ({record.status}); nothing to cancel")
+    if record.status == JobStatus.RUNNING and record.mode == "download":
+        raise ApiError(409, "not_cancellable", "a model download cannot be stopped once it runs")
+    # Every worker hears it: the one running the job stops it; one that receives it later drops it.
+    await request.app[BROKER].publish_cancel(record.job_id)
+    if record.status == JobStatus.RUNNING:
+        return web.json_response(_view(request, record), status=202)
+    cancelled = record.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED,
+                               message="cancelled before it started")
+    await request.app[STORE].put_record(cancelled)
+    await announce(request, cancelled)
+    log.info("job_cancelled", job_id=record.job_id, before="queued")
+    return web.json_response(_view(request, cancelled))
+
+
+def _list_problems(request: web.Request) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:
+    query, registry = request.query, request.app[REGISTRY]
+    problems: list[tuple[str, str, str]] = []
+    status = query.get("status")
+    if status is not None and status not in {s.value for s in JobStatus}:
+        problems.append(("status", "enum", f"status must be one of {', '.join(s.value for s in JobStatus)}"))
+    model = query.get("model")
+    if model is not None and registry.get(model) is None:
+        problems.append(("model", "known_model", f"unknown model {model!r}"))
+    limit = 20
+    try:
+        limit = int(query.get("limit", "20"))
+        if not 1 <= limit <= LIST_LIMIT_MAX:
+            raise ValueError
+    except ValueError:
+        problems.append(("limit", "range", f"limit must be an integer from 1 to {LIST_LIMIT_MAX}"))
+    prefix = index_prefix(model)
+    cursor = query.get("cursor")
+    if cursor is not None and not (_CURSOR.match(cursor) and cursor.startswith(prefix)):
+        problems.append(("cursor", "opaque", "cursor must be the next_cursor of an earlier page of the same listing"))
+    return problems, {"status": status, "prefix": prefix, "limit": limit, "cursor": cursor}
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    """`GET /api/v1/jobs?status=&model=&limit=&cursor=`: newest first, a page at a time.
+
+    The index lists jobs (all, or per model) newest first; a status filter reads the records, and
+    a page stops after reading a bounded number of them, with a cursor to go on from there.
+    """
+    problems, args = _list_problems(request)
+    if problems:
+        raise ApiError(422, "validation_error", "; ".join(p[2] for p in problems),
+                       [{"field": f, "rule": r, "message": m} for f, r, m in problems])
+    store, status, limit = request.app[STORE], args["status"], args["limit"]
+    budget = max(limit * 5, 200) if status else limit
+    jobs: list[dict[str, Any]] = []
+    scanned, last_key = 0, args["cursor"]
+    while len(jobs) < limit and scanned < budget:
+        keys = await store.list_keys(args["prefix"], last_key, min(50, budget - scanned))
+        if not keys:
+            break
+        records = await asyncio.gather(*(store.get_record(job_id_of_index(key)) for key in keys))
+        for key, record in zip(keys, records, strict=True):
+            scanned, last_key = scanned + 1, key
+            if record is not None and (status is None or record.status == status):
+                jobs.append(_view(request, record))
+                if len(jobs) == limit:
+                    break
+    more = last_key is not None and bool(await store.list_keys(args["prefix"], last_key, 1))
+    return web.json_response({"jobs": jobs, "next_cursor": last_key if more else None})
