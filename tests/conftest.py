@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -18,8 +19,21 @@ import pytest
 from scripts import devstack
 from scripts.devstack import S3Store
 from schemas.registry import load_registry
+from worker.tiny_models import build_tiny_ltx
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+# A tiny LTX pipeline with a deeper, wider transformer: slow enough (~0.1 s a step at 256x256x65
+# here) for tests that act while a job runs (cancel, reconnect, gateway restart).
+SLOW_MODEL = {
+    "ltx-slow": {
+        "family": "ltx", "path": "ltx-slow", "native_fps": 8, "modes": ["text-to-video"],
+        "description": "Tiny LTX with an 8-layer transformer: slow steps for lifecycle tests.",
+        "defaults": {"width": 256, "height": 256, "num_frames": 65, "num_inference_steps": 20,
+                     "guidance_scale": 1.0},
+        "limits": {"min_size": 32, "max_width": 256, "max_height": 256, "max_frames": 65, "max_steps": 200},
+    }
+}
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +64,7 @@ async def _delete_namespace(amqp_url: str, ns: str) -> None:
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
-        for model_id in load_registry().models:
+        for model_id in load_registry(overrides=SLOW_MODEL).models:
             await channel.queue_delete(f"{ns}.jobs.{model_id}")
         for queue in ("dead", "dead.notify", "downloads"):
             await channel.queue_delete(f"{ns}.{queue}")
@@ -71,6 +85,7 @@ def s3_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Store]:
 def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("models")
     devstack.build_tiny_models(root)
+    build_tiny_ltx(root / "ltx-slow", num_layers=8, num_heads=8, head_dim=32)
     return root
 
 
@@ -83,6 +98,7 @@ class Stack:
     gateway_url: str = ""
     worker_health_url: str = ""  # the LTX worker
     wan_worker_health_url: str = ""
+    slow_worker_health_url: str = ""
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def start_gateway(self, name: str, wait_for: str = "/ready", **env: str) -> tuple[str, subprocess.Popen]:
@@ -106,7 +122,8 @@ class Stack:
 def stack(s3_store: S3Store, amqp_url: str, namespace: str, models_dir: Path,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     env = devstack.service_env(s3_store, amqp_url, namespace, models_dir, VIDEOGEN_DEFAULT_MODEL="ltx-tiny",
-                               VIDEOGEN_S3_PUBLIC_ENDPOINT=f"http://{s3_store.endpoint}")
+                               VIDEOGEN_S3_PUBLIC_ENDPOINT=f"http://{s3_store.endpoint}",
+                               VIDEOGEN_MODEL_OVERRIDES=json.dumps(SLOW_MODEL))
     running = Stack(env=env, logs=tmp_path_factory.mktemp("logs"))
     try:
         running.gateway_url, _ = running.start_gateway("gateway")
@@ -114,6 +131,8 @@ def stack(s3_store: S3Store, amqp_url: str, namespace: str, models_dir: Path,
                                                             VIDEOGEN_WORKER_ID="worker-ltx")
         running.wan_worker_health_url, _ = running.start_worker("worker-wan", ["wan-tiny", "wan-i2v-tiny"],
                                                                 VIDEOGEN_WORKER_ID="worker-wan")
+        running.slow_worker_health_url, _ = running.start_worker("worker-slow", ["ltx-slow"],
+                                                                 VIDEOGEN_WORKER_ID="worker-slow")
         yield running
     finally:
         running.stop_all()

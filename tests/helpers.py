@@ -28,18 +28,34 @@ async def submit(http: aiohttp.ClientSession, gateway: str, body: dict[str, Any]
         return payload
 
 
-async def watch(http: aiohttp.ClientSession, gateway: str, job_id: str, timeout: float = 60.0) -> list[dict[str, Any]]:
-    """Every frame of the job's WebSocket until the server closes it (after the terminal frame)."""
+async def watch(http: aiohttp.ClientSession, gateway: str, job_id: str | list[str], timeout: float = 60.0,
+                **params: Any) -> list[dict[str, Any]]:
+    """Every frame of the jobs' WebSocket until the server closes it (after the terminal frames)."""
     frames: list[dict[str, Any]] = []
+    query = [("job_id", j) for j in ([job_id] if isinstance(job_id, str) else job_id)] + list(params.items())
 
     async def collect() -> None:
-        async with http.ws_connect(f"{gateway}/api/v1/ws", params={"job_id": job_id}) as ws:
+        async with http.ws_connect(f"{gateway}/api/v1/ws", params=query) as ws:
             async for msg in ws:
                 assert msg.type == aiohttp.WSMsgType.TEXT, msg
                 frames.append(msg.json())
 
     await asyncio.wait_for(collect(), timeout)
     return frames
+
+
+async def sse_events(response: aiohttp.ClientResponse) -> Any:
+    """Parse a text/event-stream: yields (id, event, data) per event; skips pings."""
+    fields: dict[str, str] = {}
+    async for raw in response.content:
+        line = raw.decode().rstrip("\r\n")
+        if not line:
+            if "data" in fields:
+                yield fields.get("id"), fields.get("event"), fields["data"]
+            fields = {}
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            fields[name] = value[1:] if value.startswith(" ") else value
 
 
 async def download(http: aiohttp.ClientSession, url: str, path: Path) -> Path:

@@ -1,0 +1,216 @@
+"""Job lifecycle: phases and ETA, replay after disconnects and gateway restarts, several gateways,
+several jobs per stream, Server-Sent Events, cancel, listing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from scripts.devstack import stop_pid
+from tests.helpers import get_json, sse_events, submit, watch
+
+SLOW = {"prompt": "slow", "model": "ltx-slow", "width": 256, "height": 256, "num_frames": 65}
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+def without_job(frames: list[dict]) -> list[dict]:
+    return [{k: v for k, v in f.items() if k != "job"} for f in frames]
+
+
+async def read_frames(ws: aiohttp.ClientWebSocketResponse, until, timeout: float = 60) -> list[dict]:
+    """Frames from an open WebSocket until `until(frames)` holds or the server closes it."""
+    frames: list[dict] = []
+
+    async def run() -> None:
+        async for msg in ws:
+            frames.append(msg.json())
+            if until(frames):
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return frames
+
+
+async def test_events_are_steps_plus_phases_with_an_eta(stack, http) -> None:
+    accepted = await submit(http, stack.gateway_url, SLOW | {"num_inference_steps": 8})
+    assert accepted["queue_position"] == 0
+    frames = await watch(http, stack.gateway_url, accepted["job_id"])
+    assert [f["phase"] for f in frames] == ["queued", "loading", *["denoising"] * 8, "decoding", "encoding",
+                                            "uploading", "succeeded"]
+    assert frames[0]["queue_position"] == 0
+    denoise = [f for f in frames if f["phase"] == "denoising"]
+    assert [f["eta_s"] is None for f in denoise] == [True, True] + [False] * 6
+    assert all(f["eta_s"] >= 0 for f in denoise[2:]) and denoise[-1]["eta_s"] <= denoise[2]["eta_s"]
+    progress = [f["progress"] for f in frames]
+    assert progress == sorted(progress)
+
+
+async def test_reconnect_with_since_has_no_gap_and_no_duplicate(stack, http) -> None:
+    accepted = await submit(http, stack.gateway_url, SLOW | {"num_inference_steps": 20})
+    job_id = accepted["job_id"]
+    async with http.ws_connect(f"{stack.gateway_url}/api/v1/ws", params={"job_id": job_id}) as ws:
+        first = await read_frames(ws, lambda f: len(f) >= 4)
+    # Forced disconnect above; resume after the last seq seen.
+    rest = await watch(http, stack.gateway_url, job_id, since=str(first[-1]["seq"]))
+    seqs = [f["seq"] for f in first + rest]
+    assert seqs == list(range(len(seqs))) and (first + rest)[-1]["status"] == "succeeded"
+    assert rest[0]["seq"] == first[-1]["seq"] + 1
+
+
+async def test_reconnect_after_the_gateway_restarted(stack, http) -> None:
+    gateway, proc = stack.start_gateway("gateway-restarting")
+    accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 40})
+    job_id = accepted["job_id"]
+    async with http.ws_connect(f"{gateway}/api/v1/ws", params={"job_id": job_id}) as ws:
+        first = await read_frames(ws, lambda f: any(x["phase"] == "denoising" for x in f))
+    stop_pid(proc.pid)
+    replacement, _ = stack.start_gateway("gateway-replacement")
+    rest = await watch(http, replacement, job_id, since=str(first[-1]["seq"]))
+    frames = first + rest
+    assert [f["seq"] for f in frames] == list(range(len(frames)))
+    assert frames[-1]["status"] == "succeeded"
+    assert sum(f["phase"] == "denoising" for f in frames) == 40
+
+
+async def test_two_gateways_relay_the_same_events(stack, http) -> None:
+    other, _ = stack.start_gateway("gateway-second")
+    accepted = await submit(http, stack.gateway_url, SLOW | {"num_inference_steps": 10})
+    # Both connect while the job runs on a worker; each relays it from its own events queue.
+    here, there = await asyncio.gather(watch(http, stack.gateway_url, accepted["job_id"]),
+                                       watch(http, other, accepted["job_id"]))
+    assert without_job(here) == without_job(there)
+    assert [f["seq"] for f in here] == list(range(len(here)))
+
+
+async def test_one_stream_for_several_jobs_and_for_all(stack, http) -> None:
+    async with http.ws_connect(f"{stack.gateway_url}/api/v1/ws", params={"all": "true"}) as everything:
+        a = await submit(http, stack.gateway_url, {"prompt": "a"})
+        b = await submit(http, stack.gateway_url, {"prompt": "b", "model": "wan-tiny"})
+        both = await watch(http, stack.gateway_url, [a["job_id"], b["job_id"]])
+        ids = {a["job_id"], b["job_id"]}
+        seen = await read_frames(everything, lambda f: {x["job_id"] for x in f if x["status"] == "succeeded"} >= ids)
+    for job_id in ids:
+        mine = [f for f in both if f["job_id"] == job_id]
+        assert [f["seq"] for f in mine] == list(range(len(mine))) and mine[-1]["status"] == "succeeded"
+        live = [f for f in seen if f["job_id"] == job_id]
+        assert [f["seq"] for f in live] == sorted({f["seq"] for f in live})  # in order, no duplicate
+
+
+async def test_server_sent_events_and_last_event_id(stack, http) -> None:
+    accepted = await submit(http, stack.gateway_url, {"prompt": "sse"})
+    job_id = accepted["job_id"]
+    url = f"{stack.gateway_url}/api/v1/events"
+    async with http.get(url, params={"job_id": job_id}) as response:
+        assert response.headers["Content-Type"].startswith("text/event-stream")
+        events = [(i, e, json.loads(d)) async for i, e, d in sse_events(response)]
+    assert [e for _, e, _ in events] == ["job.event"] * len(events)
+    assert [i for i, _, _ in events] == [f"{job_id}:{d['seq']}" for _, _, d in events]
+    assert events[-1][2]["status"] == "succeeded" and events[-1][2]["job"]["result"]["url"]
+    resume_from = events[3][0]
+    async with http.get(url, params={"job_id": job_id}, headers={"Last-Event-ID": resume_from}) as response:
+        later = [json.loads(d) async for _, _, d in sse_events(response)]
+    assert [d["seq"] for d in later] == [d["seq"] for _, _, d in events[4:]]
+
+
+async def test_cancel_a_running_job_stops_within_a_step_and_leaves_no_video(stack, http) -> None:
+    accepted = await submit(http, stack.gateway_url, SLOW | {"num_inference_steps": 60})
+    job_id = accepted["job_id"]
+    async with http.ws_connect(f"{stack.gateway_url}/api/v1/ws", params={"job_id": job_id}) as ws:
+        before = await read_frames(ws, lambda f: any(x.get("step") == 2 for x in f))
+        async with http.post(f"{stack.gateway_url}/api/v1/jobs/{job_id}/cancel") as response:
+            assert response.status == 202 and (await response.json())["status"] == "running"
+        after = await read_frames(ws, lambda f: f[-1]["status"] in ("succeeded", "failed", "cancelled"))
+    frames = before + after
+    assert frames[-1]["status"] == "cancelled" and frames[-1]["job"]["result"] is None
+    assert [f["seq"] for f in frames] == list(range(len(frames)))
+    last_step = max(f["step"] or 0 for f in frames)
+    assert last_step <= 2 + 2, f"ran {last_step} of 60 steps after cancel at step 2"
+    assert not {"decoding", "encoding", "uploading"} & {f["phase"] for f in frames}
+    status, job = await get_json(http, f"{stack.gateway_url}/api/v1/jobs/{job_id}")
+    assert job["status"] == "cancelled" and job["message"] == "cancelled while running"
+    assert not await _video_exists(stack, job_id)
+    async with http.delete(f"{stack.gateway_url}/api/v1/jobs/{job_id}") as response:
+        assert response.status == 409 and (await response.json())["error"]["code"] == "job_finished"
+
+
+async def test_cancel_a_queued_job_means_it_never_runs(stack, http) -> None:
+    running = await submit(http, stack.gateway_url, SLOW | {"num_inference_steps": 30})
+    queued = await submit(http, stack.gateway_url, SLOW | {"num_inference_steps": 2})
+    assert queued["queue_position"] is not None
+    async with http.delete(f"{stack.gateway_url}/api/v1/jobs/{queued['job_id']}") as response:
+        body = await response.json()
+        assert response.status == 200 and body["status"] == "cancelled"
+        assert body["message"] == "cancelled before it started"
+    await watch(http, stack.gateway_url, running["job_id"])
+    # The single slow worker takes the cancelled job next, and drops it: wait until its queue is empty.
+    async def queue_empty() -> bool:
+        status, info = await get_json(http, f"{stack.gateway_url}/api/v1/model/info?model=ltx-slow")
+        return info["queue_depth"] == 0
+
+    await _until(queue_empty)
+    status, job = await get_json(http, f"{stack.gateway_url}/api/v1/jobs/{queued['job_id']}")
+    assert job["status"] == "cancelled" and job["started_at"] is None
+    frames = await watch(http, stack.gateway_url, queued["job_id"])
+    assert [f["status"] for f in frames] == ["queued", "cancelled"]
+    assert not await _video_exists(stack, queued["job_id"])
+
+
+async def test_list_jobs_newest_first_with_pages_and_filters(stack, http) -> None:
+    made = []
+    for n in range(3):
+        accepted = await submit(http, stack.gateway_url, {"prompt": f"list {n}", "model": "wan-i2v-tiny",
+                                                           "image": _tiny_png_b64()}, mode="image-to-video")
+        made.append(accepted["job_id"])
+    await asyncio.gather(*(watch(http, stack.gateway_url, j) for j in made))
+    base = f"{stack.gateway_url}/api/v1/jobs?model=wan-i2v-tiny"
+    status, page1 = await get_json(http, f"{base}&limit=2")
+    assert status == 200 and [j["job_id"] for j in page1["jobs"]] == made[::-1][:2]
+    status, page2 = await get_json(http, f"{base}&limit=2&cursor={page1['next_cursor']}")
+    assert [j["job_id"] for j in page2["jobs"]][:1] == made[:1]
+    status, succeeded = await get_json(http, f"{base}&status=succeeded&limit=100")
+    assert set(made) <= {j["job_id"] for j in succeeded["jobs"]}
+    status, cancelled = await get_json(http, f"{stack.gateway_url}/api/v1/jobs?status=cancelled&limit=100")
+    assert all(j["status"] == "cancelled" for j in cancelled["jobs"])
+    for query, field in (("status=done", "status"), ("model=sora", "model"), ("limit=0", "limit"),
+                         ("cursor=../../etc", "cursor")):
+        status, body = await get_json(http, f"{stack.gateway_url}/api/v1/jobs?{query}")
+        assert status == 422 and body["error"]["details"][0]["field"] == field
+
+
+def _tiny_png_b64() -> str:
+    import base64
+
+    from tests.helpers import png_bytes
+
+    return base64.b64encode(png_bytes(32, 32)).decode()
+
+
+async def _video_exists(stack, job_id: str) -> bool:
+    from minio import Minio
+    from minio.error import S3Error
+
+    env = stack.env
+    client = Minio(env["VIDEOGEN_S3_ENDPOINT"], access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
+                   secret_key=env["VIDEOGEN_S3_SECRET_KEY"], secure=False, region="us-east-1")
+    try:
+        client.stat_object(env["VIDEOGEN_S3_BUCKET"], f"jobs/{job_id}/video.mp4")
+        return True
+    except S3Error:
+        return False
+
+
+async def _until(check, timeout: float = 30.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    delay = 0.05
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
