@@ -2,8 +2,13 @@
 
 - `<ns>.jobs`   direct exchange; routing key = model id; one durable quorum queue per model,
                 `<ns>.jobs.<model>`. Model downloads use routing key `_download` and the queue
-                `<ns>.downloads`, which every worker consumes. Messages: persistent `JobMessage`
-                with a per-message TTL (the model's `max_queue_s`).
+                `<ns>.downloads`, which every worker consumes. Messages: persistent `JobMessage`,
+                without a TTL (a TTL would survive a requeue and expire a job handed back by a
+                crashed worker).
+- `<ns>.expiry.<model>` one delay queue per model: an `ExpiryCheck` per job, with a per-message TTL
+                of the model's `max_queue_s`, dead-lettered on expiry through the fanout exchange
+                `<ns>.expiry.due` to the queue `<ns>.expiry.due`, which gateways consume: a job still
+                queued then fails with code `expired`.
 - `<ns>.events` topic exchange; routing key `job.<job_id>.<status>`. Messages: `JobEvent`.
 - `<ns>.control` fanout exchange; every worker binds an exclusive queue. Messages: `CancelMessage`.
 - `<ns>.dlx`    fanout exchange for dead letters (expired, delivery limit reached, rejected), bound
@@ -57,6 +62,14 @@ class Topology:
         return f"{self.namespace}.dead.notify"
 
     @property
+    def expiry_due(self) -> str:
+        """Both the fanout exchange and the queue that expiry checks reach when they are due."""
+        return f"{self.namespace}.expiry.due"
+
+    def expiry_queue(self, model_id: str) -> str:
+        return f"{self.namespace}.expiry.{model_id}"
+
+    @property
     def downloads_queue(self) -> str:
         return f"{self.namespace}.downloads"
 
@@ -86,6 +99,12 @@ class Topology:
         for name in (self.dead_letter_queue, self.dead_letter_notify_queue):
             dead = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
             await dead.bind(dlx)
+        due = await channel.declare_exchange(self.expiry_due, aio_pika.ExchangeType.FANOUT, durable=True)
+        due_queue = await channel.declare_queue(self.expiry_due, durable=True, arguments={"x-queue-type": "quorum"})
+        await due_queue.bind(due)
+        for model_id in model_ids:
+            await channel.declare_queue(self.expiry_queue(model_id), durable=True, arguments={
+                "x-queue-type": "quorum", "x-dead-letter-exchange": self.expiry_due})
         jobs = await channel.declare_exchange(self.jobs_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
         queues = {}
         for key in [*model_ids, DOWNLOAD_KEY]:

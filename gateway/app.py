@@ -12,7 +12,7 @@ from common.store import ObjectStore
 from common.topology import Topology
 from gateway import handlers, jobs, models, ws
 from gateway.broker import GatewayBroker
-from gateway.deadletters import dead_letter_handler
+from gateway.deadletters import dead_letter_handler, expiry_handler
 from gateway.errors import error_middleware
 from gateway.events import EventHub
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE
@@ -66,7 +66,8 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     broker = GatewayBroker(settings.amqp_url, Topology(settings.broker_namespace), app[HUB])
     app[BROKER] = broker
     await broker.start(sorted(app[REGISTRY].models),
-                       on_dead_letter=dead_letter_handler(app[STORE], broker, app[REGISTRY]))
+                       on_dead_letter=dead_letter_handler(app[STORE], broker, app[REGISTRY]),
+                       on_expiry=expiry_handler(app[STORE], broker))
     log.info("gateway_started", host=settings.host, port=settings.port)
     yield
     await broker.close()

@@ -14,16 +14,17 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from common.topology import DOWNLOAD_KEY, Topology, connect
 from gateway.events import EventHub
-from schemas.messages import CancelMessage, DecodeError, JobEvent, JobMessage, decode, encode
+from schemas.messages import CancelMessage, DecodeError, ExpiryCheck, JobEvent, JobMessage, decode, encode
 from schemas.registry import Registry
 
 log = structlog.get_logger("gateway.broker")
 
-# Pause before handing back a dead-letter notice that could not be handled.
+# Pause before handing back a dead-letter notice or expiry check that could not be handled.
 DEAD_LETTER_RETRY_S = 5.0
 
 # (job, reason, the first x-death entry: reason, queue, count, original-expiration, ...)
 DeadLetterHandler = Callable[[JobMessage, str, dict[str, Any]], Awaitable[None]]
+ExpiryHandler = Callable[["ExpiryCheck"], Awaitable[None]]
 
 
 @dataclass(frozen=True)
@@ -41,14 +42,15 @@ class GatewayBroker:
         self._jobs: AbstractExchange | None = None
         self._events: AbstractExchange | None = None
         self._control: AbstractExchange | None = None
+        self._channel: AbstractChannel | None = None
         self._stats_channel: AbstractChannel | None = None
 
-    async def start(self, model_ids: list[str], on_dead_letter: DeadLetterHandler,
+    async def start(self, model_ids: list[str], on_dead_letter: DeadLetterHandler, on_expiry: ExpiryHandler,
                     connect_timeout: float = 30.0) -> None:
         self._connection = await connect(self._url, connect_timeout)
         # Publisher confirms: a publish returns only once the broker has the message.
         # on_return_raises: a job no queue would take (mandatory) fails the publish instead of vanishing.
-        channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+        channel = self._channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
         # Declaring every model's queue here means a job accepted before any worker
         # started is stored, not dropped by an exchange with no bound queue.
         self._jobs, _ = await self._topology.declare_jobs(channel, model_ids)
@@ -67,6 +69,8 @@ class GatewayBroker:
         await dead_channel.set_qos(prefetch_count=10)
         dead = await dead_channel.get_queue(self._topology.dead_letter_notify_queue, ensure=False)
         await dead.consume(lambda m: self._on_dead_letter(m, on_dead_letter))
+        due = await dead_channel.get_queue(self._topology.expiry_due, ensure=False)
+        await due.consume(lambda m: self._on_expiry_due(m, on_expiry))
 
     async def close(self) -> None:
         if self._connection is not None:
@@ -77,16 +81,22 @@ class GatewayBroker:
         return self._connection is not None and not self._connection.is_closed and self._connection.connected.is_set()
 
     async def publish_job(self, message: JobMessage, registry: Registry) -> None:
-        assert self._jobs is not None
+        assert self._jobs is not None and self._channel is not None
         if message.mode == "download":
-            routing_key, ttl = DOWNLOAD_KEY, None
+            routing_key = DOWNLOAD_KEY
         else:
-            routing_key, ttl = message.params.model, registry.models[message.params.model].max_queue_s
+            routing_key = message.params.model
+            # The check first: if it cannot be stored, the job is not published either.
+            limit = registry.models[message.params.model].max_queue_s
+            check = ExpiryCheck(job_id=message.job_id, model=routing_key, max_queue_s=limit)
+            await self._channel.default_exchange.publish(
+                aio_pika.Message(encode(check), content_type="application/json", type=check.type,
+                                 message_id=check.message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                                 expiration=limit),
+                routing_key=self._topology.expiry_queue(routing_key), mandatory=True)
         await self._jobs.publish(
             aio_pika.Message(encode(message), content_type="application/json", type=message.type,
-                             message_id=message.message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                             # Expired messages are dead-lettered, and the job fails with `expired`.
-                             expiration=ttl),
+                             message_id=message.message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
             routing_key=routing_key,
             mandatory=True,
         )
@@ -129,6 +139,23 @@ class GatewayBroker:
             return
         if isinstance(event, JobEvent):
             self._hub.publish(event)
+
+    async def _on_expiry_due(self, message: AbstractIncomingMessage, handler: ExpiryHandler) -> None:
+        try:
+            check = decode(message.body)
+        except DecodeError as exc:
+            log.warning("bad_expiry_check", reason=exc.reason)
+            await message.ack()
+            return
+        if isinstance(check, ExpiryCheck):
+            try:
+                await handler(check)
+            except Exception:
+                log.exception("expiry_check_failed", job_id=check.job_id)
+                await asyncio.sleep(DEAD_LETTER_RETRY_S)  # the store is likely down: do not spin
+                await message.nack(requeue=True)
+                return
+        await message.ack()
 
     async def _on_dead_letter(self, message: AbstractIncomingMessage, handler: DeadLetterHandler) -> None:
         headers = message.headers or {}

@@ -1,4 +1,4 @@
-"""Jobs whose message was dead-lettered end `failed`, with a code saying why."""
+"""Jobs that will never run end `failed`: dead-lettered messages, and jobs that waited too long."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from typing import Any
 import structlog
 
 from common.store import ObjectStore
-from gateway.broker import DeadLetterHandler, GatewayBroker
+from gateway.broker import DeadLetterHandler, ExpiryHandler, GatewayBroker
 from schemas import errors
 from schemas.jobs import JobError, JobStatus, Phase
-from schemas.messages import JobEvent, JobMessage
+from schemas.messages import ExpiryCheck, JobEvent, JobMessage
 from schemas.registry import Registry
 
 log = structlog.get_logger("gateway.deadletters")
@@ -41,5 +41,22 @@ def dead_letter_handler(store: ObjectStore, broker: GatewayBroker, registry: Reg
         await store.put_record(failed)
         await broker.publish_event(JobEvent.from_record(failed))
         log.warning("job_dead_lettered", job_id=job.job_id, reason=reason, code=error.code)
+
+    return handle
+
+
+def expiry_handler(store: ObjectStore, broker: GatewayBroker) -> ExpiryHandler:
+    async def handle(check: ExpiryCheck) -> None:
+        record = await store.get_record(check.job_id)
+        # Only a job that never started expires; a running or handed-back one runs to its end.
+        if record is None or record.status != JobStatus.QUEUED or record.attempts:
+            return
+        expired = record.advance(status=JobStatus.FAILED, phase=Phase.FAILED,
+                                 error=errors.expired(check.model, check.max_queue_s))
+        await store.put_record(expired)
+        await broker.publish_event(JobEvent.from_record(expired))
+        # A worker that receives the job later drops it, as it does a cancelled one.
+        await broker.publish_cancel(check.job_id)
+        log.warning("job_expired", job_id=check.job_id, max_queue_s=check.max_queue_s)
 
     return handle

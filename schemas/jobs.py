@@ -197,3 +197,5 @@ class JobView(BaseModel):
     message: str | None
     eta_s: float | None
     queue_position: int | None
+    attempts: int = Field(description="How many times a worker started the job (more than 1 after a crash).")
+    worker: str | None = Field(description="The worker that ran (or runs) the job.")

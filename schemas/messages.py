@@ -64,7 +64,19 @@ class CancelMessage(BaseModel):
     job_id: str
 
 
-Envelope = Annotated[JobMessage | JobEvent | CancelMessage, Field(discriminator="type")]
+class ExpiryCheck(BaseModel):
+    """Gateway → itself, delayed by the model's max_queue_s: fail the job if it still has not started."""
+
+    type: Literal["job.expiry_check"] = "job.expiry_check"
+    schema_version: Literal[1] = SCHEMA_VERSION
+    message_id: str = Field(default_factory=new_id)
+    timestamp: datetime = Field(default_factory=utcnow)
+    job_id: str
+    model: str
+    max_queue_s: int
+
+
+Envelope = Annotated[JobMessage | JobEvent | CancelMessage | ExpiryCheck, Field(discriminator="type")]
 _envelope = TypeAdapter(Envelope)
 
 
@@ -77,7 +89,7 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
-def decode(raw: bytes) -> JobMessage | JobEvent | CancelMessage:
+def decode(raw: bytes) -> JobMessage | JobEvent | CancelMessage | ExpiryCheck:
     try:
         return _envelope.validate_json(raw)
     except ValidationError as exc:

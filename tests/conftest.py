@@ -66,9 +66,10 @@ async def _delete_namespace(amqp_url: str, ns: str) -> None:
         channel = await connection.channel()
         for model_id in load_registry(overrides=SLOW_MODEL).models:
             await channel.queue_delete(f"{ns}.jobs.{model_id}")
-        for queue in ("dead", "dead.notify", "downloads"):
+            await channel.queue_delete(f"{ns}.expiry.{model_id}")
+        for queue in ("dead", "dead.notify", "downloads", "expiry.due"):
             await channel.queue_delete(f"{ns}.{queue}")
-        for exchange in ("jobs", "events", "dlx"):
+        for exchange in ("jobs", "events", "dlx", "control", "expiry.due"):
             await channel.exchange_delete(f"{ns}.{exchange}")
 
 
@@ -100,6 +101,7 @@ class Stack:
     wan_worker_health_url: str = ""
     slow_worker_health_url: str = ""
     procs: list[subprocess.Popen] = field(default_factory=list)
+    workers: dict[str, subprocess.Popen] = field(default_factory=dict)  # worker id -> process
 
     def start_gateway(self, name: str, wait_for: str = "/ready", **env: str) -> tuple[str, subprocess.Popen]:
         port = devstack.free_port_block(1)
@@ -109,9 +111,14 @@ class Stack:
 
     def start_worker(self, name: str, models: list[str], **env: str) -> tuple[str, subprocess.Popen]:
         port = devstack.free_port_block(1)
+        env = {"VIDEOGEN_WORKER_ID": name, **env}
         proc = devstack.start_worker(dict(self.env, **env), models, port, self.logs / f"{name}.log")
         self.procs.append(proc)
+        self.workers[env["VIDEOGEN_WORKER_ID"]] = proc
         return f"http://127.0.0.1:{port}", proc
+
+    def live_workers(self) -> int:
+        return sum(proc.poll() is None for proc in self.workers.values())
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):

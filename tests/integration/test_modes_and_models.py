@@ -158,7 +158,7 @@ async def test_model_info(stack, http) -> None:
     assert status == 200
     assert info["rules"] == {"size_multiple": 16, "num_frames": "4k+1"}
     assert info["modes"] == ["text-to-video", "video-to-video"] and info["defaults"]["fps"] == 16
-    assert info["download_workers"] == 2
+    assert info["download_workers"] == stack.live_workers()
     status, info = await get_json(http, f"{stack.gateway_url}/api/v1/model/info")
     assert status == 200 and info["id"] == "ltx-tiny"
     status, body = await get_json(http, f"{stack.gateway_url}/api/v1/model/info?model=sora")
@@ -178,7 +178,7 @@ async def test_wan_size_rules_are_checked_per_model(stack, http) -> None:
 async def test_download_of_a_local_model_succeeds(stack, http) -> None:
     async with http.post(f"{stack.gateway_url}/api/v1/models/download", json={"model": "wan-tiny"}) as response:
         accepted = await response.json()
-    assert response.status == 202 and accepted["mode"] == "download" and accepted["workers"] == 2
+    assert response.status == 202 and accepted["mode"] == "download" and accepted["workers"] == stack.live_workers()
     frames = await watch(http, stack.gateway_url, accepted["job_id"])
     assert [f["phase"] for f in frames] == ["queued", "downloading", "succeeded"]
     assert "local folder" in frames[-1]["job"]["message"]

@@ -1,0 +1,69 @@
+"""Faults caused for real: a worker killed mid-job, a job older than its queue limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import aiohttp
+import pytest
+
+from tests.conftest import SLOW_MODEL
+from tests.helpers import get_json, submit, watch
+
+SLOW = {"prompt": "recover", "model": "ltx-slow", "width": 256, "height": 256, "num_frames": 65}
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def test_worker_killed_mid_job_the_job_finishes_on_another_worker(stack, http) -> None:
+    # A queue limit far shorter than the job: the handed-back job must still run, not expire.
+    short = json.dumps({"ltx-slow": SLOW_MODEL["ltx-slow"] | {"max_queue_s": 2}})
+    gateway, _ = stack.start_gateway("gateway-recovery", VIDEOGEN_MODEL_OVERRIDES=short)
+    stack.start_worker("worker-slow-2", ["ltx-slow"])
+    accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 40})
+    job_id = accepted["job_id"]
+
+    frames: list[dict] = []
+    async with http.ws_connect(f"{gateway}/api/v1/ws", params={"job_id": job_id}) as ws:
+        async for msg in ws:
+            frames.append(msg.json())
+            if frames[-1].get("step") == 3:
+                break
+    status, job = await get_json(http, f"{gateway}/api/v1/jobs/{job_id}")
+    first_worker = job["worker"]
+    os.kill(stack.workers[first_worker].pid, signal.SIGKILL)
+
+    rest = await watch(http, gateway, job_id, since=str(frames[-1]["seq"]), timeout=120)
+    final = rest[-1]["job"]
+    assert final["status"] == "succeeded", final["error"]
+    status, record = await get_json(http, f"{gateway}/api/v1/jobs/{job_id}")
+    assert record["worker"] != first_worker and record["attempts"] == 2
+    seqs = [f["seq"] for f in frames + rest]
+    assert seqs == list(range(len(seqs))), "one unbroken event sequence across both workers"
+    assert sum(f["status"] == "succeeded" for f in frames + rest) == 1
+    assert [f["progress"] for f in frames + rest] == sorted(f["progress"] for f in frames + rest)
+    assert _objects(stack, job_id) == {f"jobs/{job_id}/job.json", f"jobs/{job_id}/video.mp4"}
+
+
+async def test_a_running_job_is_not_expired(stack, http) -> None:
+    short = json.dumps({"ltx-slow": SLOW_MODEL["ltx-slow"] | {"max_queue_s": 1}})
+    gateway, _ = stack.start_gateway("gateway-short-limit", VIDEOGEN_MODEL_OVERRIDES=short)
+    accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 25})
+    frames = await watch(http, gateway, accepted["job_id"], timeout=120)
+    assert frames[-1]["status"] == "succeeded"
+
+
+def _objects(stack, job_id: str) -> set[str]:
+    from minio import Minio
+
+    env = stack.env
+    client = Minio(env["VIDEOGEN_S3_ENDPOINT"], access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
+                   secret_key=env["VIDEOGEN_S3_SECRET_KEY"], secure=False, region="us-east-1")
+    return {o.object_name for o in client.list_objects(env["VIDEOGEN_S3_BUCKET"], prefix=f"jobs/{job_id}/",
+                                                       recursive=True)}
