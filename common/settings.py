@@ -48,6 +48,17 @@ class GatewaySettings(CommonSettings):
     max_video_frames: int = Field(default=1000, ge=1)
     max_video_seconds: float = Field(default=120.0, gt=0)
     max_video_side: int = Field(default=4096, ge=16)
+    webhook_secret: SecretStr | None = Field(
+        default=None, description="Standard Webhooks signing secret (whsec_<base64>); unset disables webhooks.")
+    webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Hosts, IPs or CIDRs webhooks may reach even if private or loopback.")
+    webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("webhook_allow_hosts", mode="before")
+    @classmethod
+    def _split_hosts(cls, value: Any) -> Any:
+        return _split_commas(value)
 
 
 class WorkerSettings(CommonSettings):
@@ -64,6 +75,11 @@ class WorkerSettings(CommonSettings):
     @field_validator("serve_models", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            return [part.strip() for part in value.split(",") if part.strip()]
-        return value
+        return _split_commas(value)
+
+
+def _split_commas(value: Any) -> Any:
+    """Lists in the environment are comma-separated."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value

@@ -11,6 +11,8 @@
                 queued then fails with code `expired`.
 - `<ns>.events` topic exchange; routing key `job.<job_id>.<status>`. Messages: `JobEvent`.
 - `<ns>.control` fanout exchange; every worker binds an exclusive queue. Messages: `CancelMessage`.
+- `<ns>.webhooks` quorum queue bound to `<ns>.events` with `job.#`, shared by the gateways that
+                deliver webhooks (declared only where a signing secret is set).
 - `<ns>.dlx`    fanout exchange for dead letters (expired, delivery limit reached, rejected), bound
                 to `<ns>.dead` (kept for operators) and `<ns>.dead.notify` (gateways consume it and
                 mark those jobs failed).
@@ -68,6 +70,10 @@ class Topology:
 
     def expiry_queue(self, model_id: str) -> str:
         return f"{self.namespace}.expiry.{model_id}"
+
+    @property
+    def webhooks_queue(self) -> str:
+        return f"{self.namespace}.webhooks"
 
     @property
     def downloads_queue(self) -> str:

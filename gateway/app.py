@@ -15,7 +15,8 @@ from gateway.broker import GatewayBroker
 from gateway.deadletters import dead_letter_handler, expiry_handler
 from gateway.errors import error_middleware
 from gateway.events import EventHub
-from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE
+from gateway.webhooks import WebhookDeliverer
+from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE, WEBHOOKS
 
 log = structlog.get_logger("gateway")
 
@@ -68,8 +69,14 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     await broker.start(sorted(app[REGISTRY].models),
                        on_dead_letter=dead_letter_handler(app[STORE], broker, app[REGISTRY]),
                        on_expiry=expiry_handler(app[STORE], broker))
-    log.info("gateway_started", host=settings.host, port=settings.port)
+    deliverer = None
+    if settings.webhook_secret is not None:
+        deliverer = app[WEBHOOKS] = WebhookDeliverer(settings, app[STORE], Topology(settings.broker_namespace))
+        await deliverer.start(broker.connection)
+    log.info("gateway_started", host=settings.host, port=settings.port, webhooks=deliverer is not None)
     yield
+    if deliverer is not None:
+        await deliverer.close()
     await broker.close()
 
 

@@ -77,6 +77,11 @@ class GatewayBroker:
             await self._connection.close()
 
     @property
+    def connection(self) -> AbstractRobustConnection:
+        assert self._connection is not None
+        return self._connection
+
+    @property
     def connected(self) -> bool:
         return self._connection is not None and not self._connection.is_closed and self._connection.connected.is_set()
 

@@ -25,6 +25,11 @@ class ApiError(Exception):
         return web.json_response({"error": body}, status=self.status, headers=self.headers)
 
 
+def bad_field(field: str, rule: str, message: str) -> ApiError:
+    """422 for one field, shaped like pydantic's validation errors."""
+    return ApiError(422, "validation_error", message, [{"field": field, "rule": rule, "message": message}])
+
+
 def validation_error(exc: ValidationError) -> ApiError:
     details = []
     for err in exc.errors(include_url=False, include_input=False):

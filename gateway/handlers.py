@@ -15,11 +15,12 @@ from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, ValidationError
 
 from common.store import index_keys, input_key
-from gateway.errors import ApiError, validation_error
+from gateway.errors import ApiError, bad_field, validation_error
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
+from gateway.webhooks import destination_problem
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE
-from schemas.jobs import (DownloadParams, GenerationMode, GenerationParams, JobError, JobRecord, JobStatus, Mode,
-                          Phase, utcnow)
+from schemas.jobs import (DEFAULT_WEBHOOK_EVENTS, DownloadParams, GenerationMode, GenerationParams, JobError,
+                          JobRecord, JobStatus, Mode, Phase, Webhook, utcnow)
 from schemas.messages import JobEvent, JobMessage
 from schemas.requests import (DownloadRequest, ImageToVideoRequest, JobAccepted, TextToVideoRequest,
                               VideoToVideoRequest)
@@ -145,8 +146,24 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
         raise ApiError(422, "validation_error", "; ".join(p.message for p in problems),
                        [p.model_dump() for p in problems])
     assert params is not None
+    webhook = await _check_webhook(req, settings)
     checked = None if data is None else await asyncio.to_thread(_check_input, file_field, data, params, settings)
-    return await enqueue(request, mode, params, [checked] if checked else [])
+    return await enqueue(request, mode, params, [checked] if checked else [], webhook)
+
+
+async def _check_webhook(req: TextToVideoRequest, settings: Any) -> Webhook | None:
+    if req.webhook_url is None:
+        if req.webhook_events is not None:
+            raise bad_field("webhook_events", "requires", "webhook_events: needs webhook_url")
+        return None
+    if settings.webhook_secret is None:
+        raise bad_field("webhook_url", "webhooks_disabled", "webhook_url: this server does not send webhooks "
+                                                            "(no VIDEOGEN_WEBHOOK_SECRET is configured)")
+    url = str(req.webhook_url)
+    problem = await destination_problem(url, settings.webhook_allow_hosts)
+    if problem is not None:
+        raise bad_field("webhook_url", "destination", f"webhook_url: {problem}")
+    return Webhook(url=url, events=list(req.webhook_events or DEFAULT_WEBHOOK_EVENTS))
 
 
 def _validate(model: type[BaseModel], payload: dict[str, Any]) -> Any:
@@ -173,7 +190,7 @@ async def download_model(request: web.Request) -> web.Response:
 
 
 async def enqueue(request: web.Request, mode: Mode, params: GenerationParams | DownloadParams,
-                  inputs: list[CheckedInput]) -> web.Response:
+                  inputs: list[CheckedInput], webhook: Webhook | None = None) -> web.Response:
     """Store inputs, record and index entries, publish the job (confirmed), announce it, answer 202."""
     app = request.app
     store, broker = app[STORE], app[BROKER]
@@ -185,7 +202,7 @@ async def enqueue(request: web.Request, mode: Mode, params: GenerationParams | D
     stats = await _stats_or_none(broker, message)
     record = JobRecord(job_id=job_id, mode=mode, model=params.model, status=JobStatus.QUEUED, phase=Phase.QUEUED,
                        progress=0.0, seq=0, created_at=now, updated_at=now, params=params, inputs=message.inputs,
-                       queue_position=None if stats is None else stats.messages)
+                       queue_position=None if stats is None else stats.messages, webhook=webhook)
     record.events = [record.last_event()]
     # Inputs, record and index are stored before the job is published, so a worker always finds them.
     try:

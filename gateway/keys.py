@@ -8,6 +8,7 @@ from common.settings import GatewaySettings
 from common.store import ObjectStore
 from gateway.broker import GatewayBroker
 from gateway.events import EventHub
+from gateway.webhooks import WebhookDeliverer
 from schemas.registry import Registry
 
 SETTINGS = web.AppKey("settings", GatewaySettings)
@@ -15,3 +16,4 @@ REGISTRY = web.AppKey("registry", Registry)
 STORE = web.AppKey("store", ObjectStore)
 BROKER = web.AppKey("broker", GatewayBroker)
 HUB = web.AppKey("hub", EventHub)
+WEBHOOKS = web.AppKey("webhooks", WebhookDeliverer)

@@ -22,7 +22,7 @@ def job_view(record: JobRecord, store: ObjectStore, expiry_s: int) -> JobView:
         created_at=record.created_at, updated_at=record.updated_at, started_at=record.started_at,
         finished_at=record.finished_at, request=record.params, result=result, error=record.error,
         message=record.message, eta_s=record.eta_s, queue_position=record.queue_position,
-        attempts=record.attempts, worker=record.worker,
+        attempts=record.attempts, worker=record.worker, webhook=record.webhook,
     )
 
 

@@ -78,6 +78,17 @@ class DownloadParams(BaseModel):
     revision: str | None = None
 
 
+WebhookEventType = Literal["job.queued", "job.running", "job.succeeded", "job.failed", "job.cancelled"]
+DEFAULT_WEBHOOK_EVENTS: tuple[WebhookEventType, ...] = ("job.succeeded", "job.failed", "job.cancelled")
+
+
+class Webhook(BaseModel):
+    """Where to POST a job's events, and which (`job.<status>`; `job.running` is every progress event)."""
+
+    url: str
+    events: list[WebhookEventType]
+
+
 class JobOutput(BaseModel):
     """The stored video; the API turns `key` into a presigned URL."""
 
@@ -140,6 +151,7 @@ class JobRecord(BaseModel):
     worker: str | None = None
     eta_s: float | None = None
     queue_position: int | None = None
+    webhook: Webhook | None = None
     events: list[EventEntry] = Field(default_factory=list, description="Every event so far, by seq.")
 
     def advance(self, **changes: Any) -> JobRecord:
@@ -198,4 +210,5 @@ class JobView(BaseModel):
     eta_s: float | None
     queue_position: int | None
     attempts: int = Field(description="How many times a worker started the job (more than 1 after a crash).")
+    webhook: Webhook | None = None
     worker: str | None = Field(description="The worker that ran (or runs) the job.")

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from typing import Any
 
-from schemas.jobs import DownloadParams, GenerationParams, JobStatus
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+
+from schemas.jobs import DownloadParams, GenerationParams, JobStatus, WebhookEventType
 
 MAX_SEED = 2**32 - 1
 
@@ -24,6 +26,16 @@ class TextToVideoRequest(BaseModel):
     num_inference_steps: int | None = Field(default=None, ge=1)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    webhook_url: HttpUrl | None = Field(default=None, description="Receives the job's events, signed "
+                                                                  "(Standard Webhooks).")
+    webhook_events: list[WebhookEventType] | None = Field(
+        default=None, min_length=1, description="Which events to send; default: the terminal ones.")
+
+    @field_validator("webhook_events", mode="before")
+    @classmethod
+    def _split_events(cls, value: Any) -> Any:
+        """Multipart forms send lists comma-separated."""
+        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
 
 
 class ImageToVideoRequest(TextToVideoRequest):

@@ -1,0 +1,164 @@
+"""Webhooks: each job event a client asked for is POSTed to its URL, signed the Standard Webhooks
+way, retried with backoff, at least once, and never on the job's own path.
+
+Gateways with a signing secret share the queue `<ns>.webhooks` (bound to every job event); each
+event is delivered by one of them, and its message is acked only once the delivery succeeded or
+was given up, so a gateway that dies mid-delivery leaves it to another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import socket
+from collections import OrderedDict
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
+
+import aiohttp
+import structlog
+from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from standardwebhooks import Webhook as Signer
+
+from common.settings import GatewaySettings
+from common.store import ObjectStore
+from common.topology import Topology
+from gateway.views import event_frame
+from schemas.jobs import Webhook
+from schemas.messages import DecodeError, JobEvent, decode
+
+log = structlog.get_logger("gateway.webhooks")
+
+# Jobs whose webhook (or the lack of one) this gateway remembers, to avoid reading the record per event.
+KNOWN_JOBS = 10_000
+MAX_IN_FLIGHT = 50
+
+
+async def destination_problem(url: str, allow: list[str]) -> str | None:
+    """Why `url` may not receive webhooks (private, loopback, unresolvable...), or None if it may."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return "the URL must be http or https with a host"
+    host = parts.hostname
+    if host in allow:
+        return None
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return f"the host {host!r} does not resolve ({exc.strerror or exc})"
+    for *_, sockaddr in infos:
+        address = ipaddress.ip_address(sockaddr[0])
+        if _allowed(address, allow):
+            continue
+        if not address.is_global:
+            return (f"{host} resolves to {address}, a private, loopback or reserved address; such hosts must be "
+                    "listed in VIDEOGEN_WEBHOOK_ALLOW_HOSTS")
+    return None
+
+
+def _allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address, allow: list[str]) -> bool:
+    for entry in allow:
+        try:
+            if address in ipaddress.ip_network(entry, strict=False):
+                return True
+        except ValueError:
+            continue  # a host name entry
+    return False
+
+
+def event_type(event: JobEvent) -> str:
+    return f"job.{event.status}"
+
+
+class WebhookDeliverer:
+    def __init__(self, settings: GatewaySettings, store: ObjectStore, topology: Topology) -> None:
+        assert settings.webhook_secret is not None
+        self._settings = settings
+        self._signer = Signer(settings.webhook_secret.get_secret_value())
+        self._store = store
+        self._topology = topology
+        self._known: OrderedDict[str, Webhook | None] = OrderedDict()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._http: aiohttp.ClientSession | None = None
+
+    async def start(self, connection: AbstractRobustConnection) -> None:
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._settings.webhook_timeout_s))
+        channel = await connection.channel()
+        await channel.set_qos(prefetch_count=MAX_IN_FLIGHT)
+        queue = await channel.declare_queue(self._topology.webhooks_queue, durable=True, arguments={
+            "x-queue-type": "quorum",
+            # Bounded: if no gateway delivers for a long time, the oldest events go first.
+            "x-max-length": 100_000, "x-overflow": "drop-head"})
+        await queue.bind(self._topology.events_exchange, routing_key="job.#")
+        await queue.consume(self._on_event)
+
+    async def close(self) -> None:
+        # Unfinished deliveries stay unacked; the broker hands them to another gateway.
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._http is not None:
+            await self._http.close()
+
+    async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        try:
+            event = decode(message.body)
+        except DecodeError:
+            await message.ack()
+            return
+        if not isinstance(event, JobEvent):
+            await message.ack()
+            return
+        try:
+            hook = await self._webhook_of(event.job_id)
+        except Exception as exc:  # store trouble: try again later
+            log.warning("webhook_lookup_failed", job_id=event.job_id, error=str(exc))
+            await asyncio.sleep(2.0)
+            await message.nack(requeue=True)
+            return
+        if hook is None or event_type(event) not in hook.events:
+            await message.ack()
+            return
+        task = asyncio.create_task(self._deliver(message, event, hook))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _webhook_of(self, job_id: str) -> Webhook | None:
+        if job_id not in self._known:
+            record = await self._store.get_record(job_id)
+            self._known[job_id] = None if record is None else record.webhook
+            while len(self._known) > KNOWN_JOBS:
+                self._known.popitem(last=False)
+        return self._known[job_id]
+
+    async def _deliver(self, message: AbstractIncomingMessage, event: JobEvent, hook: Webhook) -> None:
+        assert self._http is not None
+        delivery_id = f"{event.job_id}:{event.seq}"  # stable across retries: receivers deduplicate on it
+        frame = event_frame(event, self._store, self._settings.presign_expiry_s)
+        body = json.dumps({"type": event_type(event), "timestamp": event.timestamp.isoformat(), "data": frame})
+        delay = 1.0
+        with structlog.contextvars.bound_contextvars(job_id=event.job_id, seq=event.seq, url=hook.url):
+            for attempt in range(1, self._settings.webhook_max_attempts + 1):
+                problem = await destination_problem(hook.url, self._settings.webhook_allow_hosts)
+                if problem is not None:  # checked again now: DNS may have changed since submission
+                    log.warning("webhook_refused", reason=problem)
+                    break
+                sent_at = datetime.now(UTC)
+                headers = {"Content-Type": "application/json", "User-Agent": "videogen-webhooks",
+                           "webhook-id": delivery_id, "webhook-timestamp": str(int(sent_at.timestamp())),
+                           "webhook-signature": self._signer.sign(delivery_id, sent_at, body)}
+                try:
+                    async with self._http.post(hook.url, data=body, headers=headers, allow_redirects=False) as reply:
+                        if 200 <= reply.status < 300:
+                            log.info("webhook_delivered", attempt=attempt, status=reply.status)
+                            break
+                        log.warning("webhook_rejected", attempt=attempt, status=reply.status)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    log.warning("webhook_unreachable", attempt=attempt, error=str(exc) or type(exc).__name__)
+                if attempt == self._settings.webhook_max_attempts:
+                    log.error("webhook_given_up", attempts=attempt)
+                    break
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 60.0)
+        await message.ack()
