@@ -27,6 +27,8 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
 
+from schemas.messages import EnvelopeHeader, encode
+
 log = structlog.get_logger("broker")
 
 # A message that has been delivered this many times without an ack goes to the dead-letter queue.
@@ -122,6 +124,14 @@ class Topology:
             await queue.bind(jobs, routing_key=key)
             queues[key] = queue
         return jobs, queues
+
+def to_amqp(envelope: EnvelopeHeader, persistent: bool = False, expiration: int | None = None) -> aio_pika.Message:
+    """An envelope as an AMQP message: JSON body, its type and id as message properties."""
+    return aio_pika.Message(
+        encode(envelope), content_type="application/json", type=getattr(envelope, "type", None),
+        message_id=envelope.message_id, expiration=expiration,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT)
+
 
 async def connect(url: str, timeout: float = 30.0) -> AbstractRobustConnection:
     """Open a robust (self-reconnecting) connection, retrying until `timeout`: the broker may be starting."""

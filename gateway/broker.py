@@ -12,9 +12,9 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 
-from common.topology import DOWNLOAD_KEY, Topology, connect
+from common.topology import DOWNLOAD_KEY, Topology, connect, to_amqp
 from gateway.events import EventHub
-from schemas.messages import CancelMessage, DecodeError, ExpiryCheck, JobEvent, JobMessage, decode, encode
+from schemas.messages import CancelMessage, DecodeError, ExpiryCheck, JobEvent, JobMessage, decode
 from schemas.registry import Registry
 
 log = structlog.get_logger("gateway.broker")
@@ -95,32 +95,18 @@ class GatewayBroker:
             limit = registry.models[message.params.model].max_queue_s
             check = ExpiryCheck(job_id=message.job_id, model=routing_key, max_queue_s=limit)
             await self._channel.default_exchange.publish(
-                aio_pika.Message(encode(check), content_type="application/json", type=check.type,
-                                 message_id=check.message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
-                                 expiration=limit),
+                to_amqp(check, persistent=True, expiration=limit),
                 routing_key=self._topology.expiry_queue(routing_key), mandatory=True)
-        await self._jobs.publish(
-            aio_pika.Message(encode(message), content_type="application/json", type=message.type,
-                             message_id=message.message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT),
-            routing_key=routing_key,
-            mandatory=True,
-        )
+        await self._jobs.publish(to_amqp(message, persistent=True), routing_key=routing_key, mandatory=True)
 
     async def publish_event(self, event: JobEvent) -> None:
         assert self._events is not None
-        await self._events.publish(
-            aio_pika.Message(encode(event), content_type="application/json", type=event.type,
-                             message_id=event.message_id),
-            routing_key=Topology.event_key(event.job_id, event.status),
-        )
+        await self._events.publish(to_amqp(event), routing_key=Topology.event_key(event.job_id, event.status))
 
     async def publish_cancel(self, job_id: str) -> None:
         """Tell every worker: stop this job if you are running it, drop it if it reaches you."""
-        message = CancelMessage(job_id=job_id)
-        await self._control.publish(
-            aio_pika.Message(encode(message), content_type="application/json", type=message.type,
-                             message_id=message.message_id),
-            routing_key="")
+        assert self._control is not None
+        await self._control.publish(to_amqp(CancelMessage(job_id=job_id)), routing_key="")
 
     async def queue_stats(self, message: JobMessage) -> QueueStats:
         """Depth and consumer count of the queue this job went to (a passive declare)."""
@@ -146,40 +132,32 @@ class GatewayBroker:
             self._hub.publish(event)
 
     async def _on_expiry_due(self, message: AbstractIncomingMessage, handler: ExpiryHandler) -> None:
-        try:
-            check = decode(message.body)
-        except DecodeError as exc:
-            log.warning("bad_expiry_check", reason=exc.reason)
-            await message.ack()
-            return
-        if isinstance(check, ExpiryCheck):
-            try:
-                await handler(check)
-            except Exception:
-                log.exception("expiry_check_failed", job_id=check.job_id)
-                await asyncio.sleep(DEAD_LETTER_RETRY_S)  # the store is likely down: do not spin
-                await message.nack(requeue=True)
-                return
-        await message.ack()
+        await _settle(message, ExpiryCheck, handler)
 
     async def _on_dead_letter(self, message: AbstractIncomingMessage, handler: DeadLetterHandler) -> None:
         headers = message.headers or {}
         reason = str(headers.get("x-first-death-reason", "unknown"))
         deaths = headers.get("x-death") or [{}]
         death = dict(deaths[0]) if isinstance(deaths, list) and isinstance(deaths[0], dict) else {}
-        try:
-            job = decode(message.body)
-        except DecodeError as exc:
-            # Nothing to mark; the copy in the kept dead-letter queue is there for inspection.
-            log.warning("dead_letter_undecodable", reason=reason, error=exc.reason)
-            await message.ack()
-            return
-        if isinstance(job, JobMessage):
-            try:
-                await handler(job, reason, death)
-            except Exception:
-                log.exception("dead_letter_failed", job_id=job.job_id)
-                await asyncio.sleep(DEAD_LETTER_RETRY_S)  # the store is likely down: do not spin
-                await message.nack(requeue=True)
-                return
+        await _settle(message, JobMessage, lambda job: handler(job, reason, death))
+
+
+async def _settle(message: AbstractIncomingMessage, kind: type, handler: Callable[[Any], Awaitable[None]]) -> None:
+    """Decode and handle a message for the gateway to act on: ack when done, or when there is
+    nothing to do (a message of another kind, or one that does not decode: the kept dead-letter
+    queue holds a copy); if handling fails (the store is likely down), hand it back after a pause."""
+    try:
+        envelope = decode(message.body)
+    except DecodeError as exc:
+        log.warning("undecodable_message", queue=message.routing_key, reason=exc.reason)
         await message.ack()
+        return
+    if isinstance(envelope, kind):
+        try:
+            await handler(envelope)
+        except Exception:
+            log.exception("handling_failed", job_id=getattr(envelope, "job_id", None))
+            await asyncio.sleep(DEAD_LETTER_RETRY_S)  # do not spin
+            await message.nack(requeue=True)
+            return
+    await message.ack()

@@ -17,29 +17,31 @@ def new_id() -> str:
     return uuid.uuid4().hex
 
 
-class JobMessage(BaseModel):
-    """Gateway → worker: run this job. Published persistent to the jobs exchange."""
+class EnvelopeHeader(BaseModel):
+    """What every message has: its kind (`type`, set by each subclass), version, id and time."""
 
-    type: Literal["job.submit"] = "job.submit"
     schema_version: Literal[1] = SCHEMA_VERSION
     message_id: str = Field(default_factory=new_id)
     timestamp: datetime = Field(default_factory=utcnow)
+
+
+class JobMessage(EnvelopeHeader):
+    """Gateway → worker: run this job. Published persistent to the jobs exchange."""
+
+    type: Literal["job.submit"] = "job.submit"
     job_id: str
     mode: Mode
     params: GenerationParams | DownloadParams
     inputs: dict[str, str] = Field(default_factory=dict, description="Input name → object key in the store.")
 
 
-class JobEvent(EventEntry):
+class JobEvent(EnvelopeHeader, EventEntry):
     """Worker (or gateway) → everyone: a job's state changed.
 
     `seq` increases by one per event of a job. Terminal events carry the final record.
     """
 
     type: Literal["job.event"] = "job.event"
-    schema_version: Literal[1] = SCHEMA_VERSION
-    message_id: str = Field(default_factory=new_id)
-    timestamp: datetime = Field(default_factory=utcnow)
     job_id: str
     job: JobRecord | None = None
 
@@ -54,30 +56,24 @@ class JobEvent(EventEntry):
         return cls.from_entry(record.job_id, record.last_event(), record)
 
 
-class CancelMessage(BaseModel):
+class CancelMessage(EnvelopeHeader):
     """Gateway → every worker (control exchange): stop this job if you run it; drop it if it arrives."""
 
     type: Literal["job.cancel"] = "job.cancel"
-    schema_version: Literal[1] = SCHEMA_VERSION
-    message_id: str = Field(default_factory=new_id)
-    timestamp: datetime = Field(default_factory=utcnow)
     job_id: str
 
 
-class ExpiryCheck(BaseModel):
+class ExpiryCheck(EnvelopeHeader):
     """Gateway → itself, delayed by the model's max_queue_s: fail the job if it still has not started."""
 
     type: Literal["job.expiry_check"] = "job.expiry_check"
-    schema_version: Literal[1] = SCHEMA_VERSION
-    message_id: str = Field(default_factory=new_id)
-    timestamp: datetime = Field(default_factory=utcnow)
     job_id: str
     model: str
     max_queue_s: int
 
 
-Envelope = Annotated[JobMessage | JobEvent | CancelMessage | ExpiryCheck, Field(discriminator="type")]
-_envelope = TypeAdapter(Envelope)
+Message = JobMessage | JobEvent | CancelMessage | ExpiryCheck
+_envelope = TypeAdapter(Annotated[Message, Field(discriminator="type")])
 
 
 class DecodeError(ValueError):
@@ -89,7 +85,7 @@ class DecodeError(ValueError):
         self.reason = reason
 
 
-def decode(raw: bytes) -> JobMessage | JobEvent | CancelMessage | ExpiryCheck:
+def decode(raw: bytes) -> Message:
     try:
         return _envelope.validate_json(raw)
     except ValidationError as exc:

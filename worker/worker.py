@@ -15,16 +15,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 
 from common.settings import WorkerSettings
 from common.store import ObjectStore, output_key
-from common.topology import DOWNLOAD_KEY, Topology, connect
+from common.topology import DOWNLOAD_KEY, Topology, connect, to_amqp
 from schemas import errors
 from schemas.jobs import DownloadParams, GenerationParams, JobError, JobOutput, JobRecord, JobStatus, Phase, utcnow
-from schemas.messages import CancelMessage, DecodeError, JobEvent, JobMessage, decode, encode
+from schemas.messages import CancelMessage, DecodeError, JobEvent, JobMessage, decode
 from schemas.registry import Registry
 from worker.download import DownloadFailed, download
 from worker.encode import encode_mp4
@@ -322,11 +321,7 @@ class Worker:
 
     async def _publish_event(self, event: JobEvent) -> None:
         assert self._events is not None
-        await self._events.publish(
-            aio_pika.Message(encode(event), content_type="application/json", type=event.type,
-                             message_id=event.message_id),
-            routing_key=Topology.event_key(event.job_id, event.status),
-        )
+        await self._events.publish(to_amqp(event), routing_key=Topology.event_key(event.job_id, event.status))
 
 
 def _record_from(job: JobMessage) -> JobRecord:
