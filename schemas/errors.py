@@ -17,3 +17,9 @@ def worker_crashed() -> JobError:
 
 def dead_lettered(reason: str) -> JobError:
     return JobError(code="dead_lettered", message=f"the broker dead-lettered the job ({reason})")
+
+
+def out_of_memory(width: int, height: int, frames: int, detail: str) -> JobError:
+    return JobError(code="out_of_memory", message=(
+        f"the GPU ran out of memory generating {width}x{height}x{frames}; try fewer frames or a smaller size, "
+        f"or run the model on a worker with more GPU memory or with offload enabled ({detail.splitlines()[0]})"))

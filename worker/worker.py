@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+import torch
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 
 from common.settings import WorkerSettings
@@ -230,6 +231,11 @@ class Worker:
         except JobCancelled:
             await loop.run_in_executor(self._gpu, runner.release_memory)
             raise
+        except torch.OutOfMemoryError as exc:
+            # The job does not fit now; the worker must: free what it held and take the next job.
+            await loop.run_in_executor(self._gpu, runner.release_memory)
+            log.warning("out_of_memory", width=params.width, height=params.height, frames=params.num_frames)
+            raise JobFailed(errors.out_of_memory(params.width, params.height, params.num_frames, str(exc))) from exc
         except Exception as exc:
             log.exception("generation_failed")
             raise JobFailed(JobError(code="generation_failed", message=f"{type(exc).__name__}: {exc}")) from exc

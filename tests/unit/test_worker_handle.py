@@ -1,0 +1,137 @@
+"""The worker's message handling with fakes that behave like the broker and the store."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from common.settings import WorkerSettings
+from schemas.jobs import GenerationParams, JobStatus
+from schemas.messages import JobMessage, encode
+from schemas.registry import load_registry
+from worker.pipelines import Generated
+from worker.worker import Worker
+
+
+class FakeStore:
+    def __init__(self) -> None:
+        self.records = {}
+        self.objects = {}
+
+    async def get_record(self, job_id):
+        return self.records.get(job_id)
+
+    async def put_record(self, record):
+        self.records[record.job_id] = record
+
+    async def get_bytes(self, key):
+        return self.objects.get(key)
+
+    async def put_file(self, key, path, content_type):
+        self.objects[key] = path.read_bytes()
+
+
+class FakeMessage:
+    """Records how the worker settled it, as aio-pika's IncomingMessage would be settled."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.settled: list[str] = []
+
+    async def ack(self):
+        self.settled.append("ack")
+
+    async def nack(self, requeue=True):
+        self.settled.append(f"nack(requeue={requeue})")
+
+    async def reject(self, requeue=False):
+        self.settled.append(f"reject(requeue={requeue})")
+
+
+class OomRunner:
+    """Raises what a real CUDA allocation failure raises, then behaves on the next job."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.released = 0
+
+    def generate(self, mode, params, inputs, on_step):
+        self.calls += 1
+        if self.calls == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        import numpy as np
+
+        on_step(1, 1)
+        return Generated(frames=np.zeros((params.num_frames, params.height, params.width, 3), np.uint8),
+                         denoise_s=0.01, decode_s=0.01)
+
+    def release_memory(self):
+        self.released += 1
+
+
+def job(job_id: str) -> JobMessage:
+    return JobMessage(job_id=job_id, mode="text-to-video",
+                      params=GenerationParams(prompt="p", model="ltx-tiny", num_frames=9, width=32, height=32, fps=8,
+                                              num_inference_steps=1, guidance_scale=1.0, seed=1))
+
+
+@pytest.fixture
+def worker():
+    runner = OomRunner()
+    store = FakeStore()
+    w = Worker(WorkerSettings(serve_models=["ltx-tiny"]), store, {"ltx-tiny": runner}, load_registry())
+    published = []
+
+    async def publish(event):
+        published.append(event)
+
+    w._publish_event = publish
+    return w, store, runner, published
+
+
+async def test_out_of_memory_fails_the_job_frees_memory_and_the_next_job_runs(worker) -> None:
+    w, store, runner, published = worker
+    first = FakeMessage(encode(job("a")))
+    await w.handle(first, w.run_job)
+    record = store.records["a"]
+    assert first.settled == ["ack"]
+    assert record.status == JobStatus.FAILED and record.error.code == "out_of_memory"
+    assert "fewer frames or a smaller size" in record.error.message and runner.released == 1
+
+    second = FakeMessage(encode(job("b")))
+    await w.handle(second, w.run_job)
+    assert second.settled == ["ack"] and store.records["b"].status == JobStatus.SUCCEEDED
+    assert "jobs/b/video.mp4" in store.objects
+
+
+async def test_a_finished_job_delivered_again_is_acked_without_running(worker) -> None:
+    w, store, runner, _ = worker
+    runner.calls = 1  # past the out-of-memory call
+    await w.handle(FakeMessage(encode(job("c"))), w.run_job)
+    assert store.records["c"].status == JobStatus.SUCCEEDED and runner.calls == 2
+    again = FakeMessage(encode(job("c")))
+    await w.handle(again, w.run_job)
+    assert again.settled == ["ack"] and runner.calls == 2, "not run twice"
+
+
+@pytest.mark.parametrize("body", [b"{not json", b'{"type": "job.submit", "schema_version": 9}'])
+async def test_malformed_or_unknown_version_goes_to_the_dead_letter_queue(worker, body) -> None:
+    w, *_ = worker
+    message = FakeMessage(body)
+    await w.handle(message, w.run_job)
+    assert message.settled == ["reject(requeue=False)"]
+
+
+async def test_store_trouble_hands_the_job_back(worker, monkeypatch) -> None:
+    w, store, *_ = worker
+    monkeypatch.setattr("worker.worker.REQUEUE_DELAY_S", 0.0)
+
+    async def down(job_id):
+        raise ConnectionError("store down")
+
+    store.get_record = down
+    message = FakeMessage(encode(job("d")))
+    await asyncio.wait_for(w.handle(message, w.run_job), 5)
+    assert message.settled == ["nack(requeue=True)"]
