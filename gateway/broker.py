@@ -106,7 +106,8 @@ class GatewayBroker:
     async def publish_cancel(self, job_id: str) -> None:
         """Tell every worker: stop this job if you are running it, drop it if it reaches you."""
         assert self._control is not None
-        await self._control.publish(to_amqp(CancelMessage(job_id=job_id)), routing_key="")
+        # Not mandatory: with no worker connected nobody needs telling, and that is no error.
+        await self._control.publish(to_amqp(CancelMessage(job_id=job_id)), routing_key="", mandatory=False)
 
     async def queue_stats(self, message: JobMessage) -> QueueStats:
         """Depth and consumer count of the queue this job went to (a passive declare)."""

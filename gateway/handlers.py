@@ -200,17 +200,25 @@ async def enqueue(request: web.Request, mode: Mode, params: GenerationParams | D
                          inputs={item.name: input_key(job_id, item.name, item.ext) for item in inputs})
     # Jobs ahead of this one, read just before it joins the queue.
     stats = await _stats_or_none(broker, message)
+    spec = app[REGISTRY].get(params.model)
+    if stats is not None and mode != "download" and stats.messages >= spec.max_queue_depth:
+        # Refuse now rather than accept work that would wait for hours (or expire).
+        raise ApiError(503, "queue_full", f"{stats.messages} jobs are waiting for model {params.model!r} (limit "
+                                          f"{spec.max_queue_depth}); retry later",
+                       headers={"Retry-After": str(_retry_after(stats))})
     record = JobRecord(job_id=job_id, mode=mode, model=params.model, status=JobStatus.QUEUED, phase=Phase.QUEUED,
                        progress=0.0, seq=0, created_at=now, updated_at=now, params=params, inputs=message.inputs,
                        queue_position=None if stats is None else stats.messages, webhook=webhook)
     record.events = [record.last_event()]
-    # Inputs, record and index are stored before the job is published, so a worker always finds them.
+    # Inputs, index and record are stored before the job is published, so a worker always finds
+    # them; the record last, so a failure leaves no job behind (listings skip index entries
+    # without a record).
     try:
         for item in inputs:
             await store.put_bytes(message.inputs[item.name], item.data, item.content_type)
-        await store.put_record(record)
         for key in index_keys(job_id, params.model, now):
             await store.put_bytes(key, b"", "application/octet-stream")
+        await store.put_record(record)
     except Exception as exc:
         log.error("store_write_failed", job_id=job_id, error=str(exc))
         raise ApiError(503, "store_unavailable", "the object store is unavailable; retry later",
@@ -231,6 +239,11 @@ async def enqueue(request: web.Request, mode: Mode, params: GenerationParams | D
                            links={"self": f"/api/v1/jobs/{job_id}", "events": f"/api/v1/ws?job_id={job_id}"})
     return web.json_response(accepted.model_dump(mode="json"), status=202,
                              headers={"Location": f"/api/v1/jobs/{job_id}"})
+
+
+def _retry_after(stats: Any) -> int:
+    """A rough wait: a few seconds per waiting job per worker, at least 5 s, at most 10 min."""
+    return max(5, min(600, 5 * stats.messages // max(stats.consumers, 1)))
 
 
 async def _stats_or_none(broker: Any, message: JobMessage) -> Any:

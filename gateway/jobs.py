@@ -48,6 +48,10 @@ async def cancel_job(request: web.Request) -> web.Response:
         raise ApiError(409, "not_cancellable", "a model download cannot be stopped once it runs")
     # Every worker hears it: the one running the job stops it; one that receives it later drops it.
     await request.app[BROKER].publish_cancel(record.job_id)
+    # Read again: a worker may have started the job meanwhile, and then it is the worker's to end.
+    record = await _load(request)
+    if record.status.is_terminal:
+        return web.json_response(_view(request, record))
     if record.status == JobStatus.RUNNING:
         return web.json_response(_view(request, record), status=202)
     cancelled = record.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED,

@@ -35,8 +35,9 @@ class StreamRequest:
     def parse(cls, request: web.Request, last_event_id: str | None = None) -> StreamRequest:
         query = request.query
         if query.get("all") in ("1", "true"):
-            if "job_id" in query:
-                raise ApiError(400, "bad_parameter", "give either job_id or all=true, not both")
+            if "job_id" in query or "since" in query:
+                raise ApiError(400, "bad_parameter", "all=true takes neither job_id nor since (it streams live "
+                                                     "events only)")
             return cls(None)
         job_ids = [parse_job_id(v) for v in query.getall("job_id", [])]
         if not job_ids:
@@ -49,8 +50,11 @@ class StreamRequest:
             return cls(list(dict.fromkeys(job_ids)))
         if len(set(job_ids)) != 1:
             raise ApiError(400, "bad_parameter", "since applies to one job: give exactly one job_id with it")
+        job_part, _, seq_part = since_text.rpartition(":")
+        if job_part and job_part != job_ids[0]:
+            raise ApiError(400, "bad_parameter", f"Last-Event-ID names job {job_part!r}, not {job_ids[0]!r}")
         try:
-            since = int(since_text.rsplit(":", 1)[-1])
+            since = int(seq_part)
         except ValueError as exc:
             raise ApiError(400, "bad_parameter", f"since must be an event seq (an integer), got {since_text!r}") \
                 from exc
@@ -74,6 +78,8 @@ class JobStream:
         for record in self.records.values():
             self._last[record.job_id] = self.request.since
             pending += [JobEvent.from_entry(record.job_id, entry, record) for entry in record.events]
+            if record.status.is_terminal and self.request.since >= record.seq:
+                open_jobs.discard(record.job_id)  # the client saw the end already: nothing more will come
         while True:
             for event in pending:
                 if event.seq <= self._last.get(event.job_id, -1):

@@ -67,7 +67,7 @@ async def _delete_namespace(amqp_url: str, ns: str) -> None:
         for model_id in load_registry(overrides=SLOW_MODEL).models:
             await channel.queue_delete(f"{ns}.jobs.{model_id}")
             await channel.queue_delete(f"{ns}.expiry.{model_id}")
-        for queue in ("dead", "dead.notify", "downloads", "expiry.due"):
+        for queue in ("dead", "dead.notify", "downloads", "expiry.due", "webhooks"):
             await channel.queue_delete(f"{ns}.{queue}")
         for exchange in ("jobs", "events", "dlx", "control", "expiry.due"):
             await channel.exchange_delete(f"{ns}.{exchange}")

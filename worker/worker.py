@@ -212,6 +212,15 @@ class Worker:
         cancel = self._running[job.job_id] = threading.Event()
         if job.job_id in self._cancelled:  # asked while the inputs were fetched
             cancel.set()
+        try:
+            await self._generate_and_deliver(job, reporter, inputs, cancel, queued_s)
+        finally:
+            self._running.pop(job.job_id, None)
+
+    async def _generate_and_deliver(self, job: JobMessage, reporter: JobReporter, inputs: Inputs,
+                                    cancel: threading.Event, queued_s: float) -> None:
+        params = job.params
+        assert isinstance(params, GenerationParams)
         eta = EtaEstimator(self._finish_times.expected(params.model, params.num_frames, params.width, params.height))
 
         def on_step(step: int, total: int) -> None:
@@ -239,13 +248,10 @@ class Worker:
         except Exception as exc:
             log.exception("generation_failed")
             raise JobFailed(JobError(code="generation_failed", message=f"{type(exc).__name__}: {exc}")) from exc
-        finally:
-            self._running.pop(job.job_id, None)
         await reporter.flush()
-        if cancel.is_set():
-            raise JobCancelled()  # asked while the last step or the decode ran: still no video
         finish_started = time.perf_counter()
 
+        _raise_if(cancel)  # asked during the last step or the decode: still no video
         await reporter.update(phase=Phase.ENCODING, progress=PROGRESS_AT[Phase.ENCODING])
         with tempfile.TemporaryDirectory(prefix="videogen-") as tmp:
             path = Path(tmp) / "video.mp4"
@@ -256,6 +262,7 @@ class Worker:
                 raise JobFailed(JobError(code="encode_failed", message=f"{type(exc).__name__}: {exc}")) from exc
             encode_s = time.perf_counter() - started
 
+            _raise_if(cancel)  # the last moment a cancel can still keep the video out of the store
             await reporter.update(phase=Phase.UPLOADING, progress=PROGRESS_AT[Phase.UPLOADING])
             started = time.perf_counter()
             key = output_key(job.job_id)
@@ -328,6 +335,11 @@ class Worker:
     async def _publish_event(self, event: JobEvent) -> None:
         assert self._events is not None
         await self._events.publish(to_amqp(event), routing_key=Topology.event_key(event.job_id, event.status))
+
+
+def _raise_if(cancel: threading.Event) -> None:
+    if cancel.is_set():
+        raise JobCancelled()
 
 
 def _record_from(job: JobMessage) -> JobRecord:

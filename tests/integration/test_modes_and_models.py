@@ -240,3 +240,17 @@ async def test_video_to_video_needs_at_least_one_denoising_step(stack, http) -> 
     assert response.status == 422
     assert payload["error"]["details"][0]["field"] == "strength"
     assert payload["error"]["details"][0]["rule"] == "denoising_steps"
+
+
+async def test_a_full_queue_refuses_new_jobs_with_503_and_retry_after(stack, http) -> None:
+    from tests.conftest import SLOW_MODEL
+
+    overrides = json.dumps({**SLOW_MODEL, "wan2-1-i2v-14b-480p": {"max_queue_depth": 2}})
+    gateway, _ = stack.start_gateway("gateway-small-queue", VIDEOGEN_MODEL_OVERRIDES=overrides)
+    body = {"prompt": "p", "model": "wan2-1-i2v-14b-480p", "image": base64.b64encode(IMAGE).decode()}
+    for _ in range(2):
+        await submit(http, gateway, body, mode="image-to-video")
+    async with http.post(f"{gateway}/api/v1/generate/image-to-video", json=body) as response:
+        payload = await response.json()
+        assert response.status == 503 and payload["error"]["code"] == "queue_full"
+        assert int(response.headers["Retry-After"]) >= 5
