@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 
@@ -18,7 +19,8 @@ from worker.worker import Worker
 log = structlog.get_logger("worker")
 
 
-async def run(settings: WorkerSettings) -> None:
+async def run(settings: WorkerSettings) -> bool:
+    """Serve until SIGTERM/SIGINT; True if no job was left unfinished."""
     registry = settings.registry()
     unknown = [m for m in settings.serve_models if registry.get(m) is None]
     if unknown or not settings.serve_models:
@@ -41,19 +43,25 @@ async def run(settings: WorkerSettings) -> None:
     async with serve_health(worker, settings.health_host, settings.health_port):
         await worker.start()
         await stop.wait()
-        log.info("worker_stopping")
-        await worker.stop(settings.shutdown_grace_s)
+        log.info("worker_stopping", grace_s=settings.shutdown_grace_s)
+        return await worker.stop(settings.shutdown_grace_s)
 
 
 def main() -> None:
     settings = WorkerSettings()
     configure_logging(settings.log_level, settings.log_format)
     try:
-        asyncio.run(run(settings))
+        clean = asyncio.run(run(settings))
     except SystemExit as exc:
         if exc.code not in (None, 0):
             log.error("worker_exit", reason=str(exc.code))
             sys.exit(2)
+        return
+    if not clean:
+        # The unfinished job is back in its queue; its generation thread cannot be interrupted,
+        # and the interpreter would wait for it at exit. A stop is a success: exit 0 now.
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

@@ -109,8 +109,12 @@ class Worker:
             self._consumer_tags[key] = await queue.consume(callback)
         log.info("worker_started", worker=self.worker_id, models=sorted(self._runners))
 
-    async def stop(self, grace_s: float) -> None:
-        """Stop taking jobs, give the current one `grace_s` to finish, then disconnect."""
+    async def stop(self, grace_s: float) -> bool:
+        """Stop taking jobs, give the current one `grace_s` to finish, then disconnect.
+
+        Returns False if a job was still running: the broker hands it back to the queue when the
+        connection closes, and its generation thread is abandoned (the process should exit now).
+        """
         if self._consume_channel is not None:
             for key, tag in self._consumer_tags.items():
                 queue = await self._consume_channel.get_queue(self._topology.queue_for(key), ensure=False)
@@ -126,7 +130,9 @@ class Worker:
         if self._connection is not None:
             await self._connection.close()  # an unacked job goes back to its queue
         self._gpu.shutdown(wait=finished, cancel_futures=True)
-        log.info("worker_stopped", worker=self.worker_id, jobs_done=self.jobs_done, current_job_finished=finished)
+        log.info("worker_stopped", worker=self.worker_id, jobs_done=self.jobs_done,
+                 jobs_handed_back=0 if finished else 1)
+        return finished
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
         try:

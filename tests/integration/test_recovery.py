@@ -67,3 +67,62 @@ def _objects(stack, job_id: str) -> set[str]:
                    secret_key=env["VIDEOGEN_S3_SECRET_KEY"], secure=False, region="us-east-1")
     return {o.object_name for o in client.list_objects(env["VIDEOGEN_S3_BUCKET"], prefix=f"jobs/{job_id}/",
                                                        recursive=True)}
+
+
+@pytest.fixture
+async def private_namespace(stack, amqp_url, namespace):
+    """A broker namespace with no other workers, so a test knows which worker takes its job."""
+    from tests.conftest import _delete_namespace
+
+    ns = f"{namespace}-{os.urandom(3).hex()}"
+    started: list = []
+    yield ns, started
+    from scripts.devstack import stop_pid
+
+    for proc in started:
+        stop_pid(proc.pid)
+    await _delete_namespace(amqp_url, ns)
+
+
+async def _wait_exit(proc, timeout: float) -> int:
+    import asyncio
+
+    return await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
+
+
+async def test_sigterm_lets_the_current_job_finish_then_exits_0(stack, http, private_namespace) -> None:
+    ns, started = private_namespace
+    gateway, gw = stack.start_gateway(f"gateway-{ns}", VIDEOGEN_BROKER_NAMESPACE=ns)
+    _, worker = stack.start_worker(f"worker-term-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns,
+                                   VIDEOGEN_SHUTDOWN_GRACE_S="60")
+    started += [worker, gw]
+    accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 20})
+    async with http.ws_connect(f"{gateway}/api/v1/ws", params={"job_id": accepted["job_id"]}) as ws:
+        async for msg in ws:
+            if msg.json().get("step") == 2:
+                break
+    worker.send_signal(signal.SIGTERM)
+    frames = await watch(http, gateway, accepted["job_id"], timeout=120)
+    assert frames[-1]["status"] == "succeeded" and frames[-1]["job"]["attempts"] == 1
+    assert await _wait_exit(worker, 30) == 0
+
+
+async def test_sigterm_past_the_grace_hands_the_job_back_and_exits_0(stack, http, private_namespace) -> None:
+    ns, started = private_namespace
+    gateway, gw = stack.start_gateway(f"gateway-{ns}", VIDEOGEN_BROKER_NAMESPACE=ns)
+    _, first = stack.start_worker(f"worker-short-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns,
+                                  VIDEOGEN_SHUTDOWN_GRACE_S="0.5")
+    started += [first, gw]
+    accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 80})
+    async with http.ws_connect(f"{gateway}/api/v1/ws", params={"job_id": accepted["job_id"]}) as ws:
+        async for msg in ws:
+            if msg.json().get("step") == 2:
+                break
+    first.send_signal(signal.SIGTERM)
+    assert await _wait_exit(first, 20) == 0, "exits well before the 80-step job could have finished"
+    status, job = await get_json(http, f"{gateway}/api/v1/jobs/{accepted['job_id']}")
+    assert job["status"] == "running" and job["step"] < 80
+    _, second = stack.start_worker(f"worker-next-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns)
+    started.append(second)
+    frames = await watch(http, gateway, accepted["job_id"], timeout=180)
+    assert frames[-1]["status"] == "succeeded" and frames[-1]["job"]["attempts"] == 2
