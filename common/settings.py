@@ -48,6 +48,8 @@ class GatewaySettings(CommonSettings):
     max_video_frames: int = Field(default=1000, ge=1)
     max_video_seconds: float = Field(default=120.0, gt=0)
     max_video_side: int = Field(default=4096, ge=16)
+    idempotency_window_s: int = Field(default=24 * 3600, ge=1,
+                                      description="How long an Idempotency-Key returns its original job.")
     webhook_secret: SecretStr | None = Field(
         default=None, description="Standard Webhooks signing secret (whsec_<base64>); unset disables webhooks.")
     webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(

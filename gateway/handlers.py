@@ -15,6 +15,7 @@ from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, ValidationError
 
 from common.store import index_keys, input_key
+from gateway import idempotency
 from gateway.errors import ApiError, bad_field, validation_error
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
 from gateway.webhooks import destination_problem
@@ -141,6 +142,12 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
             raise ApiError(413, "body_too_large", f"{file_field}: larger than the limit of "
                                                   f"{settings.max_upload_bytes} bytes")
 
+    key = idempotency.key_of(request)
+    if key is not None:
+        print_ = idempotency.fingerprint(mode, req, data)
+        if (job_id := await idempotency.earlier_job(request, key, print_)) is not None:
+            return await _replay(request, job_id)
+
     params, problems = request.app[REGISTRY].resolve(req, mode)
     if problems:
         raise ApiError(422, "validation_error", "; ".join(p.message for p in problems),
@@ -148,7 +155,33 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
     assert params is not None
     webhook = await _check_webhook(req, settings)
     checked = None if data is None else await asyncio.to_thread(_check_input, file_field, data, params, settings)
-    return await enqueue(request, mode, params, [checked] if checked else [], webhook)
+    accepted = await enqueue(request, mode, params, [checked] if checked else [], webhook)
+    if key is not None:
+        await idempotency.remember(request, key, print_, accepted.job_id)
+    return _accepted_response(accepted)
+
+
+def _accepted_response(accepted: JobAccepted, replayed: bool = False) -> web.Response:
+    headers = {"Location": accepted.links["self"]}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    return web.json_response(accepted.model_dump(mode="json"), status=202, headers=headers)
+
+
+async def _replay(request: web.Request, job_id: str) -> web.Response:
+    """The original job's 202, with its current status (queue figures are not read again)."""
+    record = await request.app[STORE].get_record(job_id)
+    if record is None:
+        raise ApiError(409, "idempotency_conflict", f"the job {job_id} this key created is gone")
+    return _accepted_response(_accepted(record, None), replayed=True)
+
+
+def _accepted(record: JobRecord, stats: Any) -> JobAccepted:
+    return JobAccepted(job_id=record.job_id, status=record.status, model=record.model, mode=record.mode,
+                       request=record.params, workers=None if stats is None else stats.consumers,
+                       queue_depth=None if stats is None else stats.messages + 1,
+                       queue_position=record.queue_position,
+                       links={"self": f"/api/v1/jobs/{record.job_id}", "events": f"/api/v1/ws?job_id={record.job_id}"})
 
 
 async def _check_webhook(req: TextToVideoRequest, settings: Any) -> Webhook | None:
@@ -186,11 +219,12 @@ async def download_model(request: web.Request) -> web.Response:
     if spec is None:
         raise ApiError(422, "validation_error", f"unknown model {req.model!r}",
                        [{"field": "model", "rule": "known_model", "message": f"unknown model {req.model!r}"}])
-    return await enqueue(request, "download", DownloadParams(model=spec.id, repo=spec.repo, revision=spec.revision), [])
+    params = DownloadParams(model=spec.id, repo=spec.repo, revision=spec.revision)
+    return _accepted_response(await enqueue(request, "download", params, []))
 
 
 async def enqueue(request: web.Request, mode: Mode, params: GenerationParams | DownloadParams,
-                  inputs: list[CheckedInput], webhook: Webhook | None = None) -> web.Response:
+                  inputs: list[CheckedInput], webhook: Webhook | None = None) -> JobAccepted:
     """Store inputs, record and index entries, publish the job (confirmed), announce it, answer 202."""
     app = request.app
     store, broker = app[STORE], app[BROKER]
@@ -233,12 +267,7 @@ async def enqueue(request: web.Request, mode: Mode, params: GenerationParams | D
     await announce(request, record)
     workers = None if stats is None else stats.consumers
     log.info("job_accepted", job_id=job_id, model=params.model, mode=mode, workers=workers)
-    accepted = JobAccepted(job_id=job_id, status=record.status, model=params.model, mode=mode, request=params,
-                           workers=workers, queue_depth=None if stats is None else stats.messages + 1,
-                           queue_position=record.queue_position,
-                           links={"self": f"/api/v1/jobs/{job_id}", "events": f"/api/v1/ws?job_id={job_id}"})
-    return web.json_response(accepted.model_dump(mode="json"), status=202,
-                             headers={"Location": f"/api/v1/jobs/{job_id}"})
+    return _accepted(record, stats)
 
 
 def _retry_after(stats: Any) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import aiohttp
@@ -130,3 +131,25 @@ async def test_ready_is_503_when_the_store_is_unreachable(stack, http) -> None:
     async with http.post(f"{gateway}/api/v1/generate/text-to-video", json={"prompt": "x"}) as response:
         assert response.status == 503 and (await response.json())["error"]["code"] == "store_unavailable"
         assert response.headers["Retry-After"]
+
+
+async def test_idempotency_key_returns_the_original_job(stack, http) -> None:
+    url = f"{stack.gateway_url}/api/v1/generate/text-to-video"
+    body = {"prompt": "only once", "num_inference_steps": 2}
+    headers = {"Idempotency-Key": f"order-{os.urandom(4).hex()}"}
+    async with http.post(url, json=body, headers=headers) as first:
+        original = await first.json()
+        assert first.status == 202 and "Idempotent-Replayed" not in first.headers
+    async with http.post(url, json=body, headers=headers) as again:
+        replay = await again.json()
+        assert again.status == 202 and again.headers["Idempotent-Replayed"] == "true"
+    assert replay["job_id"] == original["job_id"] and replay["request"] == original["request"]
+    async with http.post(url, json=body | {"prompt": "something else"}, headers=headers) as other:
+        payload = await other.json()
+        assert other.status == 422
+        assert payload["error"]["details"][0] == {"field": "Idempotency-Key", "rule": "reused_with_different_body",
+                                                  "message": payload["error"]["message"]}
+    async with http.post(url, json=body) as without_key:
+        assert (await without_key.json())["job_id"] != original["job_id"]
+    async with http.post(url, json=body, headers={"Idempotency-Key": "k" * 300}) as bad:
+        assert bad.status == 400 and (await bad.json())["error"]["code"] == "bad_header"
