@@ -21,7 +21,7 @@ async def http():
         yield session
 
 
-async def test_worker_killed_mid_job_the_job_finishes_on_another_worker(stack, http) -> None:
+async def test_worker_killed_mid_job_the_job_finishes_on_another_worker(stack, http, tally) -> None:
     # A queue limit far shorter than the job: the handed-back job must still run, not expire.
     short = json.dumps({"ltx-slow": SLOW_MODEL["ltx-slow"] | {"max_queue_s": 2}})
     gateway, _ = stack.start_gateway("gateway-recovery", VIDEOGEN_MODEL_OVERRIDES=short)
@@ -49,14 +49,22 @@ async def test_worker_killed_mid_job_the_job_finishes_on_another_worker(stack, h
     assert sum(f["status"] == "succeeded" for f in frames + rest) == 1
     assert [f["progress"] for f in frames + rest] == sorted(f["progress"] for f in frames + rest)
     assert _objects(stack, job_id) == {f"jobs/{job_id}/job.json", f"jobs/{job_id}/video.mp4"}
+    tally.count(record["status"], _videos(stack, job_id), sum(f["status"] == "succeeded" for f in frames + rest))
+    assert tally.lost == tally.duplicated == 0
 
 
-async def test_a_running_job_is_not_expired(stack, http) -> None:
+async def test_a_running_job_is_not_expired(stack, http, tally) -> None:
     short = json.dumps({"ltx-slow": SLOW_MODEL["ltx-slow"] | {"max_queue_s": 1}})
     gateway, _ = stack.start_gateway("gateway-short-limit", VIDEOGEN_MODEL_OVERRIDES=short)
     accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 25})
     frames = await watch(http, gateway, accepted["job_id"], timeout=120)
     assert frames[-1]["status"] == "succeeded"
+    tally.count(frames[-1]["status"], _videos(stack, accepted["job_id"]), sum(f["job"] is not None for f in frames
+                                                                             if "job" in f))
+
+
+def _videos(stack, job_id: str) -> int:
+    return sum(key.endswith(".mp4") for key in _objects(stack, job_id) if "/input/" not in key)
 
 
 def _objects(stack, job_id: str) -> set[str]:
@@ -90,7 +98,7 @@ async def _wait_exit(proc, timeout: float) -> int:
     return await asyncio.wait_for(asyncio.to_thread(proc.wait), timeout)
 
 
-async def test_sigterm_lets_the_current_job_finish_then_exits_0(stack, http, private_namespace) -> None:
+async def test_sigterm_lets_the_current_job_finish_then_exits_0(stack, http, private_namespace, tally) -> None:
     ns, started = private_namespace
     gateway, gw = stack.start_gateway(f"gateway-{ns}", VIDEOGEN_BROKER_NAMESPACE=ns)
     _, worker = stack.start_worker(f"worker-term-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns,
@@ -105,9 +113,11 @@ async def test_sigterm_lets_the_current_job_finish_then_exits_0(stack, http, pri
     frames = await watch(http, gateway, accepted["job_id"], timeout=120)
     assert frames[-1]["status"] == "succeeded" and frames[-1]["job"]["attempts"] == 1
     assert await _wait_exit(worker, 30) == 0
+    tally.count(frames[-1]["status"], _videos(stack, accepted["job_id"]), 1)
 
 
-async def test_sigterm_past_the_grace_hands_the_job_back_and_exits_0(stack, http, private_namespace) -> None:
+async def test_sigterm_past_the_grace_hands_the_job_back_and_exits_0(stack, http, private_namespace,
+                                                                     tally) -> None:
     ns, started = private_namespace
     gateway, gw = stack.start_gateway(f"gateway-{ns}", VIDEOGEN_BROKER_NAMESPACE=ns)
     _, first = stack.start_worker(f"worker-short-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns,
@@ -126,3 +136,57 @@ async def test_sigterm_past_the_grace_hands_the_job_back_and_exits_0(stack, http
     started.append(second)
     frames = await watch(http, gateway, accepted["job_id"], timeout=180)
     assert frames[-1]["status"] == "succeeded" and frames[-1]["job"]["attempts"] == 2
+    tally.count(frames[-1]["status"], _videos(stack, accepted["job_id"]),
+                sum(f["status"] == "succeeded" for f in frames))
+    assert tally.duplicated == 0
+
+
+async def test_a_job_that_keeps_killing_workers_is_dead_lettered_and_failed(stack, http, private_namespace,
+                                                                            amqp_url, tally) -> None:
+    """Each time a worker starts the job, the worker dies: after the queue's delivery limit the broker
+    dead-letters it, a gateway fails the job with `worker_crashed`, and the message waits in <ns>.dead."""
+    import asyncio
+
+    import aio_pika
+
+    from common.topology import DELIVERY_LIMIT
+
+    ns, started = private_namespace
+    gateway, gw = stack.start_gateway(f"gateway-{ns}", VIDEOGEN_BROKER_NAMESPACE=ns)
+    started.append(gw)
+    accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 40})
+    job_id = accepted["job_id"]
+    kills = 0
+    for attempt in range(1, DELIVERY_LIMIT + 3):
+        status, job = await get_json(http, f"{gateway}/api/v1/jobs/{job_id}")
+        if job["status"] == "failed":
+            break
+        _, worker = stack.start_worker(f"worker-doomed-{attempt}-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns)
+        started.append(worker)
+
+        async def started_attempt() -> bool:
+            _, now = await get_json(http, f"{gateway}/api/v1/jobs/{job_id}")
+            return now["attempts"] >= attempt or now["status"] == "failed"
+
+        deadline = asyncio.get_running_loop().time() + 60
+        while not await started_attempt():
+            assert asyncio.get_running_loop().time() < deadline
+            await asyncio.sleep(0.05)
+        os.kill(worker.pid, signal.SIGKILL)
+        await _wait_exit(worker, 10)
+        kills += 1
+
+    async def failed() -> dict | None:
+        _, now = await get_json(http, f"{gateway}/api/v1/jobs/{job_id}")
+        return now if now["status"] == "failed" else None
+
+    deadline = asyncio.get_running_loop().time() + 60
+    while (job := await failed()) is None:
+        assert asyncio.get_running_loop().time() < deadline, "the job was never failed"
+        await asyncio.sleep(0.1)
+    assert job["error"]["code"] == "worker_crashed" and kills >= DELIVERY_LIMIT
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        dead = await (await connection.channel()).declare_queue(f"{ns}.dead", passive=True)
+        assert dead.declaration_result.message_count == 1, "kept for operators"
+    tally.count(job["status"], _videos(stack, job_id), 1)
