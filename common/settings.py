@@ -48,6 +48,8 @@ class GatewaySettings(CommonSettings):
     max_video_frames: int = Field(default=1000, ge=1)
     max_video_seconds: float = Field(default=120.0, gt=0)
     max_video_side: int = Field(default=4096, ge=16)
+    cors_allow_origins: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["*"], description="Origins browsers may call the API from; '*' any, empty none.")
     idempotency_window_s: int = Field(default=24 * 3600, ge=1,
                                       description="How long an Idempotency-Key returns its original job.")
     webhook_secret: SecretStr | None = Field(
@@ -57,7 +59,7 @@ class GatewaySettings(CommonSettings):
     webhook_max_attempts: int = Field(default=8, ge=1)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
 
-    @field_validator("webhook_allow_hosts", mode="before")
+    @field_validator("webhook_allow_hosts", "cors_allow_origins", mode="before")
     @classmethod
     def _split_hosts(cls, value: Any) -> Any:
         return _split_commas(value)

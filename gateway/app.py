@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import aiohttp_cors
 import structlog
 from aiohttp import web
 
@@ -49,6 +50,20 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/api/v1/jobs/{job_id}", jobs.cancel_job)
     app.router.add_get("/api/v1/ws", ws.job_events)
     app.router.add_get("/api/v1/events", ws.job_events_sse)
+    _enable_cors(app, app[SETTINGS].cors_allow_origins)
+
+
+def _enable_cors(app: web.Application, origins: list[str]) -> None:
+    """Browsers on the listed origins ("*": any) may call every route; preflights are answered."""
+    if not origins:
+        return
+    options = aiohttp_cors.ResourceOptions(
+        allow_credentials=False, allow_methods=["GET", "POST", "DELETE"],
+        allow_headers=("Content-Type", "Idempotency-Key", "Last-Event-ID", "Authorization"),
+        expose_headers=("Location", "Retry-After", "Idempotent-Replayed"), max_age=3600)
+    cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
+    for route in list(app.router.routes()):
+        cors.add(route)
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

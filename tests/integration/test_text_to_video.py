@@ -153,3 +153,36 @@ async def test_idempotency_key_returns_the_original_job(stack, http) -> None:
         assert (await without_key.json())["job_id"] != original["job_id"]
     async with http.post(url, json=body, headers={"Idempotency-Key": "k" * 300}) as bad:
         assert bad.status == 400 and (await bad.json())["error"]["code"] == "bad_header"
+
+
+async def test_cors_preflight_and_headers(stack, http) -> None:
+    url = f"{stack.gateway_url}/api/v1/generate/text-to-video"
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type,idempotency-key"}
+    async with http.options(url, headers=preflight) as response:
+        assert response.status == 200
+        assert response.headers["Access-Control-Allow-Origin"] in ("*", "https://app.example")
+    async with http.post(url, json={"prompt": "from a page"}, headers={"Origin": "https://app.example"}) as response:
+        assert response.status == 202 and "Access-Control-Allow-Origin" in response.headers
+        assert "Location" in response.headers["Access-Control-Expose-Headers"]
+    only, _ = stack.start_gateway("gateway-cors", VIDEOGEN_CORS_ALLOW_ORIGINS="https://app.example")
+    async with http.get(f"{only}/api/v1/models", headers={"Origin": "https://evil.example"}) as response:
+        assert response.status == 200 and "Access-Control-Allow-Origin" not in response.headers
+
+
+async def test_presigned_links_expire(stack, http, tmp_path) -> None:
+    import asyncio
+
+    short, _ = stack.start_gateway("gateway-short-links", VIDEOGEN_PRESIGN_EXPIRY_S="2")
+    accepted = await submit(http, short, {"prompt": "fleeting"})
+    frames = await watch(http, short, accepted["job_id"])
+    url = frames[-1]["job"]["result"]["url"]
+    async with http.get(url) as response:
+        assert response.status == 200
+    deadline = asyncio.get_running_loop().time() + 30
+    while True:  # poll until the store refuses it: the signature's clock, not ours, decides
+        async with http.get(url) as response:
+            if response.status == 403:
+                break
+        assert asyncio.get_running_loop().time() < deadline, "the store still serves an expired link"
+        await asyncio.sleep(0.25)
