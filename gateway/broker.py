@@ -150,7 +150,7 @@ async def _settle(message: AbstractIncomingMessage, kind: type, handler: Callabl
     try:
         envelope = decode(message.body)
     except DecodeError as exc:
-        log.warning("undecodable_message", queue=message.routing_key, reason=exc.reason)
+        log.warning("undecodable_message", routing_key=message.routing_key, reason=exc.reason)
         await message.ack()
         return
     if isinstance(envelope, kind):

@@ -237,6 +237,7 @@ async def enqueue(request: web.Request, mode: Mode, params: GenerationParams | D
     spec = app[REGISTRY].get(params.model)
     if stats is not None and mode != "download" and stats.messages >= spec.max_queue_depth:
         # Refuse now rather than accept work that would wait for hours (or expire).
+        log.warning("queue_full", model=params.model, waiting=stats.messages, limit=spec.max_queue_depth)
         raise ApiError(503, "queue_full", f"{stats.messages} jobs are waiting for model {params.model!r} (limit "
                                           f"{spec.max_queue_depth}); retry later",
                        headers={"Retry-After": str(_retry_after(stats))})

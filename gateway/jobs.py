@@ -53,6 +53,8 @@ async def cancel_job(request: web.Request) -> web.Response:
     if record.status.is_terminal:
         return web.json_response(_view(request, record))
     if record.status == JobStatus.RUNNING:
+        if record.mode == "download":
+            raise ApiError(409, "not_cancellable", "a model download cannot be stopped once it runs")
         return web.json_response(_view(request, record), status=202)
     cancelled = record.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED,
                                message="cancelled before it started")

@@ -52,7 +52,7 @@ class StreamRequest:
             raise ApiError(400, "bad_parameter", "since applies to one job: give exactly one job_id with it")
         job_part, _, seq_part = since_text.rpartition(":")
         if job_part and job_part != job_ids[0]:
-            raise ApiError(400, "bad_parameter", f"Last-Event-ID names job {job_part!r}, not {job_ids[0]!r}")
+            raise ApiError(400, "bad_parameter", f"since/Last-Event-ID names job {job_part!r}, not {job_ids[0]!r}")
         try:
             since = int(seq_part)
         except ValueError as exc:

@@ -22,4 +22,4 @@ def dead_lettered(reason: str) -> JobError:
 def out_of_memory(width: int, height: int, frames: int, detail: str) -> JobError:
     return JobError(code="out_of_memory", message=(
         f"the GPU ran out of memory generating {width}x{height}x{frames}; try fewer frames or a smaller size, "
-        f"or run the model on a worker with more GPU memory or with offload enabled ({detail.splitlines()[0]})"))
+        f"or run the model on a worker with more GPU memory ({(detail.splitlines() or ['no detail'])[0]})"))

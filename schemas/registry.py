@@ -55,6 +55,8 @@ class ModelSpec(BaseModel):
     limits: ModelLimits
     size_multiple: int | None = None
     frame_step: int | None = None
+    max_queue_depth: int = Field(default=1000, ge=1,
+                                 description="With this many jobs waiting, new ones are refused (503) until it drains.")
     max_queue_s: int = Field(default=3600, ge=1,
                              description="A job waiting longer than this for a worker fails with code `expired`.")
 

@@ -200,10 +200,21 @@ def start_rabbit_node(url: str, base_dir: Path) -> str:
             raise RuntimeError("RabbitMQ is not reachable at the configured URL and rabbitmq-server is not "
                                "installed: run `sudo apt-get install rabbitmq-server` or point VIDEOGEN_AMQP_URL "
                                "at a running broker")
+    env = rabbit_node_env(url, base_dir)
+    subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True)
+    node = env["RABBITMQ_NODENAME"]
+    wait_until(lambda: amqp_answers(url), 90, f"RabbitMQ node {node}")
+    return node
+
+
+def rabbit_node_env(url: str, base_dir: Path) -> dict[str, str]:
+    """The environment of a private node on the URL's port, its files under `base_dir` (kept
+    there, so the same call starts it again with its queues and messages)."""
     port = urlsplit(url).port or 5672
-    dist_port = port + 20000 if port + 20000 < 65536 else free_port_block(1)
-    node = f"videogen-{port}@localhost"
-    base_dir.mkdir(parents=True, exist_ok=True)
+    dist_file = base_dir / "dist_port"
+    if not dist_file.exists():
+        base_dir.mkdir(parents=True, exist_ok=True)
+        dist_file.write_text(str(port + 20000 if port + 20000 < 65536 else free_port_block(1)))
     (base_dir / "enabled_plugins").write_text("[].\n")
     # Our own config file: the system one may pin the listener to the default port.
     (base_dir / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{port}\n"
@@ -211,13 +222,10 @@ def start_rabbit_node(url: str, base_dir: Path) -> str:
     if os.geteuid() == 0:
         # Run as root, Debian's wrapper drops to the `rabbitmq` user, which must own the node's files.
         subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(base_dir)], check=False)
-    env = dict(os.environ, RABBITMQ_NODENAME=node, RABBITMQ_CONFIG_FILE=str(base_dir / "rabbitmq.conf"),
-               RABBITMQ_DIST_PORT=str(dist_port), RABBITMQ_MNESIA_BASE=str(base_dir / "mnesia"),
-               RABBITMQ_LOG_BASE=str(base_dir / "log"),
-               RABBITMQ_ENABLED_PLUGINS_FILE=str(base_dir / "enabled_plugins"))
-    subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True)
-    wait_until(lambda: amqp_answers(url), 90, f"RabbitMQ node {node}")
-    return node
+    return dict(os.environ, RABBITMQ_NODENAME=f"videogen-{port}@localhost",
+                RABBITMQ_CONFIG_FILE=str(base_dir / "rabbitmq.conf"), RABBITMQ_DIST_PORT=dist_file.read_text(),
+                RABBITMQ_MNESIA_BASE=str(base_dir / "mnesia"), RABBITMQ_LOG_BASE=str(base_dir / "log"),
+                RABBITMQ_ENABLED_PLUGINS_FILE=str(base_dir / "enabled_plugins"))
 
 
 def stop_rabbit_node(node: str) -> None:

@@ -102,6 +102,7 @@ class Stack:
     slow_worker_health_url: str = ""
     procs: list[subprocess.Popen] = field(default_factory=list)
     workers: dict[str, subprocess.Popen] = field(default_factory=dict)  # worker id -> process
+    shared_workers: list[subprocess.Popen] = field(default_factory=list)
 
     def start_gateway(self, name: str, wait_for: str = "/ready", **env: str) -> tuple[str, subprocess.Popen]:
         port = devstack.free_port_block(1)
@@ -111,14 +112,17 @@ class Stack:
 
     def start_worker(self, name: str, models: list[str], **env: str) -> tuple[str, subprocess.Popen]:
         port = devstack.free_port_block(1)
-        env = {"VIDEOGEN_WORKER_ID": name, **env}
-        proc = devstack.start_worker(dict(self.env, **env), models, port, self.logs / f"{name}.log")
+        env = dict(self.env, **{"VIDEOGEN_WORKER_ID": name, **env})
+        proc = devstack.start_worker(env, models, port, self.logs / f"{name}.log")
         self.procs.append(proc)
         self.workers[env["VIDEOGEN_WORKER_ID"]] = proc
+        if all(env[k] == self.env[k] for k in ("VIDEOGEN_AMQP_URL", "VIDEOGEN_BROKER_NAMESPACE")):
+            self.shared_workers.append(proc)
         return f"http://127.0.0.1:{port}", proc
 
     def live_workers(self) -> int:
-        return sum(proc.poll() is None for proc in self.workers.values())
+        """Workers alive on the stack's own broker and namespace (tests may start others elsewhere)."""
+        return sum(proc.poll() is None for proc in self.shared_workers)
 
     def stop_all(self) -> None:
         for proc in reversed(self.procs):

@@ -1,0 +1,87 @@
+"""RabbitMQ restarted (an isolated node of this test's own) while jobs are queued and running."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from scripts import devstack
+from tests.chaos.test_recovery import SLOW, _videos
+from tests.helpers import get_json, submit
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+@pytest.fixture
+def private_broker():
+    if shutil.which("rabbitmq-server") is None:
+        pytest.fail("this test needs the rabbitmq-server package (it restarts a node of its own)")
+    base = Path(tempfile.mkdtemp(prefix="videogen-rabbit-restart-"))
+    url = f"amqp://guest:guest@127.0.0.1:{devstack.free_port_block(1)}/"
+    node = devstack.start_rabbit_node(url, base)
+    state = {"url": url, "node": node, "base": base}
+    yield state
+    devstack.stop_rabbit_node(state["node"])
+    shutil.rmtree(base, ignore_errors=True)
+
+
+async def _until(check, timeout: float, what: str) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {timeout:.0f}s"
+        await asyncio.sleep(0.2)
+
+
+async def test_broker_restart_loses_no_job(stack, http, private_broker, tally) -> None:
+    env = {"VIDEOGEN_AMQP_URL": private_broker["url"]}
+    gateway, gw = stack.start_gateway("gateway-restart-broker", **env)
+    _, worker = stack.start_worker("worker-restart-broker", ["ltx-slow"], **env)
+    jobs = [(await submit(http, gateway, SLOW | {"num_inference_steps": 12, "prompt": f"survive {n}"}))["job_id"]
+            for n in range(3)]
+
+    async def running() -> bool:
+        _, job = await get_json(http, f"{gateway}/api/v1/jobs/{jobs[0]}")
+        return job["status"] == "running"
+
+    await _until(running, 60, "first job running")
+    devstack.stop_rabbit_node(private_broker["node"])
+
+    async def not_ready() -> bool:
+        status, body = await get_json(http, f"{gateway}/ready")
+        return status == 503 and body["broker"] == "unreachable"
+
+    await _until(not_ready, 30, "/ready 503 while the broker is down")
+    async with http.post(f"{gateway}/api/v1/generate/text-to-video", json={"prompt": "during outage"}) as response:
+        assert response.status == 503  # refused, not silently accepted
+
+    # Same node, same data directory: durable queues and persistent messages come back.
+    base = private_broker["base"]
+    subprocess.run(["rabbitmq-server", "-detached"], check=True,
+                   env=devstack.rabbit_node_env(private_broker["url"], base))
+    devstack.wait_until(lambda: devstack.amqp_answers(private_broker["url"]), 90, "RabbitMQ back")
+
+    async def ready_again() -> bool:
+        return (await get_json(http, f"{gateway}/ready"))[0] == 200
+
+    await _until(ready_again, 60, "gateway reconnected")
+
+    async def all_done() -> bool:
+        states = [(await get_json(http, f"{gateway}/api/v1/jobs/{j}"))[1]["status"] for j in jobs]
+        return all(s in ("succeeded", "failed", "cancelled") for s in states)
+
+    await _until(all_done, 180, "every accepted job ended")
+    for job_id in jobs:
+        _, job = await get_json(http, f"{gateway}/api/v1/jobs/{job_id}")
+        tally.count(job["status"], _videos(stack, job_id), 1)
+        assert job["status"] == "succeeded", job["error"]
+    assert tally.lost == tally.duplicated == 0
