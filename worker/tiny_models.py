@@ -253,6 +253,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("models"), help="root folder for the pipelines")
     parser.add_argument("--force", action="store_true", help="rebuild even if a pipeline already exists")
     args = parser.parse_args(argv)
+    import diffusers
+    import transformers
+
+    # "Writing model shards" bars say nothing for files this small.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
     for path in build_all(args.out, force=args.force).values():
         print(path)
 
