@@ -72,7 +72,9 @@ class WorkerSettings(CommonSettings):
     worker_id: str | None = None
     health_host: str = "127.0.0.1"
     health_port: int = Field(default=8081, description="HTTP port for /health and /ready; 0 disables it.")
-    upload_attempts: int = Field(default=5, ge=1)
+    store_patience_s: float = Field(
+        default=300.0, ge=0, description="How long a worker holding a job retries the object store before it "
+                                         "hands the job back.")
     shutdown_grace_s: float = Field(default=60.0, ge=0,
                                     description="On SIGTERM, how long the current job may run on before it is requeued.")
 

@@ -11,6 +11,7 @@ import structlog
 from common.store import ObjectStore
 from schemas.jobs import JobRecord
 from schemas.messages import JobEvent
+from worker.retry import patiently
 
 log = structlog.get_logger("worker.reporter")
 
@@ -24,9 +25,10 @@ class JobReporter:
     least that state back, and a redelivered job continues the sequence from the record.
     """
 
-    def __init__(self, record: JobRecord, store: ObjectStore, publish: Publish) -> None:
+    def __init__(self, record: JobRecord, store: ObjectStore, publish: Publish, store_patience_s: float = 0.0) -> None:
         self.record = record
         self._store = store
+        self._patience_s = store_patience_s
         self._publish = publish
         self._lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
@@ -36,7 +38,7 @@ class JobReporter:
         """Apply a change now; raises if the record cannot be written."""
         async with self._lock:
             record = self.record.advance(**changes)
-            await self._store.put_record(record)
+            await patiently(lambda: self._store.put_record(record), self._patience_s, "write_record")
             self.record = record
             await self._publish(JobEvent.from_record(record))
             return record

@@ -32,6 +32,7 @@ from worker.eta import EtaEstimator, FinishTimes
 from worker.inputs import load_image, load_video
 from worker.pipelines import Generated, Inputs, ModelRunner
 from worker.reporter import JobReporter
+from worker.retry import patiently
 
 log = structlog.get_logger("worker")
 
@@ -169,13 +170,14 @@ class Worker:
         with structlog.contextvars.bound_contextvars(job_id=job.job_id, model=job.params.model, mode=job.mode):
             reporter: JobReporter | None = None
             try:
-                record = await self._store.get_record(job.job_id) or _record_from(job)
+                record = await patiently(lambda: self._store.get_record(job.job_id), self.settings.store_patience_s,
+                                         "read_record") or _record_from(job)
                 if record.status.is_terminal:
                     # A redelivery of a job that already ended: never run it twice.
                     log.info("job_already_finished", status=record.status)
                     await message.ack()
                     return
-                reporter = JobReporter(record, self._store, self._publish_event)
+                reporter = JobReporter(record, self._store, self._publish_event, self.settings.store_patience_s)
                 try:
                     if job.job_id in self._cancelled:
                         raise JobCancelled()
@@ -325,18 +327,9 @@ class Worker:
         log.info("model_downloaded", summary=summary)
 
     async def _upload(self, key: str, path: Path) -> None:
-        """Upload with backoff; if the store stays down, raise and leave the job unacked."""
-        delay = 0.5
-        for attempt in range(1, self.settings.upload_attempts + 1):
-            try:
-                await self._store.put_file(key, path, "video/mp4")
-                return
-            except Exception as exc:
-                if attempt == self.settings.upload_attempts:
-                    raise
-                log.warning("upload_retry", attempt=attempt, error=str(exc))
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 10.0)
+        """Upload, waiting out a store outage; if it outlasts the patience, the job is handed back."""
+        await patiently(lambda: self._store.put_file(key, path, "video/mp4"), self.settings.store_patience_s,
+                        "upload")
 
     async def _publish_event(self, event: JobEvent) -> None:
         assert self._events is not None

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import pytest
@@ -50,3 +51,20 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("fault scenarios")
         for line in _LINES:
             terminalreporter.write_line(line)
+
+
+@pytest.fixture
+async def private_namespace(stack, amqp_url, namespace):
+    """A broker namespace with no other workers, so a test knows which worker takes its job."""
+    from tests.conftest import _delete_namespace
+
+    ns = f"{namespace}-{os.urandom(3).hex()}"
+    started: list = []
+    yield ns, started
+    from scripts.devstack import stop_pid
+
+    for proc in started:
+        stop_pid(proc.pid)
+    await _delete_namespace(amqp_url, ns)
+
+

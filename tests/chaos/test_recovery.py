@@ -77,21 +77,6 @@ def _objects(stack, job_id: str) -> set[str]:
                                                        recursive=True)}
 
 
-@pytest.fixture
-async def private_namespace(stack, amqp_url, namespace):
-    """A broker namespace with no other workers, so a test knows which worker takes its job."""
-    from tests.conftest import _delete_namespace
-
-    ns = f"{namespace}-{os.urandom(3).hex()}"
-    started: list = []
-    yield ns, started
-    from scripts.devstack import stop_pid
-
-    for proc in started:
-        stop_pid(proc.pid)
-    await _delete_namespace(amqp_url, ns)
-
-
 async def _wait_exit(proc, timeout: float) -> int:
     import asyncio
 

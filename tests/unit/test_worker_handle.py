@@ -124,9 +124,10 @@ async def test_malformed_or_unknown_version_goes_to_the_dead_letter_queue(worker
     assert message.settled == ["reject(requeue=False)"]
 
 
-async def test_store_trouble_hands_the_job_back(worker, monkeypatch) -> None:
+async def test_store_trouble_longer_than_the_patience_hands_the_job_back(worker, monkeypatch) -> None:
     w, store, *_ = worker
     monkeypatch.setattr("worker.worker.REQUEUE_DELAY_S", 0.0)
+    w.settings.store_patience_s = 0.3
 
     async def down(job_id):
         raise ConnectionError("store down")
@@ -135,3 +136,25 @@ async def test_store_trouble_hands_the_job_back(worker, monkeypatch) -> None:
     message = FakeMessage(encode(job("d")))
     await asyncio.wait_for(w.handle(message, w.run_job), 5)
     assert message.settled == ["nack(requeue=True)"]
+
+
+async def test_a_short_store_outage_is_waited_out_without_handing_the_job_back(worker) -> None:
+    w, store, runner, _ = worker
+    runner.calls = 1  # past the out-of-memory call
+    failures = {"put_record": 2, "put_file": 1}
+    real_put_record, real_put_file = store.put_record, store.put_file
+
+    def flaky(name, real):
+        async def op(*args):
+            if failures[name] > 0:
+                failures[name] -= 1
+                raise ConnectionError("store down")
+            return await real(*args)
+        return op
+
+    store.put_record = flaky("put_record", real_put_record)
+    store.put_file = flaky("put_file", real_put_file)
+    message = FakeMessage(encode(job("e")))
+    await asyncio.wait_for(w.handle(message, w.run_job), 30)
+    assert message.settled == ["ack"] and store.records["e"].status == JobStatus.SUCCEEDED
+    assert store.records["e"].attempts == 1 and "jobs/e/video.mp4" in store.objects
