@@ -51,8 +51,16 @@ def spec_for(family: str) -> ModelSpec:
 
 def real_pipeline(family: str, device: torch.device, dtype: torch.dtype) -> Any:
     """Real-size architectures, random weights, built directly on the device."""
-    from diffusers import (AutoencoderKLLTXVideo, AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, LTXPipeline,
-                           LTXVideoTransformer3DModel, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel)
+    from diffusers import (
+        AutoencoderKLLTXVideo,
+        AutoencoderKLWan,
+        FlowMatchEulerDiscreteScheduler,
+        LTXPipeline,
+        LTXVideoTransformer3DModel,
+        UniPCMultistepScheduler,
+        WanPipeline,
+        WanTransformer3DModel,
+    )
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
     from worker.tiny_models import _t5_tokenizer

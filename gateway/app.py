@@ -16,8 +16,8 @@ from gateway.broker import GatewayBroker
 from gateway.deadletters import dead_letter_handler, expiry_handler
 from gateway.errors import error_middleware
 from gateway.events import EventHub
-from gateway.webhooks import WebhookDeliverer
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE, WEBHOOKS
+from gateway.webhooks import WebhookDeliverer
 
 log = structlog.get_logger("gateway")
 

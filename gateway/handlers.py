@@ -18,13 +18,23 @@ from common.store import index_keys, input_key
 from gateway import idempotency
 from gateway.errors import ApiError, bad_field, validation_error
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
-from gateway.webhooks import destination_problem
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE
-from schemas.jobs import (DEFAULT_WEBHOOK_EVENTS, DownloadParams, GenerationMode, GenerationParams, JobError,
-                          JobRecord, JobStatus, Mode, Phase, Webhook, utcnow)
+from gateway.webhooks import destination_problem
+from schemas.jobs import (
+    DEFAULT_WEBHOOK_EVENTS,
+    DownloadParams,
+    GenerationMode,
+    GenerationParams,
+    JobError,
+    JobRecord,
+    JobStatus,
+    Mode,
+    Phase,
+    Webhook,
+    utcnow,
+)
 from schemas.messages import JobEvent, JobMessage
-from schemas.requests import (DownloadRequest, ImageToVideoRequest, JobAccepted, TextToVideoRequest,
-                              VideoToVideoRequest)
+from schemas.requests import DownloadRequest, ImageToVideoRequest, JobAccepted, TextToVideoRequest, VideoToVideoRequest
 
 log = structlog.get_logger("gateway")
 
@@ -217,8 +227,7 @@ async def download_model(request: web.Request) -> web.Response:
     req = _validate(DownloadRequest, await read_json(request, request.app[SETTINGS].max_body_bytes))
     spec = request.app[REGISTRY].get(req.model)
     if spec is None:
-        raise ApiError(422, "validation_error", f"unknown model {req.model!r}",
-                       [{"field": "model", "rule": "known_model", "message": f"unknown model {req.model!r}"}])
+        raise bad_field("model", "known_model", f"unknown model {req.model!r}")
     params = DownloadParams(model=spec.id, repo=spec.repo, revision=spec.revision)
     return _accepted_response(await enqueue(request, "download", params, []))
 

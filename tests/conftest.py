@@ -16,9 +16,9 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from schemas.registry import load_registry
 from scripts import devstack
 from scripts.devstack import S3Store
-from schemas.registry import load_registry
 from worker.tiny_models import build_tiny_ltx
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

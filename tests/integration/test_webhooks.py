@@ -11,6 +11,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
 
 from scripts.devstack import free_port_block
 from tests.helpers import submit, watch
@@ -96,7 +97,7 @@ async def test_signed_filtered_and_retried_until_delivered(stack, http, receiver
 
     forged = dict(receiver.calls[0][1])
     forged["webhook-signature"] = "v1," + base64.b64encode(b"x" * 32).decode()
-    with pytest.raises(Exception):
+    with pytest.raises(WebhookVerificationError):
         verifier.verify(receiver.calls[0][2], {k.lower(): v for k, v in forged.items()})
 
 
