@@ -254,3 +254,24 @@ async def test_a_full_queue_refuses_new_jobs_with_503_and_retry_after(stack, htt
         payload = await response.json()
         assert response.status == 503 and payload["error"]["code"] == "queue_full"
         assert int(response.headers["Retry-After"]) >= 5
+
+
+@pytest.mark.parametrize(("frames", "width", "rule"), [(9, 64, "max_size"), (25, 32, "max_duration"),
+                                                        (15, 32, "max_frames")])
+async def test_video_bounds_are_enforced(http, bounded_gateway, frames, width, rule) -> None:
+    gateway = bounded_gateway
+    form = aiohttp.FormData()
+    for name, value in {"prompt": "p", "model": "ltx-tiny", "num_frames": 9}.items():
+        form.add_field(name, str(value))
+    form.add_field("video", mp4_bytes(frames, width, 32, fps=8), filename="in.mp4")
+    async with http.post(f"{gateway}/api/v1/generate/video-to-video", data=form) as response:
+        payload = await response.json()
+    assert response.status == 422, payload
+    assert payload["error"]["details"][0]["field"] == "video" and payload["error"]["details"][0]["rule"] == rule
+
+
+@pytest.fixture(scope="module")
+def bounded_gateway(stack) -> str:
+    url, _ = stack.start_gateway("gateway-bounded", VIDEOGEN_MAX_VIDEO_SIDE="48", VIDEOGEN_MAX_VIDEO_SECONDS="2",
+                                 VIDEOGEN_MAX_VIDEO_FRAMES="12")
+    return url
