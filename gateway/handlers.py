@@ -132,6 +132,7 @@ def submit_handler(mode: GenerationMode):
 
 async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
     settings = request.app[SETTINGS]
+    key = idempotency.key_of(request)
     request_model, file_field = MODES[mode]
     data: bytes | None = None
     if file_field is not None and request.content_type == "multipart/form-data":
@@ -152,10 +153,9 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
             raise ApiError(413, "body_too_large", f"{file_field}: larger than the limit of "
                                                   f"{settings.max_upload_bytes} bytes")
 
-    key = idempotency.key_of(request)
     if key is not None:
         print_ = idempotency.fingerprint(mode, req, data)
-        if (job_id := await idempotency.earlier_job(request, key, print_)) is not None:
+        if (job_id := await _store_call(idempotency.earlier_job(request, key, print_))) is not None:
             return await _replay(request, job_id)
 
     params, problems = request.app[REGISTRY].resolve(req, mode)
@@ -167,8 +167,23 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
     checked = None if data is None else await asyncio.to_thread(_check_input, file_field, data, params, settings)
     accepted = await enqueue(request, mode, params, [checked] if checked else [], webhook)
     if key is not None:
-        await idempotency.remember(request, key, print_, accepted.job_id)
+        try:
+            await idempotency.remember(request, key, print_, accepted.job_id)
+        except Exception as exc:  # the job is queued; only a retry with this key would not find it
+            log.warning("idempotency_key_not_saved", job_id=accepted.job_id, error=str(exc))
     return _accepted_response(accepted)
+
+
+async def _store_call(operation: Any) -> Any:
+    """Await a store read that a submission needs; the store being down is a 503, not a 500."""
+    try:
+        return await operation
+    except ApiError:
+        raise
+    except Exception as exc:
+        log.error("store_read_failed", error=str(exc))
+        raise ApiError(503, "store_unavailable", "the object store is unavailable; retry later",
+                       headers={"Retry-After": "5"}) from exc
 
 
 def _accepted_response(accepted: JobAccepted, replayed: bool = False) -> web.Response:

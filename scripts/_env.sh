@@ -13,7 +13,7 @@ setup_env() {
   local want; want="$(sha256sum "$ROOT/pyproject.toml" | cut -d' ' -f1)"
   if [ "$(cat "$VENV/.videogen-installed" 2>/dev/null)" != "$want" ]; then
     # torch first, and only if missing: any CUDA or CPU build satisfies the project
-    # (torch>=2.4); VIDEOGEN_TORCH_SPEC picks which one a fresh environment gets.
+    # (torch>=2.5); VIDEOGEN_TORCH_SPEC picks which one a fresh environment gets.
     if ! "$PY" -c 'import torch' 2>/dev/null; then
       echo "installing ${VIDEOGEN_TORCH_SPEC:-torch==2.13.0}" >&2
       "$PY" -m pip install -q --disable-pip-version-check "${VIDEOGEN_TORCH_SPEC:-torch==2.13.0}" 2>&1 | grep -v "is ignored" >&2 || true

@@ -34,11 +34,12 @@ class JobReporter:
         self._loop = asyncio.get_running_loop()
         self._pending: set[asyncio.Task[None]] = set()
 
-    async def update(self, **changes: Any) -> JobRecord:
-        """Apply a change now; raises if the record cannot be written."""
+    async def update(self, patient: bool = True, **changes: Any) -> JobRecord:
+        """Apply a change now; raises if the record cannot be written (within the store patience)."""
         async with self._lock:
             record = self.record.advance(**changes)
-            await patiently(lambda: self._store.put_record(record), self._patience_s, "write_record")
+            await patiently(lambda: self._store.put_record(record), self._patience_s if patient else 0.0,
+                            "write_record")
             self.record = record
             await self._publish(JobEvent.from_record(record))
             return record
@@ -55,7 +56,8 @@ class JobReporter:
 
     async def _best_effort(self, changes: dict[str, Any]) -> None:
         try:
-            await self.update(**changes)
+            # One try: a progress event is not worth waiting out an outage for (the next change is).
+            await self.update(patient=False, **changes)
         except Exception as exc:  # a lost progress event is not worth failing the job over
             log.warning("progress_update_failed", error=str(exc))
 

@@ -294,7 +294,8 @@ class Worker:
         assert isinstance(params, GenerationParams)
         decoded: dict[str, Any] = {}
         for name, key in job.inputs.items():
-            data = await self._store.get_bytes(key)
+            data = await patiently(lambda key=key: self._store.get_bytes(key), self.settings.store_patience_s,
+                                   "read_input")
             if data is None:
                 raise JobFailed(JobError(code="input_missing", message=f"the job's {name} ({key}) is not in the store"))
             try:
