@@ -94,3 +94,29 @@ def mp4_bytes(frames: int, width: int, height: int, fps: int = 8) -> bytes:
         path = Path(tmp) / "in.mp4"
         encode_mp4(video, fps, path)
         return path.read_bytes()
+
+
+async def until(check: Any, timeout: float = 30.0, what: str = "condition") -> None:
+    """Poll the async predicate `check` (backing off to 0.5 s) until it holds, or fail after `timeout`."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    delay = 0.05
+    while not await check():
+        assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {timeout:.0f}s"
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, 0.5)
+
+
+async def until_step(http: aiohttp.ClientSession, gateway: str, job_id: str, step: int,
+                     timeout: float = 60.0) -> list[dict[str, Any]]:
+    """The job's frames over WebSocket up to the first one reporting denoising `step`."""
+    frames: list[dict[str, Any]] = []
+
+    async def read() -> None:
+        async with http.ws_connect(f"{gateway}/api/v1/ws", params={"job_id": job_id}) as ws:
+            async for msg in ws:
+                frames.append(msg.json())
+                if frames[-1].get("step") == step:
+                    return
+
+    await asyncio.wait_for(read(), timeout)
+    return frames

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 import tempfile
@@ -13,7 +12,7 @@ import pytest
 
 from scripts import devstack
 from tests.chaos.test_recovery import SLOW, _videos
-from tests.helpers import get_json, submit
+from tests.helpers import get_json, submit, until
 
 
 @pytest.fixture
@@ -35,13 +34,6 @@ def private_broker():
     shutil.rmtree(base, ignore_errors=True)
 
 
-async def _until(check, timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {timeout:.0f}s"
-        await asyncio.sleep(0.2)
-
-
 async def test_broker_restart_loses_no_job(stack, http, private_broker, tally) -> None:
     env = {"VIDEOGEN_AMQP_URL": private_broker["url"]}
     gateway, gw = stack.start_gateway("gateway-restart-broker", **env)
@@ -53,14 +45,14 @@ async def test_broker_restart_loses_no_job(stack, http, private_broker, tally) -
         _, job = await get_json(http, f"{gateway}/api/v1/jobs/{jobs[0]}")
         return job["status"] == "running"
 
-    await _until(running, 60, "first job running")
+    await until(running, 60, "first job running")
     devstack.stop_rabbit_node(private_broker["node"])
 
     async def not_ready() -> bool:
         status, body = await get_json(http, f"{gateway}/ready")
         return status == 503 and body["broker"] == "unreachable"
 
-    await _until(not_ready, 30, "/ready 503 while the broker is down")
+    await until(not_ready, 30, "/ready 503 while the broker is down")
     async with http.post(f"{gateway}/api/v1/generate/text-to-video", json={"prompt": "during outage"}) as response:
         assert response.status == 503  # refused, not silently accepted
 
@@ -73,13 +65,13 @@ async def test_broker_restart_loses_no_job(stack, http, private_broker, tally) -
     async def ready_again() -> bool:
         return (await get_json(http, f"{gateway}/ready"))[0] == 200
 
-    await _until(ready_again, 60, "gateway reconnected")
+    await until(ready_again, 60, "gateway reconnected")
 
     async def all_done() -> bool:
         states = [(await get_json(http, f"{gateway}/api/v1/jobs/{j}"))[1]["status"] for j in jobs]
         return all(s in ("succeeded", "failed", "cancelled") for s in states)
 
-    await _until(all_done, 180, "every accepted job ended")
+    await until(all_done, 180, "every accepted job ended")
     for job_id in jobs:
         _, job = await get_json(http, f"{gateway}/api/v1/jobs/{job_id}")
         tally.count(job["status"], _videos(stack, job_id), 1)

@@ -10,7 +10,7 @@ import aiohttp
 import pytest
 
 from tests.conftest import SLOW_MODEL
-from tests.helpers import get_json, submit, watch
+from tests.helpers import get_json, submit, until_step, watch
 
 SLOW = {"prompt": "recover", "model": "ltx-slow", "width": 256, "height": 256, "num_frames": 65}
 
@@ -90,10 +90,7 @@ async def test_sigterm_lets_the_current_job_finish_then_exits_0(stack, http, pri
                                    VIDEOGEN_SHUTDOWN_GRACE_S="60")
     started += [worker, gw]
     accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 20})
-    async with http.ws_connect(f"{gateway}/api/v1/ws", params={"job_id": accepted["job_id"]}) as ws:
-        async for msg in ws:
-            if msg.json().get("step") == 2:
-                break
+    await until_step(http, gateway, accepted["job_id"], 2)
     worker.send_signal(signal.SIGTERM)
     frames = await watch(http, gateway, accepted["job_id"], timeout=120)
     assert frames[-1]["status"] == "succeeded" and frames[-1]["job"]["attempts"] == 1
@@ -109,10 +106,7 @@ async def test_sigterm_past_the_grace_hands_the_job_back_and_exits_0(stack, http
                                   VIDEOGEN_SHUTDOWN_GRACE_S="0.5")
     started += [first, gw]
     accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 80})
-    async with http.ws_connect(f"{gateway}/api/v1/ws", params={"job_id": accepted["job_id"]}) as ws:
-        async for msg in ws:
-            if msg.json().get("step") == 2:
-                break
+    await until_step(http, gateway, accepted["job_id"], 2)
     first.send_signal(signal.SIGTERM)
     assert await _wait_exit(first, 20) == 0, "exits well before the 80-step job could have finished"
     status, job = await get_json(http, f"{gateway}/api/v1/jobs/{accepted['job_id']}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import tempfile
 from pathlib import Path
 
@@ -11,20 +10,13 @@ import pytest
 
 from scripts import devstack
 from tests.chaos.test_recovery import SLOW
-from tests.helpers import get_json, submit
+from tests.helpers import get_json, submit, until
 
 
 @pytest.fixture
 async def http():
     async with aiohttp.ClientSession() as session:
         yield session
-
-
-async def _until(check, timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        assert asyncio.get_running_loop().time() < deadline, f"{what}: not within {timeout:.0f}s"
-        await asyncio.sleep(0.1)
 
 
 async def test_store_outage_mid_job_loses_nothing(stack, http, private_namespace, tally) -> None:
@@ -50,13 +42,13 @@ async def test_store_outage_mid_job_loses_nothing(stack, http, private_namespace
         async def denoising() -> bool:
             return ((await get_json(http, f"{gateway}/api/v1/jobs/{job_id}"))[1].get("step") or 0) >= 3
 
-        await _until(denoising, 60, "job denoising")
+        await until(denoising, 60, "job denoising")
         devstack.stop_pid(weed.pid)
 
         async def worker_waiting() -> bool:  # the event: the worker noticed and is retrying
             return "store_retry" in worker_log.read_text(errors="replace")
 
-        await _until(worker_waiting, 60, "worker retrying the store")
+        await until(worker_waiting, 60, "worker retrying the store")
         status, _ = await get_json(http, f"{gateway}/ready")
         assert status == 503
         weed, _ = start_store()
@@ -65,7 +57,7 @@ async def test_store_outage_mid_job_loses_nothing(stack, http, private_namespace
             status, job = await get_json(http, f"{gateway}/api/v1/jobs/{job_id}")
             return status == 200 and job["status"] in ("succeeded", "failed", "cancelled")
 
-        await _until(ended, 120, "job ended")
+        await until(ended, 120, "job ended")
         _, job = await get_json(http, f"{gateway}/api/v1/jobs/{job_id}")
         assert job["status"] == "succeeded" and job["attempts"] == 1, "waited out, never handed back"
         async with http.get(job["result"]["url"]) as response:
