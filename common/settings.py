@@ -41,6 +41,8 @@ class GatewaySettings(CommonSettings):
         default=None, description="URL clients use to reach the store (presigned links are bound to it); "
                                   "defaults to the S3 endpoint.")
     presign_expiry_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
+    request_timeout_s: float = Field(default=300.0, gt=0,
+                                     description="Longest a request (other than a stream) may take: then 504.")
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="Limit for JSON bodies without files.")
     max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1024,
                                   description="Limit for an uploaded image or video (multipart, or base64 in JSON).")

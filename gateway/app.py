@@ -14,7 +14,7 @@ from common.topology import Topology
 from gateway import handlers, jobs, models, ws
 from gateway.broker import GatewayBroker
 from gateway.deadletters import dead_letter_handler, expiry_handler
-from gateway.errors import error_middleware
+from gateway.errors import error_middleware, timeout_middleware
 from gateway.events import EventHub
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE, WEBHOOKS
 from gateway.webhooks import WebhookDeliverer
@@ -24,7 +24,8 @@ log = structlog.get_logger("gateway")
 
 def create_app(settings: GatewaySettings) -> web.Application:
     # Body limits are enforced per route by the handlers (JSON vs uploads); this is the outer bound.
-    app = web.Application(client_max_size=settings.max_upload_bytes * 4 // 3 + 65536, middlewares=[error_middleware])
+    app = web.Application(client_max_size=settings.max_upload_bytes * 4 // 3 + 65536,
+                          middlewares=[error_middleware, timeout_middleware(settings.request_timeout_s)])
     app[SETTINGS] = settings
     app[REGISTRY] = settings.registry()
     app[HUB] = EventHub()

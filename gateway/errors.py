@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -60,3 +61,25 @@ async def error_middleware(request: web.Request,
     except Exception:
         log.exception("unhandled_error", path=request.path, method=request.method)
         return ApiError(500, "internal_error", "internal error; see the gateway log").response()
+
+
+# Streams stay open for as long as the client listens; every other request has a deadline.
+STREAMING_PATHS = frozenset({"/api/v1/ws", "/api/v1/events"})
+
+
+def timeout_middleware(seconds: float) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """504 with a JSON body when a request takes longer than `seconds` (streams excepted)."""
+
+    @web.middleware
+    async def middleware(request: web.Request,
+                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+        if request.path in STREAMING_PATHS:
+            return await handler(request)
+        try:
+            async with asyncio.timeout(seconds):
+                return await handler(request)
+        except TimeoutError:
+            log.warning("request_timeout", path=request.path, method=request.method, seconds=seconds)
+            return ApiError(504, "timeout", f"the request took longer than {seconds:g} s").response()
+
+    return middleware

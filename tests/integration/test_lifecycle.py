@@ -205,3 +205,31 @@ async def _video_exists(stack, job_id: str) -> bool:
         return True
     except S3Error:
         return False
+
+
+async def test_resuming_after_the_end_closes_at_once(stack, http) -> None:
+    accepted = await submit(http, stack.gateway_url, {"prompt": "done"})
+    frames = await watch(http, stack.gateway_url, accepted["job_id"])
+    assert await watch(http, stack.gateway_url, accepted["job_id"], since=str(frames[-1]["seq"]), timeout=10) == []
+    url = f"{stack.gateway_url}/api/v1/events"
+    other = "0b6f2ad6-4f7e-4c55-9b1f-3f0a2c1d9e11"
+    async with http.get(url, params={"job_id": accepted["job_id"]}, headers={"Last-Event-ID": f"{other}:3"}) as r:
+        assert r.status == 400 and (await r.json())["error"]["code"] == "bad_parameter"
+    async with http.get(f"{stack.gateway_url}/api/v1/ws", params={"all": "true", "since": "3"}) as r:
+        assert r.status == 400
+
+
+async def test_cancel_works_with_no_worker_connected_at_all(stack, http, amqp_url, namespace) -> None:
+    from tests.conftest import _delete_namespace
+
+    lonely = f"{namespace}-noworkers"
+    gateway, proc = stack.start_gateway("gateway-no-workers", VIDEOGEN_BROKER_NAMESPACE=lonely)
+    try:
+        accepted = await submit(http, gateway, {"prompt": "alone"})
+        assert accepted["workers"] == 0
+        async with http.post(f"{gateway}/api/v1/jobs/{accepted['job_id']}/cancel") as response:
+            body = await response.json()
+        assert response.status == 200 and body["status"] == "cancelled", body
+    finally:
+        stop_pid(proc.pid)
+        await _delete_namespace(amqp_url, lonely)
