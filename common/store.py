@@ -115,17 +115,6 @@ class ObjectStore:
                 response.release_conn()
         return await asyncio.to_thread(run)
 
-    async def exists(self, key: str) -> bool:
-        def run() -> bool:
-            try:
-                self._client.stat_object(self.bucket, key)
-                return True
-            except S3Error as exc:
-                if exc.code in ("NoSuchKey", "NoSuchObject", "NotFound"):
-                    return False
-                raise
-        return await asyncio.to_thread(run)
-
     async def list_keys(self, prefix: str, start_after: str | None, limit: int) -> list[str]:
         def run() -> list[str]:
             keys = []

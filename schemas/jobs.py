@@ -47,7 +47,6 @@ class Phase(StrEnum):
 
 Mode = Literal["text-to-video", "image-to-video", "video-to-video", "download"]
 GenerationMode = Literal["text-to-video", "image-to-video", "video-to-video"]
-GENERATION_MODES: tuple[GenerationMode, ...] = ("text-to-video", "image-to-video", "video-to-video")
 
 
 class GenerationParams(BaseModel):
