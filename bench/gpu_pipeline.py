@@ -42,11 +42,15 @@ def sync(device: torch.device) -> None:
 
 
 def spec_for(family: str) -> ModelSpec:
-    return ModelSpec(id=f"bench-{family}", family=family, repo="bench/random", native_fps=24 if family == "ltx" else 16,
-                     modes=["text-to-video"],
-                     defaults={"width": 256, "height": 256, "num_frames": 17, "num_inference_steps": 30,
-                               "guidance_scale": 3.0},
-                     limits={"min_size": 32, "max_width": 1280, "max_height": 1280, "max_frames": 257})
+    return ModelSpec(
+        id=f"bench-{family}",
+        family=family,
+        repo="bench/random",
+        native_fps=24 if family == "ltx" else 16,
+        modes=["text-to-video"],
+        defaults={"width": 256, "height": 256, "num_frames": 17, "num_inference_steps": 30, "guidance_scale": 3.0},
+        limits={"min_size": 32, "max_width": 1280, "max_height": 1280, "max_frames": 257},
+    )
 
 
 def real_pipeline(family: str, device: torch.device, dtype: torch.dtype) -> Any:
@@ -70,20 +74,34 @@ def real_pipeline(family: str, device: torch.device, dtype: torch.dtype) -> Any:
             module = factory()
         return module.to(dtype).eval()
 
-    xxl = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
-               relative_attention_num_buckets=32, relative_attention_max_distance=128)
+    xxl = dict(
+        d_model=4096,
+        d_kv=64,
+        d_ff=10240,
+        num_layers=24,
+        num_heads=64,
+        feed_forward_proj="gated-gelu",
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+    )
     if family == "ltx":
         return LTXPipeline(
-            transformer=build(LTXVideoTransformer3DModel), vae=build(AutoencoderKLLTXVideo),
+            transformer=build(LTXVideoTransformer3DModel),
+            vae=build(AutoencoderKLLTXVideo),
             text_encoder=build(lambda: T5EncoderModel(T5Config(vocab_size=32128, **xxl))),
-            tokenizer=_t5_tokenizer(128), scheduler=FlowMatchEulerDiscreteScheduler())
-    transformer = build(lambda: WanTransformer3DModel(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960,
-                                                      num_layers=30))
+            tokenizer=_t5_tokenizer(128),
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+        )
+    transformer = build(
+        lambda: WanTransformer3DModel(num_attention_heads=12, attention_head_dim=128, ffn_dim=8960, num_layers=30)
+    )
     return WanPipeline(
-        transformer=transformer, vae=build(AutoencoderKLWan).to(torch.float32),  # Wan's VAE runs in float32
+        transformer=transformer,
+        vae=build(AutoencoderKLWan).to(torch.float32),  # Wan's VAE runs in float32
         text_encoder=build(lambda: UMT5EncoderModel(UMT5Config(vocab_size=256384, **xxl))),
         tokenizer=_t5_tokenizer(512),
-        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0))
+        scheduler=UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0),
+    )
 
 
 def tiny_pipeline(family: str, device: torch.device, dtype: torch.dtype) -> Any:
@@ -100,9 +118,17 @@ def tiny_pipeline(family: str, device: torch.device, dtype: torch.dtype) -> Any:
 def bare_call(pipe: Any, family: str, p: GenerationParams) -> Any:
     """What a user of diffusers writes, without any of the service around it."""
     extra = {"frame_rate": p.fps} if family == "ltx" else {}
-    return pipe(prompt=p.prompt, width=p.width, height=p.height, num_frames=p.num_frames,
-                num_inference_steps=p.num_inference_steps, guidance_scale=p.guidance_scale,
-                generator=torch.Generator(device="cpu").manual_seed(p.seed), output_type="np", **extra).frames[0]
+    return pipe(
+        prompt=p.prompt,
+        width=p.width,
+        height=p.height,
+        num_frames=p.num_frames,
+        num_inference_steps=p.num_inference_steps,
+        guidance_scale=p.guidance_scale,
+        generator=torch.Generator(device="cpu").manual_seed(p.seed),
+        output_type="np",
+        **extra,
+    ).frames[0]
 
 
 def timed(fn, device: torch.device) -> float:
@@ -121,8 +147,10 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
     build_s = time.perf_counter() - started
     runner = ModelRunner(spec_for(family), pipe, device)
     params_b = sum(p.numel() for p in pipe.transformer.parameters()) / 1e9
-    print(json.dumps({"family": family, "transformer_params_b": round(params_b, 3), "build_s": round(build_s, 1)}),
-          flush=True)
+    print(
+        json.dumps({"family": family, "transformer_params_b": round(params_b, 3), "build_s": round(build_s, 1)}),
+        flush=True,
+    )
     sizes = [(64, 64, 9)] if args.tiny else SIZES
     if family == "wan" and not args.tiny:
         sizes = sizes[: args.wan_sizes]
@@ -130,8 +158,17 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
     frame_step = 8 if family == "ltx" else 4
     for width, height, frames in sizes:
         frames = (frames - 1) // frame_step * frame_step + 1
-        p = GenerationParams(prompt=PROMPT, model=f"bench-{family}", num_frames=frames, width=width, height=height,
-                             fps=24, num_inference_steps=steps, guidance_scale=3.0, seed=0)
+        p = GenerationParams(
+            prompt=PROMPT,
+            model=f"bench-{family}",
+            num_frames=frames,
+            width=width,
+            height=height,
+            fps=24,
+            num_inference_steps=steps,
+            guidance_scale=3.0,
+            seed=0,
+        )
         steps_seen: list[int] = []
         warm = GenerationParams(**(p.model_dump() | {"num_inference_steps": 2}))
         bare_call(pipe, family, warm)  # warm-up: kernels, allocator, first-call costs
@@ -143,18 +180,30 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
         for _ in range(args.repeats):
             bare.append(timed(lambda: bare_call(pipe, family, p), device))
             holder = {}
-            served.append(timed(lambda: holder.setdefault(
-                "out", runner.generate("text-to-video", p, Inputs(), lambda k, n: steps_seen.append(k))), device))
+            served.append(
+                timed(
+                    lambda: holder.setdefault(
+                        "out", runner.generate("text-to-video", p, Inputs(), lambda k, n: steps_seen.append(k))
+                    ),
+                    device,
+                )
+            )
             out = holder["out"]
             with tempfile.TemporaryDirectory() as tmp:
                 encode.append(timed(lambda: encode_mp4(out.frames, p.fps, Path(tmp) / "v.mp4"), device))
         row = {
-            "family": family, "width": width, "height": height, "num_frames": frames, "steps": steps,
-            "bare_s": round(statistics.median(bare), 3), "served_s": round(statistics.median(served), 3),
+            "family": family,
+            "width": width,
+            "height": height,
+            "num_frames": frames,
+            "steps": steps,
+            "bare_s": round(statistics.median(bare), 3),
+            "served_s": round(statistics.median(served), 3),
             "encode_s": round(statistics.median(encode), 3),
             "served_over_bare": round(statistics.median(served) / statistics.median(bare), 4),
-            "served_plus_encode_over_bare": round((statistics.median(served) + statistics.median(encode))
-                                                  / statistics.median(bare), 4),
+            "served_plus_encode_over_bare": round(
+                (statistics.median(served) + statistics.median(encode)) / statistics.median(bare), 4
+            ),
             "step_callbacks": len(steps_seen) // args.repeats,
             "frames_out": list(out.frames.shape),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
@@ -182,8 +231,12 @@ def main() -> int:
     results: dict[str, Any] = {
         "what": "served (worker ModelRunner.generate) vs bare diffusers call, same pipeline object, alternating",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
-        "torch": torch.__version__, "diffusers": diffusers.__version__,
-        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "tiny": args.tiny, "rows": [], "errors": [],
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "tiny": args.tiny,
+        "rows": [],
+        "errors": [],
     }
     for family in args.families.split(","):
         try:

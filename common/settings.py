@@ -15,8 +15,9 @@ class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIDEOGEN_", extra="ignore")
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
-    broker_namespace: str = Field(default="videogen", pattern=r"^[A-Za-z0-9_.-]+$",
-                                  description="Prefix of every exchange and queue name.")
+    broker_namespace: str = Field(
+        default="videogen", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every exchange and queue name."
+    )
     s3_endpoint: str = Field(default="127.0.0.1:9000", description="host:port of the S3 API.")
     s3_secure: bool = False
     s3_region: str = "us-east-1"
@@ -38,26 +39,36 @@ class GatewaySettings(CommonSettings):
     host: str = "127.0.0.1"
     port: int = 8080
     s3_public_endpoint: str | None = Field(
-        default=None, description="URL clients use to reach the store (presigned links are bound to it); "
-                                  "defaults to the S3 endpoint.")
+        default=None,
+        description="URL clients use to reach the store (presigned links are bound to it); "
+        "defaults to the S3 endpoint.",
+    )
     presign_expiry_s: int = Field(default=3600, ge=1, le=7 * 24 * 3600)
-    request_timeout_s: float = Field(default=300.0, gt=0,
-                                     description="Longest a request (other than a stream) may take: then 504.")
+    request_timeout_s: float = Field(
+        default=300.0, gt=0, description="Longest a request (other than a stream) may take: then 504."
+    )
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, description="Limit for JSON bodies without files.")
-    max_upload_bytes: int = Field(default=100 * 1024 * 1024, ge=1024,
-                                  description="Limit for an uploaded image or video (multipart, or base64 in JSON).")
+    max_upload_bytes: int = Field(
+        default=100 * 1024 * 1024,
+        ge=1024,
+        description="Limit for an uploaded image or video (multipart, or base64 in JSON).",
+    )
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
     max_video_frames: int = Field(default=1000, ge=1)
     max_video_seconds: float = Field(default=120.0, gt=0)
     max_video_side: int = Field(default=4096, ge=16)
     cors_allow_origins: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["*"], description="Origins browsers may call the API from; '*' any, empty none.")
-    idempotency_window_s: int = Field(default=24 * 3600, ge=1,
-                                      description="How long an Idempotency-Key returns its original job.")
+        default_factory=lambda: ["*"], description="Origins browsers may call the API from; '*' any, empty none."
+    )
+    idempotency_window_s: int = Field(
+        default=24 * 3600, ge=1, description="How long an Idempotency-Key returns its original job."
+    )
     webhook_secret: SecretStr | None = Field(
-        default=None, description="Standard Webhooks signing secret (whsec_<base64>); unset disables webhooks.")
+        default=None, description="Standard Webhooks signing secret (whsec_<base64>); unset disables webhooks."
+    )
     webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, description="Hosts, IPs or CIDRs webhooks may reach even if private or loopback.")
+        default_factory=list, description="Hosts, IPs or CIDRs webhooks may reach even if private or loopback."
+    )
     webhook_max_attempts: int = Field(default=8, ge=1)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
 
@@ -75,10 +86,13 @@ class WorkerSettings(CommonSettings):
     health_host: str = "127.0.0.1"
     health_port: int = Field(default=8081, description="HTTP port for /health and /ready; 0 disables it.")
     store_patience_s: float = Field(
-        default=300.0, ge=0, description="How long a worker holding a job retries the object store before it "
-                                         "hands the job back.")
-    shutdown_grace_s: float = Field(default=60.0, ge=0,
-                                    description="On SIGTERM, how long the current job may run on before it is requeued.")
+        default=300.0,
+        ge=0,
+        description="How long a worker holding a job retries the object store before it hands the job back.",
+    )
+    shutdown_grace_s: float = Field(
+        default=60.0, ge=0, description="On SIGTERM, how long the current job may run on before it is requeued."
+    )
 
     @field_validator("serve_models", mode="before")
     @classmethod

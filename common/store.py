@@ -73,9 +73,14 @@ class ObjectStore:
     @staticmethod
     def _make_client(settings: CommonSettings, endpoint: str, secure: bool, http: urllib3.PoolManager) -> Minio:
         # With the region given, presigning is pure computation: no request to the store.
-        return Minio(endpoint, access_key=settings.s3_access_key,
-                     secret_key=settings.s3_secret_key.get_secret_value(),
-                     secure=secure, region=settings.s3_region, http_client=http)
+        return Minio(
+            endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key.get_secret_value(),
+            secure=secure,
+            region=settings.s3_region,
+            http_client=http,
+        )
 
     async def ensure_bucket(self) -> None:
         def run() -> None:
@@ -85,6 +90,7 @@ class ObjectStore:
                 except S3Error as exc:
                     if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                         raise
+
         await asyncio.to_thread(run)
 
     async def ping(self, timeout: float = 3.0) -> bool:
@@ -94,8 +100,9 @@ class ObjectStore:
             return False
 
     async def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
-        await asyncio.to_thread(self._client.put_object, self.bucket, key, io.BytesIO(data), len(data),
-                                content_type=content_type)
+        await asyncio.to_thread(
+            self._client.put_object, self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
+        )
 
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
         await asyncio.to_thread(self._client.fput_object, self.bucket, key, str(path), content_type=content_type)
@@ -113,17 +120,18 @@ class ObjectStore:
             finally:
                 response.close()
                 response.release_conn()
+
         return await asyncio.to_thread(run)
 
     async def list_keys(self, prefix: str, start_after: str | None, limit: int) -> list[str]:
         def run() -> list[str]:
             keys = []
-            for item in self._client.list_objects(self.bucket, prefix=prefix, recursive=True,
-                                                  start_after=start_after):
+            for item in self._client.list_objects(self.bucket, prefix=prefix, recursive=True, start_after=start_after):
                 keys.append(item.object_name)
                 if len(keys) >= limit:
                     break
             return keys
+
         return await asyncio.to_thread(run)
 
     async def put_record(self, record: JobRecord) -> None:

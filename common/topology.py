@@ -97,8 +97,9 @@ class Topology:
     async def declare_events(self, channel: AbstractChannel) -> AbstractExchange:
         return await channel.declare_exchange(self.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
 
-    async def declare_jobs(self, channel: AbstractChannel,
-                           model_ids: list[str]) -> tuple[AbstractExchange, dict[str, AbstractQueue]]:
+    async def declare_jobs(
+        self, channel: AbstractChannel, model_ids: list[str]
+    ) -> tuple[AbstractExchange, dict[str, AbstractQueue]]:
         """Declare the jobs exchange, the dead-letter path, the downloads queue and one queue per model.
 
         Returns the queues by routing key (model id, or DOWNLOAD_KEY).
@@ -111,26 +112,38 @@ class Topology:
         due_queue = await channel.declare_queue(self.expiry_due, durable=True, arguments={"x-queue-type": "quorum"})
         await due_queue.bind(due)
         for model_id in model_ids:
-            await channel.declare_queue(self.expiry_queue(model_id), durable=True, arguments={
-                "x-queue-type": "quorum", "x-dead-letter-exchange": self.expiry_due})
+            await channel.declare_queue(
+                self.expiry_queue(model_id),
+                durable=True,
+                arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": self.expiry_due},
+            )
         jobs = await channel.declare_exchange(self.jobs_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
         queues = {}
         for key in [*model_ids, DOWNLOAD_KEY]:
-            queue = await channel.declare_queue(self.queue_for(key), durable=True, arguments={
-                "x-queue-type": "quorum",
-                "x-delivery-limit": DELIVERY_LIMIT,
-                "x-dead-letter-exchange": self.dead_letter_exchange,
-            })
+            queue = await channel.declare_queue(
+                self.queue_for(key),
+                durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-delivery-limit": DELIVERY_LIMIT,
+                    "x-dead-letter-exchange": self.dead_letter_exchange,
+                },
+            )
             await queue.bind(jobs, routing_key=key)
             queues[key] = queue
         return jobs, queues
 
+
 def to_amqp(envelope: EnvelopeHeader, persistent: bool = False, expiration: int | None = None) -> aio_pika.Message:
     """An envelope as an AMQP message: JSON body, its type and id as message properties."""
     return aio_pika.Message(
-        encode(envelope), content_type="application/json", type=getattr(envelope, "type", None),
-        message_id=envelope.message_id, expiration=expiration,
-        delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT)
+        encode(envelope),
+        content_type="application/json",
+        type=getattr(envelope, "type", None),
+        message_id=envelope.message_id,
+        expiration=expiration,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT if persistent else aio_pika.DeliveryMode.NOT_PERSISTENT,
+    )
 
 
 async def connect(url: str, timeout: float = 30.0) -> AbstractRobustConnection:

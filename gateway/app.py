@@ -24,8 +24,10 @@ log = structlog.get_logger("gateway")
 
 def create_app(settings: GatewaySettings) -> web.Application:
     # Body limits are enforced per route by the handlers (JSON vs uploads); this is the outer bound.
-    app = web.Application(client_max_size=settings.max_upload_bytes * 4 // 3 + 65536,
-                          middlewares=[error_middleware, timeout_middleware(settings.request_timeout_s)])
+    app = web.Application(
+        client_max_size=settings.max_upload_bytes * 4 // 3 + 65536,
+        middlewares=[error_middleware, timeout_middleware(settings.request_timeout_s)],
+    )
     app[SETTINGS] = settings
     app[REGISTRY] = settings.registry()
     app[HUB] = EventHub()
@@ -59,9 +61,12 @@ def _enable_cors(app: web.Application, origins: list[str]) -> None:
     if not origins:
         return
     options = aiohttp_cors.ResourceOptions(
-        allow_credentials=False, allow_methods=["GET", "POST", "DELETE"],
+        allow_credentials=False,
+        allow_methods=["GET", "POST", "DELETE"],
         allow_headers=("Content-Type", "Idempotency-Key", "Last-Event-ID", "Authorization"),
-        expose_headers=("Location", "Retry-After", "Idempotent-Replayed"), max_age=3600)
+        expose_headers=("Location", "Retry-After", "Idempotent-Replayed"),
+        max_age=3600,
+    )
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
     for route in list(app.router.routes()):
         cors.add(route)
@@ -82,9 +87,11 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     broker = GatewayBroker(settings.amqp_url, Topology(settings.broker_namespace), app[HUB])
     app[BROKER] = broker
-    await broker.start(sorted(app[REGISTRY].models),
-                       on_dead_letter=dead_letter_handler(app[STORE], broker, app[REGISTRY]),
-                       on_expiry=expiry_handler(app[STORE], broker))
+    await broker.start(
+        sorted(app[REGISTRY].models),
+        on_dead_letter=dead_letter_handler(app[STORE], broker, app[REGISTRY]),
+        on_expiry=expiry_handler(app[STORE], broker),
+    )
     deliverer = None
     if settings.webhook_secret is not None:
         deliverer = app[WEBHOOKS] = WebhookDeliverer(settings, app[STORE], Topology(settings.broker_namespace))

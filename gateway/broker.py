@@ -44,8 +44,13 @@ class GatewayBroker:
         self._channel: AbstractChannel | None = None
         self._stats_channel: AbstractChannel | None = None
 
-    async def start(self, model_ids: list[str], on_dead_letter: DeadLetterHandler, on_expiry: ExpiryHandler,
-                    connect_timeout: float = 30.0) -> None:
+    async def start(
+        self,
+        model_ids: list[str],
+        on_dead_letter: DeadLetterHandler,
+        on_expiry: ExpiryHandler,
+        connect_timeout: float = 30.0,
+    ) -> None:
         self._connection = await connect(self._url, connect_timeout)
         # Publisher confirms: a publish returns only once the broker has the message.
         # on_return_raises: a job no queue would take (mandatory) fails the publish instead of vanishing.
@@ -95,7 +100,9 @@ class GatewayBroker:
             check = ExpiryCheck(job_id=message.job_id, model=routing_key, max_queue_s=limit)
             await self._channel.default_exchange.publish(
                 to_amqp(check, persistent=True, expiration=limit),
-                routing_key=self._topology.expiry_queue(routing_key), mandatory=True)
+                routing_key=self._topology.expiry_queue(routing_key),
+                mandatory=True,
+            )
         await self._jobs.publish(to_amqp(message, persistent=True), routing_key=routing_key, mandatory=True)
 
     async def publish_event(self, event: JobEvent) -> None:
@@ -119,8 +126,9 @@ class GatewayBroker:
             self._stats_channel = await self._connection.channel()
         # robust=False: a robust channel would hand back its cached declaration, with stale counts.
         result = await self._stats_channel.declare_queue(queue_name, passive=True, robust=False)
-        return QueueStats(messages=result.declaration_result.message_count,
-                          consumers=result.declaration_result.consumer_count)
+        return QueueStats(
+            messages=result.declaration_result.message_count, consumers=result.declaration_result.consumer_count
+        )
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
         try:

@@ -51,8 +51,9 @@ def expiry_handler(store: ObjectStore, broker: GatewayBroker) -> ExpiryHandler:
         # Only a job that never started expires; a running or handed-back one runs to its end.
         if record is None or record.status != JobStatus.QUEUED or record.attempts:
             return
-        expired = record.advance(status=JobStatus.FAILED, phase=Phase.FAILED,
-                                 error=errors.expired(check.model, check.max_queue_s))
+        expired = record.advance(
+            status=JobStatus.FAILED, phase=Phase.FAILED, error=errors.expired(check.model, check.max_queue_s)
+        )
         await store.put_record(expired)
         await broker.publish_event(JobEvent.from_record(expired))
         # A worker that receives the job later drops it, as it does a cancelled one.

@@ -14,8 +14,14 @@ log = structlog.get_logger("gateway")
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, code: str, message: str, details: list[dict[str, Any]] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: list[dict[str, Any]] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.code, self.message, self.details, self.headers = status, code, message, details, headers
 
@@ -40,13 +46,19 @@ def validation_error(exc: ValidationError) -> ApiError:
     return ApiError(422, "validation_error", message, details)
 
 
-_HTTP_CODES = {400: "bad_request", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large",
-               415: "unsupported_media_type"}
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
 
 
 @web.middleware
-async def error_middleware(request: web.Request,
-                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+async def error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
@@ -71,8 +83,9 @@ def timeout_middleware(seconds: float) -> Callable[..., Awaitable[web.StreamResp
     """504 with a JSON body when a request takes longer than `seconds` (streams excepted)."""
 
     @web.middleware
-    async def middleware(request: web.Request,
-                         handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
         if request.path in STREAMING_PATHS:
             return await handler(request)
         try:

@@ -74,15 +74,20 @@ def _too_large(limit: int) -> ApiError:
 
 async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
     if request.content_type != "application/json":
-        raise ApiError(415, "unsupported_media_type",
-                       f"expected Content-Type application/json, got {request.content_type!r}")
+        raise ApiError(
+            415, "unsupported_media_type", f"expected Content-Type application/json, got {request.content_type!r}"
+        )
     try:
         payload = json.loads(await read_body(request, limit))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
     if not isinstance(payload, dict):
-        raise ApiError(422, "validation_error", "request body must be a JSON object",
-                       [{"field": "body", "rule": "object", "message": "request body must be a JSON object"}])
+        raise ApiError(
+            422,
+            "validation_error",
+            "request body must be a JSON object",
+            [{"field": "body", "rule": "object", "message": "request body must be a JSON object"}],
+        )
     return payload
 
 
@@ -97,8 +102,9 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
         if part.name == file_field:
             data = await _read_part(part, limit)
         elif part.filename is not None:
-            raise bad_input(part.name, "extra_forbidden", f"{part.name}: unexpected file; the only file field "
-                                                          f"is {file_field!r}")
+            raise bad_input(
+                part.name, "extra_forbidden", f"{part.name}: unexpected file; the only file field is {file_field!r}"
+            )
         else:
             fields[part.name] = (await _read_part(part, MAX_FORM_FIELD_BYTES)).decode(errors="replace")
     return fields, data
@@ -126,6 +132,7 @@ def _decode_base64(field: str, text: str) -> bytes:
 def submit_handler(mode: GenerationMode):
     async def handler(request: web.Request) -> web.Response:
         return await submit(request, mode)
+
     handler.__name__ = f"submit_{mode.replace('-', '_')}"
     return handler
 
@@ -146,12 +153,16 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
     if file_field is not None and data is None:
         encoded = getattr(req, file_field)
         if encoded is None:
-            raise bad_input(file_field, "missing", f"{file_field}: required for {mode} (a multipart file part "
-                                                   f"named {file_field!r}, or base64 in JSON)")
+            raise bad_input(
+                file_field,
+                "missing",
+                f"{file_field}: required for {mode} (a multipart file part named {file_field!r}, or base64 in JSON)",
+            )
         data = _decode_base64(file_field, encoded)
         if len(data) > settings.max_upload_bytes:
-            raise ApiError(413, "body_too_large", f"{file_field}: larger than the limit of "
-                                                  f"{settings.max_upload_bytes} bytes")
+            raise ApiError(
+                413, "body_too_large", f"{file_field}: larger than the limit of {settings.max_upload_bytes} bytes"
+            )
 
     if key is not None:
         print_ = idempotency.fingerprint(mode, req, data)
@@ -160,8 +171,9 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
 
     params, problems = request.app[REGISTRY].resolve(req, mode)
     if problems:
-        raise ApiError(422, "validation_error", "; ".join(p.message for p in problems),
-                       [p.model_dump() for p in problems])
+        raise ApiError(
+            422, "validation_error", "; ".join(p.message for p in problems), [p.model_dump() for p in problems]
+        )
     assert params is not None
     webhook = await _check_webhook(req, settings)
     checked = None if data is None else await asyncio.to_thread(_check_input, file_field, data, params, settings)
@@ -182,8 +194,9 @@ async def _store_call(operation: Any) -> Any:
         raise
     except Exception as exc:
         log.error("store_read_failed", error=str(exc))
-        raise ApiError(503, "store_unavailable", "the object store is unavailable; retry later",
-                       headers={"Retry-After": "5"}) from exc
+        raise ApiError(
+            503, "store_unavailable", "the object store is unavailable; retry later", headers={"Retry-After": "5"}
+        ) from exc
 
 
 def _accepted_response(accepted: JobAccepted, replayed: bool = False) -> web.Response:
@@ -202,11 +215,17 @@ async def _replay(request: web.Request, job_id: str) -> web.Response:
 
 
 def _accepted(record: JobRecord, stats: Any) -> JobAccepted:
-    return JobAccepted(job_id=record.job_id, status=record.status, model=record.model, mode=record.mode,
-                       request=record.params, workers=None if stats is None else stats.consumers,
-                       queue_depth=None if stats is None else stats.messages + 1,
-                       queue_position=record.queue_position,
-                       links={"self": f"/api/v1/jobs/{record.job_id}", "events": f"/api/v1/ws?job_id={record.job_id}"})
+    return JobAccepted(
+        job_id=record.job_id,
+        status=record.status,
+        model=record.model,
+        mode=record.mode,
+        request=record.params,
+        workers=None if stats is None else stats.consumers,
+        queue_depth=None if stats is None else stats.messages + 1,
+        queue_position=record.queue_position,
+        links={"self": f"/api/v1/jobs/{record.job_id}", "events": f"/api/v1/ws?job_id={record.job_id}"},
+    )
 
 
 async def _check_webhook(req: TextToVideoRequest, settings: Any) -> Webhook | None:
@@ -215,8 +234,11 @@ async def _check_webhook(req: TextToVideoRequest, settings: Any) -> Webhook | No
             raise bad_field("webhook_events", "requires", "webhook_events: needs webhook_url")
         return None
     if settings.webhook_secret is None:
-        raise bad_field("webhook_url", "webhooks_disabled", "webhook_url: this server does not send webhooks "
-                                                            "(no VIDEOGEN_WEBHOOK_SECRET is configured)")
+        raise bad_field(
+            "webhook_url",
+            "webhooks_disabled",
+            "webhook_url: this server does not send webhooks (no VIDEOGEN_WEBHOOK_SECRET is configured)",
+        )
     url = str(req.webhook_url)
     problem = await destination_problem(url, settings.webhook_allow_hosts)
     if problem is not None:
@@ -234,8 +256,9 @@ def _validate(model: type[BaseModel], payload: dict[str, Any]) -> Any:
 def _check_input(field: str | None, data: bytes, params: GenerationParams, settings: Any) -> CheckedInput:
     if field == "image":
         return check_image(data, settings.max_image_pixels)
-    return check_video(data, params.num_frames, settings.max_video_frames, settings.max_video_seconds,
-                       settings.max_video_side)
+    return check_video(
+        data, params.num_frames, settings.max_video_frames, settings.max_video_seconds, settings.max_video_side
+    )
 
 
 async def download_model(request: web.Request) -> web.Response:
@@ -247,27 +270,51 @@ async def download_model(request: web.Request) -> web.Response:
     return _accepted_response(await enqueue(request, "download", params, []))
 
 
-async def enqueue(request: web.Request, mode: Mode, params: GenerationParams | DownloadParams,
-                  inputs: list[CheckedInput], webhook: Webhook | None = None) -> JobAccepted:
+async def enqueue(
+    request: web.Request,
+    mode: Mode,
+    params: GenerationParams | DownloadParams,
+    inputs: list[CheckedInput],
+    webhook: Webhook | None = None,
+) -> JobAccepted:
     """Store inputs, record and index entries, publish the job (confirmed), announce it, answer 202."""
     app = request.app
     store, broker = app[STORE], app[BROKER]
     job_id = str(uuid.uuid4())
     now = utcnow()
-    message = JobMessage(job_id=job_id, mode=mode, params=params,
-                         inputs={item.name: input_key(job_id, item.name, item.ext) for item in inputs})
+    message = JobMessage(
+        job_id=job_id,
+        mode=mode,
+        params=params,
+        inputs={item.name: input_key(job_id, item.name, item.ext) for item in inputs},
+    )
     # Jobs ahead of this one, read just before it joins the queue.
     stats = await _stats_or_none(broker, message)
     spec = app[REGISTRY].get(params.model)
     if stats is not None and mode != "download" and stats.messages >= spec.max_queue_depth:
         # Refuse now rather than accept work that would wait for hours (or expire).
         log.warning("queue_full", model=params.model, waiting=stats.messages, limit=spec.max_queue_depth)
-        raise ApiError(503, "queue_full", f"{stats.messages} jobs are waiting for model {params.model!r} (limit "
-                                          f"{spec.max_queue_depth}); retry later",
-                       headers={"Retry-After": str(_retry_after(stats))})
-    record = JobRecord(job_id=job_id, mode=mode, model=params.model, status=JobStatus.QUEUED, phase=Phase.QUEUED,
-                       progress=0.0, seq=0, created_at=now, updated_at=now, params=params, inputs=message.inputs,
-                       queue_position=None if stats is None else stats.messages, webhook=webhook)
+        raise ApiError(
+            503,
+            "queue_full",
+            f"{stats.messages} jobs are waiting for model {params.model!r} (limit {spec.max_queue_depth}); retry later",
+            headers={"Retry-After": str(_retry_after(stats))},
+        )
+    record = JobRecord(
+        job_id=job_id,
+        mode=mode,
+        model=params.model,
+        status=JobStatus.QUEUED,
+        phase=Phase.QUEUED,
+        progress=0.0,
+        seq=0,
+        created_at=now,
+        updated_at=now,
+        params=params,
+        inputs=message.inputs,
+        queue_position=None if stats is None else stats.messages,
+        webhook=webhook,
+    )
     record.events = [record.last_event()]
     # Inputs, index and record are stored before the job is published, so a worker always finds
     # them; the record last, so a failure leaves no job behind (listings skip index entries
@@ -280,15 +327,17 @@ async def enqueue(request: web.Request, mode: Mode, params: GenerationParams | D
         await store.put_record(record)
     except Exception as exc:
         log.error("store_write_failed", job_id=job_id, error=str(exc))
-        raise ApiError(503, "store_unavailable", "the object store is unavailable; retry later",
-                       headers={"Retry-After": "5"}) from exc
+        raise ApiError(
+            503, "store_unavailable", "the object store is unavailable; retry later", headers={"Retry-After": "5"}
+        ) from exc
     try:
         await broker.publish_job(message, app[REGISTRY])
     except Exception as exc:
         log.error("publish_failed", job_id=job_id, error=str(exc))
         await _mark_unpublished(request, record)
-        raise ApiError(503, "broker_unavailable", "the job could not be queued; retry later",
-                       headers={"Retry-After": "5"}) from exc
+        raise ApiError(
+            503, "broker_unavailable", "the job could not be queued; retry later", headers={"Retry-After": "5"}
+        ) from exc
     await announce(request, record)
     workers = None if stats is None else stats.consumers
     log.info("job_accepted", job_id=job_id, model=params.model, mode=mode, workers=workers)
@@ -320,8 +369,11 @@ async def announce(request: web.Request, record: JobRecord) -> None:
 
 
 async def _mark_unpublished(request: web.Request, record: JobRecord) -> None:
-    failed = record.advance(status=JobStatus.FAILED, phase=Phase.FAILED,
-                            error=JobError(code="not_queued", message="the broker did not accept the job"))
+    failed = record.advance(
+        status=JobStatus.FAILED,
+        phase=Phase.FAILED,
+        error=JobError(code="not_queued", message="the broker did not accept the job"),
+    )
     try:
         await request.app[STORE].put_record(failed)
     except Exception as exc:
@@ -335,6 +387,9 @@ async def health(request: web.Request) -> web.Response:
 async def ready(request: web.Request) -> web.Response:
     broker_ok = request.app[BROKER].connected
     store_ok = await request.app[STORE].ping()
-    body = {"status": "ready" if broker_ok and store_ok else "unavailable",
-            "broker": "ok" if broker_ok else "unreachable", "store": "ok" if store_ok else "unreachable"}
+    body = {
+        "status": "ready" if broker_ok and store_ok else "unavailable",
+        "broker": "ok" if broker_ok else "unreachable",
+        "store": "ok" if store_ok else "unreachable",
+    }
     return web.json_response(body, status=200 if broker_ok and store_ok else 503)

@@ -53,10 +53,16 @@ async def earlier_job(request: web.Request, key: str, print_: str) -> str | None
     if utcnow() - remembered.created_at > timedelta(seconds=request.app[SETTINGS].idempotency_window_s):
         return None
     if remembered.fingerprint != print_:
-        message = (f"{HEADER}: this key was used for a different request (job {remembered.job_id}); "
-                   "use a new key for a new request")
-        raise ApiError(422, "validation_error", message,
-                       [{"field": HEADER, "rule": "reused_with_different_body", "message": message}])
+        message = (
+            f"{HEADER}: this key was used for a different request (job {remembered.job_id}); "
+            "use a new key for a new request"
+        )
+        raise ApiError(
+            422,
+            "validation_error",
+            message,
+            [{"field": HEADER, "rule": "reused_with_different_body", "message": message}],
+        )
     return remembered.job_id
 
 

@@ -38,12 +38,16 @@ def check_image(data: bytes, max_pixels: int) -> CheckedInput:
             with Image.open(io.BytesIO(data)) as image:
                 kind, (width, height) = image.format, image.size
                 if kind not in IMAGE_FORMATS:
-                    raise bad_input("image", "format", f"image: {kind or 'unknown'} images are not accepted; "
-                                                       "send PNG, JPEG or WebP")
+                    raise bad_input(
+                        "image", "format", f"image: {kind or 'unknown'} images are not accepted; send PNG, JPEG or WebP"
+                    )
                 # Bound the pixel count before decoding: a small file can expand to gigabytes.
                 if width * height > max_pixels:
-                    raise bad_input("image", "max_pixels", f"image: {width}x{height} is {width * height} pixels; "
-                                                           f"the limit is {max_pixels}")
+                    raise bad_input(
+                        "image",
+                        "max_pixels",
+                        f"image: {width}x{height} is {width * height} pixels; the limit is {max_pixels}",
+                    )
                 image.load()
     except ApiError:
         raise
@@ -64,12 +68,14 @@ def check_video(data: bytes, min_frames: int, max_frames: int, max_seconds: floa
             stream = container.streams.video[0]
             width, height = stream.codec_context.width, stream.codec_context.height
             if max(width, height) > max_side:
-                raise bad_input("video", "max_size", f"video: {width}x{height} is larger than {max_side} pixels "
-                                                     "on a side")
+                raise bad_input(
+                    "video", "max_size", f"video: {width}x{height} is larger than {max_side} pixels on a side"
+                )
             seconds = float(container.duration / av.time_base) if container.duration else 0.0
             if seconds > max_seconds:
-                raise bad_input("video", "max_duration", f"video: {seconds:.1f} s is longer than the limit of "
-                                                         f"{max_seconds:g} s")
+                raise bad_input(
+                    "video", "max_duration", f"video: {seconds:.1f} s is longer than the limit of {max_seconds:g} s"
+                )
             frames = 0
             for _ in container.decode(stream):
                 frames += 1
@@ -81,7 +87,11 @@ def check_video(data: bytes, min_frames: int, max_frames: int, max_seconds: floa
     except Exception as exc:
         raise bad_input("video", "decodable", f"video: not a readable video file ({exc})") from exc
     if frames < min_frames:
-        raise bad_input("video", "min_frames", f"video: has {frames} frames; num_frames={min_frames} needs at "
-                                               f"least {min_frames} (lower num_frames or send a longer video)")
+        raise bad_input(
+            "video",
+            "min_frames",
+            f"video: has {frames} frames; num_frames={min_frames} needs at "
+            f"least {min_frames} (lower num_frames or send a longer video)",
+        )
     ext = "mp4" if "mp4" in container_format else container_format.split(",")[0]
     return CheckedInput("video", data, ext, "application/octet-stream", width, height, frames)

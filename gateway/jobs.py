@@ -56,8 +56,7 @@ async def cancel_job(request: web.Request) -> web.Response:
         if record.mode == "download":
             raise ApiError(409, "not_cancellable", "a model download cannot be stopped once it runs")
         return web.json_response(_view(request, record), status=202)
-    cancelled = record.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED,
-                               message="cancelled before it started")
+    cancelled = record.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED, message="cancelled before it started")
     await request.app[STORE].put_record(cancelled)
     await announce(request, cancelled)
     log.info("job_cancelled", job_id=record.job_id, before="queued")
@@ -95,8 +94,12 @@ async def list_jobs(request: web.Request) -> web.Response:
     """
     problems, args = _list_problems(request)
     if problems:
-        raise ApiError(422, "validation_error", "; ".join(p[2] for p in problems),
-                       [{"field": f, "rule": r, "message": m} for f, r, m in problems])
+        raise ApiError(
+            422,
+            "validation_error",
+            "; ".join(p[2] for p in problems),
+            [{"field": f, "rule": r, "message": m} for f, r, m in problems],
+        )
     store, status, limit = request.app[STORE], args["status"], args["limit"]
     budget = max(limit * 5, 200) if status else limit
     jobs: list[dict[str, Any]] = []

@@ -12,8 +12,9 @@ from gateway.app import create_app
 def main() -> None:
     settings = GatewaySettings()
     configure_logging(settings.log_level, settings.log_format)
-    web.run_app(create_app(settings), host=settings.host, port=settings.port, print=None,
-                access_log=None, shutdown_timeout=10.0)
+    web.run_app(
+        create_app(settings), host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10.0
+    )
 
 
 if __name__ == "__main__":

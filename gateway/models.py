@@ -50,8 +50,9 @@ async def model_info(request: web.Request) -> web.Response:
     model_id = request.query.get("model", registry.default_model)
     spec = registry.get(model_id)
     if spec is None:
-        raise ApiError(404, "model_not_found", f"unknown model {model_id!r}; known models: "
-                                               f"{', '.join(sorted(registry.models))}")
+        raise ApiError(
+            404, "model_not_found", f"unknown model {model_id!r}; known models: {', '.join(sorted(registry.models))}"
+        )
     info = describe(spec, await _stats(request, spec.id))
     downloads = await _stats(request, DOWNLOAD_KEY)
     info["download_workers"] = None if downloads is None else downloads.consumers

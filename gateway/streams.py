@@ -36,13 +36,17 @@ class StreamRequest:
         query = request.query
         if query.get("all") in ("1", "true"):
             if "job_id" in query or "since" in query:
-                raise ApiError(400, "bad_parameter", "all=true takes neither job_id nor since (it streams live "
-                                                     "events only)")
+                raise ApiError(
+                    400, "bad_parameter", "all=true takes neither job_id nor since (it streams live events only)"
+                )
             return cls(None)
         job_ids = [parse_job_id(v) for v in query.getall("job_id", [])]
         if not job_ids:
-            raise ApiError(400, "missing_parameter", "query parameter job_id is required (repeat it for several "
-                                                     "jobs, or use all=true)")
+            raise ApiError(
+                400,
+                "missing_parameter",
+                "query parameter job_id is required (repeat it for several jobs, or use all=true)",
+            )
         if len(set(job_ids)) > MAX_JOBS_PER_STREAM:
             raise ApiError(400, "bad_parameter", f"at most {MAX_JOBS_PER_STREAM} job_id values per stream")
         since_text = query.get("since", last_event_id)
@@ -56,8 +60,9 @@ class StreamRequest:
         try:
             since = int(seq_part)
         except ValueError as exc:
-            raise ApiError(400, "bad_parameter", f"since must be an event seq (an integer), got {since_text!r}") \
-                from exc
+            raise ApiError(
+                400, "bad_parameter", f"since must be an event seq (an integer), got {since_text!r}"
+            ) from exc
         return cls(job_ids[:1], since)
 
 

@@ -14,15 +14,39 @@ def job_view(record: JobRecord, store: ObjectStore, expiry_s: int) -> JobView:
     if record.output is not None:
         url, expires_at = store.presign(record.output.key, expiry_s)
         out = record.output
-        result = ResultView(url=url, url_expires_at=expires_at, content_type=out.content_type, bytes=out.bytes,
-                            num_frames=out.num_frames, width=out.width, height=out.height, fps=out.fps)
+        result = ResultView(
+            url=url,
+            url_expires_at=expires_at,
+            content_type=out.content_type,
+            bytes=out.bytes,
+            num_frames=out.num_frames,
+            width=out.width,
+            height=out.height,
+            fps=out.fps,
+        )
     return JobView(
-        job_id=record.job_id, mode=record.mode, model=record.model, status=record.status, phase=record.phase,
-        progress=record.progress, seq=record.seq, step=record.step, total_steps=record.total_steps,
-        created_at=record.created_at, updated_at=record.updated_at, started_at=record.started_at,
-        finished_at=record.finished_at, request=record.params, result=result, error=record.error,
-        message=record.message, eta_s=record.eta_s, queue_position=record.queue_position,
-        attempts=record.attempts, worker=record.worker, webhook=record.webhook,
+        job_id=record.job_id,
+        mode=record.mode,
+        model=record.model,
+        status=record.status,
+        phase=record.phase,
+        progress=record.progress,
+        seq=record.seq,
+        step=record.step,
+        total_steps=record.total_steps,
+        created_at=record.created_at,
+        updated_at=record.updated_at,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        request=record.params,
+        result=result,
+        error=record.error,
+        message=record.message,
+        eta_s=record.eta_s,
+        queue_position=record.queue_position,
+        attempts=record.attempts,
+        worker=record.worker,
+        webhook=record.webhook,
     )
 
 

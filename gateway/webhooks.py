@@ -52,8 +52,10 @@ async def destination_problem(url: str, allow: list[str]) -> str | None:
         if _allowed(address, allow):
             continue
         if not address.is_global:
-            return (f"{host} resolves to {address}, a private, loopback or reserved address; such hosts must be "
-                    "listed in VIDEOGEN_WEBHOOK_ALLOW_HOSTS")
+            return (
+                f"{host} resolves to {address}, a private, loopback or reserved address; such hosts must be "
+                "listed in VIDEOGEN_WEBHOOK_ALLOW_HOSTS"
+            )
     return None
 
 
@@ -86,10 +88,16 @@ class WebhookDeliverer:
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._settings.webhook_timeout_s))
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=MAX_IN_FLIGHT)
-        queue = await channel.declare_queue(self._topology.webhooks_queue, durable=True, arguments={
-            "x-queue-type": "quorum",
-            # Bounded: if no gateway delivers for a long time, the oldest events go first.
-            "x-max-length": 100_000, "x-overflow": "drop-head"})
+        queue = await channel.declare_queue(
+            self._topology.webhooks_queue,
+            durable=True,
+            arguments={
+                "x-queue-type": "quorum",
+                # Bounded: if no gateway delivers for a long time, the oldest events go first.
+                "x-max-length": 100_000,
+                "x-overflow": "drop-head",
+            },
+        )
         await queue.bind(self._topology.events_exchange, routing_key="job.#")
         await queue.consume(self._on_event)
 
@@ -145,9 +153,13 @@ class WebhookDeliverer:
                     log.warning("webhook_refused", reason=problem)
                     break
                 sent_at = datetime.now(UTC)
-                headers = {"Content-Type": "application/json", "User-Agent": "videogen-webhooks",
-                           "webhook-id": delivery_id, "webhook-timestamp": str(int(sent_at.timestamp())),
-                           "webhook-signature": self._signer.sign(delivery_id, sent_at, body)}
+                headers = {
+                    "Content-Type": "application/json",
+                    "User-Agent": "videogen-webhooks",
+                    "webhook-id": delivery_id,
+                    "webhook-timestamp": str(int(sent_at.timestamp())),
+                    "webhook-signature": self._signer.sign(delivery_id, sent_at, body),
+                }
                 try:
                     async with self._http.post(hook.url, data=body, headers=headers, allow_redirects=False) as reply:
                         if 200 <= reply.status < 300:

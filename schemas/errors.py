@@ -6,13 +6,19 @@ from schemas.jobs import JobError
 
 
 def expired(model_id: str, max_queue_s: int) -> JobError:
-    return JobError(code="expired", message=f"no worker took the job within the model's maximum queue time "
-                                            f"({max_queue_s} s); no worker may be serving {model_id!r}")
+    return JobError(
+        code="expired",
+        message=f"no worker took the job within the model's maximum queue time "
+        f"({max_queue_s} s); no worker may be serving {model_id!r}",
+    )
 
 
 def worker_crashed() -> JobError:
-    return JobError(code="worker_crashed", message="the job was handed to workers repeatedly and none finished it "
-                                                   "(they crashed or were stopped while running it)")
+    return JobError(
+        code="worker_crashed",
+        message="the job was handed to workers repeatedly and none finished it "
+        "(they crashed or were stopped while running it)",
+    )
 
 
 def dead_lettered(reason: str) -> JobError:
@@ -20,6 +26,10 @@ def dead_lettered(reason: str) -> JobError:
 
 
 def out_of_memory(width: int, height: int, frames: int, detail: str) -> JobError:
-    return JobError(code="out_of_memory", message=(
-        f"the GPU ran out of memory generating {width}x{height}x{frames}; try fewer frames or a smaller size, "
-        f"or run the model on a worker with more GPU memory ({(detail.splitlines() or ['no detail'])[0]})"))
+    return JobError(
+        code="out_of_memory",
+        message=(
+            f"the GPU ran out of memory generating {width}x{height}x{frames}; try fewer frames or a smaller size, "
+            f"or run the model on a worker with more GPU memory ({(detail.splitlines() or ['no detail'])[0]})"
+        ),
+    )

@@ -161,18 +161,21 @@ class JobRecord(BaseModel):
             changes.setdefault("finished_at", now)
             changes["eta_s"] = None
             changes.setdefault("queue_position", None)
-        updated = self.model_copy(update={
-            **changes,
-            "seq": self.seq + 1,
-            "updated_at": now,
-            "progress": max(self.progress, changes.get("progress", self.progress)),
-        })
+        updated = self.model_copy(
+            update={
+                **changes,
+                "seq": self.seq + 1,
+                "updated_at": now,
+                "progress": max(self.progress, changes.get("progress", self.progress)),
+            }
+        )
         updated.events = [*self.events, updated.last_event()]
         return updated
 
     def last_event(self) -> EventEntry:
-        return EventEntry(seq=self.seq, timestamp=self.updated_at,
-                          **{name: getattr(self, name) for name in _EVENT_FIELDS})
+        return EventEntry(
+            seq=self.seq, timestamp=self.updated_at, **{name: getattr(self, name) for name in _EVENT_FIELDS}
+        )
 
 
 class ResultView(BaseModel):

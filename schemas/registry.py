@@ -55,10 +55,12 @@ class ModelSpec(BaseModel):
     limits: ModelLimits
     size_multiple: int | None = None
     frame_step: int | None = None
-    max_queue_depth: int = Field(default=1000, ge=1,
-                                 description="With this many jobs waiting, new ones are refused (503) until it drains.")
-    max_queue_s: int = Field(default=3600, ge=1,
-                             description="A job waiting longer than this for a worker fails with code `expired`.")
+    max_queue_depth: int = Field(
+        default=1000, ge=1, description="With this many jobs waiting, new ones are refused (503) until it drains."
+    )
+    max_queue_s: int = Field(
+        default=3600, ge=1, description="A job waiting longer than this for a worker fails with code `expired`."
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -102,12 +104,19 @@ class Registry(BaseModel):
         spec = self.models.get(model_id)
         if spec is None:
             known = ", ".join(sorted(self.models))
-            return None, [FieldProblem(field="model", rule="known_model",
-                                       message=f"unknown model {model_id!r}; known models: {known}")]
+            return None, [
+                FieldProblem(
+                    field="model", rule="known_model", message=f"unknown model {model_id!r}; known models: {known}"
+                )
+            ]
         if mode not in spec.modes:
-            return None, [FieldProblem(field="model", rule="supports_mode",
-                                       message=f"model {model_id!r} does not support {mode}; "
-                                               f"it supports {', '.join(spec.modes)}")]
+            return None, [
+                FieldProblem(
+                    field="model",
+                    rule="supports_mode",
+                    message=f"model {model_id!r} does not support {mode}; it supports {', '.join(spec.modes)}",
+                )
+            ]
         d = spec.defaults
         values = {
             "prompt": request.prompt,
@@ -141,38 +150,62 @@ def check_rules(spec: ModelSpec, v: dict[str, Any]) -> list[FieldProblem]:
         if value % m:
             lower = max(lim.min_size, value // m * m)
             higher = min(upper, lower + m) if value > lower else lower
-            problems.append(FieldProblem(
-                field=field, rule=f"multiple_of_{m}",
-                message=f"{field} must be a multiple of {m} for model {spec.id!r}, got {value}; "
-                        f"nearest valid values: {_nearest(lower, higher)}"))
+            problems.append(
+                FieldProblem(
+                    field=field,
+                    rule=f"multiple_of_{m}",
+                    message=f"{field} must be a multiple of {m} for model {spec.id!r}, got {value}; "
+                    f"nearest valid values: {_nearest(lower, higher)}",
+                )
+            )
         elif not lim.min_size <= value <= upper:
-            problems.append(FieldProblem(
-                field=field, rule="range",
-                message=f"{field} must be between {lim.min_size} and {upper} for model {spec.id!r}, got {value}"))
+            problems.append(
+                FieldProblem(
+                    field=field,
+                    rule="range",
+                    message=f"{field} must be between {lim.min_size} and {upper} for model {spec.id!r}, got {value}",
+                )
+            )
     frames = v["num_frames"]
     if (frames - 1) % step:
         top = _max_frames(spec)
         lower = min((frames - 1) // step * step + 1, top)
         higher = min(lower + step, top)
-        problems.append(FieldProblem(
-            field="num_frames", rule=f"{step}k+1",
-            message=f"num_frames must be {step}k+1 for model {spec.id!r} (e.g. {step + 1}, {2 * step + 1}), "
-                    f"got {frames}; nearest valid values: {_nearest(lower, higher)}"))
+        problems.append(
+            FieldProblem(
+                field="num_frames",
+                rule=f"{step}k+1",
+                message=f"num_frames must be {step}k+1 for model {spec.id!r} (e.g. {step + 1}, {2 * step + 1}), "
+                f"got {frames}; nearest valid values: {_nearest(lower, higher)}",
+            )
+        )
     elif frames > lim.max_frames:
-        problems.append(FieldProblem(
-            field="num_frames", rule="maximum",
-            message=f"num_frames must be at most {lim.max_frames} for model {spec.id!r}, got {frames}"))
+        problems.append(
+            FieldProblem(
+                field="num_frames",
+                rule="maximum",
+                message=f"num_frames must be at most {lim.max_frames} for model {spec.id!r}, got {frames}",
+            )
+        )
     if v.get("strength") is not None and int(v["num_inference_steps"] * v["strength"]) < 1:
-        problems.append(FieldProblem(
-            field="strength", rule="denoising_steps",
-            message=f"strength {v['strength']} with num_inference_steps {v['num_inference_steps']} leaves no "
-                    f"denoising step (video-to-video runs int(num_inference_steps * strength) steps); raise one "
-                    f"of them"))
+        problems.append(
+            FieldProblem(
+                field="strength",
+                rule="denoising_steps",
+                message=f"strength {v['strength']} with num_inference_steps {v['num_inference_steps']} leaves no "
+                f"denoising step (video-to-video runs int(num_inference_steps * strength) steps); raise one "
+                f"of them",
+            )
+        )
     if v["num_inference_steps"] > lim.max_steps:
-        problems.append(FieldProblem(
-            field="num_inference_steps", rule="maximum",
-            message=f"num_inference_steps must be at most {lim.max_steps} for model {spec.id!r}, "
-                    f"got {v['num_inference_steps']}"))
+        problems.append(
+            FieldProblem(
+                field="num_inference_steps",
+                rule="maximum",
+                message=f"num_inference_steps must be at most {lim.max_steps} for model {spec.id!r}, "
+                f"got {v['num_inference_steps']}",
+            )
+        )
     return problems
 
 
@@ -185,8 +218,11 @@ def _nearest(lower: int, higher: int) -> str:
     return str(lower) if lower == higher else f"{lower} or {higher}"
 
 
-def load_registry(models_file: Path | None = None, overrides: dict[str, dict[str, Any]] | None = None,
-                  default_model: str | None = None) -> Registry:
+def load_registry(
+    models_file: Path | None = None,
+    overrides: dict[str, dict[str, Any]] | None = None,
+    default_model: str | None = None,
+) -> Registry:
     """Read the registry file (the built-in one unless `models_file`), then apply overrides."""
     if models_file is None:
         raw = tomllib.loads(resources.files("schemas").joinpath("models.toml").read_text())

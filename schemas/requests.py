@@ -26,10 +26,12 @@ class TextToVideoRequest(BaseModel):
     num_inference_steps: int | None = Field(default=None, ge=1)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
-    webhook_url: HttpUrl | None = Field(default=None, description="Receives the job's events, signed "
-                                                                  "(Standard Webhooks).")
+    webhook_url: HttpUrl | None = Field(
+        default=None, description="Receives the job's events, signed (Standard Webhooks)."
+    )
     webhook_events: list[WebhookEventType] | None = Field(
-        default=None, min_length=1, description="Which events to send; default: the terminal ones.")
+        default=None, min_length=1, description="Which events to send; default: the terminal ones."
+    )
 
     @field_validator("webhook_events", mode="before")
     @classmethod
@@ -67,9 +69,11 @@ class JobAccepted(BaseModel):
     model: str
     mode: str
     request: GenerationParams | DownloadParams
-    workers: int | None = Field(description="Workers consuming this model's queue right now (0: none yet; "
-                                            "null: the broker could not be asked).")
-    queue_depth: int | None = Field(description="Jobs in this model's queue not yet handed to a worker, "
-                                                "this one included.")
+    workers: int | None = Field(
+        description="Workers consuming this model's queue right now (0: none yet; null: the broker could not be asked)."
+    )
+    queue_depth: int | None = Field(
+        description="Jobs in this model's queue not yet handed to a worker, this one included."
+    )
     queue_position: int | None = Field(description="Jobs ahead of this one in its queue when it was queued.")
     links: dict[str, str]

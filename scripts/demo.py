@@ -24,8 +24,10 @@ async def run(gateway: str, prompt: str, out_dir: Path) -> int:
                 return 1
         job_id = body["job_id"]
         req = body["request"]
-        print(f"job {job_id} accepted: model {body['model']}, {req['width']}x{req['height']}, "
-              f"{req['num_frames']} frames at {req['fps']} fps, {req['num_inference_steps']} steps")
+        print(
+            f"job {job_id} accepted: model {body['model']}, {req['width']}x{req['height']}, "
+            f"{req['num_frames']} frames at {req['fps']} fps, {req['num_inference_steps']} steps"
+        )
 
         final = None
         async with http.ws_connect(f"{gateway}/api/v1/ws", params={"job_id": job_id}) as ws:
@@ -34,8 +36,10 @@ async def run(gateway: str, prompt: str, out_dir: Path) -> int:
                     break
                 event = msg.json()
                 step = f" step {event['step']}/{event['total_steps']}" if event.get("step") else ""
-                print(f"  [{event['seq']:>3}] {event['status']:<9} {event['phase']:<10}"
-                      f" {event['progress'] * 100:5.1f}%{step}")
+                print(
+                    f"  [{event['seq']:>3}] {event['status']:<9} {event['phase']:<10}"
+                    f" {event['progress'] * 100:5.1f}%{step}"
+                )
                 if "job" in event:
                     final = event["job"]
         if final is None or final["status"] != "succeeded":
@@ -49,8 +53,10 @@ async def run(gateway: str, prompt: str, out_dir: Path) -> int:
             path.write_bytes(await response.read())
     info = probe_mp4(path)
     print(f"\nsaved {path}")
-    print(f"  frames: {info.num_frames}  size: {info.width}x{info.height}  fps: {info.fps:g}  "
-          f"codec: {info.codec} ({info.pix_fmt})  bytes: {path.stat().st_size}")
+    print(
+        f"  frames: {info.num_frames}  size: {info.width}x{info.height}  fps: {info.fps:g}  "
+        f"codec: {info.codec} ({info.pix_fmt})  bytes: {path.stat().st_size}"
+    )
     return 0
 
 

@@ -37,8 +37,9 @@ DEV_SECRET_KEY = "videogen-secret"
 DEV_BUCKET = "videogen"
 
 
-def wait_until(check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None,
-               log: Path | None = None) -> None:
+def wait_until(
+    check: Callable[[], bool], timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
     """Poll `check` until it holds; fail early if `proc` died, and show its log."""
     deadline = time.monotonic() + timeout
     delay = 0.05
@@ -98,8 +99,15 @@ def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
         # A new session: the stack outlives the shell that started it, and signals reach only it.
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=ROOT, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=ROOT,
+            start_new_session=True,
+        )
 
 
 def stop_pid(pid: int, timeout: float = 20.0) -> None:
@@ -124,6 +132,7 @@ def stop_pid(pid: int, timeout: float = 20.0) -> None:
 
 # --- the S3 store ---------------------------------------------------------------------------
 
+
 @dataclass
 class S3Store:
     endpoint: str
@@ -140,24 +149,53 @@ def weed_binary() -> str:
     return found
 
 
-def start_weed(data_dir: Path, s3_port: int, base_port: int, access_key: str, secret_key: str,
-               bucket: str) -> tuple[subprocess.Popen, S3Store]:
+def start_weed(
+    data_dir: Path, s3_port: int, base_port: int, access_key: str, secret_key: str, bucket: str
+) -> tuple[subprocess.Popen, S3Store]:
     """SeaweedFS `weed mini` with credentials, a bucket, and every port pinned to base_port+0..8 and s3_port."""
     data_dir.mkdir(parents=True, exist_ok=True)
     (data_dir / "logs").mkdir(exist_ok=True)
     config = data_dir / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "videogen", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "videogen",
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     config.chmod(0o600)
     b = base_port
-    cmd = [weed_binary(), f"-logdir={data_dir / 'logs'}", "mini", f"-dir={data_dir / 'data'}",
-           "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-           f"-master.port={b}", f"-master.port.grpc={b + 1}", f"-volume.port={b + 2}",
-           f"-volume.port.grpc={b + 3}", f"-filer.port={b + 4}", f"-filer.port.grpc={b + 5}",
-           f"-s3.port={s3_port}", f"-s3.port.grpc={b + 7}", f"-admin.port={b + 8}", f"-admin.port.grpc={b + 9}",
-           "-s3.port.iceberg=0", "-s3.port.lance=0", "-webdav=false", "-admin.ui=false",
-           "-master.telemetry=false", f"-s3.config={config}", f"-bucket={bucket}"]
+    cmd = [
+        weed_binary(),
+        f"-logdir={data_dir / 'logs'}",
+        "mini",
+        f"-dir={data_dir / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        f"-master.port={b}",
+        f"-master.port.grpc={b + 1}",
+        f"-volume.port={b + 2}",
+        f"-volume.port.grpc={b + 3}",
+        f"-filer.port={b + 4}",
+        f"-filer.port.grpc={b + 5}",
+        f"-s3.port={s3_port}",
+        f"-s3.port.grpc={b + 7}",
+        f"-admin.port={b + 8}",
+        f"-admin.port.grpc={b + 9}",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-master.telemetry=false",
+        f"-s3.config={config}",
+        f"-bucket={bucket}",
+    ]
     (data_dir / "data").mkdir(exist_ok=True)
     log = data_dir / "weed.log"
     proc = spawn(cmd, dict(os.environ), log)
@@ -172,8 +210,9 @@ def bucket_ready(store: S3Store) -> bool:
     if not port_open(*_host_port(store.endpoint)):
         return False
     try:
-        client = Minio(store.endpoint, access_key=store.access_key, secret_key=store.secret_key,
-                       secure=False, region="us-east-1")
+        client = Minio(
+            store.endpoint, access_key=store.access_key, secret_key=store.secret_key, secure=False, region="us-east-1"
+        )
         return client.bucket_exists(store.bucket)
     except Exception:
         return False
@@ -186,6 +225,7 @@ def _host_port(endpoint: str) -> tuple[str, int]:
 
 # --- RabbitMQ ---------------------------------------------------------------------------------
 
+
 def amqp_answers(url: str) -> bool:
     parts = urlsplit(url)
     return port_open(parts.hostname or "127.0.0.1", parts.port or 5672)
@@ -197,9 +237,11 @@ def start_rabbit_node(url: str, base_dir: Path) -> str:
         if os.geteuid() == 0 and shutil.which("apt-get"):
             subprocess.run(["apt-get", "install", "-y", "-q", "rabbitmq-server"], check=True)
         else:
-            raise RuntimeError("RabbitMQ is not reachable at the configured URL and rabbitmq-server is not "
-                               "installed: run `sudo apt-get install rabbitmq-server` or point VIDEOGEN_AMQP_URL "
-                               "at a running broker")
+            raise RuntimeError(
+                "RabbitMQ is not reachable at the configured URL and rabbitmq-server is not "
+                "installed: run `sudo apt-get install rabbitmq-server` or point VIDEOGEN_AMQP_URL "
+                "at a running broker"
+            )
     env = rabbit_node_env(url, base_dir)
     subprocess.run(["rabbitmq-server", "-detached"], env=env, check=True)
     node = env["RABBITMQ_NODENAME"]
@@ -217,15 +259,19 @@ def rabbit_node_env(url: str, base_dir: Path) -> dict[str, str]:
         dist_file.write_text(str(port + 20000 if port + 20000 < 65536 else free_port_block(1)))
     (base_dir / "enabled_plugins").write_text("[].\n")
     # Our own config file: the system one may pin the listener to the default port.
-    (base_dir / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{port}\n"
-                                            "consumer_timeout = 7200000\n")
+    (base_dir / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{port}\nconsumer_timeout = 7200000\n")
     if os.geteuid() == 0:
         # Run as root, Debian's wrapper drops to the `rabbitmq` user, which must own the node's files.
         subprocess.run(["chown", "-R", "rabbitmq:rabbitmq", str(base_dir)], check=False)
-    return dict(os.environ, RABBITMQ_NODENAME=f"videogen-{port}@localhost",
-                RABBITMQ_CONFIG_FILE=str(base_dir / "rabbitmq.conf"), RABBITMQ_DIST_PORT=dist_file.read_text(),
-                RABBITMQ_MNESIA_BASE=str(base_dir / "mnesia"), RABBITMQ_LOG_BASE=str(base_dir / "log"),
-                RABBITMQ_ENABLED_PLUGINS_FILE=str(base_dir / "enabled_plugins"))
+    return dict(
+        os.environ,
+        RABBITMQ_NODENAME=f"videogen-{port}@localhost",
+        RABBITMQ_CONFIG_FILE=str(base_dir / "rabbitmq.conf"),
+        RABBITMQ_DIST_PORT=dist_file.read_text(),
+        RABBITMQ_MNESIA_BASE=str(base_dir / "mnesia"),
+        RABBITMQ_LOG_BASE=str(base_dir / "log"),
+        RABBITMQ_ENABLED_PLUGINS_FILE=str(base_dir / "enabled_plugins"),
+    )
 
 
 def stop_rabbit_node(node: str) -> None:
@@ -234,20 +280,23 @@ def stop_rabbit_node(node: str) -> None:
 
 # --- gateway and worker -------------------------------------------------------------------------
 
+
 def service_env(store: S3Store, amqp_url: str, namespace: str, models_dir: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("VIDEOGEN_")}
-    env.update({
-        "VIDEOGEN_AMQP_URL": amqp_url,
-        "VIDEOGEN_BROKER_NAMESPACE": namespace,
-        "VIDEOGEN_S3_ENDPOINT": store.endpoint,
-        "VIDEOGEN_S3_ACCESS_KEY": store.access_key,
-        "VIDEOGEN_S3_SECRET_KEY": store.secret_key,
-        "VIDEOGEN_S3_BUCKET": store.bucket,
-        "VIDEOGEN_MODELS_DIR": str(models_dir),
-        "VIDEOGEN_LOG_FORMAT": "json",
-        "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env.update(
+        {
+            "VIDEOGEN_AMQP_URL": amqp_url,
+            "VIDEOGEN_BROKER_NAMESPACE": namespace,
+            "VIDEOGEN_S3_ENDPOINT": store.endpoint,
+            "VIDEOGEN_S3_ACCESS_KEY": store.access_key,
+            "VIDEOGEN_S3_SECRET_KEY": store.secret_key,
+            "VIDEOGEN_S3_BUCKET": store.bucket,
+            "VIDEOGEN_MODELS_DIR": str(models_dir),
+            "VIDEOGEN_LOG_FORMAT": "json",
+            "HF_HUB_OFFLINE": env.get("HF_HUB_OFFLINE", "1"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
@@ -273,6 +322,7 @@ def build_tiny_models(models_dir: Path) -> None:
 
 
 # --- the developer's stack (scripts/stack) ----------------------------------------------------
+
 
 @dataclass
 class StackState:
@@ -313,8 +363,9 @@ def stack_up() -> None:
     if bucket_ready(store):
         print(f"S3 store     already running   http://{store.endpoint}")
     else:
-        proc, _ = start_weed(STATE_DIR / "weed", STACK_S3_PORT, STACK_WEED_BASE, store.access_key,
-                             store.secret_key, store.bucket)
+        proc, _ = start_weed(
+            STATE_DIR / "weed", STACK_S3_PORT, STACK_WEED_BASE, store.access_key, store.secret_key, store.bucket
+        )
         state.started["s3"] = {"pid": proc.pid}
         state.save()
         print(f"S3 store     started           http://{store.endpoint}  (SeaweedFS, bucket {store.bucket})")
@@ -329,9 +380,14 @@ def stack_up() -> None:
         print(f"RabbitMQ     started           {_redact(amqp_url)}  (node {node})")
 
     build_tiny_models(cfg["models_dir"])  # type: ignore[arg-type]
-    env = service_env(store, amqp_url, "videogen", cfg["models_dir"],  # type: ignore[arg-type]
-                      VIDEOGEN_DEFAULT_MODEL=STACK_DEFAULT_MODEL,
-                      VIDEOGEN_S3_PUBLIC_ENDPOINT=f"http://127.0.0.1:{STACK_S3_PORT}")
+    env = service_env(
+        store,
+        amqp_url,
+        "videogen",
+        cfg["models_dir"],  # type: ignore[arg-type]
+        VIDEOGEN_DEFAULT_MODEL=STACK_DEFAULT_MODEL,
+        VIDEOGEN_S3_PUBLIC_ENDPOINT=f"http://127.0.0.1:{STACK_S3_PORT}",
+    )
     gateway_url = f"http://127.0.0.1:{STACK_GATEWAY_PORT}"
     if http_ok(f"{gateway_url}/health"):
         print(f"gateway      already running   {gateway_url}")
@@ -376,8 +432,10 @@ def stack_status() -> int:
         "s3": (bucket_ready(store), f"http://{store.endpoint}"),
         "rabbitmq": (amqp_answers(cfg["amqp_url"]), _redact(cfg["amqp_url"])),  # type: ignore[arg-type]
         "gateway": (http_ok(f"http://127.0.0.1:{STACK_GATEWAY_PORT}/ready"), f"http://127.0.0.1:{STACK_GATEWAY_PORT}"),
-        **{name: (http_ok(f"http://127.0.0.1:{port}/ready"), f"http://127.0.0.1:{port}  ({', '.join(models)})")
-           for name, port, models in STACK_WORKERS},
+        **{
+            name: (http_ok(f"http://127.0.0.1:{port}/ready"), f"http://127.0.0.1:{port}  ({', '.join(models)})")
+            for name, port, models in STACK_WORKERS
+        },
     }
     for name, (ok, url) in checks.items():
         owner = "started by scripts/stack" if name in state.started and _alive(state.started[name]) else "external"

@@ -27,10 +27,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # here) for tests that act while a job runs (cancel, reconnect, gateway restart).
 SLOW_MODEL = {
     "ltx-slow": {
-        "family": "ltx", "path": "ltx-slow", "native_fps": 8, "modes": ["text-to-video"],
+        "family": "ltx",
+        "path": "ltx-slow",
+        "native_fps": 8,
+        "modes": ["text-to-video"],
         "description": "Tiny LTX with an 8-layer transformer: slow steps for lifecycle tests.",
-        "defaults": {"width": 256, "height": 256, "num_frames": 65, "num_inference_steps": 20,
-                     "guidance_scale": 1.0},
+        "defaults": {"width": 256, "height": 256, "num_frames": 65, "num_inference_steps": 20, "guidance_scale": 1.0},
         "limits": {"min_size": 32, "max_width": 256, "max_height": 256, "max_frames": 65, "max_steps": 200},
     }
 }
@@ -76,8 +78,9 @@ async def _delete_namespace(amqp_url: str, ns: str) -> None:
 @pytest.fixture(scope="session")
 def s3_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Store]:
     base = devstack.free_port_block(10)
-    proc, store = devstack.start_weed(tmp_path_factory.mktemp("weed"), base + 6, base,
-                                      "test-access", "test-secret-key-123", "videogen-test")
+    proc, store = devstack.start_weed(
+        tmp_path_factory.mktemp("weed"), base + 6, base, "test-access", "test-secret-key-123", "videogen-test"
+    )
     yield store
     devstack.stop_pid(proc.pid)
 
@@ -130,20 +133,28 @@ class Stack:
 
 
 @pytest.fixture(scope="session")
-def stack(s3_store: S3Store, amqp_url: str, namespace: str, models_dir: Path,
-          tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    env = devstack.service_env(s3_store, amqp_url, namespace, models_dir, VIDEOGEN_DEFAULT_MODEL="ltx-tiny",
-                               VIDEOGEN_S3_PUBLIC_ENDPOINT=f"http://{s3_store.endpoint}",
-                               VIDEOGEN_MODEL_OVERRIDES=json.dumps(SLOW_MODEL))
+def stack(
+    s3_store: S3Store, amqp_url: str, namespace: str, models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Stack]:
+    env = devstack.service_env(
+        s3_store,
+        amqp_url,
+        namespace,
+        models_dir,
+        VIDEOGEN_DEFAULT_MODEL="ltx-tiny",
+        VIDEOGEN_S3_PUBLIC_ENDPOINT=f"http://{s3_store.endpoint}",
+        VIDEOGEN_MODEL_OVERRIDES=json.dumps(SLOW_MODEL),
+    )
     running = Stack(env=env, logs=tmp_path_factory.mktemp("logs"))
     try:
         running.gateway_url, _ = running.start_gateway("gateway")
-        running.worker_health_url, _ = running.start_worker("worker-ltx", ["ltx-tiny"],
-                                                            VIDEOGEN_WORKER_ID="worker-ltx")
-        running.wan_worker_health_url, _ = running.start_worker("worker-wan", ["wan-tiny", "wan-i2v-tiny"],
-                                                                VIDEOGEN_WORKER_ID="worker-wan")
-        running.slow_worker_health_url, _ = running.start_worker("worker-slow", ["ltx-slow"],
-                                                                 VIDEOGEN_WORKER_ID="worker-slow")
+        running.worker_health_url, _ = running.start_worker("worker-ltx", ["ltx-tiny"], VIDEOGEN_WORKER_ID="worker-ltx")
+        running.wan_worker_health_url, _ = running.start_worker(
+            "worker-wan", ["wan-tiny", "wan-i2v-tiny"], VIDEOGEN_WORKER_ID="worker-wan"
+        )
+        running.slow_worker_health_url, _ = running.start_worker(
+            "worker-slow", ["ltx-slow"], VIDEOGEN_WORKER_ID="worker-slow"
+        )
         yield running
     finally:
         running.stop_all()

@@ -9,8 +9,13 @@ from typing import Any
 import aiohttp
 
 
-async def submit(http: aiohttp.ClientSession, gateway: str, body: dict[str, Any],
-                 mode: str = "text-to-video", files: dict[str, bytes] | None = None) -> dict[str, Any]:
+async def submit(
+    http: aiohttp.ClientSession,
+    gateway: str,
+    body: dict[str, Any],
+    mode: str = "text-to-video",
+    files: dict[str, bytes] | None = None,
+) -> dict[str, Any]:
     """Submit as JSON, or as multipart when `files` are given; expect 202."""
     url = f"{gateway}/api/v1/generate/{mode}"
     if files:
@@ -28,8 +33,9 @@ async def submit(http: aiohttp.ClientSession, gateway: str, body: dict[str, Any]
         return payload
 
 
-async def watch(http: aiohttp.ClientSession, gateway: str, job_id: str | list[str], timeout: float = 60.0,
-                **params: Any) -> list[dict[str, Any]]:
+async def watch(
+    http: aiohttp.ClientSession, gateway: str, job_id: str | list[str], timeout: float = 60.0, **params: Any
+) -> list[dict[str, Any]]:
     """Every frame of the jobs' WebSocket until the server closes it (after the terminal frames)."""
     frames: list[dict[str, Any]] = []
     query = [("job_id", j) for j in ([job_id] if isinstance(job_id, str) else job_id)] + list(params.items())
@@ -106,8 +112,9 @@ async def until(check: Any, timeout: float = 30.0, what: str = "condition") -> N
         delay = min(delay * 2, 0.5)
 
 
-async def until_step(http: aiohttp.ClientSession, gateway: str, job_id: str, step: int,
-                     timeout: float = 60.0) -> list[dict[str, Any]]:
+async def until_step(
+    http: aiohttp.ClientSession, gateway: str, job_id: str, step: int, timeout: float = 60.0
+) -> list[dict[str, Any]]:
     """The job's frames over WebSocket up to the first one reporting denoising `step`."""
     frames: list[dict[str, Any]] = []
 

@@ -23,8 +23,11 @@ def download(spec: ModelSpec, models_dir: Path, on_progress: Progress) -> str:
     if spec.path is not None:
         folder = Path(spec.source(models_dir))
         if not (folder / "model_index.json").is_file():
-            raise DownloadFailed("model_missing", f"{spec.id!r} is configured as the local folder {folder}, "
-                                                  "which holds no diffusers pipeline (model_index.json)")
+            raise DownloadFailed(
+                "model_missing",
+                f"{spec.id!r} is configured as the local folder {folder}, "
+                "which holds no diffusers pipeline (model_index.json)",
+            )
         return f"{spec.id!r} is the local folder {folder}; nothing to download"
 
     from huggingface_hub import snapshot_download
@@ -41,6 +44,7 @@ def download(spec: ModelSpec, models_dir: Path, on_progress: Progress) -> str:
     try:
         path = snapshot_download(spec.repo, revision=spec.revision, tqdm_class=Reporting)
     except Exception as exc:
-        raise DownloadFailed("download_failed", f"could not download {spec.repo!r}: {type(exc).__name__}: {exc}") \
-            from exc
+        raise DownloadFailed(
+            "download_failed", f"could not download {spec.repo!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     return f"{spec.repo}@{spec.revision or 'default branch'} is in the Hugging Face cache at {path}"

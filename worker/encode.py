@@ -42,6 +42,11 @@ def probe_mp4(path: Path) -> VideoInfo:
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         count = sum(1 for _ in container.decode(stream))
-        return VideoInfo(num_frames=count, width=stream.codec_context.width, height=stream.codec_context.height,
-                         fps=float(stream.average_rate or stream.base_rate or 0), codec=stream.codec_context.name,
-                         pix_fmt=stream.codec_context.pix_fmt or "")
+        return VideoInfo(
+            num_frames=count,
+            width=stream.codec_context.width,
+            height=stream.codec_context.height,
+            fps=float(stream.average_rate or stream.base_rate or 0),
+            codec=stream.codec_context.name,
+            pix_fmt=stream.codec_context.pix_fmt or "",
+        )

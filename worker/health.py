@@ -18,8 +18,12 @@ async def _health(request: web.Request) -> web.Response:
 
 async def _ready(request: web.Request) -> web.Response:
     worker = request.app[WORKER]
-    body = {"status": "ready" if worker.ready else "unavailable", "worker": worker.worker_id,
-            "models": sorted(worker.models), "jobs_done": worker.jobs_done}
+    body = {
+        "status": "ready" if worker.ready else "unavailable",
+        "worker": worker.worker_id,
+        "models": sorted(worker.models),
+        "jobs_done": worker.jobs_done,
+    }
     return web.json_response(body, status=200 if worker.ready else 503)
 
 

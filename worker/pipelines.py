@@ -97,12 +97,19 @@ class ModelRunner:
         pipeline = pipeline_cls.from_pretrained(source, revision=spec.revision, dtype=dtype)
         pipeline.to(device)
         pipeline.set_progress_bar_config(disable=True)
-        log.info("model_loaded", model=spec.id, source=source, device=str(device), dtype=str(dtype),
-                 seconds=round(time.perf_counter() - started, 3))
+        log.info(
+            "model_loaded",
+            model=spec.id,
+            source=source,
+            device=str(device),
+            dtype=str(dtype),
+            seconds=round(time.perf_counter() - started, 3),
+        )
         return cls(spec, pipeline, device)
 
-    def generate(self, mode: GenerationMode, params: GenerationParams, inputs: Inputs,
-                 on_step: StepCallback) -> Generated:
+    def generate(
+        self, mode: GenerationMode, params: GenerationParams, inputs: Inputs, on_step: StepCallback
+    ) -> Generated:
         """Run one generation on the calling thread; `on_step(k, n)` after each denoising step."""
         pipe = self.pipelines[mode]
         marks = {"last_step": 0.0}

@@ -38,8 +38,9 @@ class JobReporter:
         """Apply a change now; raises if the record cannot be written (within the store patience)."""
         async with self._lock:
             record = self.record.advance(**changes)
-            await patiently(lambda: self._store.put_record(record), self._patience_s if patient else 0.0,
-                            "write_record")
+            await patiently(
+                lambda: self._store.put_record(record), self._patience_s if patient else 0.0, "write_record"
+            )
             self.record = record
             await self._publish(JobEvent.from_record(record))
             return record

@@ -62,8 +62,9 @@ CANCELLED_MEMORY = 10_000
 
 
 class Worker:
-    def __init__(self, settings: WorkerSettings, store: ObjectStore, runners: dict[str, ModelRunner],
-                 registry: Registry) -> None:
+    def __init__(
+        self, settings: WorkerSettings, store: ObjectStore, runners: dict[str, ModelRunner], registry: Registry
+    ) -> None:
         self.settings = settings
         self._registry = registry
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -88,8 +89,12 @@ class Worker:
 
     @property
     def ready(self) -> bool:
-        return (self._connection is not None and not self._connection.is_closed
-                and self._connection.connected.is_set() and bool(self._consumer_tags))
+        return (
+            self._connection is not None
+            and not self._connection.is_closed
+            and self._connection.connected.is_set()
+            and bool(self._consumer_tags)
+        )
 
     async def start(self) -> None:
         self._connection = await connect(self.settings.amqp_url)
@@ -131,8 +136,9 @@ class Worker:
         if self._connection is not None:
             await self._connection.close()  # an unacked job goes back to its queue
         self._gpu.shutdown(wait=finished, cancel_futures=True)
-        log.info("worker_stopped", worker=self.worker_id, jobs_done=self.jobs_done,
-                 jobs_handed_back=0 if finished else 1)
+        log.info(
+            "worker_stopped", worker=self.worker_id, jobs_done=self.jobs_done, jobs_handed_back=0 if finished else 1
+        )
         return finished
 
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
@@ -170,8 +176,9 @@ class Worker:
         with structlog.contextvars.bound_contextvars(job_id=job.job_id, model=job.params.model, mode=job.mode):
             reporter: JobReporter | None = None
             try:
-                record = await patiently(lambda: self._store.get_record(job.job_id), self.settings.store_patience_s,
-                                         "read_record") or _record_from(job)
+                record = await patiently(
+                    lambda: self._store.get_record(job.job_id), self.settings.store_patience_s, "read_record"
+                ) or _record_from(job)
                 if record.status.is_terminal:
                     # A redelivery of a job that already ended: never run it twice.
                     log.info("job_already_finished", status=record.status)
@@ -185,8 +192,11 @@ class Worker:
                 except JobCancelled:
                     await reporter.flush()
                     started = reporter.record.status == JobStatus.RUNNING
-                    await reporter.update(status=JobStatus.CANCELLED, phase=Phase.CANCELLED,
-                                          message="cancelled while running" if started else "cancelled before it started")
+                    await reporter.update(
+                        status=JobStatus.CANCELLED,
+                        phase=Phase.CANCELLED,
+                        message="cancelled while running" if started else "cancelled before it started",
+                    )
                     log.info("job_cancelled", running=started)
                 except JobFailed as exc:
                     await reporter.flush()
@@ -213,8 +223,13 @@ class Worker:
         # Only a job that never started can have waited too long; a redelivery after a crash runs.
         if reporter.record.attempts == 0 and queued_s > spec.max_queue_s:
             raise JobFailed(errors.expired(spec.id, spec.max_queue_s))
-        await reporter.update(status=JobStatus.RUNNING, phase=Phase.LOADING, started_at=utcnow(),
-                              attempts=reporter.record.attempts + 1, worker=self.worker_id)
+        await reporter.update(
+            status=JobStatus.RUNNING,
+            phase=Phase.LOADING,
+            started_at=utcnow(),
+            attempts=reporter.record.attempts + 1,
+            worker=self.worker_id,
+        )
         inputs = await self._fetch_inputs(job)
 
         cancel = self._running[job.job_id] = threading.Event()
@@ -225,8 +240,9 @@ class Worker:
         finally:
             self._running.pop(job.job_id, None)
 
-    async def _generate_and_deliver(self, job: JobMessage, reporter: JobReporter, inputs: Inputs,
-                                    cancel: threading.Event, queued_s: float) -> None:
+    async def _generate_and_deliver(
+        self, job: JobMessage, reporter: JobReporter, inputs: Inputs, cancel: threading.Event, queued_s: float
+    ) -> None:
         params = job.params
         assert isinstance(params, GenerationParams)
         eta = EtaEstimator(self._finish_times.expected(params.model, params.num_frames, params.width, params.height))
@@ -235,16 +251,22 @@ class Worker:
             # Runs on the generation thread, between two denoising steps.
             if cancel.is_set():
                 raise JobCancelled()  # diffusers' own interrupt would still decode the video
-            reporter.update_threadsafe(phase=Phase.DENOISING, step=step, total_steps=total,
-                                       progress=DENOISE_SHARE * step / total, eta_s=eta.step(step, total))
+            reporter.update_threadsafe(
+                phase=Phase.DENOISING,
+                step=step,
+                total_steps=total,
+                progress=DENOISE_SHARE * step / total,
+                eta_s=eta.step(step, total),
+            )
             if step == total:
                 reporter.update_threadsafe(phase=Phase.DECODING, progress=PROGRESS_AT[Phase.DECODING])
 
         runner = self._runners[params.model]
         loop = asyncio.get_running_loop()
         try:
-            generated: Generated = await loop.run_in_executor(self._gpu, runner.generate, job.mode, params, inputs,
-                                                              on_step)
+            generated: Generated = await loop.run_in_executor(
+                self._gpu, runner.generate, job.mode, params, inputs, on_step
+            )
         except JobCancelled:
             await loop.run_in_executor(self._gpu, runner.release_memory)
             raise
@@ -279,31 +301,45 @@ class Worker:
             size = path.stat().st_size
 
         frames, height, width = generated.frames.shape[:3]
-        self._finish_times.observe(params.model, frames, width, height,
-                                   generated.decode_s + time.perf_counter() - finish_started)
+        self._finish_times.observe(
+            params.model, frames, width, height, generated.decode_s + time.perf_counter() - finish_started
+        )
         await reporter.update(
-            status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED, progress=1.0,
+            status=JobStatus.SUCCEEDED,
+            phase=Phase.SUCCEEDED,
+            progress=1.0,
             output=JobOutput(key=key, bytes=size, num_frames=frames, width=width, height=height, fps=params.fps),
         )
-        log.info("job_succeeded", queued_s=round(queued_s, 3), denoise_s=round(generated.denoise_s, 3),
-                 decode_s=round(generated.decode_s, 3), encode_s=round(encode_s, 3),
-                 upload_s=round(upload_s, 3), bytes=size, frames=frames, width=width, height=height)
+        log.info(
+            "job_succeeded",
+            queued_s=round(queued_s, 3),
+            denoise_s=round(generated.denoise_s, 3),
+            decode_s=round(generated.decode_s, 3),
+            encode_s=round(encode_s, 3),
+            upload_s=round(upload_s, 3),
+            bytes=size,
+            frames=frames,
+            width=width,
+            height=height,
+        )
 
     async def _fetch_inputs(self, job: JobMessage) -> Inputs:
         params = job.params
         assert isinstance(params, GenerationParams)
         decoded: dict[str, Any] = {}
         for name, key in job.inputs.items():
-            data = await patiently(lambda key=key: self._store.get_bytes(key), self.settings.store_patience_s,
-                                   "read_input")
+            data = await patiently(
+                lambda key=key: self._store.get_bytes(key), self.settings.store_patience_s, "read_input"
+            )
             if data is None:
                 raise JobFailed(JobError(code="input_missing", message=f"the job's {name} ({key}) is not in the store"))
             try:
                 if name == "image":
                     decoded["image"] = await asyncio.to_thread(load_image, data, params.width, params.height)
                 else:
-                    decoded["video"] = await asyncio.to_thread(load_video, data, params.num_frames, params.width,
-                                                               params.height)
+                    decoded["video"] = await asyncio.to_thread(
+                        load_video, data, params.num_frames, params.width, params.height
+                    )
             except Exception as exc:
                 raise JobFailed(JobError(code="invalid_input", message=f"{name}: {exc}")) from exc
         return Inputs(**decoded)
@@ -313,8 +349,13 @@ class Worker:
         params = job.params
         assert isinstance(params, DownloadParams)
         spec = self._registry.models[params.model]
-        await reporter.update(status=JobStatus.RUNNING, phase=Phase.DOWNLOADING, started_at=utcnow(),
-                              attempts=reporter.record.attempts + 1, worker=self.worker_id)
+        await reporter.update(
+            status=JobStatus.RUNNING,
+            phase=Phase.DOWNLOADING,
+            started_at=utcnow(),
+            attempts=reporter.record.attempts + 1,
+            worker=self.worker_id,
+        )
 
         def on_progress(done: int, total: int) -> None:
             reporter.update_threadsafe(progress=0.99 * done / total, message=f"{done} of {total} files")
@@ -329,8 +370,7 @@ class Worker:
 
     async def _upload(self, key: str, path: Path) -> None:
         """Upload, waiting out a store outage; if it outlasts the patience, the job is handed back."""
-        await patiently(lambda: self._store.put_file(key, path, "video/mp4"), self.settings.store_patience_s,
-                        "upload")
+        await patiently(lambda: self._store.put_file(key, path, "video/mp4"), self.settings.store_patience_s, "upload")
 
     async def _publish_event(self, event: JobEvent) -> None:
         assert self._events is not None
@@ -344,8 +384,17 @@ def _raise_if(cancel: threading.Event) -> None:
 
 def _record_from(job: JobMessage) -> JobRecord:
     """A record for a job whose stored record is missing (e.g. published by another service)."""
-    record = JobRecord(job_id=job.job_id, mode=job.mode, model=job.params.model, status=JobStatus.QUEUED,
-                       phase=Phase.QUEUED, progress=0.0, seq=0, created_at=job.timestamp, updated_at=utcnow(),
-                       params=job.params)
+    record = JobRecord(
+        job_id=job.job_id,
+        mode=job.mode,
+        model=job.params.model,
+        status=JobStatus.QUEUED,
+        phase=Phase.QUEUED,
+        progress=0.0,
+        seq=0,
+        created_at=job.timestamp,
+        updated_at=utcnow(),
+        params=job.params,
+    )
     record.events = [record.last_event()]
     return record

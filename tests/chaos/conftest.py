@@ -35,8 +35,10 @@ class Tally:
 
     def line(self) -> str:
         extra = f", {self.failed} failed as designed" if self.failed else ""
-        return (f"{self.scenario}: {self.jobs} jobs, {self.succeeded} succeeded, {self.lost} lost, "
-                f"{self.duplicated} duplicated{extra}")
+        return (
+            f"{self.scenario}: {self.jobs} jobs, {self.succeeded} succeeded, {self.lost} lost, "
+            f"{self.duplicated} duplicated{extra}"
+        )
 
 
 @pytest.fixture
@@ -66,5 +68,3 @@ async def private_namespace(stack, amqp_url, namespace):
     for proc in started:
         stop_pid(proc.pid)
     await _delete_namespace(amqp_url, ns)
-
-

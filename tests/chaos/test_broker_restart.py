@@ -38,8 +38,10 @@ async def test_broker_restart_loses_no_job(stack, http, private_broker, tally) -
     env = {"VIDEOGEN_AMQP_URL": private_broker["url"]}
     gateway, gw = stack.start_gateway("gateway-restart-broker", **env)
     _, worker = stack.start_worker("worker-restart-broker", ["ltx-slow"], **env)
-    jobs = [(await submit(http, gateway, SLOW | {"num_inference_steps": 12, "prompt": f"survive {n}"}))["job_id"]
-            for n in range(3)]
+    jobs = [
+        (await submit(http, gateway, SLOW | {"num_inference_steps": 12, "prompt": f"survive {n}"}))["job_id"]
+        for n in range(3)
+    ]
 
     async def running() -> bool:
         _, job = await get_json(http, f"{gateway}/api/v1/jobs/{jobs[0]}")
@@ -58,8 +60,9 @@ async def test_broker_restart_loses_no_job(stack, http, private_broker, tally) -
 
     # Same node, same data directory: durable queues and persistent messages come back.
     base = private_broker["base"]
-    subprocess.run(["rabbitmq-server", "-detached"], check=True,
-                   env=devstack.rabbit_node_env(private_broker["url"], base))
+    subprocess.run(
+        ["rabbitmq-server", "-detached"], check=True, env=devstack.rabbit_node_env(private_broker["url"], base)
+    )
     devstack.wait_until(lambda: devstack.amqp_answers(private_broker["url"]), 90, "RabbitMQ back")
 
     async def ready_again() -> bool:

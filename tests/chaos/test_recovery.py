@@ -59,8 +59,11 @@ async def test_a_running_job_is_not_expired(stack, http, tally) -> None:
     accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 25})
     frames = await watch(http, gateway, accepted["job_id"], timeout=120)
     assert frames[-1]["status"] == "succeeded"
-    tally.count(frames[-1]["status"], _videos(stack, accepted["job_id"]), sum(f["job"] is not None for f in frames
-                                                                             if "job" in f))
+    tally.count(
+        frames[-1]["status"],
+        _videos(stack, accepted["job_id"]),
+        sum(f["job"] is not None for f in frames if "job" in f),
+    )
 
 
 def _videos(stack, job_id: str) -> int:
@@ -71,10 +74,16 @@ def _objects(stack, job_id: str) -> set[str]:
     from minio import Minio
 
     env = stack.env
-    client = Minio(env["VIDEOGEN_S3_ENDPOINT"], access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
-                   secret_key=env["VIDEOGEN_S3_SECRET_KEY"], secure=False, region="us-east-1")
-    return {o.object_name for o in client.list_objects(env["VIDEOGEN_S3_BUCKET"], prefix=f"jobs/{job_id}/",
-                                                       recursive=True)}
+    client = Minio(
+        env["VIDEOGEN_S3_ENDPOINT"],
+        access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
+        secret_key=env["VIDEOGEN_S3_SECRET_KEY"],
+        secure=False,
+        region="us-east-1",
+    )
+    return {
+        o.object_name for o in client.list_objects(env["VIDEOGEN_S3_BUCKET"], prefix=f"jobs/{job_id}/", recursive=True)
+    }
 
 
 async def _wait_exit(proc, timeout: float) -> int:
@@ -86,8 +95,9 @@ async def _wait_exit(proc, timeout: float) -> int:
 async def test_sigterm_lets_the_current_job_finish_then_exits_0(stack, http, private_namespace, tally) -> None:
     ns, started = private_namespace
     gateway, gw = stack.start_gateway(f"gateway-{ns}", VIDEOGEN_BROKER_NAMESPACE=ns)
-    _, worker = stack.start_worker(f"worker-term-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns,
-                                   VIDEOGEN_SHUTDOWN_GRACE_S="60")
+    _, worker = stack.start_worker(
+        f"worker-term-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns, VIDEOGEN_SHUTDOWN_GRACE_S="60"
+    )
     started += [worker, gw]
     accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 20})
     await until_step(http, gateway, accepted["job_id"], 2)
@@ -98,12 +108,12 @@ async def test_sigterm_lets_the_current_job_finish_then_exits_0(stack, http, pri
     tally.count(frames[-1]["status"], _videos(stack, accepted["job_id"]), 1)
 
 
-async def test_sigterm_past_the_grace_hands_the_job_back_and_exits_0(stack, http, private_namespace,
-                                                                     tally) -> None:
+async def test_sigterm_past_the_grace_hands_the_job_back_and_exits_0(stack, http, private_namespace, tally) -> None:
     ns, started = private_namespace
     gateway, gw = stack.start_gateway(f"gateway-{ns}", VIDEOGEN_BROKER_NAMESPACE=ns)
-    _, first = stack.start_worker(f"worker-short-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns,
-                                  VIDEOGEN_SHUTDOWN_GRACE_S="0.5")
+    _, first = stack.start_worker(
+        f"worker-short-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns, VIDEOGEN_SHUTDOWN_GRACE_S="0.5"
+    )
     started += [first, gw]
     accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 80})
     await until_step(http, gateway, accepted["job_id"], 2)
@@ -115,13 +125,15 @@ async def test_sigterm_past_the_grace_hands_the_job_back_and_exits_0(stack, http
     started.append(second)
     frames = await watch(http, gateway, accepted["job_id"], timeout=180)
     assert frames[-1]["status"] == "succeeded" and frames[-1]["job"]["attempts"] == 2
-    tally.count(frames[-1]["status"], _videos(stack, accepted["job_id"]),
-                sum(f["status"] == "succeeded" for f in frames))
+    tally.count(
+        frames[-1]["status"], _videos(stack, accepted["job_id"]), sum(f["status"] == "succeeded" for f in frames)
+    )
     assert tally.duplicated == 0
 
 
-async def test_a_job_that_keeps_killing_workers_is_dead_lettered_and_failed(stack, http, private_namespace,
-                                                                            amqp_url, tally) -> None:
+async def test_a_job_that_keeps_killing_workers_is_dead_lettered_and_failed(
+    stack, http, private_namespace, amqp_url, tally
+) -> None:
     """Each time a worker starts the job, the worker dies: after the queue's delivery limit the broker
     dead-letters it, a gateway fails the job with `worker_crashed`, and the message waits in <ns>.dead."""
     import asyncio

@@ -28,9 +28,14 @@ async def test_store_outage_mid_job_loses_nothing(stack, http, private_namespace
         return devstack.start_weed(data, base + 6, base, "outage-key", "outage-secret-123", "outage")
 
     weed, store = start_store()
-    env = {"VIDEOGEN_BROKER_NAMESPACE": ns, "VIDEOGEN_S3_ENDPOINT": store.endpoint,
-           "VIDEOGEN_S3_ACCESS_KEY": store.access_key, "VIDEOGEN_S3_SECRET_KEY": store.secret_key,
-           "VIDEOGEN_S3_BUCKET": store.bucket, "VIDEOGEN_S3_PUBLIC_ENDPOINT": f"http://{store.endpoint}"}
+    env = {
+        "VIDEOGEN_BROKER_NAMESPACE": ns,
+        "VIDEOGEN_S3_ENDPOINT": store.endpoint,
+        "VIDEOGEN_S3_ACCESS_KEY": store.access_key,
+        "VIDEOGEN_S3_SECRET_KEY": store.secret_key,
+        "VIDEOGEN_S3_BUCKET": store.bucket,
+        "VIDEOGEN_S3_PUBLIC_ENDPOINT": f"http://{store.endpoint}",
+    }
     gateway, gw = stack.start_gateway(f"gateway-{ns}", **env)
     worker_log = stack.logs / f"worker-outage-{ns}.log"
     _, worker = stack.start_worker(f"worker-outage-{ns}", ["ltx-slow"], **env)

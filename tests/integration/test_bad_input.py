@@ -26,20 +26,41 @@ CASES = [
     ({"prompt": "x", "guidance_scale": 51}, 422, "validation_error", "guidance_scale", "less_than_equal", "50"),
     ({"prompt": "x", "seed": -1}, 422, "validation_error", "seed", "greater_than_equal", "0"),
     ({"prompt": "x", "fps": 0}, 422, "validation_error", "fps", "greater_than_equal", "1"),
-    ({"prompt": "x", "num_inference_steps": 0}, 422, "validation_error", "num_inference_steps",
-     "greater_than_equal", "1"),
-    ({"prompt": "x", "width": 40}, 422, "validation_error", "width", "multiple_of_32", "nearest valid values: 32 or 64"),
+    (
+        {"prompt": "x", "num_inference_steps": 0},
+        422,
+        "validation_error",
+        "num_inference_steps",
+        "greater_than_equal",
+        "1",
+    ),
+    (
+        {"prompt": "x", "width": 40},
+        422,
+        "validation_error",
+        "width",
+        "multiple_of_32",
+        "nearest valid values: 32 or 64",
+    ),
     ({"prompt": "x", "height": 100}, 422, "validation_error", "height", "multiple_of_32", "96 or 128"),
     ({"prompt": "x", "width": 512}, 422, "validation_error", "width", "range", "between 32 and 256"),
     ({"prompt": "x", "num_frames": 10}, 422, "validation_error", "num_frames", "8k+1", "nearest valid values: 9 or 17"),
     ({"prompt": "x", "num_frames": 73}, 422, "validation_error", "num_frames", "maximum", "at most 65"),
-    ({"prompt": "x", "num_inference_steps": 21}, 422, "validation_error", "num_inference_steps", "maximum", "at most 20"),
+    (
+        {"prompt": "x", "num_inference_steps": 21},
+        422,
+        "validation_error",
+        "num_inference_steps",
+        "maximum",
+        "at most 20",
+    ),
     ({"prompt": "x", "model": "sora"}, 422, "validation_error", "model", "known_model", "unknown model 'sora'"),
 ]
 
 
-@pytest.mark.parametrize(("body", "status", "code", "field", "rule", "text"), CASES,
-                         ids=[f"{c[3]}-{c[4]}" for c in CASES])
+@pytest.mark.parametrize(
+    ("body", "status", "code", "field", "rule", "text"), CASES, ids=[f"{c[3]}-{c[4]}" for c in CASES]
+)
 async def test_bad_field_is_named(stack, http, body, status, code, field, rule, text) -> None:
     async with http.post(stack.gateway_url + URL, json=body) as response:
         payload = await response.json()
@@ -52,8 +73,9 @@ async def test_bad_field_is_named(stack, http, body, status, code, field, rule, 
 
 
 async def test_malformed_json_is_400(stack, http) -> None:
-    async with http.post(stack.gateway_url + URL, data=b'{"prompt": "x",',
-                         headers={"Content-Type": "application/json"}) as response:
+    async with http.post(
+        stack.gateway_url + URL, data=b'{"prompt": "x",', headers={"Content-Type": "application/json"}
+    ) as response:
         assert response.status == 400
         assert (await response.json())["error"]["code"] == "invalid_json"
 
@@ -65,8 +87,9 @@ async def test_body_must_be_an_object(stack, http) -> None:
 
 
 async def test_wrong_content_type_is_415(stack, http) -> None:
-    async with http.post(stack.gateway_url + URL, data="prompt=x",
-                         headers={"Content-Type": "application/x-www-form-urlencoded"}) as response:
+    async with http.post(
+        stack.gateway_url + URL, data="prompt=x", headers={"Content-Type": "application/x-www-form-urlencoded"}
+    ) as response:
         assert response.status == 415
         assert (await response.json())["error"]["code"] == "unsupported_media_type"
 
@@ -84,8 +107,13 @@ async def test_oversized_body_is_413(stack, http) -> None:
 async def test_refused_requests_leave_no_job_behind(stack, http, s3_store) -> None:
     from minio import Minio
 
-    client = Minio(s3_store.endpoint, access_key=s3_store.access_key, secret_key=s3_store.secret_key,
-                   secure=False, region="us-east-1")
+    client = Minio(
+        s3_store.endpoint,
+        access_key=s3_store.access_key,
+        secret_key=s3_store.secret_key,
+        secure=False,
+        region="us-east-1",
+    )
 
     def job_records() -> set[str]:
         return {o.object_name for o in client.list_objects(s3_store.bucket, prefix="jobs/", recursive=True)}

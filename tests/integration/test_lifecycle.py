@@ -43,8 +43,15 @@ async def test_events_are_steps_plus_phases_with_an_eta(stack, http) -> None:
     accepted = await submit(http, stack.gateway_url, SLOW | {"num_inference_steps": 8})
     assert accepted["queue_position"] == 0
     frames = await watch(http, stack.gateway_url, accepted["job_id"])
-    assert [f["phase"] for f in frames] == ["queued", "loading", *["denoising"] * 8, "decoding", "encoding",
-                                            "uploading", "succeeded"]
+    assert [f["phase"] for f in frames] == [
+        "queued",
+        "loading",
+        *["denoising"] * 8,
+        "decoding",
+        "encoding",
+        "uploading",
+        "succeeded",
+    ]
     assert frames[0]["queue_position"] == 0
     denoise = [f for f in frames if f["phase"] == "denoising"]
     assert [f["eta_s"] is None for f in denoise] == [True, True] + [False] * 6
@@ -84,8 +91,9 @@ async def test_two_gateways_relay_the_same_events(stack, http) -> None:
     other, _ = stack.start_gateway("gateway-second")
     accepted = await submit(http, stack.gateway_url, SLOW | {"num_inference_steps": 10})
     # Both connect while the job runs on a worker; each relays it from its own events queue.
-    here, there = await asyncio.gather(watch(http, stack.gateway_url, accepted["job_id"]),
-                                       watch(http, other, accepted["job_id"]))
+    here, there = await asyncio.gather(
+        watch(http, stack.gateway_url, accepted["job_id"]), watch(http, other, accepted["job_id"])
+    )
     assert without_job(here) == without_job(there)
     assert [f["seq"] for f in here] == list(range(len(here)))
 
@@ -150,6 +158,7 @@ async def test_cancel_a_queued_job_means_it_never_runs(stack, http) -> None:
         assert response.status == 200 and body["status"] == "cancelled"
         assert body["message"] == "cancelled before it started"
     await watch(http, stack.gateway_url, running["job_id"])
+
     # The single slow worker takes the cancelled job next, and drops it: wait until its queue is empty.
     async def queue_empty() -> bool:
         status, info = await get_json(http, f"{stack.gateway_url}/api/v1/model/info?model=ltx-slow")
@@ -166,8 +175,12 @@ async def test_cancel_a_queued_job_means_it_never_runs(stack, http) -> None:
 async def test_list_jobs_newest_first_with_pages_and_filters(stack, http) -> None:
     made = []
     for n in range(3):
-        accepted = await submit(http, stack.gateway_url, {"prompt": f"list {n}", "model": "wan-i2v-tiny",
-                                                           "image": _tiny_png_b64()}, mode="image-to-video")
+        accepted = await submit(
+            http,
+            stack.gateway_url,
+            {"prompt": f"list {n}", "model": "wan-i2v-tiny", "image": _tiny_png_b64()},
+            mode="image-to-video",
+        )
         made.append(accepted["job_id"])
     await asyncio.gather(*(watch(http, stack.gateway_url, j) for j in made))
     base = f"{stack.gateway_url}/api/v1/jobs?model=wan-i2v-tiny"
@@ -179,8 +192,12 @@ async def test_list_jobs_newest_first_with_pages_and_filters(stack, http) -> Non
     assert set(made) <= {j["job_id"] for j in succeeded["jobs"]}
     status, cancelled = await get_json(http, f"{stack.gateway_url}/api/v1/jobs?status=cancelled&limit=100")
     assert all(j["status"] == "cancelled" for j in cancelled["jobs"])
-    for query, field in (("status=done", "status"), ("model=sora", "model"), ("limit=0", "limit"),
-                         ("cursor=../../etc", "cursor")):
+    for query, field in (
+        ("status=done", "status"),
+        ("model=sora", "model"),
+        ("limit=0", "limit"),
+        ("cursor=../../etc", "cursor"),
+    ):
         status, body = await get_json(http, f"{stack.gateway_url}/api/v1/jobs?{query}")
         assert status == 422 and body["error"]["details"][0]["field"] == field
 
@@ -198,8 +215,13 @@ async def _video_exists(stack, job_id: str) -> bool:
     from minio.error import S3Error
 
     env = stack.env
-    client = Minio(env["VIDEOGEN_S3_ENDPOINT"], access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
-                   secret_key=env["VIDEOGEN_S3_SECRET_KEY"], secure=False, region="us-east-1")
+    client = Minio(
+        env["VIDEOGEN_S3_ENDPOINT"],
+        access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
+        secret_key=env["VIDEOGEN_S3_SECRET_KEY"],
+        secure=False,
+        region="us-east-1",
+    )
     try:
         client.stat_object(env["VIDEOGEN_S3_BUCKET"], f"jobs/{job_id}/video.mp4")
         return True

@@ -35,8 +35,16 @@ COMBOS = [
 
 @pytest.mark.parametrize(("model", "mode", "transport", "worker"), COMBOS, ids=[f"{c[0]}-{c[1]}" for c in COMBOS])
 async def test_mode_end_to_end(stack, http, tmp_path: Path, model, mode, transport, worker) -> None:
-    body = {"prompt": "a paper boat on a river", "model": model, "width": 64, "height": 32, "num_frames": 17,
-            "fps": 10, "num_inference_steps": 3, "seed": 3}
+    body = {
+        "prompt": "a paper boat on a river",
+        "model": model,
+        "width": 64,
+        "height": 32,
+        "num_frames": 17,
+        "fps": 10,
+        "num_inference_steps": 3,
+        "seed": 3,
+    }
     files = {}
     if mode != "text-to-video":
         field, data = ("image", IMAGE) if mode == "image-to-video" else ("video", VIDEO)
@@ -71,8 +79,13 @@ async def _stored_worker(stack, job_id: str) -> str:
     from minio import Minio
 
     env = stack.env
-    client = Minio(env["VIDEOGEN_S3_ENDPOINT"], access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
-                   secret_key=env["VIDEOGEN_S3_SECRET_KEY"], secure=False, region="us-east-1")
+    client = Minio(
+        env["VIDEOGEN_S3_ENDPOINT"],
+        access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
+        secret_key=env["VIDEOGEN_S3_SECRET_KEY"],
+        secure=False,
+        region="us-east-1",
+    )
     response = client.get_object(env["VIDEOGEN_S3_BUCKET"], f"jobs/{job_id}/job.json")
     try:
         return json.loads(response.read())["worker"]
@@ -81,16 +94,28 @@ async def _stored_worker(stack, job_id: str) -> str:
 
 
 async def test_inputs_are_stored_under_the_job_not_the_client_name(stack, http) -> None:
-    accepted = await submit(http, stack.gateway_url, {"prompt": "p", "model": "ltx-tiny"}, mode="image-to-video",
-                            files={"image": png_bytes(32, 32, fmt="JPEG")})
+    accepted = await submit(
+        http,
+        stack.gateway_url,
+        {"prompt": "p", "model": "ltx-tiny"},
+        mode="image-to-video",
+        files={"image": png_bytes(32, 32, fmt="JPEG")},
+    )
     await watch(http, stack.gateway_url, accepted["job_id"])
     from minio import Minio
 
     env = stack.env
-    client = Minio(env["VIDEOGEN_S3_ENDPOINT"], access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
-                   secret_key=env["VIDEOGEN_S3_SECRET_KEY"], secure=False, region="us-east-1")
-    names = {o.object_name for o in client.list_objects(env["VIDEOGEN_S3_BUCKET"],
-                                                        prefix=f"jobs/{accepted['job_id']}/", recursive=True)}
+    client = Minio(
+        env["VIDEOGEN_S3_ENDPOINT"],
+        access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
+        secret_key=env["VIDEOGEN_S3_SECRET_KEY"],
+        secure=False,
+        region="us-east-1",
+    )
+    names = {
+        o.object_name
+        for o in client.list_objects(env["VIDEOGEN_S3_BUCKET"], prefix=f"jobs/{accepted['job_id']}/", recursive=True)
+    }
     job = accepted["job_id"]
     assert names == {f"jobs/{job}/job.json", f"jobs/{job}/input/image.jpg", f"jobs/{job}/video.mp4"}
 
@@ -112,10 +137,14 @@ BAD_UPLOADS = [
 ]
 
 
-@pytest.mark.parametrize(("mode", "extra", "files", "status", "field", "rule"), BAD_UPLOADS,
-                         ids=[f"{c[0]}-{c[4]}-{c[5]}" for c in BAD_UPLOADS])
-async def test_bad_uploads_are_refused_with_the_field_named(stack, http, mode, extra, files, status, field,
-                                                            rule) -> None:
+@pytest.mark.parametrize(
+    ("mode", "extra", "files", "status", "field", "rule"),
+    BAD_UPLOADS,
+    ids=[f"{c[0]}-{c[4]}-{c[5]}" for c in BAD_UPLOADS],
+)
+async def test_bad_uploads_are_refused_with_the_field_named(
+    stack, http, mode, extra, files, status, field, rule
+) -> None:
     url = f"{stack.gateway_url}/api/v1/generate/{mode}"
     body = {"prompt": "p", "model": "ltx-tiny"} | extra
     if files:
@@ -147,7 +176,9 @@ async def test_models_list_live_workers(stack, http) -> None:
     status, body = await get_json(http, f"{stack.gateway_url}/api/v1/models")
     assert status == 200 and body["default_model"] == "ltx-tiny"
     models = {m["id"]: m for m in body["models"]}
-    assert {"ltx-video", "wan2-1-t2v-1-3b", "wan2-1-i2v-14b-480p", "ltx-tiny", "wan-tiny", "wan-i2v-tiny"} <= set(models)
+    assert {"ltx-video", "wan2-1-t2v-1-3b", "wan2-1-i2v-14b-480p", "ltx-tiny", "wan-tiny", "wan-i2v-tiny"} <= set(
+        models
+    )
     assert models["ltx-tiny"]["workers"] == 1 and models["wan-tiny"]["workers"] == 1
     assert models["ltx-video"]["workers"] == 0
     assert models["ltx-video"]["source"] == {"repo": "Lightricks/LTX-Video", "revision": None}
@@ -166,8 +197,10 @@ async def test_model_info(stack, http) -> None:
 
 
 async def test_wan_size_rules_are_checked_per_model(stack, http) -> None:
-    async with http.post(f"{stack.gateway_url}/api/v1/generate/text-to-video",
-                         json={"prompt": "p", "model": "wan-tiny", "width": 40, "num_frames": 10}) as response:
+    async with http.post(
+        f"{stack.gateway_url}/api/v1/generate/text-to-video",
+        json={"prompt": "p", "model": "wan-tiny", "width": 40, "num_frames": 10},
+    ) as response:
         payload = await response.json()
     assert response.status == 422
     rules = {d["field"]: d["rule"] for d in payload["error"]["details"]}
@@ -200,8 +233,9 @@ async def test_download_of_an_unknown_model_is_422(stack, http) -> None:
 
 
 async def test_job_for_a_model_without_workers_is_accepted_then_expires(stack, http) -> None:
-    gateway, _ = stack.start_gateway("gateway-short-queue",
-                                     VIDEOGEN_MODEL_OVERRIDES=json.dumps({"ltx-video": {"max_queue_s": 1}}))
+    gateway, _ = stack.start_gateway(
+        "gateway-short-queue", VIDEOGEN_MODEL_OVERRIDES=json.dumps({"ltx-video": {"max_queue_s": 1}})
+    )
     accepted = await submit(http, gateway, {"prompt": "nobody home", "model": "ltx-video"})
     assert accepted["workers"] == 0
     frames = await watch(http, gateway, accepted["job_id"], timeout=30)
@@ -256,8 +290,9 @@ async def test_a_full_queue_refuses_new_jobs_with_503_and_retry_after(stack, htt
         assert int(response.headers["Retry-After"]) >= 5
 
 
-@pytest.mark.parametrize(("frames", "width", "rule"), [(9, 64, "max_size"), (25, 32, "max_duration"),
-                                                        (15, 32, "max_frames")])
+@pytest.mark.parametrize(
+    ("frames", "width", "rule"), [(9, 64, "max_size"), (25, 32, "max_duration"), (15, 32, "max_frames")]
+)
 async def test_video_bounds_are_enforced(http, bounded_gateway, frames, width, rule) -> None:
     gateway = bounded_gateway
     form = aiohttp.FormData()
@@ -272,6 +307,7 @@ async def test_video_bounds_are_enforced(http, bounded_gateway, frames, width, r
 
 @pytest.fixture(scope="module")
 def bounded_gateway(stack) -> str:
-    url, _ = stack.start_gateway("gateway-bounded", VIDEOGEN_MAX_VIDEO_SIDE="48", VIDEOGEN_MAX_VIDEO_SECONDS="2",
-                                 VIDEOGEN_MAX_VIDEO_FRAMES="12")
+    url, _ = stack.start_gateway(
+        "gateway-bounded", VIDEOGEN_MAX_VIDEO_SIDE="48", VIDEOGEN_MAX_VIDEO_SECONDS="2", VIDEOGEN_MAX_VIDEO_FRAMES="12"
+    )
     return url

@@ -21,8 +21,15 @@ async def http():
 
 
 async def test_job_runs_end_to_end(stack, http, tmp_path: Path) -> None:
-    request = {"prompt": "a lighthouse in a storm", "width": 64, "height": 32, "num_frames": 17, "fps": 12,
-               "num_inference_steps": 3, "seed": 7}
+    request = {
+        "prompt": "a lighthouse in a storm",
+        "width": 64,
+        "height": 32,
+        "num_frames": 17,
+        "fps": 12,
+        "num_inference_steps": 3,
+        "seed": 7,
+    }
     accepted = await submit(http, stack.gateway_url, request)
     assert accepted["status"] == "queued"
     assert accepted["request"] | request == accepted["request"]  # every field as sent, defaults filled
@@ -33,8 +40,17 @@ async def test_job_runs_end_to_end(stack, http, tmp_path: Path) -> None:
     assert seqs == list(range(len(frames))), "events arrive in order, from the first, with no gap"
     assert all(f["job_id"] == accepted["job_id"] for f in frames)
     phases = [f["phase"] for f in frames]
-    assert phases == ["queued", "loading", "denoising", "denoising", "denoising", "decoding", "encoding",
-                      "uploading", "succeeded"]
+    assert phases == [
+        "queued",
+        "loading",
+        "denoising",
+        "denoising",
+        "denoising",
+        "decoding",
+        "encoding",
+        "uploading",
+        "succeeded",
+    ]
     assert [f["step"] for f in frames if f["phase"] == "denoising"] == [1, 2, 3]
     progress = [f["progress"] for f in frames]
     assert progress == sorted(progress) and progress[-1] == 1.0
@@ -105,8 +121,9 @@ async def test_unknown_job_is_404(stack, http) -> None:
     for job_id in ("0b6f2ad6-4f7e-4c55-9b1f-3f0a2c1d9e11", "not-a-job", "..%2F..%2Fetc"):
         status, body = await get_json(http, f"{stack.gateway_url}/api/v1/jobs/{job_id}")
         assert status == 404 and body["error"]["code"] == "job_not_found"
-    async with http.get(f"{stack.gateway_url}/api/v1/ws",
-                        params={"job_id": "0b6f2ad6-4f7e-4c55-9b1f-3f0a2c1d9e11"}) as response:
+    async with http.get(
+        f"{stack.gateway_url}/api/v1/ws", params={"job_id": "0b6f2ad6-4f7e-4c55-9b1f-3f0a2c1d9e11"}
+    ) as response:
         assert response.status == 404 and (await response.json())["error"]["code"] == "job_not_found"
     async with http.get(f"{stack.gateway_url}/api/v1/ws") as response:
         assert response.status == 400 and (await response.json())["error"]["code"] == "missing_parameter"
@@ -147,8 +164,11 @@ async def test_idempotency_key_returns_the_original_job(stack, http) -> None:
     async with http.post(url, json=body | {"prompt": "something else"}, headers=headers) as other:
         payload = await other.json()
         assert other.status == 422
-        assert payload["error"]["details"][0] == {"field": "Idempotency-Key", "rule": "reused_with_different_body",
-                                                  "message": payload["error"]["message"]}
+        assert payload["error"]["details"][0] == {
+            "field": "Idempotency-Key",
+            "rule": "reused_with_different_body",
+            "message": payload["error"]["message"],
+        }
     async with http.post(url, json=body) as without_key:
         assert (await without_key.json())["job_id"] != original["job_id"]
     async with http.post(url, json=body, headers={"Idempotency-Key": "k" * 300}) as bad:
@@ -157,8 +177,11 @@ async def test_idempotency_key_returns_the_original_job(stack, http) -> None:
 
 async def test_cors_preflight_and_headers(stack, http) -> None:
     url = f"{stack.gateway_url}/api/v1/generate/text-to-video"
-    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-                 "Access-Control-Request-Headers": "content-type,idempotency-key"}
+    preflight = {
+        "Origin": "https://app.example",
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "content-type,idempotency-key",
+    }
     async with http.options(url, headers=preflight) as response:
         assert response.status == 200
         assert response.headers["Access-Control-Allow-Origin"] in ("*", "https://app.example")

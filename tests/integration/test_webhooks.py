@@ -47,6 +47,7 @@ class Receiver:
             while not predicate():
                 self.changed.clear()
                 await self.changed.wait()
+
         await asyncio.wait_for(loop(), timeout)
 
 
@@ -66,21 +67,30 @@ async def receiver():
 
 @pytest.fixture(scope="module")
 def webhook_gateway(stack):
-    url, _ = stack.start_gateway("gateway-webhooks", VIDEOGEN_WEBHOOK_SECRET=SECRET,
-                                 VIDEOGEN_WEBHOOK_ALLOW_HOSTS="127.0.0.1")
+    url, _ = stack.start_gateway(
+        "gateway-webhooks", VIDEOGEN_WEBHOOK_SECRET=SECRET, VIDEOGEN_WEBHOOK_ALLOW_HOSTS="127.0.0.1"
+    )
     return url
 
 
 async def test_signed_filtered_and_retried_until_delivered(stack, http, receiver, webhook_gateway) -> None:
-    accepted = await submit(http, webhook_gateway, {"prompt": "hooked", "num_inference_steps": 3,
-                                                    "webhook_url": receiver.url,
-                                                    "webhook_events": ["job.running", "job.succeeded"]})
+    accepted = await submit(
+        http,
+        webhook_gateway,
+        {
+            "prompt": "hooked",
+            "num_inference_steps": 3,
+            "webhook_url": receiver.url,
+            "webhook_events": ["job.running", "job.succeeded"],
+        },
+    )
     frames = await watch(http, webhook_gateway, accepted["job_id"])
     running_seqs = {f["seq"] for f in frames if f["status"] == "running"}
 
     def delivered(kind: str) -> set[int]:
-        return {json.loads(b)["data"]["seq"] for s, _, b in receiver.calls
-                if s == 200 and json.loads(b)["type"] == kind}
+        return {
+            json.loads(b)["data"]["seq"] for s, _, b in receiver.calls if s == 200 and json.loads(b)["type"] == kind
+        }
 
     await receiver.wait_for(lambda: delivered("job.succeeded") and delivered("job.running") >= running_seqs)
     verifier = Webhook(SECRET)
@@ -108,15 +118,19 @@ async def test_an_unreachable_receiver_never_holds_the_job(stack, http, webhook_
     assert frames[-1]["status"] == "succeeded"
 
 
-@pytest.mark.parametrize(("url", "rule"), [
-    ("http://10.1.2.3/hook", "destination"),
-    ("http://169.254.169.254/latest/meta-data", "destination"),  # cloud metadata, link-local
-    ("ftp://example.com/hook", "url_scheme"),
-])
+@pytest.mark.parametrize(
+    ("url", "rule"),
+    [
+        ("http://10.1.2.3/hook", "destination"),
+        ("http://169.254.169.254/latest/meta-data", "destination"),  # cloud metadata, link-local
+        ("ftp://example.com/hook", "url_scheme"),
+    ],
+)
 async def test_private_or_odd_webhook_urls_are_refused(stack, http, webhook_gateway, url, rule) -> None:
     gateway = webhook_gateway if rule != "url_scheme" else stack.gateway_url
-    async with http.post(f"{gateway}/api/v1/generate/text-to-video",
-                         json={"prompt": "p", "webhook_url": url}) as response:
+    async with http.post(
+        f"{gateway}/api/v1/generate/text-to-video", json={"prompt": "p", "webhook_url": url}
+    ) as response:
         body = await response.json()
     assert response.status == 422, body
     detail = body["error"]["details"][0]
@@ -124,7 +138,9 @@ async def test_private_or_odd_webhook_urls_are_refused(stack, http, webhook_gate
 
 
 async def test_webhooks_need_a_configured_secret(stack, http) -> None:
-    async with http.post(f"{stack.gateway_url}/api/v1/generate/text-to-video",
-                         json={"prompt": "p", "webhook_url": "https://example.com/hook"}) as response:
+    async with http.post(
+        f"{stack.gateway_url}/api/v1/generate/text-to-video",
+        json={"prompt": "p", "webhook_url": "https://example.com/hook"},
+    ) as response:
         body = await response.json()
     assert response.status == 422 and body["error"]["details"][0]["rule"] == "webhooks_disabled"

@@ -27,8 +27,9 @@ def compose_command() -> list[str] | None:
 
 @pytest.mark.skipif(compose_command() is None, reason="no Compose implementation (docker compose / docker-compose)")
 def test_compose_file_validates() -> None:
-    result = subprocess.run([*compose_command(), "-f", str(COMPOSE), "config", "-q"], capture_output=True,
-                            text=True, cwd=ROOT)
+    result = subprocess.run(
+        [*compose_command(), "-f", str(COMPOSE), "config", "-q"], capture_output=True, text=True, cwd=ROOT
+    )
     assert result.returncode == 0, result.stderr
 
 

@@ -7,25 +7,45 @@ import pytest
 from schemas.jobs import GenerationParams, JobRecord, JobStatus, Phase, utcnow
 from schemas.messages import DecodeError, JobEvent, JobMessage, decode, encode
 
-PARAMS = GenerationParams(prompt="p", model="ltx-tiny", num_frames=9, width=32, height=32, fps=8,
-                          num_inference_steps=2, guidance_scale=1.0, seed=1)
+PARAMS = GenerationParams(
+    prompt="p",
+    model="ltx-tiny",
+    num_frames=9,
+    width=32,
+    height=32,
+    fps=8,
+    num_inference_steps=2,
+    guidance_scale=1.0,
+    seed=1,
+)
 
 
 def test_round_trip() -> None:
     message = JobMessage(job_id="j", mode="text-to-video", params=PARAMS)
     assert decode(encode(message)) == message
-    event = JobEvent(job_id="j", seq=3, status=JobStatus.RUNNING, phase=Phase.DENOISING, progress=0.5, step=1,
-                     total_steps=2)
+    event = JobEvent(
+        job_id="j", seq=3, status=JobStatus.RUNNING, phase=Phase.DENOISING, progress=0.5, step=1, total_steps=2
+    )
     assert decode(encode(event)) == event
 
 
-@pytest.mark.parametrize("raw", [
-    b"not json",
-    b"{}",
-    json.dumps({"type": "job.submit", "schema_version": 2, "job_id": "j", "mode": "text-to-video",
-                "params": PARAMS.model_dump()}).encode(),
-    json.dumps({"type": "job.unknown"}).encode(),
-])
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"{}",
+        json.dumps(
+            {
+                "type": "job.submit",
+                "schema_version": 2,
+                "job_id": "j",
+                "mode": "text-to-video",
+                "params": PARAMS.model_dump(),
+            }
+        ).encode(),
+        json.dumps({"type": "job.unknown"}).encode(),
+    ],
+)
 def test_bad_payloads_raise_one_error_keeping_the_bytes(raw: bytes) -> None:
     with pytest.raises(DecodeError) as info:
         decode(raw)
@@ -34,8 +54,18 @@ def test_bad_payloads_raise_one_error_keeping_the_bytes(raw: bytes) -> None:
 
 def test_terminal_event_carries_the_record() -> None:
     now = utcnow()
-    record = JobRecord(job_id="j", mode="text-to-video", model="ltx-tiny", status=JobStatus.SUCCEEDED,
-                       phase=Phase.SUCCEEDED, progress=1.0, seq=8, created_at=now, updated_at=now, params=PARAMS)
+    record = JobRecord(
+        job_id="j",
+        mode="text-to-video",
+        model="ltx-tiny",
+        status=JobStatus.SUCCEEDED,
+        phase=Phase.SUCCEEDED,
+        progress=1.0,
+        seq=8,
+        created_at=now,
+        updated_at=now,
+        params=PARAMS,
+    )
     assert JobEvent.from_record(record).job == record
     running = record.model_copy(update={"status": JobStatus.RUNNING})
     assert JobEvent.from_record(running).job is None

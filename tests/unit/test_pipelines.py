@@ -19,13 +19,24 @@ def runners(tmp_path_factory) -> dict[str, ModelRunner]:
     build_all(root)
     registry = load_registry()
     device = pick_device("auto")
-    return {m: ModelRunner.load(registry.get(m), root, device, pick_dtype("auto", device))
-            for m in ("ltx-tiny", "wan-tiny", "wan-i2v-tiny")}
+    return {
+        m: ModelRunner.load(registry.get(m), root, device, pick_dtype("auto", device))
+        for m in ("ltx-tiny", "wan-tiny", "wan-i2v-tiny")
+    }
 
 
 def params(model: str, **changes) -> GenerationParams:
-    base = dict(prompt="p", model=model, num_frames=17, width=64, height=32, fps=8, num_inference_steps=3,
-                guidance_scale=1.0, seed=5)
+    base = dict(
+        prompt="p",
+        model=model,
+        num_frames=17,
+        width=64,
+        height=32,
+        fps=8,
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        seed=5,
+    )
     return GenerationParams(**(base | changes))
 
 
@@ -33,16 +44,20 @@ def picture(width: int, height: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (height, width, 3), dtype=np.uint8))
 
 
-@pytest.mark.parametrize(("model", "mode", "strength", "steps_run"), [
-    ("ltx-tiny", "text-to-video", None, 3),
-    ("ltx-tiny", "image-to-video", None, 3),
-    ("ltx-tiny", "video-to-video", 0.8, None),
-    ("wan-tiny", "text-to-video", None, 3),
-    ("wan-tiny", "video-to-video", 0.7, 2),  # Wan's v2v runs int(steps * strength) steps
-    ("wan-i2v-tiny", "image-to-video", None, 3),
-])
-def test_every_mode_reports_each_step_and_returns_the_requested_video(runners, model, mode, strength,
-                                                                      steps_run) -> None:
+@pytest.mark.parametrize(
+    ("model", "mode", "strength", "steps_run"),
+    [
+        ("ltx-tiny", "text-to-video", None, 3),
+        ("ltx-tiny", "image-to-video", None, 3),
+        ("ltx-tiny", "video-to-video", 0.8, None),
+        ("wan-tiny", "text-to-video", None, 3),
+        ("wan-tiny", "video-to-video", 0.7, 2),  # Wan's v2v runs int(steps * strength) steps
+        ("wan-i2v-tiny", "image-to-video", None, 3),
+    ],
+)
+def test_every_mode_reports_each_step_and_returns_the_requested_video(
+    runners, model, mode, strength, steps_run
+) -> None:
     runner = runners[model]
     size = (64, 32)
     inputs = Inputs(image=picture(*size), video=[picture(*size, seed=i) for i in range(17)])

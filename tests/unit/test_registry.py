@@ -28,15 +28,18 @@ def test_default_model_and_random_seed(registry) -> None:
     assert 0 <= params.seed < 2**32
 
 
-@pytest.mark.parametrize(("model", "fields", "field", "rule", "nearest"), [
-    ("ltx-video", {"width": 500}, "width", "multiple_of_32", "480 or 512"),
-    ("ltx-video", {"height": 250}, "height", "multiple_of_32", "256"),  # below the minimum: only 256 is valid
-    ("ltx-video", {"width": 1300}, "width", "multiple_of_32", "1280"),
-    ("ltx-video", {"num_frames": 120}, "num_frames", "8k+1", "113 or 121"),
-    ("ltx-video", {"num_frames": 300}, "num_frames", "8k+1", "257"),
-    ("wan2-1-t2v-1-3b", {"width": 840}, "width", "multiple_of_16", "832 or 848"),
-    ("wan2-1-t2v-1-3b", {"num_frames": 80}, "num_frames", "4k+1", "77 or 81"),
-])
+@pytest.mark.parametrize(
+    ("model", "fields", "field", "rule", "nearest"),
+    [
+        ("ltx-video", {"width": 500}, "width", "multiple_of_32", "480 or 512"),
+        ("ltx-video", {"height": 250}, "height", "multiple_of_32", "256"),  # below the minimum: only 256 is valid
+        ("ltx-video", {"width": 1300}, "width", "multiple_of_32", "1280"),
+        ("ltx-video", {"num_frames": 120}, "num_frames", "8k+1", "113 or 121"),
+        ("ltx-video", {"num_frames": 300}, "num_frames", "8k+1", "257"),
+        ("wan2-1-t2v-1-3b", {"width": 840}, "width", "multiple_of_16", "832 or 848"),
+        ("wan2-1-t2v-1-3b", {"num_frames": 80}, "num_frames", "4k+1", "77 or 81"),
+    ],
+)
 def test_rule_violations_name_the_nearest_valid_values(registry, model, fields, field, rule, nearest) -> None:
     params, problems = resolve(registry, model=model, **fields)
     assert params is None
@@ -51,8 +54,9 @@ def test_valid_wan_sizes_pass(registry) -> None:
 
 
 def test_overrides_patch_one_entry(tmp_path) -> None:
-    registry = load_registry(overrides={"ltx-video": {"path": "/models/ltx", "defaults": {"num_frames": 97}}},
-                             default_model="ltx-tiny")
+    registry = load_registry(
+        overrides={"ltx-video": {"path": "/models/ltx", "defaults": {"num_frames": 97}}}, default_model="ltx-tiny"
+    )
     spec = registry.get("ltx-video")
     assert spec.repo is None and spec.source(tmp_path) == "/models/ltx"
     assert spec.defaults.num_frames == 97 and spec.defaults.width == 704
@@ -62,8 +66,10 @@ def test_overrides_patch_one_entry(tmp_path) -> None:
 
 def test_registry_file_is_checked(tmp_path) -> None:
     bad = tmp_path / "models.toml"
-    bad.write_text('[models.x]\nfamily = "ltx"\nnative_fps = 8\nmodes = ["text-to-video"]\n'
-                   'defaults = {width = 32, height = 32, num_frames = 9, num_inference_steps = 2, guidance_scale = 1.0}\n'
-                   'limits = {max_width = 64, max_height = 64, max_frames = 9}\n')
+    bad.write_text(
+        '[models.x]\nfamily = "ltx"\nnative_fps = 8\nmodes = ["text-to-video"]\n'
+        "defaults = {width = 32, height = 32, num_frames = 9, num_inference_steps = 2, guidance_scale = 1.0}\n"
+        "limits = {max_width = 64, max_height = 64, max_frames = 9}\n"
+    )
     with pytest.raises(ValueError, match="exactly one of `repo` or `path`"):
         load_registry(bad)

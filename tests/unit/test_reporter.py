@@ -8,8 +8,17 @@ import pytest
 from schemas.jobs import GenerationParams, JobRecord, JobStatus, Phase, utcnow
 from worker.reporter import JobReporter
 
-PARAMS = GenerationParams(prompt="p", model="ltx-tiny", num_frames=9, width=32, height=32, fps=8,
-                          num_inference_steps=2, guidance_scale=1.0, seed=1)
+PARAMS = GenerationParams(
+    prompt="p",
+    model="ltx-tiny",
+    num_frames=9,
+    width=32,
+    height=32,
+    fps=8,
+    num_inference_steps=2,
+    guidance_scale=1.0,
+    seed=1,
+)
 
 
 class FakeStore:
@@ -28,8 +37,18 @@ class FakeStore:
 
 def new_record() -> JobRecord:
     now = utcnow()
-    return JobRecord(job_id="j", mode="text-to-video", model="ltx-tiny", status=JobStatus.QUEUED,
-                     phase=Phase.QUEUED, progress=0.0, seq=0, created_at=now, updated_at=now, params=PARAMS)
+    return JobRecord(
+        job_id="j",
+        mode="text-to-video",
+        model="ltx-tiny",
+        status=JobStatus.QUEUED,
+        phase=Phase.QUEUED,
+        progress=0.0,
+        seq=0,
+        created_at=now,
+        updated_at=now,
+        params=PARAMS,
+    )
 
 
 @pytest.fixture

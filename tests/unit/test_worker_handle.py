@@ -64,17 +64,32 @@ class OomRunner:
         import numpy as np
 
         on_step(1, 1)
-        return Generated(frames=np.zeros((params.num_frames, params.height, params.width, 3), np.uint8),
-                         denoise_s=0.01, decode_s=0.01)
+        return Generated(
+            frames=np.zeros((params.num_frames, params.height, params.width, 3), np.uint8),
+            denoise_s=0.01,
+            decode_s=0.01,
+        )
 
     def release_memory(self):
         self.released += 1
 
 
 def job(job_id: str) -> JobMessage:
-    return JobMessage(job_id=job_id, mode="text-to-video",
-                      params=GenerationParams(prompt="p", model="ltx-tiny", num_frames=9, width=32, height=32, fps=8,
-                                              num_inference_steps=1, guidance_scale=1.0, seed=1))
+    return JobMessage(
+        job_id=job_id,
+        mode="text-to-video",
+        params=GenerationParams(
+            prompt="p",
+            model="ltx-tiny",
+            num_frames=9,
+            width=32,
+            height=32,
+            fps=8,
+            num_inference_steps=1,
+            guidance_scale=1.0,
+            seed=1,
+        ),
+    )
 
 
 @pytest.fixture
@@ -150,6 +165,7 @@ async def test_a_short_store_outage_is_waited_out_without_handing_the_job_back(w
                 failures[name] -= 1
                 raise ConnectionError("store down")
             return await real(*args)
+
         return op
 
     store.put_record = flaky("put_record", real_put_record)
