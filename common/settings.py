@@ -69,8 +69,20 @@ class GatewaySettings(CommonSettings):
     webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Hosts, IPs or CIDRs webhooks may reach even if private or loopback."
     )
+    auth_disabled: bool = Field(default=False, description="Serve without API keys (local development only).")
+    api_keys_file: Path | None = Field(default=None, description="TOML file of API keys (see gateway/auth.py).")
+    rate_limit: str = Field(default="20/second", description="Requests per key, e.g. '20/second', '600/minute'.")
+    max_concurrent_jobs: int = Field(default=8, ge=1, description="Queued plus running jobs per key.")
     webhook_max_attempts: int = Field(default=8, ge=1)
     webhook_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _rate_parses(cls, value: str) -> str:
+        from limits import parse
+
+        parse(value)
+        return value
 
     @field_validator("webhook_allow_hosts", "cors_allow_origins", mode="before")
     @classmethod
@@ -89,6 +101,11 @@ class WorkerSettings(CommonSettings):
         default=300.0,
         ge=0,
         description="How long a worker holding a job retries the object store before it hands the job back.",
+    )
+    idle_poll_s: float = Field(
+        default=1.0,
+        gt=0,
+        description="How often an idle worker looks for jobs that came without a `JobAvailable` notice.",
     )
     shutdown_grace_s: float = Field(
         default=60.0, ge=0, description="On SIGTERM, how long the current job may run on before it is requeued."

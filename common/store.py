@@ -31,14 +31,31 @@ def output_key(job_id: str) -> str:
 _INDEX_EPOCH_MS = 10**13
 
 
-def index_keys(job_id: str, model: str, created_at: datetime) -> list[str]:
-    """Empty objects that list jobs newest first: all jobs, and per model."""
+def index_keys(job_id: str, model: str, created_at: datetime, owner: str | None) -> list[str]:
+    """Empty objects that list jobs newest first: all jobs and per model, then the same per owner."""
     stamp = f"{_INDEX_EPOCH_MS - int(created_at.timestamp() * 1000):013d}-{job_id}"
-    return [f"index/jobs/{stamp}", f"index/models/{model}/{stamp}"]
+    keys = [f"{index_prefix(None, None)}{stamp}", f"{index_prefix(model, None)}{stamp}"]
+    if owner is not None:
+        keys += [f"{index_prefix(None, owner)}{stamp}", f"{index_prefix(model, owner)}{stamp}"]
+    return keys
 
 
-def index_prefix(model: str | None) -> str:
-    return "index/jobs/" if model is None else f"index/models/{model}/"
+def index_prefix(model: str | None, owner: str | None) -> str:
+    scope = "index/" if owner is None else f"index/owners/{owner}/"
+    return f"{scope}jobs/" if model is None else f"{scope}models/{model}/"
+
+
+def active_key(owner: str, job_id: str) -> str:
+    """An empty object per queued or running job of an API key: what its job quota counts."""
+    return f"{active_prefix(owner)}{job_id}"
+
+
+def active_prefix(owner: str) -> str:
+    return f"active/{owner}/"
+
+
+def job_id_of_active(key: str) -> str:
+    return key.rsplit("/", 1)[-1]
 
 
 def job_id_of_index(key: str) -> str:
@@ -133,6 +150,10 @@ class ObjectStore:
             return keys
 
         return await asyncio.to_thread(run)
+
+    async def delete(self, key: str) -> None:
+        """Remove an object; removing one that is not there is no error."""
+        await asyncio.to_thread(self._client.remove_object, self.bucket, key)
 
     async def put_record(self, record: JobRecord) -> None:
         await self.put_bytes(record_key(record.job_id), record.model_dump_json().encode(), "application/json")

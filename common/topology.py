@@ -1,16 +1,23 @@
 """Names and declarations of every exchange and queue. Both processes declare through here.
 
-- `<ns>.jobs`   direct exchange; routing key = model id; one durable quorum queue per model,
-                `<ns>.jobs.<model>`. Model downloads use routing key `_download` and the queue
-                `<ns>.downloads`, which every worker consumes. Messages: persistent `JobMessage`,
-                without a TTL (a TTL would survive a requeue and expire a job handed back by a
-                crashed worker).
+- `<ns>.jobs`   direct exchange; three durable quorum queues per model, one per priority:
+                `<ns>.jobs.<model>.high` (routing key `<model>.high`), `<ns>.jobs.<model>`
+                (normal, key `<model>`) and `<ns>.jobs.<model>.low` (key `<model>.low`). Quorum
+                queues honour no message priority before RabbitMQ 4.0, so a priority is a queue:
+                workers take (basic.get) from the highest non-empty one. Model downloads use
+                routing key `_download` and the queue `<ns>.downloads`, which every worker
+                consumes. Messages: persistent `JobMessage`, without a TTL (a TTL would survive a
+                requeue and expire a job handed back by a crashed worker).
+- `<ns>.workers.<model>` one queue per model that never holds a message: each worker serving the
+                model keeps a consumer on it, so its consumer count is the number of such workers.
 - `<ns>.expiry.<model>` one delay queue per model: an `ExpiryCheck` per job, with a per-message TTL
                 of the model's `max_queue_s`, dead-lettered on expiry through the fanout exchange
                 `<ns>.expiry.due` to the queue `<ns>.expiry.due`, which gateways consume: a job still
                 queued then fails with code `expired`.
 - `<ns>.events` topic exchange; routing key `job.<job_id>.<status>`. Messages: `JobEvent`.
-- `<ns>.control` fanout exchange; every worker binds an exclusive queue. Messages: `CancelMessage`.
+- `<ns>.control` fanout exchange; every worker binds an exclusive queue. Messages: `CancelMessage`,
+                and `JobAvailable` (published after each job, so idle workers look at once
+                instead of at their next poll).
 - `<ns>.webhooks` quorum queue bound to `<ns>.events` with `job.#`, shared by the gateways that
                 deliver webhooks (declared only where a signing secret is set).
 - `<ns>.dlx`    fanout exchange for dead letters (expired, delivery limit reached, rejected), bound
@@ -27,6 +34,7 @@ import aio_pika
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractQueue, AbstractRobustConnection
 
+from schemas.jobs import PRIORITIES, Priority
 from schemas.messages import EnvelopeHeader, encode
 
 log = structlog.get_logger("broker")
@@ -81,11 +89,42 @@ class Topology:
     def downloads_queue(self) -> str:
         return f"{self.namespace}.downloads"
 
-    def job_queue(self, model_id: str) -> str:
-        return f"{self.namespace}.jobs.{model_id}"
+    @staticmethod
+    def job_key(model_id: str, priority: Priority = "normal") -> str:
+        """The routing key of a model's jobs at a priority (model ids contain no ".")."""
+        return model_id if priority == "normal" else f"{model_id}.{priority}"
+
+    def job_queue(self, model_id: str, priority: Priority = "normal") -> str:
+        return f"{self.namespace}.jobs.{self.job_key(model_id, priority)}"
+
+    def workers_queue(self, model_id: str) -> str:
+        return f"{self.namespace}.workers.{model_id}"
 
     def queue_for(self, routing_key: str) -> str:
-        return self.downloads_queue if routing_key == DOWNLOAD_KEY else self.job_queue(routing_key)
+        return self.downloads_queue if routing_key == DOWNLOAD_KEY else f"{self.namespace}.jobs.{routing_key}"
+
+    def queue_names(self, model_ids: list[str]) -> list[str]:
+        """Every queue of the namespace (for tools that clean one up)."""
+        names = [
+            self.dead_letter_queue,
+            self.dead_letter_notify_queue,
+            self.expiry_due,
+            self.webhooks_queue,
+            self.downloads_queue,
+        ]
+        for model_id in model_ids:
+            names += [self.job_queue(model_id, p) for p in PRIORITIES]
+            names += [self.expiry_queue(model_id), self.workers_queue(model_id)]
+        return names
+
+    def exchange_names(self) -> list[str]:
+        return [
+            self.jobs_exchange,
+            self.events_exchange,
+            self.dead_letter_exchange,
+            self.control_exchange,
+            self.expiry_due,
+        ]
 
     @staticmethod
     def event_key(job_id: str, status: str) -> str:
@@ -102,7 +141,7 @@ class Topology:
     ) -> tuple[AbstractExchange, dict[str, AbstractQueue]]:
         """Declare the jobs exchange, the dead-letter path, the downloads queue and one queue per model.
 
-        Returns the queues by routing key (model id, or DOWNLOAD_KEY).
+        Returns the queues by routing key (`job_key(model, priority)`, or DOWNLOAD_KEY).
         """
         dlx = await channel.declare_exchange(self.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
         for name in (self.dead_letter_queue, self.dead_letter_notify_queue):
@@ -117,9 +156,13 @@ class Topology:
                 durable=True,
                 arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": self.expiry_due},
             )
+            await channel.declare_queue(
+                self.workers_queue(model_id), durable=True, arguments={"x-queue-type": "quorum"}
+            )
         jobs = await channel.declare_exchange(self.jobs_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
         queues = {}
-        for key in [*model_ids, DOWNLOAD_KEY]:
+        keys = [self.job_key(model_id, p) for model_id in model_ids for p in PRIORITIES]
+        for key in [*keys, DOWNLOAD_KEY]:
             queue = await channel.declare_queue(
                 self.queue_for(key),
                 durable=True,

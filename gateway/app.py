@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp_cors
@@ -11,24 +12,29 @@ from aiohttp import web
 from common.settings import GatewaySettings
 from common.store import ObjectStore
 from common.topology import Topology
-from gateway import handlers, jobs, models, ws
+from gateway import handlers, jobs, models, quota, ws
+from gateway.auth import Keys, auth_middleware, load_keys
 from gateway.broker import GatewayBroker
 from gateway.deadletters import dead_letter_handler, expiry_handler
 from gateway.errors import error_middleware, timeout_middleware
 from gateway.events import EventHub
-from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE, WEBHOOKS
+from gateway.keys import BROKER, HUB, KEYS, REGISTRY, SETTINGS, STORE, WEBHOOKS
 from gateway.webhooks import WebhookDeliverer
+from schemas.jobs import JobRecord
+from schemas.messages import JobEvent
 
 log = structlog.get_logger("gateway")
 
 
 def create_app(settings: GatewaySettings) -> web.Application:
+    keys = build_keys(settings)
     # Body limits are enforced per route by the handlers (JSON vs uploads); this is the outer bound.
     app = web.Application(
         client_max_size=settings.max_upload_bytes * 4 // 3 + 65536,
-        middlewares=[error_middleware, timeout_middleware(settings.request_timeout_s)],
+        middlewares=[error_middleware, auth_middleware(keys), timeout_middleware(settings.request_timeout_s)],
     )
     app[SETTINGS] = settings
+    app[KEYS] = keys
     app[REGISTRY] = settings.registry()
     app[HUB] = EventHub()
     app.cleanup_ctx.append(_store_ctx)
@@ -36,6 +42,29 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app.on_shutdown.append(_close_streams)
     add_routes(app)
     return app
+
+
+def build_keys(settings: GatewaySettings) -> Keys | None:
+    """The API keys, or None when auth is disabled; a ConfigError when neither is configured."""
+    if settings.auth_disabled:
+        log.warning("auth_disabled", detail="every caller may use every job: for local development only")
+        return None
+    if settings.api_keys_file is None:
+        raise ConfigError(
+            "no API keys: set VIDEOGEN_API_KEYS_FILE (make keys with `python -m gateway.auth new "
+            "<id>`), or VIDEOGEN_AUTH_DISABLED=true for local development"
+        )
+    try:
+        api_keys = load_keys(settings.api_keys_file)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    if not api_keys:
+        raise ConfigError(f"API key file {settings.api_keys_file} has no keys")
+    return Keys(api_keys, settings.rate_limit, settings.max_concurrent_jobs)
+
+
+class ConfigError(Exception):
+    """The gateway cannot start with these settings; the message says what to change."""
 
 
 def add_routes(app: web.Application) -> None:
@@ -83,8 +112,29 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+def _release_quota_on_end(app: web.Application) -> None:
+    """Every gateway sees every terminal event: each removes the job's quota marker (see gateway/quota.py)."""
+    store, pending = app[STORE], set()
+
+    async def release(record: JobRecord) -> None:
+        try:
+            await quota.release(store, record)
+        except Exception as exc:  # the next check at the quota finds the ended job and clears it
+            log.warning("quota_release_failed", job_id=record.job_id, error=str(exc))
+
+    def listener(event: JobEvent) -> None:
+        if event.job is not None and event.status.is_terminal:
+            task = asyncio.ensure_future(release(event.job))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+    app[HUB].listeners.append(listener)
+
+
 async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
+    if app[KEYS] is not None:
+        _release_quota_on_end(app)
     broker = GatewayBroker(settings.amqp_url, Topology(settings.broker_namespace), app[HUB])
     app[BROKER] = broker
     await broker.start(

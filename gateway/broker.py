@@ -4,16 +4,20 @@ turn dead-lettered jobs into failed jobs."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
+import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 
 from common.topology import DOWNLOAD_KEY, Topology, connect, to_amqp
 from gateway.events import EventHub
-from schemas.messages import CancelMessage, DecodeError, ExpiryCheck, JobEvent, JobMessage, decode
+from schemas.jobs import PRIORITIES, Priority
+from schemas.messages import CancelMessage, DecodeError, ExpiryCheck, JobAvailable, JobEvent, JobMessage, decode
 from schemas.registry import Registry
 
 log = structlog.get_logger("gateway.broker")
@@ -28,8 +32,15 @@ ExpiryHandler = Callable[["ExpiryCheck"], Awaitable[None]]
 
 @dataclass(frozen=True)
 class QueueStats:
-    messages: int
-    consumers: int
+    messages: int  # waiting, all priorities together
+    consumers: int  # workers taking from the queue(s)
+    waiting: dict[str, int] = field(default_factory=dict)  # by priority (model queues only)
+
+    def ahead_of(self, priority: Priority) -> int:
+        """Jobs a new job of this priority would wait behind: those at the same or a higher one."""
+        if not self.waiting:
+            return self.messages
+        return sum(self.waiting[p] for p in PRIORITIES[: PRIORITIES.index(priority) + 1])
 
 
 class GatewayBroker:
@@ -94,16 +105,25 @@ class GatewayBroker:
         if message.mode == "download":
             routing_key = DOWNLOAD_KEY
         else:
-            routing_key = message.params.model
+            routing_key = Topology.job_key(message.params.model, message.params.priority)
             # The check first: if it cannot be stored, the job is not published either.
             limit = registry.models[message.params.model].max_queue_s
-            check = ExpiryCheck(job_id=message.job_id, model=routing_key, max_queue_s=limit)
+            check = ExpiryCheck(job_id=message.job_id, model=message.params.model, max_queue_s=limit)
             await self._channel.default_exchange.publish(
                 to_amqp(check, persistent=True, expiration=limit),
-                routing_key=self._topology.expiry_queue(routing_key),
+                routing_key=self._topology.expiry_queue(message.params.model),
                 mandatory=True,
             )
         await self._jobs.publish(to_amqp(message, persistent=True), routing_key=routing_key, mandatory=True)
+        if message.mode != "download":
+            assert self._control is not None
+            # Wakes idle workers now; the job is safely queued already, so this one is best effort.
+            try:
+                await self._control.publish(
+                    to_amqp(JobAvailable(model=message.params.model)), routing_key="", mandatory=False
+                )
+            except Exception as exc:
+                log.warning("job_available_not_sent", job_id=message.job_id, error=str(exc))
 
     async def publish_event(self, event: JobEvent) -> None:
         assert self._events is not None
@@ -116,9 +136,44 @@ class GatewayBroker:
         await self._control.publish(to_amqp(CancelMessage(job_id=job_id)), routing_key="", mandatory=False)
 
     async def queue_stats(self, message: JobMessage) -> QueueStats:
-        """Depth and consumer count of the queue this job went to (a passive declare)."""
-        key = DOWNLOAD_KEY if message.mode == "download" else message.params.model
-        return await self.stats_of(self._topology.queue_for(key))
+        """What waits where this job goes, and who takes from there."""
+        if message.mode == "download":
+            return await self.stats_of(self._topology.downloads_queue)
+        return await self.model_stats(message.params.model)
+
+    async def model_stats(self, model_id: str) -> QueueStats:
+        """Jobs waiting for a model, by priority, and the workers serving it (passive declares)."""
+        waiting = {p: (await self.stats_of(self._topology.job_queue(model_id, p))).messages for p in PRIORITIES}
+        workers = (await self.stats_of(self._topology.workers_queue(model_id))).consumers
+        return QueueStats(messages=sum(waiting.values()), consumers=workers, waiting=waiting)
+
+    @asynccontextmanager
+    async def exclusive(self, name: str, timeout: float) -> AsyncIterator[None]:
+        """A lock shared by every gateway: an exclusive queue `<ns>.lock.<name>`, which only one
+        connection can hold; it goes away with its holder's connection if that gateway dies."""
+        assert self._connection is not None
+        queue_name = f"{self._topology.namespace}.lock.{name}"
+        deadline = asyncio.get_running_loop().time() + timeout
+        delay = 0.01
+        while True:
+            channel = await self._connection.channel()
+            try:
+                queue = await channel.declare_queue(queue_name, exclusive=True, auto_delete=True, robust=False)
+                break
+            except aiormq.exceptions.ChannelLockedResource:
+                with contextlib.suppress(Exception):
+                    await channel.close()
+                if asyncio.get_running_loop().time() + delay > deadline:
+                    raise TimeoutError(name) from None
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 0.2)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await queue.delete(if_unused=False, if_empty=False)
+            with contextlib.suppress(Exception):
+                await channel.close()
 
     async def stats_of(self, queue_name: str) -> QueueStats:
         assert self._connection is not None

@@ -32,6 +32,23 @@ class ApiError(Exception):
         return web.json_response({"error": body}, status=self.status, headers=self.headers)
 
 
+def store_unavailable() -> ApiError:
+    return ApiError(
+        503, "store_unavailable", "the object store is unavailable; retry later", headers={"Retry-After": "5"}
+    )
+
+
+async def store_call(operation: Awaitable[Any]) -> Any:
+    """Await a store operation a request needs: the store being down is a 503, not a 500."""
+    try:
+        return await operation
+    except ApiError:
+        raise
+    except Exception as exc:
+        log.error("store_call_failed", error=str(exc))
+        raise store_unavailable() from exc
+
+
 def bad_field(field: str, rule: str, message: str) -> ApiError:
     """422 for one field, shaped like pydantic's validation errors."""
     return ApiError(422, "validation_error", message, [{"field": field, "rule": rule, "message": message}])

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -12,7 +12,8 @@ from schemas.messages import JobEvent
 
 @dataclass(eq=False)
 class Subscription:
-    job_ids: frozenset[str] | None  # None: every job
+    job_ids: frozenset[str] | None  # None: every job (of `owner`, when set)
+    owner: str | None = None
     queue: asyncio.Queue[JobEvent | None] = field(default_factory=asyncio.Queue)
 
 
@@ -26,14 +27,21 @@ class EventHub:
     def __init__(self) -> None:
         self._by_job: dict[str, set[Subscription]] = {}
         self._everything: set[Subscription] = set()
+        self.listeners: list[Callable[[JobEvent], None]] = []  # called with every event, first
 
     def publish(self, event: JobEvent) -> None:
-        for sub in (*self._by_job.get(event.job_id, ()), *self._everything):
+        for listener in self.listeners:
+            listener(event)
+        for sub in self._by_job.get(event.job_id, ()):
             sub.queue.put_nowait(event)
+        for sub in self._everything:
+            if sub.owner is None or sub.owner == event.owner:
+                sub.queue.put_nowait(event)
 
     @contextmanager
-    def subscribe(self, job_ids: list[str] | None) -> Iterator[Subscription]:
-        sub = Subscription(None if job_ids is None else frozenset(job_ids))
+    def subscribe(self, job_ids: list[str] | None, owner: str | None = None) -> Iterator[Subscription]:
+        """Events of the listed jobs, or (job_ids None) of every job, or every job of `owner`."""
+        sub = Subscription(None if job_ids is None else frozenset(job_ids), owner)
         if sub.job_ids is None:
             self._everything.add(sub)
         else:

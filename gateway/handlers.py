@@ -15,8 +15,9 @@ from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, ValidationError
 
 from common.store import index_keys, input_key
-from gateway import idempotency
-from gateway.errors import ApiError, bad_field, validation_error
+from gateway import idempotency, quota
+from gateway.auth import owner_of, require_admin
+from gateway.errors import ApiError, bad_field, store_call, store_unavailable, validation_error
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE
 from gateway.webhooks import destination_problem
@@ -30,6 +31,7 @@ from schemas.jobs import (
     JobStatus,
     Mode,
     Phase,
+    Priority,
     Webhook,
     utcnow,
 )
@@ -164,11 +166,27 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
                 413, "body_too_large", f"{file_field}: larger than the limit of {settings.max_upload_bytes} bytes"
             )
 
-    if key is not None:
-        print_ = idempotency.fingerprint(mode, req, data)
-        if (job_id := await _store_call(idempotency.earlier_job(request, key, print_))) is not None:
+    if key is None:
+        return _accepted_response(await _accept(request, mode, req, data, file_field))
+    print_ = idempotency.fingerprint(mode, req, data)
+    # One submission per key at a time, across gateways: a second concurrent first use waits,
+    # then finds the job the first one made.
+    async with idempotency.claim(request, key):
+        if (job_id := await store_call(idempotency.earlier_job(request, key, print_))) is not None:
             return await _replay(request, job_id)
+        accepted = await _accept(request, mode, req, data, file_field)
+        try:
+            await idempotency.remember(request, key, print_, accepted.job_id)
+        except Exception as exc:  # the job is queued; only a retry with this key would not find it
+            log.warning("idempotency_key_not_saved", job_id=accepted.job_id, error=str(exc))
+    return _accepted_response(accepted)
 
+
+async def _accept(
+    request: web.Request, mode: GenerationMode, req: Any, data: bytes | None, file_field: str | None
+) -> JobAccepted:
+    """Resolve the request against its model, check webhook and input, queue the job."""
+    settings = request.app[SETTINGS]
     params, problems = request.app[REGISTRY].resolve(req, mode)
     if problems:
         raise ApiError(
@@ -177,26 +195,7 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
     assert params is not None
     webhook = await _check_webhook(req, settings)
     checked = None if data is None else await asyncio.to_thread(_check_input, file_field, data, params, settings)
-    accepted = await enqueue(request, mode, params, [checked] if checked else [], webhook)
-    if key is not None:
-        try:
-            await idempotency.remember(request, key, print_, accepted.job_id)
-        except Exception as exc:  # the job is queued; only a retry with this key would not find it
-            log.warning("idempotency_key_not_saved", job_id=accepted.job_id, error=str(exc))
-    return _accepted_response(accepted)
-
-
-async def _store_call(operation: Any) -> Any:
-    """Await a store read that a submission needs; the store being down is a 503, not a 500."""
-    try:
-        return await operation
-    except ApiError:
-        raise
-    except Exception as exc:
-        log.error("store_read_failed", error=str(exc))
-        raise ApiError(
-            503, "store_unavailable", "the object store is unavailable; retry later", headers={"Retry-After": "5"}
-        ) from exc
+    return await enqueue(request, mode, params, [checked] if checked else [], webhook)
 
 
 def _accepted_response(accepted: JobAccepted, replayed: bool = False) -> web.Response:
@@ -262,6 +261,7 @@ def _check_input(field: str | None, data: bytes, params: GenerationParams, setti
 
 
 async def download_model(request: web.Request) -> web.Response:
+    require_admin(request)
     req = _validate(DownloadRequest, await read_json(request, request.app[SETTINGS].max_body_bytes))
     spec = request.app[REGISTRY].get(req.model)
     if spec is None:
@@ -278,6 +278,18 @@ async def enqueue(
     webhook: Webhook | None = None,
 ) -> JobAccepted:
     """Store inputs, record and index entries, publish the job (confirmed), announce it, answer 202."""
+    async with quota.slot(request, mode):
+        return await _enqueue(request, mode, params, inputs, webhook, owner_of(request))
+
+
+async def _enqueue(
+    request: web.Request,
+    mode: Mode,
+    params: GenerationParams | DownloadParams,
+    inputs: list[CheckedInput],
+    webhook: Webhook | None,
+    owner: str | None,
+) -> JobAccepted:
     app = request.app
     store, broker = app[STORE], app[BROKER]
     job_id = str(uuid.uuid4())
@@ -312,8 +324,9 @@ async def enqueue(
         updated_at=now,
         params=params,
         inputs=message.inputs,
-        queue_position=None if stats is None else stats.messages,
+        queue_position=None if stats is None else stats.ahead_of(_priority(params)),
         webhook=webhook,
+        owner=owner,
     )
     record.events = [record.last_event()]
     # Inputs, index and record are stored before the job is published, so a worker always finds
@@ -322,14 +335,13 @@ async def enqueue(
     try:
         for item in inputs:
             await store.put_bytes(message.inputs[item.name], item.data, item.content_type)
-        for key in index_keys(job_id, params.model, now):
+        for key in index_keys(job_id, params.model, now, owner):
             await store.put_bytes(key, b"", "application/octet-stream")
         await store.put_record(record)
+        await quota.hold(request, mode, job_id)
     except Exception as exc:
         log.error("store_write_failed", job_id=job_id, error=str(exc))
-        raise ApiError(
-            503, "store_unavailable", "the object store is unavailable; retry later", headers={"Retry-After": "5"}
-        ) from exc
+        raise store_unavailable() from exc
     try:
         await broker.publish_job(message, app[REGISTRY])
     except Exception as exc:
@@ -342,6 +354,10 @@ async def enqueue(
     workers = None if stats is None else stats.consumers
     log.info("job_accepted", job_id=job_id, model=params.model, mode=mode, workers=workers)
     return _accepted(record, stats)
+
+
+def _priority(params: GenerationParams | DownloadParams) -> Priority:
+    return params.priority if isinstance(params, GenerationParams) else "normal"
 
 
 def _retry_after(stats: Any) -> int:
@@ -376,6 +392,7 @@ async def _mark_unpublished(request: web.Request, record: JobRecord) -> None:
     )
     try:
         await request.app[STORE].put_record(failed)
+        await quota.release(request.app[STORE], failed)
     except Exception as exc:
         log.error("store_write_failed", job_id=record.job_id, error=str(exc))
 

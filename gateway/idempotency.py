@@ -1,18 +1,27 @@
 """`Idempotency-Key` on submissions: the same key and body within the window return the original
-job; the same key with another body is refused. Keys live in the object store, hashed."""
+job; the same key with another body is refused. Keys live in the object store, hashed, scoped to
+the API key that sent them (two callers' keys never meet).
+
+Concurrent first uses of one key are made one at a time (`claim`): within a gateway by a lock,
+across gateways by an exclusive queue on the broker, which only one connection can hold."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import datetime, timedelta
 from typing import Any
+from weakref import WeakValueDictionary
 
 from aiohttp import web
 from pydantic import BaseModel
 
+from gateway.auth import owner_of
 from gateway.errors import ApiError
-from gateway.keys import SETTINGS, STORE
+from gateway.keys import BROKER, SETTINGS, STORE
 from schemas.jobs import utcnow
 
 HEADER = "Idempotency-Key"
@@ -40,13 +49,62 @@ def fingerprint(mode: str, request_body: BaseModel, data: bytes | None) -> str:
     return hashlib.sha256(json.dumps(document, sort_keys=True).encode()).hexdigest()
 
 
-def _object_key(key: str) -> str:
-    return f"idempotency/{hashlib.sha256(key.encode()).hexdigest()}.json"
+# How long a submission waits for a concurrent one with the same key before answering 409.
+CLAIM_TIMEOUT_S = 30.0
+
+_locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
+
+
+def _digest(request: web.Request, key: str) -> str:
+    return hashlib.sha256(f"{owner_of(request) or ''}\n{key}".encode()).hexdigest()
+
+
+def _object_key(request: web.Request, key: str) -> str:
+    return f"idempotency/{_digest(request, key)}.json"
+
+
+@asynccontextmanager
+async def claim(request: web.Request, key: str) -> AsyncIterator[None]:
+    """Hold the key while its submission is looked up and, if new, made."""
+    digest = _digest(request, key)
+    lock = _locks.get(digest)
+    if lock is None:
+        lock = _locks[digest] = asyncio.Lock()
+    try:
+        async with asyncio.timeout(CLAIM_TIMEOUT_S):
+            await lock.acquire()
+    except TimeoutError as exc:
+        raise _busy() from exc
+    try:
+        try:
+            held = request.app[BROKER].exclusive(f"idempotency.{digest}", CLAIM_TIMEOUT_S)
+            await held.__aenter__()
+        except TimeoutError as exc:
+            raise _busy() from exc
+        except Exception as exc:
+            raise ApiError(
+                503, "broker_unavailable", "the broker is unavailable; retry later", headers={"Retry-After": "5"}
+            ) from exc
+        try:
+            yield
+        finally:
+            await held.__aexit__(None, None, None)
+    finally:
+        lock.release()
+
+
+def _busy() -> ApiError:
+    return ApiError(
+        409,
+        "idempotency_key_in_use",
+        f"another request with this {HEADER} is still being handled; retry it",
+        headers={"Retry-After": "1"},
+    )
 
 
 async def earlier_job(request: web.Request, key: str, print_: str) -> str | None:
     """The job an earlier submission with this key made, if within the window and the same body."""
-    raw = await request.app[STORE].get_bytes(_object_key(key))
+    raw = await request.app[STORE].get_bytes(_object_key(request, key))
     if raw is None:
         return None
     remembered = Remembered.model_validate_json(raw)
@@ -68,4 +126,4 @@ async def earlier_job(request: web.Request, key: str, print_: str) -> str | None
 
 async def remember(request: web.Request, key: str, print_: str, job_id: str) -> None:
     body: dict[str, Any] = Remembered(fingerprint=print_, job_id=job_id, created_at=utcnow()).model_dump(mode="json")
-    await request.app[STORE].put_bytes(_object_key(key), json.dumps(body).encode(), "application/json")
+    await request.app[STORE].put_bytes(_object_key(request, key), json.dumps(body).encode(), "application/json")

@@ -10,6 +10,7 @@ import structlog
 from aiohttp import web
 
 from common.store import index_prefix, job_id_of_index
+from gateway.auth import owner_of, visible
 from gateway.errors import ApiError
 from gateway.handlers import announce, parse_job_id
 from gateway.keys import BROKER, REGISTRY, SETTINGS, STORE
@@ -19,13 +20,13 @@ from schemas.jobs import JobRecord, JobStatus, Phase
 log = structlog.get_logger("gateway")
 
 LIST_LIMIT_MAX = 100
-_CURSOR = re.compile(r"^index/(jobs|models/[a-z0-9-]+)/\d{13}-[0-9a-f-]{36}$")
+_CURSOR = re.compile(r"^index/(owners/[a-z0-9][a-z0-9_-]*/)?(jobs|models/[a-z0-9-]+)/\d{13}-[0-9a-f-]{36}$")
 
 
 async def _load(request: web.Request) -> JobRecord:
     job_id = parse_job_id(request.match_info["job_id"])
     record = await request.app[STORE].get_record(job_id)
-    if record is None:
+    if record is None or not visible(record, owner_of(request)):
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
     return record
 
@@ -79,7 +80,7 @@ def _list_problems(request: web.Request) -> tuple[list[tuple[str, str, str]], di
             raise ValueError
     except ValueError:
         problems.append(("limit", "range", f"limit must be an integer from 1 to {LIST_LIMIT_MAX}"))
-    prefix = index_prefix(model)
+    prefix = index_prefix(model, owner_of(request))
     cursor = query.get("cursor")
     if cursor is not None and not (_CURSOR.match(cursor) and cursor.startswith(prefix)):
         problems.append(("cursor", "opaque", "cursor must be the next_cursor of an earlier page of the same listing"))

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from common.settings import GatewaySettings
 from common.store import ObjectStore
+from gateway.auth import Keys
 from gateway.broker import GatewayBroker
 from gateway.events import EventHub
 from gateway.webhooks import WebhookDeliverer
@@ -17,3 +18,4 @@ STORE = web.AppKey("store", ObjectStore)
 BROKER = web.AppKey("broker", GatewayBroker)
 HUB = web.AppKey("hub", EventHub)
 WEBHOOKS = web.AppKey("webhooks", WebhookDeliverer)
+KEYS = web.AppKey("keys", Keys | None)  # None: auth disabled

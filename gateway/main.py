@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import sys
+
 from aiohttp import web
 
 from common.logs import configure_logging
 from common.settings import GatewaySettings
-from gateway.app import create_app
+from gateway.app import ConfigError, create_app
 
 
 def main() -> None:
     settings = GatewaySettings()
     configure_logging(settings.log_level, settings.log_format)
-    web.run_app(
-        create_app(settings), host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10.0
-    )
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(f"videogen-gateway: {exc}", file=sys.stderr)
+        sys.exit(2)
+    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10.0)
 
 
 if __name__ == "__main__":

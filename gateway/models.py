@@ -28,13 +28,17 @@ def describe(spec: ModelSpec, stats: QueueStats | None) -> dict[str, Any]:
         "max_queue_s": spec.max_queue_s,
         "workers": None if stats is None else stats.consumers,
         "queue_depth": None if stats is None else stats.messages,
+        "queue_depth_by_priority": None if stats is None else stats.waiting,
     }
 
 
 async def _stats(request: web.Request, model_id: str) -> QueueStats | None:
+    broker = request.app[BROKER]
     topology = Topology(request.app[SETTINGS].broker_namespace)
     try:
-        return await request.app[BROKER].stats_of(topology.queue_for(model_id))
+        if model_id == DOWNLOAD_KEY:
+            return await broker.stats_of(topology.downloads_queue)
+        return await broker.model_stats(model_id)
     except Exception:
         return None  # broker unreachable: say "unknown" rather than fail the listing
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.auth import owner_of, visible
 from gateway.errors import ApiError
 from gateway.handlers import parse_job_id
 from gateway.keys import HUB, SETTINGS, STORE
@@ -28,18 +29,19 @@ MAX_JOBS_PER_STREAM = 100
 
 @dataclass
 class StreamRequest:
-    job_ids: list[str] | None  # None: every job
+    job_ids: list[str] | None  # None: every job of the caller
     since: int = -1
+    owner: str | None = None  # the caller's API key id (None: auth disabled)
 
     @classmethod
     def parse(cls, request: web.Request, last_event_id: str | None = None) -> StreamRequest:
-        query = request.query
+        query, owner = request.query, owner_of(request)
         if query.get("all") in ("1", "true"):
             if "job_id" in query or "since" in query:
                 raise ApiError(
                     400, "bad_parameter", "all=true takes neither job_id nor since (it streams live events only)"
                 )
-            return cls(None)
+            return cls(None, owner=owner)
         job_ids = [parse_job_id(v) for v in query.getall("job_id", [])]
         if not job_ids:
             raise ApiError(
@@ -51,7 +53,7 @@ class StreamRequest:
             raise ApiError(400, "bad_parameter", f"at most {MAX_JOBS_PER_STREAM} job_id values per stream")
         since_text = query.get("since", last_event_id)
         if since_text is None:
-            return cls(list(dict.fromkeys(job_ids)))
+            return cls(list(dict.fromkeys(job_ids)), owner=owner)
         if len(set(job_ids)) != 1:
             raise ApiError(400, "bad_parameter", "since applies to one job: give exactly one job_id with it")
         job_part, _, seq_part = since_text.rpartition(":")
@@ -63,7 +65,7 @@ class StreamRequest:
             raise ApiError(
                 400, "bad_parameter", f"since must be an event seq (an integer), got {since_text!r}"
             ) from exc
-        return cls(job_ids[:1], since)
+        return cls(job_ids[:1], since, owner)
 
 
 @dataclass
@@ -112,12 +114,13 @@ class JobStream:
 
 @asynccontextmanager
 async def open_stream(app: web.Application, request: StreamRequest) -> AsyncIterator[JobStream]:
-    """Subscribe first, then read the records (404 for an unknown job) — see the module docstring."""
-    with app[HUB].subscribe(request.job_ids) as sub:
+    """Subscribe first, then read the records (404 for an unknown job, or another key's) — see the
+    module docstring."""
+    with app[HUB].subscribe(request.job_ids, request.owner) as sub:
         records: dict[str, JobRecord] = {}
         for job_id in request.job_ids or ():
             record = await app[STORE].get_record(job_id)
-            if record is None:
+            if record is None or not visible(record, request.owner):
                 raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
             records[job_id] = record
         yield JobStream(app, request, records, sub)

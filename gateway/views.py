@@ -52,7 +52,7 @@ def job_view(record: JobRecord, store: ObjectStore, expiry_s: int) -> JobView:
 
 def event_frame(event: JobEvent, store: ObjectStore, expiry_s: int) -> dict[str, Any]:
     """One WebSocket frame. A terminal event's frame carries the final job state as `job`."""
-    frame = event.model_dump(mode="json", exclude={"job", "schema_version", "message_id"})
+    frame = event.model_dump(mode="json", exclude={"job", "schema_version", "message_id", "owner"})
     if event.job is not None:
         frame["job"] = job_view(event.job, store, expiry_s).model_dump(mode="json")
     return frame

@@ -47,6 +47,9 @@ class Phase(StrEnum):
 
 Mode = Literal["text-to-video", "image-to-video", "video-to-video", "download"]
 GenerationMode = Literal["text-to-video", "image-to-video", "video-to-video"]
+Priority = Literal["high", "normal", "low"]
+# Highest first: the order in which workers take jobs.
+PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 
 
 class GenerationParams(BaseModel):
@@ -65,6 +68,7 @@ class GenerationParams(BaseModel):
     guidance_scale: float
     seed: int
     strength: float | None = None  # video-to-video only: how far the output may move from the input
+    priority: Priority = "normal"  # which of the model's queues the job waits in
 
 
 class DownloadParams(BaseModel):
@@ -151,6 +155,9 @@ class JobRecord(BaseModel):
     eta_s: float | None = None
     queue_position: int | None = None
     webhook: Webhook | None = None
+    owner: str | None = Field(
+        default=None, description="The API key (its id) that created the job; None when the gateway runs without keys."
+    )
     events: list[EventEntry] = Field(default_factory=list, description="Every event so far, by seq.")
 
     def advance(self, **changes: Any) -> JobRecord:

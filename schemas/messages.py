@@ -43,12 +43,15 @@ class JobEvent(EnvelopeHeader, EventEntry):
 
     type: Literal["job.event"] = "job.event"
     job_id: str
+    owner: str | None = None  # the job's API key id, so streams of "all my jobs" can filter
     job: JobRecord | None = None
 
     @classmethod
-    def from_entry(cls, job_id: str, entry: EventEntry, record: JobRecord | None = None) -> JobEvent:
-        """`record` is attached when the entry is terminal (the final state)."""
-        return cls(job_id=job_id, **entry.model_dump(), job=record if entry.status.is_terminal else None)
+    def from_entry(cls, job_id: str, entry: EventEntry, record: JobRecord) -> JobEvent:
+        """The record is attached when the entry is terminal (the final state)."""
+        return cls(
+            job_id=job_id, **entry.model_dump(), owner=record.owner, job=record if entry.status.is_terminal else None
+        )
 
     @classmethod
     def from_record(cls, record: JobRecord) -> JobEvent:
@@ -63,6 +66,17 @@ class CancelMessage(EnvelopeHeader):
     job_id: str
 
 
+class JobAvailable(EnvelopeHeader):
+    """Gateway → every worker (control exchange): a job was just queued for this model.
+
+    Idle workers serving the model look at its queues at once instead of at their next poll.
+    Best effort: a worker that misses it still finds the job when it polls.
+    """
+
+    type: Literal["job.available"] = "job.available"
+    model: str
+
+
 class ExpiryCheck(EnvelopeHeader):
     """Gateway → itself, delayed by the model's max_queue_s: fail the job if it still has not started."""
 
@@ -72,7 +86,7 @@ class ExpiryCheck(EnvelopeHeader):
     max_queue_s: int
 
 
-Message = JobMessage | JobEvent | CancelMessage | ExpiryCheck
+Message = JobMessage | JobEvent | CancelMessage | JobAvailable | ExpiryCheck
 _envelope = TypeAdapter(Annotated[Message, Field(discriminator="type")])
 
 

@@ -131,6 +131,7 @@ class Registry(BaseModel):
             # An unset seed is drawn here and recorded, so every job can be reproduced.
             "seed": secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
             "strength": _pick(request.strength, d.strength) if mode == "video-to-video" else None,
+            "priority": request.priority or "normal",
         }
         problems = check_rules(spec, values)
         if problems:

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
-from schemas.jobs import DownloadParams, GenerationParams, JobStatus, WebhookEventType
+from schemas.jobs import DownloadParams, GenerationParams, JobStatus, Priority, WebhookEventType
 
 MAX_SEED = 2**32 - 1
 
@@ -26,6 +26,9 @@ class TextToVideoRequest(BaseModel):
     num_inference_steps: int | None = Field(default=None, ge=1)
     guidance_scale: float | None = Field(default=None, ge=0.0, le=50.0)
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
+    priority: Priority | None = Field(
+        default=None, description="high, normal (the default) or low: queued jobs of higher priority are run first."
+    )
     webhook_url: HttpUrl | None = Field(
         default=None, description="Receives the job's events, signed (Standard Webhooks)."
     )
@@ -75,5 +78,8 @@ class JobAccepted(BaseModel):
     queue_depth: int | None = Field(
         description="Jobs in this model's queue not yet handed to a worker, this one included."
     )
-    queue_position: int | None = Field(description="Jobs ahead of this one in its queue when it was queued.")
+    queue_position: int | None = Field(
+        description="Jobs ahead of this one when it was queued: those waiting "
+        "for the same model at the same or a higher priority."
+    )
     links: dict[str, str]

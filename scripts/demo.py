@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from pathlib import Path
 
@@ -15,9 +16,12 @@ sys.path.insert(0, str(ROOT))
 from worker.encode import probe_mp4  # noqa: E402
 
 
-async def run(gateway: str, prompt: str, out_dir: Path) -> int:
+async def run(gateway: str, token: str, prompt: str, out_dir: Path) -> int:
+    auth = {"Authorization": f"Bearer {token}"}  # for the gateway only: presigned links carry their own
     async with aiohttp.ClientSession(raise_for_status=False) as http:
-        async with http.post(f"{gateway}/api/v1/generate/text-to-video", json={"prompt": prompt}) as response:
+        async with http.post(
+            f"{gateway}/api/v1/generate/text-to-video", json={"prompt": prompt}, headers=auth
+        ) as response:
             body = await response.json()
             if response.status != 202:
                 print(f"submission refused ({response.status}): {body}", file=sys.stderr)
@@ -30,7 +34,7 @@ async def run(gateway: str, prompt: str, out_dir: Path) -> int:
         )
 
         final = None
-        async with http.ws_connect(f"{gateway}/api/v1/ws", params={"job_id": job_id}) as ws:
+        async with http.ws_connect(f"{gateway}/api/v1/ws", params={"job_id": job_id}, headers=auth) as ws:
             async for msg in ws:
                 if msg.type != aiohttp.WSMsgType.TEXT:
                     break
@@ -65,8 +69,22 @@ def main() -> int:
     parser.add_argument("prompt", nargs="?", default="a red fox running through fresh snow, golden hour")
     parser.add_argument("--gateway", default="http://127.0.0.1:8080")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs")
+    parser.add_argument(
+        "--api-key-file",
+        type=Path,
+        default=ROOT / ".stack" / "api-key",
+        help="file holding the API key (scripts/stack up writes one); or set VIDEOGEN_API_KEY",
+    )
     args = parser.parse_args()
-    return asyncio.run(run(args.gateway, args.prompt, args.out))
+    token = os.environ.get("VIDEOGEN_API_KEY") or (
+        args.api_key_file.read_text().strip() if args.api_key_file.exists() else None
+    )
+    if not token:
+        print(
+            f"no API key: run scripts/stack up (it writes {args.api_key_file}) or set VIDEOGEN_API_KEY", file=sys.stderr
+        )
+        return 1
+    return asyncio.run(run(args.gateway, token, args.prompt, args.out))
 
 
 if __name__ == "__main__":

@@ -301,6 +301,31 @@ def service_env(store: S3Store, amqp_url: str, namespace: str, models_dir: Path,
     return env
 
 
+def write_api_keys(path: Path, keys: dict[str, dict[str, object]]) -> None:
+    """A gateway key file: key id -> {"token": ..., and optional rate_limit, max_concurrent_jobs, admin}."""
+    from gateway.auth import hash_token
+
+    lines = []
+    for key_id, entry in keys.items():
+        lines += ["[[keys]]", f'id = "{key_id}"', f'sha256 = "{hash_token(str(entry["token"]))}"']
+        lines += [f"{name} = {json.dumps(value)}" for name, value in entry.items() if name != "token"]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def stack_api_key() -> str:
+    """The local stack's API key (an admin key named "demo"), made on first use, kept in .stack/api-key."""
+    from gateway.auth import new_token
+
+    token_file = STATE_DIR / "api-key"
+    if not token_file.exists():
+        STATE_DIR.mkdir(exist_ok=True)
+        token_file.write_text(new_token() + "\n")
+        token_file.chmod(0o600)
+    token = token_file.read_text().strip()
+    write_api_keys(STATE_DIR / "api-keys.toml", {"demo": {"token": token, "admin": True}})
+    return token
+
+
 def start_gateway(env: dict[str, str], port: int, log: Path, wait_for: str = "/ready") -> subprocess.Popen:
     env = dict(env, VIDEOGEN_PORT=str(port), VIDEOGEN_HOST="127.0.0.1")
     proc = spawn([sys.executable, "-m", "gateway.main"], env, log)
@@ -380,12 +405,14 @@ def stack_up() -> None:
         print(f"RabbitMQ     started           {_redact(amqp_url)}  (node {node})")
 
     build_tiny_models(cfg["models_dir"])  # type: ignore[arg-type]
+    stack_api_key()
     env = service_env(
         store,
         amqp_url,
         "videogen",
         cfg["models_dir"],  # type: ignore[arg-type]
         VIDEOGEN_DEFAULT_MODEL=STACK_DEFAULT_MODEL,
+        VIDEOGEN_API_KEYS_FILE=str(STATE_DIR / "api-keys.toml"),
         VIDEOGEN_S3_PUBLIC_ENDPOINT=f"http://127.0.0.1:{STACK_S3_PORT}",
     )
     gateway_url = f"http://127.0.0.1:{STACK_GATEWAY_PORT}"
@@ -405,7 +432,7 @@ def stack_up() -> None:
         state.started[name] = {"pid": proc.pid}
         state.save()
         print(f"{name:<12} started           {worker_url}/ready  (models: {', '.join(models)})")
-    print(f"\nAPI:  {gateway_url}/api/v1   logs: {logs}")
+    print(f"\nAPI:  {gateway_url}/api/v1   API key: {STATE_DIR / 'api-key'}   logs: {logs}")
 
 
 def stack_down() -> None:

@@ -16,9 +16,11 @@ from pathlib import Path
 import aio_pika
 import pytest
 
+from common.topology import Topology
 from schemas.registry import load_registry
 from scripts import devstack
 from scripts.devstack import S3Store
+from tests.helpers import TOKENS
 from worker.tiny_models import build_tiny_ltx
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -66,13 +68,11 @@ async def _delete_namespace(amqp_url: str, ns: str) -> None:
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
-        for model_id in load_registry(overrides=SLOW_MODEL).models:
-            await channel.queue_delete(f"{ns}.jobs.{model_id}")
-            await channel.queue_delete(f"{ns}.expiry.{model_id}")
-        for queue in ("dead", "dead.notify", "downloads", "expiry.due", "webhooks"):
-            await channel.queue_delete(f"{ns}.{queue}")
-        for exchange in ("jobs", "events", "dlx", "control", "expiry.due"):
-            await channel.exchange_delete(f"{ns}.{exchange}")
+        topology = Topology(ns)
+        for queue in topology.queue_names(list(load_registry(overrides=SLOW_MODEL).models)):
+            await channel.queue_delete(queue)
+        for exchange in topology.exchange_names():
+            await channel.exchange_delete(exchange)
 
 
 @pytest.fixture(scope="session")
@@ -136,12 +136,28 @@ class Stack:
 def stack(
     s3_store: S3Store, amqp_url: str, namespace: str, models_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Stack]:
+    keys_file = tmp_path_factory.mktemp("keys") / "api-keys.toml"
+    devstack.write_api_keys(
+        keys_file,
+        {
+            "tester": {
+                "token": TOKENS["tester"],
+                "admin": True,
+                "rate_limit": "1000/second",
+                "max_concurrent_jobs": 100,
+            },
+            "other": {"token": TOKENS["other"]},
+            "limited": {"token": TOKENS["limited"], "rate_limit": "5/second"},
+            "quota2": {"token": TOKENS["quota2"], "rate_limit": "1000/second", "max_concurrent_jobs": 2},
+        },
+    )
     env = devstack.service_env(
         s3_store,
         amqp_url,
         namespace,
         models_dir,
         VIDEOGEN_DEFAULT_MODEL="ltx-tiny",
+        VIDEOGEN_API_KEYS_FILE=str(keys_file),
         VIDEOGEN_S3_PUBLIC_ENDPOINT=f"http://{s3_store.endpoint}",
         VIDEOGEN_MODEL_OVERRIDES=json.dumps(SLOW_MODEL),
     )

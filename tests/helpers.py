@@ -8,6 +8,20 @@ from typing import Any
 
 import aiohttp
 
+# The API keys of the test stack (tests/conftest.py writes their hashes into the gateway's key file).
+TOKENS = {
+    "tester": "vg_test-tester-0123456789",
+    "other": "vg_test-other-0123456789",
+    "limited": "vg_test-limited-0123456789",
+    "quota2": "vg_test-quota2-0123456789",
+}
+
+
+def client(token: str | None = TOKENS["tester"], **kwargs: Any) -> aiohttp.ClientSession:
+    """A session that sends an API key to the gateway (the tests' gateways all require one)."""
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    return aiohttp.ClientSession(headers=headers, **kwargs)
+
 
 async def submit(
     http: aiohttp.ClientSession,
@@ -64,10 +78,16 @@ async def sse_events(response: aiohttp.ClientResponse) -> Any:
             fields[name] = value[1:] if value.startswith(" ") else value
 
 
-async def download(http: aiohttp.ClientSession, url: str, path: Path) -> Path:
-    async with http.get(url) as response:
-        assert response.status == 200, await response.text()
-        path.write_bytes(await response.read())
+async def fetch_link(url: str) -> tuple[int, bytes]:
+    """GET a presigned link as any client would: with no API key (the link carries its own signature)."""
+    async with aiohttp.ClientSession() as plain, plain.get(url) as response:
+        return response.status, await response.read()
+
+
+async def download(url: str, path: Path) -> Path:
+    status, body = await fetch_link(url)
+    assert status == 200, body[:500]
+    path.write_bytes(body)
     return path
 
 

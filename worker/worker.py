@@ -1,4 +1,4 @@
-"""The worker: consume jobs one at a time, generate, encode, upload, report, then ack."""
+"""The worker: take jobs one at a time, highest priority first; generate, encode, upload, report, ack."""
 
 from __future__ import annotations
 
@@ -17,14 +17,30 @@ from typing import Any
 
 import structlog
 import torch
-from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractRobustConnection,
+)
 
 from common.settings import WorkerSettings
 from common.store import ObjectStore, output_key
 from common.topology import DOWNLOAD_KEY, Topology, connect, to_amqp
 from schemas import errors
-from schemas.jobs import DownloadParams, GenerationParams, JobError, JobOutput, JobRecord, JobStatus, Phase, utcnow
-from schemas.messages import CancelMessage, DecodeError, JobEvent, JobMessage, decode
+from schemas.jobs import (
+    PRIORITIES,
+    DownloadParams,
+    GenerationParams,
+    JobError,
+    JobOutput,
+    JobRecord,
+    JobStatus,
+    Phase,
+    utcnow,
+)
+from schemas.messages import CancelMessage, DecodeError, JobAvailable, JobEvent, JobMessage, decode
 from schemas.registry import Registry
 from worker.download import DownloadFailed, download
 from worker.encode import encode_mp4
@@ -80,7 +96,11 @@ class Worker:
         self._connection: AbstractRobustConnection | None = None
         self._events: AbstractExchange | None = None
         self._consume_channel: AbstractChannel | None = None
-        self._consumer_tags: dict[str, str] = {}
+        self._consumer_tags: dict[str, str] = {}  # the downloads queue's and each model's presence queue's
+        self._job_queues: list[list[AbstractQueue]] = []  # by priority, highest first; models within
+        self._dispatcher: asyncio.Task[None] | None = None
+        self._wake = asyncio.Event()
+        self._stopping = False
         self.jobs_done = 0
 
     @property
@@ -93,27 +113,34 @@ class Worker:
             self._connection is not None
             and not self._connection.is_closed
             and self._connection.connected.is_set()
-            and bool(self._consumer_tags)
+            and self._dispatcher is not None
+            and not self._dispatcher.done()
+            and not self._stopping
         )
 
     async def start(self) -> None:
         self._connection = await connect(self.settings.amqp_url)
         publish_channel = await self._connection.channel(publisher_confirms=True)
         self._events = await self._topology.declare_events(publish_channel)
-        # Cancel requests reach every worker through its own queue on the control exchange.
+        # Cancel requests and new-job notices reach every worker through its own queue on the control exchange.
         control_channel = await self._connection.channel()
         control = await control_channel.declare_queue(exclusive=True, auto_delete=True)
         await control.bind(await self._topology.declare_control(control_channel))
         await control.consume(self._on_control, no_ack=True)
 
-        self._consume_channel = await self._connection.channel()
-        # prefetch=1: a worker holds one job at a time; the rest stay in the queue for other workers.
-        await self._consume_channel.set_qos(prefetch_count=1)
-        _, queues = await self._topology.declare_jobs(self._consume_channel, sorted(self._runners))
-        for key, queue in queues.items():
-            callback = self._on_download if key == DOWNLOAD_KEY else self._on_message
-            self._consumer_tags[key] = await queue.consume(callback)
-        log.info("worker_started", worker=self.worker_id, models=sorted(self._runners))
+        self._consume_channel = channel = await self._connection.channel()
+        # prefetch=1: a worker holds one download at a time; the rest stay in the queue for other workers.
+        await channel.set_qos(prefetch_count=1)
+        models = sorted(self._runners)
+        _, queues = await self._topology.declare_jobs(channel, models)
+        self._job_queues = [[queues[Topology.job_key(m, p)] for m in models] for p in PRIORITIES]
+        self._consumer_tags[DOWNLOAD_KEY] = await queues[DOWNLOAD_KEY].consume(self._on_download)
+        # Presence: one consumer per served model, so the gateway can count this model's workers.
+        for model_id in models:
+            presence = await channel.get_queue(self._topology.workers_queue(model_id), ensure=False)
+            self._consumer_tags[model_id] = await presence.consume(_ignore, no_ack=True)
+        self._dispatcher = asyncio.create_task(self._dispatch())
+        log.info("worker_started", worker=self.worker_id, models=models)
 
     async def stop(self, grace_s: float) -> bool:
         """Stop taking jobs, give the current one `grace_s` to finish, then disconnect.
@@ -121,10 +148,14 @@ class Worker:
         Returns False if a job was still running: the broker hands it back to the queue when the
         connection closes, and its generation thread is abandoned (the process should exit now).
         """
+        self._stopping = True
+        self._wake.set()
         if self._consume_channel is not None:
             for key, tag in self._consumer_tags.items():
-                queue = await self._consume_channel.get_queue(self._topology.queue_for(key), ensure=False)
-                await queue.cancel(tag)
+                name = self._topology.downloads_queue if key == DOWNLOAD_KEY else self._topology.workers_queue(key)
+                queue = await self._consume_channel.get_queue(name, ensure=False)
+                with contextlib.suppress(Exception):
+                    await queue.cancel(tag)
             self._consumer_tags.clear()
         # The connection stays open meanwhile so heartbeats keep flowing.
         try:
@@ -133,6 +164,10 @@ class Worker:
             finished = True
         except TimeoutError:
             finished = False
+        if self._dispatcher is not None:
+            self._dispatcher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._dispatcher
         if self._connection is not None:
             await self._connection.close()  # an unacked job goes back to its queue
         self._gpu.shutdown(wait=finished, cancel_futures=True)
@@ -141,23 +176,56 @@ class Worker:
         )
         return finished
 
+    async def _dispatch(self) -> None:
+        """Take one job at a time: from the highest priority that has one, models in turn within it.
+
+        Quorum queues (before RabbitMQ 4.0) know no message priority, so each priority is a queue
+        and the worker asks for a message (basic.get) rather than having the broker push it.
+        It looks again after each job, when a `JobAvailable` notice arrives, and every
+        `idle_poll_s` (jobs handed back by a crashed worker, jobs published by other services).
+        """
+        turn = 0
+        while not self._stopping:
+            self._wake.clear()
+            try:
+                message = await self._next_job(turn)
+            except Exception as exc:  # broker gone: the robust connection comes back by itself
+                log.warning("job_fetch_failed", error=str(exc))
+                message = None
+            turn += 1
+            if message is None:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), self.settings.idle_poll_s)
+                continue
+            async with self._busy:
+                await self.handle(message, self.run_job)
+
+    async def _next_job(self, turn: int) -> AbstractIncomingMessage | None:
+        for queues in self._job_queues:
+            for i in range(len(queues)):
+                if self._stopping:
+                    return None
+                message = await queues[(turn + i) % len(queues)].get(no_ack=False, fail=False)
+                if message is not None:
+                    return message
+        return None
+
     async def _on_control(self, message: AbstractIncomingMessage) -> None:
         try:
             command = decode(message.body)
         except DecodeError as exc:
             log.warning("bad_control_message", reason=exc.reason)
             return
-        if isinstance(command, CancelMessage):
+        if isinstance(command, JobAvailable):
+            if command.model in self._runners:
+                self._wake.set()
+        elif isinstance(command, CancelMessage):
             self._cancelled[command.job_id] = None
             while len(self._cancelled) > CANCELLED_MEMORY:
                 self._cancelled.popitem(last=False)
             if (flag := self._running.get(command.job_id)) is not None:
                 flag.set()
                 log.info("cancel_requested", job_id=command.job_id)
-
-    async def _on_message(self, message: AbstractIncomingMessage) -> None:
-        async with self._busy:
-            await self.handle(message, self.run_job)
 
     async def _on_download(self, message: AbstractIncomingMessage) -> None:
         # Downloads use the network and disk, not the GPU: they do not wait for the current job.
@@ -375,6 +443,10 @@ class Worker:
     async def _publish_event(self, event: JobEvent) -> None:
         assert self._events is not None
         await self._events.publish(to_amqp(event), routing_key=Topology.event_key(event.job_id, event.status))
+
+
+async def _ignore(message: AbstractIncomingMessage) -> None:
+    """Presence queues never hold messages; should one arrive, it is dropped."""
 
 
 def _raise_if(cancel: threading.Event) -> None:

@@ -7,17 +7,16 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from scripts import devstack
 from tests.chaos.test_recovery import SLOW, _videos
-from tests.helpers import get_json, submit, until
+from tests.helpers import client, get_json, submit, until
 
 
 @pytest.fixture
 async def http():
-    async with aiohttp.ClientSession() as session:
+    async with client() as session:
         yield session
 
 

@@ -6,18 +6,17 @@ import json
 import os
 import signal
 
-import aiohttp
 import pytest
 
 from tests.conftest import SLOW_MODEL
-from tests.helpers import get_json, submit, until_step, watch
+from tests.helpers import client, get_json, submit, until_step, watch
 
 SLOW = {"prompt": "recover", "model": "ltx-slow", "width": 256, "height": 256, "num_frames": 65}
 
 
 @pytest.fixture
 async def http():
-    async with aiohttp.ClientSession() as session:
+    async with client() as session:
         yield session
 
 
@@ -155,7 +154,7 @@ async def test_a_job_that_keeps_killing_workers_is_dead_lettered_and_failed(
         _, worker = stack.start_worker(f"worker-doomed-{attempt}-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns)
         started.append(worker)
 
-        async def started_attempt() -> bool:
+        async def started_attempt(attempt: int = attempt) -> bool:
             _, now = await get_json(http, f"{gateway}/api/v1/jobs/{job_id}")
             return now["attempts"] >= attempt or now["status"] == "failed"
 

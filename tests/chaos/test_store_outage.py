@@ -5,17 +5,16 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import aiohttp
 import pytest
 
 from scripts import devstack
 from tests.chaos.test_recovery import SLOW
-from tests.helpers import get_json, submit, until
+from tests.helpers import client, fetch_link, get_json, submit, until
 
 
 @pytest.fixture
 async def http():
-    async with aiohttp.ClientSession() as session:
+    async with client() as session:
         yield session
 
 
@@ -65,8 +64,8 @@ async def test_store_outage_mid_job_loses_nothing(stack, http, private_namespace
         await until(ended, 120, "job ended")
         _, job = await get_json(http, f"{gateway}/api/v1/jobs/{job_id}")
         assert job["status"] == "succeeded" and job["attempts"] == 1, "waited out, never handed back"
-        async with http.get(job["result"]["url"]) as response:
-            assert response.status == 200 and len(await response.read()) == job["result"]["bytes"]
+        status, video = await fetch_link(job["result"]["url"])
+        assert status == 200 and len(video) == job["result"]["bytes"]
         tally.count(job["status"], 1, 1)
     finally:
         devstack.stop_pid(weed.pid)

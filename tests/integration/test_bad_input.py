@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import json
 
-import aiohttp
 import pytest
+
+from tests.helpers import client
 
 URL = "/api/v1/generate/text-to-video"
 
 
 @pytest.fixture
 async def http():
-    async with aiohttp.ClientSession() as session:
+    async with client() as session:
         yield session
 
 

@@ -10,14 +10,14 @@ import aiohttp
 import pytest
 
 from scripts.devstack import stop_pid
-from tests.helpers import get_json, sse_events, submit, until, watch
+from tests.helpers import client, get_json, sse_events, submit, until, until_step, watch
 
 SLOW = {"prompt": "slow", "model": "ltx-slow", "width": 256, "height": 256, "num_frames": 65}
 
 
 @pytest.fixture
 async def http():
-    async with aiohttp.ClientSession() as session:
+    async with client() as session:
         yield session
 
 
@@ -170,6 +170,39 @@ async def test_cancel_a_queued_job_means_it_never_runs(stack, http) -> None:
     frames = await watch(http, stack.gateway_url, queued["job_id"])
     assert [f["status"] for f in frames] == ["queued", "cancelled"]
     assert not await _video_exists(stack, queued["job_id"])
+
+
+async def test_higher_priority_jobs_run_first(stack, http) -> None:
+    """While the one slow worker is busy, jobs queue as low, normal, high, low: they run high, normal, low, low."""
+    blocker = await submit(http, stack.gateway_url, SLOW | {"num_inference_steps": 30})
+    await until_step(http, stack.gateway_url, blocker["job_id"], 1)
+    short = SLOW | {"num_inference_steps": 1, "width": 64, "height": 64, "num_frames": 9}
+    order = ["low", "normal", "high", "low"]
+    accepted = [await submit(http, stack.gateway_url, short | {"priority": p}) for p in order]
+    assert [a["request"]["priority"] for a in accepted] == order
+    # Ahead of each: the waiting jobs of its priority or higher.
+    assert [a["queue_position"] for a in accepted] == [0, 0, 0, 3]
+    status, info = await get_json(http, f"{stack.gateway_url}/api/v1/model/info?model=ltx-slow")
+    assert info["queue_depth_by_priority"] == {"high": 1, "normal": 1, "low": 2} and info["queue_depth"] == 4
+    assert info["workers"] == 1
+    await watch(http, stack.gateway_url, [blocker["job_id"]] + [a["job_id"] for a in accepted], timeout=120)
+    started = {}
+    for a in accepted:
+        status, job = await get_json(http, f"{stack.gateway_url}/api/v1/jobs/{a['job_id']}")
+        assert job["status"] == "succeeded", job
+        started[a["job_id"]] = job["started_at"]
+    by_start = sorted(accepted, key=lambda a: started[a["job_id"]])
+    assert [a["request"]["priority"] for a in by_start] == ["high", "normal", "low", "low"]
+    # Within a priority, first in first out.
+    assert by_start[2]["job_id"] == accepted[0]["job_id"]
+
+
+async def test_a_bad_priority_is_refused(stack, http) -> None:
+    async with http.post(
+        f"{stack.gateway_url}/api/v1/generate/text-to-video", json={"prompt": "x", "priority": "urgent"}
+    ) as response:
+        body = await response.json()
+    assert response.status == 422 and body["error"]["details"][0]["field"] == "priority", body
 
 
 async def test_list_jobs_newest_first_with_pages_and_filters(stack, http) -> None:

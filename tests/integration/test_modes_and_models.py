@@ -9,13 +9,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import download, get_json, mp4_bytes, png_bytes, submit, watch
+from tests.helpers import client, download, get_json, mp4_bytes, png_bytes, submit, watch
 from worker.encode import probe_mp4
 
 
 @pytest.fixture
 async def http():
-    async with aiohttp.ClientSession() as session:
+    async with client() as session:
         yield session
 
 
@@ -67,7 +67,7 @@ async def test_mode_end_to_end(stack, http, tmp_path: Path, model, mode, transpo
     status, record = await get_json(http, f"{stack.gateway_url}/api/v1/jobs/{accepted['job_id']}")
     assert status == 200 and record["mode"] == mode
     assert record["request"]["strength"] == (0.7 if mode == "video-to-video" else None)
-    video = await download(http, final["result"]["url"], tmp_path / "out.mp4")
+    video = await download(final["result"]["url"], tmp_path / "out.mp4")
     info = probe_mp4(video)
     assert (info.num_frames, info.width, info.height, info.fps) == (17, 64, 32, 10)
     # Routing: each model's jobs reach only the worker that serves it.

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import aiohttp
 import pytest
 
-from tests.helpers import download, get_json, submit, watch
+from tests.helpers import client, download, fetch_link, get_json, submit, watch
 from worker.encode import probe_mp4
 
 TERMINAL = {"succeeded", "failed", "cancelled"}
@@ -16,7 +15,7 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 @pytest.fixture
 async def http():
-    async with aiohttp.ClientSession() as session:
+    async with client() as session:
         yield session
 
 
@@ -62,7 +61,7 @@ async def test_job_runs_end_to_end(stack, http, tmp_path: Path) -> None:
     result = final["result"]
     assert (result["num_frames"], result["width"], result["height"], result["fps"]) == (17, 64, 32, 12)
 
-    video = await download(http, result["url"], tmp_path / "out.mp4")
+    video = await download(result["url"], tmp_path / "out.mp4")
     assert video.stat().st_size == result["bytes"]
     info = probe_mp4(video)
     assert (info.num_frames, info.width, info.height, info.fps) == (17, 64, 32, 12)
@@ -113,8 +112,7 @@ async def test_record_survives_gateway_restart(stack, http) -> None:
     second, _ = stack.start_gateway("gateway-b")
     status, job = await get_json(http, f"{second}/api/v1/jobs/{accepted['job_id']}")
     assert status == 200 and job["status"] == "succeeded"
-    async with http.get(job["result"]["url"]) as response:
-        assert response.status == 200
+    assert (await fetch_link(job["result"]["url"]))[0] == 200
 
 
 async def test_unknown_job_is_404(stack, http) -> None:
@@ -200,12 +198,10 @@ async def test_presigned_links_expire(stack, http, tmp_path) -> None:
     accepted = await submit(http, short, {"prompt": "fleeting"})
     frames = await watch(http, short, accepted["job_id"])
     url = frames[-1]["job"]["result"]["url"]
-    async with http.get(url) as response:
-        assert response.status == 200
+    assert (await fetch_link(url))[0] == 200
     deadline = asyncio.get_running_loop().time() + 30
     while True:  # poll until the store refuses it: the signature's clock, not ours, decides
-        async with http.get(url) as response:
-            if response.status == 403:
-                break
+        if (await fetch_link(url))[0] == 403:
+            break
         assert asyncio.get_running_loop().time() < deadline, "the store still serves an expired link"
         await asyncio.sleep(0.25)

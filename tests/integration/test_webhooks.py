@@ -7,21 +7,20 @@ import base64
 import json
 import os
 
-import aiohttp
 import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
 from scripts.devstack import free_port_block
-from tests.helpers import submit, watch
+from tests.helpers import client, submit, watch
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
 
 
 @pytest.fixture
 async def http():
-    async with aiohttp.ClientSession() as session:
+    async with client() as session:
         yield session
 
 

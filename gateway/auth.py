@@ -1,0 +1,199 @@
+"""API keys: bearer tokens, stored as SHA-256 hashes, each with its own rate limit and job quota.
+
+A key file (TOML, `VIDEOGEN_API_KEYS_FILE`) lists the keys:
+
+    [[keys]]
+    id = "alice"                          # who: recorded as the owner of the jobs the key creates
+    sha256 = "<hex SHA-256 of the token>"
+    rate_limit = "20/second"              # optional; else VIDEOGEN_RATE_LIMIT
+    max_concurrent_jobs = 4               # optional; else VIDEOGEN_MAX_CONCURRENT_JOBS
+    admin = false                         # optional; admins may start model downloads
+
+`python -m gateway.auth new <id>` makes a token and prints the entry for it. Tokens are 256
+random bits, so a plain SHA-256 is enough to keep the file useless to a reader (no salt or slow
+hash is needed for secrets that cannot be guessed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import secrets
+import sys
+import time
+import tomllib
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from aiohttp import web
+from limits import RateLimitItem, parse
+from limits.aio.storage import MemoryStorage
+from limits.aio.strategies import MovingWindowRateLimiter
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from gateway.errors import ApiError
+from schemas.jobs import JobRecord
+
+TOKEN_PREFIX = "vg_"
+# Paths anyone may call: probes, the API description, the web page and its files.
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/"})
+PUBLIC_PREFIXES = ("/static/",)
+# Streams opened by browsers cannot send headers: they may pass the token as `access_token`.
+QUERY_TOKEN_PATHS = frozenset({"/api/v1/ws", "/api/v1/events"})
+
+OWNER = web.RequestKey("owner", str)  # the key id of the caller; absent when auth is disabled
+
+
+class ApiKey(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    rate_limit: str | None = None
+    max_concurrent_jobs: int | None = Field(default=None, ge=1)
+    admin: bool = False
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse(value)  # "N/second", "N/minute", ...; raises ValueError otherwise
+        return value
+
+
+API_KEY = web.RequestKey("api_key", ApiKey)
+
+
+class KeyFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    keys: list[ApiKey] = Field(default_factory=list)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token() -> str:
+    return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def load_keys(path: Path) -> list[ApiKey]:
+    """The keys of a key file; a clear error naming the file and the entry when it is wrong."""
+    try:
+        data = tomllib.loads(path.read_text())
+        keys = KeyFile.model_validate(data).keys
+    except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
+        raise ValueError(f"API key file {path}: {exc}") from exc
+    ids = [k.id for k in keys]
+    if len(ids) != len(set(ids)):
+        raise ValueError(f"API key file {path}: key ids must be unique")
+    return keys
+
+
+class Keys:
+    """The configured keys, looked up by the hash of a presented token, and their rate limits."""
+
+    def __init__(self, keys: list[ApiKey], default_rate: str, default_quota: int) -> None:
+        self._by_hash = {k.sha256: k for k in keys}
+        self._default_rate = parse(default_rate)
+        self.default_quota = default_quota
+        self._limiter = MovingWindowRateLimiter(MemoryStorage())
+
+    def find(self, token: str) -> ApiKey | None:
+        # A lookup by hash leaks nothing useful through timing: callers do not choose the hash.
+        return self._by_hash.get(hash_token(token))
+
+    def quota(self, key: ApiKey) -> int:
+        return key.max_concurrent_jobs or self.default_quota
+
+    def _rate(self, key: ApiKey) -> RateLimitItem:
+        return parse(key.rate_limit) if key.rate_limit else self._default_rate
+
+    async def retry_after(self, key: ApiKey) -> int | None:
+        """Count one request for the key: None if allowed, else the seconds until it would be."""
+        rate = self._rate(key)
+        if await self._limiter.hit(rate, key.id):
+            return None
+        stats = await self._limiter.get_window_stats(rate, key.id)
+        return max(1, math.ceil(stats.reset_time - time.time()))
+
+
+def _presented_token(request: web.Request) -> str | None:
+    header = request.headers.get("Authorization")
+    if header is not None:
+        scheme, _, token = header.partition(" ")
+        return token.strip() if scheme.lower() == "bearer" and token.strip() else ""
+    if request.path in QUERY_TOKEN_PATHS:
+        return request.query.get("access_token")
+    return None
+
+
+def auth_middleware(keys: Keys | None) -> Callable:
+    """401 without a valid key, 429 past the key's rate; `request[OWNER]` names the key otherwise.
+
+    With `keys` None (auth disabled for local development) every request passes, owner-less.
+    """
+
+    @web.middleware
+    async def middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        if keys is None or request.method == "OPTIONS" or _is_public(request.path):
+            return await handler(request)
+        token = _presented_token(request)
+        key = keys.find(token) if token else None
+        if key is None:
+            reason = "no API key: send `Authorization: Bearer <key>`" if token is None else "unknown API key"
+            raise ApiError(401, "unauthorized", reason, headers={"WWW-Authenticate": 'Bearer realm="videogen"'})
+        wait = await keys.retry_after(key)
+        if wait is not None:
+            raise ApiError(
+                429,
+                "rate_limited",
+                f"too many requests for this API key; retry in {wait} s",
+                headers={"Retry-After": str(wait)},
+            )
+        request[OWNER] = key.id
+        request[API_KEY] = key
+        return await handler(request)
+
+    return middleware
+
+
+def _is_public(path: str) -> bool:
+    return path in PUBLIC_PATHS or path.startswith(PUBLIC_PREFIXES)
+
+
+def owner_of(request: web.Request) -> str | None:
+    return request.get(OWNER)
+
+
+def visible(record: JobRecord, owner: str | None) -> bool:
+    """Whether a caller sees a job: its own key's jobs only; everything when auth is disabled."""
+    return owner is None or record.owner == owner
+
+
+def require_admin(request: web.Request) -> None:
+    key = request.get(API_KEY)
+    if key is not None and not key.admin:
+        raise ApiError(403, "forbidden", "this API key may not do this (it needs admin = true)")
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "new":
+        print("usage: python -m gateway.auth new <key-id>", file=sys.stderr)
+        return 2
+    try:
+        ApiKey(id=argv[1], sha256="0" * 64)
+    except ValidationError:
+        print("a key id is 1 to 63 of a-z, 0-9, '_' and '-', starting with a letter or digit", file=sys.stderr)
+        return 2
+    token = new_token()
+    print(f"# token (give it to the client; it is not stored anywhere): {token}")
+    print(f'[[keys]]\nid = "{argv[1]}"\nsha256 = "{hash_token(token)}"')
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,70 @@
+"""API key files and the per-key rate limiter."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gateway.auth import Keys, hash_token, load_keys, main, new_token
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "keys.toml"
+    path.write_text(text)
+    return path
+
+
+def test_a_key_file_is_read_and_tokens_are_found_by_hash(tmp_path: Path) -> None:
+    token = new_token()
+    path = write(tmp_path, f'[[keys]]\nid = "alice"\nsha256 = "{hash_token(token)}"\nmax_concurrent_jobs = 3\n')
+    keys = Keys(load_keys(path), "10/second", 8)
+    key = keys.find(token)
+    assert key is not None and key.id == "alice" and keys.quota(key) == 3
+    assert keys.find(token + "x") is None
+    assert token not in path.read_text()
+
+
+@pytest.mark.parametrize(
+    "entry, complaint",
+    [
+        ('id = "alice"\nsha256 = "abc"', "sha256"),
+        ('id = "Alice!"\nsha256 = "' + "0" * 64 + '"', "id"),
+        ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nrate_limit = "fast"', "rate_limit"),
+        ('id = "alice"\nsha256 = "' + "0" * 64 + '"\ncolour = "red"', "colour"),
+    ],
+)
+def test_a_wrong_key_file_names_the_problem(tmp_path: Path, entry: str, complaint: str) -> None:
+    with pytest.raises(ValueError) as error:
+        load_keys(write(tmp_path, f"[[keys]]\n{entry}\n"))
+    assert complaint in str(error.value) and "keys.toml" in str(error.value)
+
+
+def test_key_ids_are_unique(tmp_path: Path) -> None:
+    entry = '[[keys]]\nid = "alice"\nsha256 = "' + "0" * 64 + '"\n'
+    with pytest.raises(ValueError, match="unique"):
+        load_keys(write(tmp_path, entry + entry))
+
+
+async def test_the_rate_limit_counts_per_key(tmp_path: Path) -> None:
+    a, b = new_token(), new_token()
+    path = write(
+        tmp_path,
+        f'[[keys]]\nid = "a"\nsha256 = "{hash_token(a)}"\nrate_limit = "3/minute"\n'
+        f'[[keys]]\nid = "b"\nsha256 = "{hash_token(b)}"\n',
+    )
+    keys = Keys(load_keys(path), "100/second", 8)
+    key_a, key_b = keys.find(a), keys.find(b)
+    assert [await keys.retry_after(key_a) for _ in range(3)] == [None] * 3
+    wait = await keys.retry_after(key_a)
+    assert wait is not None and 1 <= wait <= 60
+    assert await keys.retry_after(key_b) is None
+
+
+def test_new_prints_a_token_and_its_entry(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["new", "ci-bot"]) == 0
+    out = capsys.readouterr().out
+    token = out.split("it is not stored anywhere): ")[1].split()[0]
+    keys = Keys(load_keys(write(tmp_path, out)), "1/second", 1)
+    assert keys.find(token).id == "ci-bot"
+    assert main(["new", "Not Valid"]) == 2
