@@ -19,6 +19,7 @@ from gateway.deadletters import dead_letter_handler, expiry_handler
 from gateway.errors import error_middleware, timeout_middleware
 from gateway.events import EventHub
 from gateway.keys import BROKER, HUB, KEYS, REGISTRY, SETTINGS, STORE, WEBHOOKS
+from gateway.openapi import OPENAPI, build_openapi, openapi_document
 from gateway.webhooks import WebhookDeliverer
 from schemas.jobs import JobRecord
 from schemas.messages import JobEvent
@@ -68,6 +69,8 @@ class ConfigError(Exception):
 
 
 def add_routes(app: web.Application) -> None:
+    app[OPENAPI] = build_openapi()
+    app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
     for mode in handlers.MODES:

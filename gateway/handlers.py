@@ -21,6 +21,7 @@ from gateway.errors import ApiError, bad_field, store_call, store_unavailable, v
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE
 from gateway.webhooks import destination_problem
+from schemas.api import Health, Readiness
 from schemas.jobs import (
     DEFAULT_WEBHOOK_EVENTS,
     DownloadParams,
@@ -97,7 +98,10 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
     """Form fields as strings (pydantic parses the numbers) and the one file, each bounded."""
     fields: dict[str, str] = {}
     data: bytes | None = None
-    reader = await request.multipart()
+    try:
+        reader = await request.multipart()
+    except ValueError as exc:  # e.g. no boundary in the Content-Type
+        raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from exc
     async for part in reader:
         if not isinstance(part, BodyPartReader) or part.name is None:
             raise ApiError(400, "bad_request", "nested multipart bodies are not accepted")
@@ -398,15 +402,15 @@ async def _mark_unpublished(request: web.Request, record: JobRecord) -> None:
 
 
 async def health(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
+    return web.json_response(Health(status="ok").model_dump())
 
 
 async def ready(request: web.Request) -> web.Response:
     broker_ok = request.app[BROKER].connected
     store_ok = await request.app[STORE].ping()
-    body = {
-        "status": "ready" if broker_ok and store_ok else "unavailable",
-        "broker": "ok" if broker_ok else "unreachable",
-        "store": "ok" if store_ok else "unreachable",
-    }
+    body = Readiness(
+        status="ready" if broker_ok and store_ok else "unavailable",
+        broker="ok" if broker_ok else "unreachable",
+        store="ok" if store_ok else "unreachable",
+    ).model_dump()
     return web.json_response(body, status=200 if broker_ok and store_ok else 503)

@@ -15,6 +15,7 @@ from gateway.errors import ApiError
 from gateway.handlers import announce, parse_job_id
 from gateway.keys import BROKER, REGISTRY, SETTINGS, STORE
 from gateway.views import job_view
+from schemas.api import JobList
 from schemas.jobs import JobRecord, JobStatus, Phase
 
 log = structlog.get_logger("gateway")
@@ -117,4 +118,4 @@ async def list_jobs(request: web.Request) -> web.Response:
                 if len(jobs) == limit:
                     break
     more = last_key is not None and bool(await store.list_keys(args["prefix"], last_key, 1))
-    return web.json_response({"jobs": jobs, "next_cursor": last_key if more else None})
+    return web.json_response(JobList(jobs=jobs, next_cursor=last_key if more else None).model_dump(mode="json"))

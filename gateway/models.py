@@ -5,16 +5,18 @@ from __future__ import annotations
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from common.topology import DOWNLOAD_KEY, Topology
 from gateway.broker import QueueStats
 from gateway.errors import ApiError
 from gateway.keys import BROKER, REGISTRY, SETTINGS
+from schemas.api import ModelInfo, ModelList
 from schemas.registry import ModelSpec
 
 
 def describe(spec: ModelSpec, stats: QueueStats | None) -> dict[str, Any]:
-    source = {"repo": spec.repo, "revision": spec.revision} if spec.repo else {"path": spec.path}
+    source = {"repo": spec.repo, "revision": spec.revision} if spec.repo else {"path": str(spec.path)}
     return {
         "id": spec.id,
         "family": spec.family,
@@ -32,6 +34,10 @@ def describe(spec: ModelSpec, stats: QueueStats | None) -> dict[str, Any]:
     }
 
 
+def _json(model: BaseModel) -> web.Response:
+    return web.json_response(model.model_dump(mode="json"))
+
+
 async def _stats(request: web.Request, model_id: str) -> QueueStats | None:
     broker = request.app[BROKER]
     topology = Topology(request.app[SETTINGS].broker_namespace)
@@ -46,7 +52,7 @@ async def _stats(request: web.Request, model_id: str) -> QueueStats | None:
 async def list_models(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     models = [describe(spec, await _stats(request, spec.id)) for spec in registry.models.values()]
-    return web.json_response({"default_model": registry.default_model, "models": models})
+    return _json(ModelList(default_model=registry.default_model, models=models))
 
 
 async def model_info(request: web.Request) -> web.Response:
@@ -60,4 +66,4 @@ async def model_info(request: web.Request) -> web.Response:
     info = describe(spec, await _stats(request, spec.id))
     downloads = await _stats(request, DOWNLOAD_KEY)
     info["download_workers"] = None if downloads is None else downloads.consumers
-    return web.json_response(info)
+    return _json(ModelInfo(**info))

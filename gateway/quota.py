@@ -32,6 +32,9 @@ log = structlog.get_logger("gateway.quota")
 # How long a client that hit its quota is asked to wait before trying again.
 QUOTA_RETRY_AFTER_S = 10
 
+# At the limit, up to this many markers beyond it are checked too, so stale ones go in one sweep.
+STALE_SWEEP = 50
+
 _locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
 
 
@@ -63,7 +66,7 @@ async def slot(request: web.Request, mode: str) -> AsyncIterator[None]:
 
 
 async def _active_jobs(store: ObjectStore, owner: str, limit: int) -> int:
-    keys = await store.list_keys(active_prefix(owner), None, limit)
+    keys = await store.list_keys(active_prefix(owner), None, limit + STALE_SWEEP)
     if len(keys) < limit:
         return len(keys)
     # At the limit: make sure each marker still stands for a job that has not ended.
