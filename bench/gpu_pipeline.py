@@ -12,6 +12,7 @@ same pipeline object), then the MP4 encode the worker does after it, and prints 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import platform
 import statistics
@@ -178,19 +179,16 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
         bare, served, encode = [], [], []
         out = None
         for _ in range(args.repeats):
-            bare.append(timed(lambda: bare_call(pipe, family, p), device))
-            holder = {}
-            served.append(
-                timed(
-                    lambda: holder.setdefault(
-                        "out", runner.generate("text-to-video", p, Inputs(), lambda k, n: steps_seen.append(k))
-                    ),
-                    device,
-                )
-            )
+            bare.append(timed(functools.partial(bare_call, pipe, family, p), device))
+            holder: dict[str, Any] = {}
+
+            def serve(p=p, holder=holder, seen=steps_seen, runner=runner) -> None:
+                holder["out"] = runner.generate("text-to-video", p, Inputs(), lambda k, n: seen.append(k))
+
+            served.append(timed(serve, device))
             out = holder["out"]
             with tempfile.TemporaryDirectory() as tmp:
-                encode.append(timed(lambda: encode_mp4(out.frames, p.fps, Path(tmp) / "v.mp4"), device))
+                encode.append(timed(functools.partial(encode_mp4, out.frames, p.fps, Path(tmp) / "v.mp4"), device))
         row = {
             "family": family,
             "width": width,
