@@ -46,6 +46,7 @@ def job_view(record: JobRecord, store: ObjectStore, expiry_s: int) -> JobView:
         queue_position=record.queue_position,
         attempts=record.attempts,
         worker=record.worker,
+        timings=record.timings,
         webhook=record.webhook,
     )
 

@@ -109,6 +109,17 @@ class JobError(BaseModel):
     message: str
 
 
+class PhaseSeconds(BaseModel):
+    """Where a job's time went, in seconds; each is set once its phase is over."""
+
+    queued: float | None = Field(default=None, description="Accepted → a worker started it (its last attempt).")
+    load: float | None = Field(default=None, description="Started → first denoising step: inputs, prompt encoding.")
+    denoise: float | None = None
+    decode: float | None = Field(default=None, description="VAE decode and conversion to 8-bit frames.")
+    encode: float | None = Field(default=None, description="MP4 encoding.")
+    upload: float | None = Field(default=None, description="Upload of the MP4 to the object store.")
+
+
 class EventEntry(BaseModel):
     """One state change of a job, as kept in its record's history and sent to clients."""
 
@@ -155,6 +166,7 @@ class JobRecord(BaseModel):
     eta_s: float | None = None
     queue_position: int | None = None
     webhook: Webhook | None = None
+    timings: PhaseSeconds | None = None
     owner: str | None = Field(
         default=None, description="The API key (its id) that created the job; None when the gateway runs without keys."
     )
@@ -221,3 +233,4 @@ class JobView(BaseModel):
     attempts: int = Field(description="How many times a worker started the job (more than 1 after a crash).")
     webhook: Webhook | None = None
     worker: str | None = Field(description="The worker that ran (or runs) the job.")
+    timings: PhaseSeconds | None = Field(default=None, description="Seconds per phase, as each ends.")

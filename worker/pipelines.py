@@ -42,6 +42,7 @@ class Inputs:
 @dataclass(frozen=True)
 class Generated:
     frames: np.ndarray  # uint8 (frames, height, width, 3)
+    load_s: float  # call → first denoising step: prompt encoding, latents, conditioning
     denoise_s: float
     decode_s: float
 
@@ -112,7 +113,11 @@ class ModelRunner:
     ) -> Generated:
         """Run one generation on the calling thread; `on_step(k, n)` after each denoising step."""
         pipe = self.pipelines[mode]
-        marks = {"last_step": 0.0}
+        marks = {"first_step": 0.0, "last_step": 0.0}
+
+        def first_call(*_: Any) -> None:
+            if not marks["first_step"]:
+                marks["first_step"] = time.perf_counter()
 
         def step_end(_pipe: Any, index: int, _timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
             marks["last_step"] = time.perf_counter()
@@ -129,11 +134,19 @@ class ModelRunner:
             callback_on_step_end=step_end,
         )
         started = time.perf_counter()
-        output = pipe(**kwargs)
+        # The transformer's first call is where denoising starts.
+        hook = pipe.transformer.register_forward_pre_hook(first_call)
+        try:
+            output = pipe(**kwargs)
+        finally:
+            hook.remove()
         frames = to_uint8_frames(output.frames[0])
         finished = time.perf_counter()
         last_step = marks["last_step"] or finished
-        return Generated(frames=frames, denoise_s=last_step - started, decode_s=finished - last_step)
+        first_step = marks["first_step"] or started
+        return Generated(
+            frames=frames, load_s=first_step - started, denoise_s=last_step - first_step, decode_s=finished - last_step
+        )
 
     def release_memory(self) -> None:
         """After an interrupted generation: drop its tensors and hand cached GPU memory back."""

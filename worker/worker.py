@@ -38,6 +38,7 @@ from schemas.jobs import (
     JobRecord,
     JobStatus,
     Phase,
+    PhaseSeconds,
     utcnow,
 )
 from schemas.messages import CancelMessage, DecodeError, JobAvailable, JobEvent, JobMessage, decode
@@ -291,12 +292,14 @@ class Worker:
         # Only a job that never started can have waited too long; a redelivery after a crash runs.
         if reporter.record.attempts == 0 and queued_s > spec.max_queue_s:
             raise JobFailed(errors.expired(spec.id, spec.max_queue_s))
+        started = time.perf_counter()
         await reporter.update(
             status=JobStatus.RUNNING,
             phase=Phase.LOADING,
             started_at=utcnow(),
             attempts=reporter.record.attempts + 1,
             worker=self.worker_id,
+            timings=PhaseSeconds(queued=round(queued_s, 3)),
         )
         inputs = await self._fetch_inputs(job)
 
@@ -304,12 +307,18 @@ class Worker:
         if job.job_id in self._cancelled:  # asked while the inputs were fetched
             cancel.set()
         try:
-            await self._generate_and_deliver(job, reporter, inputs, cancel, queued_s)
+            await self._generate_and_deliver(job, reporter, inputs, cancel, queued_s, started)
         finally:
             self._running.pop(job.job_id, None)
 
     async def _generate_and_deliver(
-        self, job: JobMessage, reporter: JobReporter, inputs: Inputs, cancel: threading.Event, queued_s: float
+        self,
+        job: JobMessage,
+        reporter: JobReporter,
+        inputs: Inputs,
+        cancel: threading.Event,
+        queued_s: float,
+        started: float,
     ) -> None:
         params = job.params
         assert isinstance(params, GenerationParams)
@@ -331,6 +340,7 @@ class Worker:
 
         runner = self._runners[params.model]
         loop = asyncio.get_running_loop()
+        before_pipeline_s = time.perf_counter() - started  # the inputs' download and decoding
         try:
             generated: Generated = await loop.run_in_executor(
                 self._gpu, runner.generate, job.mode, params, inputs, on_step
@@ -372,19 +382,24 @@ class Worker:
         self._finish_times.observe(
             params.model, frames, width, height, generated.decode_s + time.perf_counter() - finish_started
         )
+        timings = PhaseSeconds(
+            queued=round(queued_s, 3),
+            load=round(before_pipeline_s + generated.load_s, 3),
+            denoise=round(generated.denoise_s, 3),
+            decode=round(generated.decode_s, 3),
+            encode=round(encode_s, 3),
+            upload=round(upload_s, 3),
+        )
         await reporter.update(
             status=JobStatus.SUCCEEDED,
             phase=Phase.SUCCEEDED,
             progress=1.0,
             output=JobOutput(key=key, bytes=size, num_frames=frames, width=width, height=height, fps=params.fps),
+            timings=timings,
         )
         log.info(
             "job_succeeded",
-            queued_s=round(queued_s, 3),
-            denoise_s=round(generated.denoise_s, 3),
-            decode_s=round(generated.decode_s, 3),
-            encode_s=round(encode_s, 3),
-            upload_s=round(upload_s, 3),
+            **{f"{name}_s": value for name, value in timings.model_dump().items()},
             bytes=size,
             frames=frames,
             width=width,

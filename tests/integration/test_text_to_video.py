@@ -58,6 +58,15 @@ async def test_job_runs_end_to_end(stack, http, tmp_path: Path) -> None:
 
     final = frames[-1]["job"]
     assert final["status"] == "succeeded" and final["request"]["seed"] == 7
+    # Seconds per phase: each measured, and together no more than the job's life.
+    timings = final["timings"]
+    assert set(timings) == {"queued", "load", "denoise", "decode", "encode", "upload"}
+    assert all(v is not None and v >= 0 for v in timings.values()), timings
+    assert timings["denoise"] > 0
+    from datetime import datetime
+
+    life = (datetime.fromisoformat(final["finished_at"]) - datetime.fromisoformat(final["created_at"])).total_seconds()
+    assert sum(timings.values()) <= life + 0.05, (timings, life)
     result = final["result"]
     assert (result["num_frames"], result["width"], result["height"], result["fps"]) == (17, 64, 32, 12)
 

@@ -66,6 +66,7 @@ class OomRunner:
         on_step(1, 1)
         return Generated(
             frames=np.zeros((params.num_frames, params.height, params.width, 3), np.uint8),
+            load_s=0.01,
             denoise_s=0.01,
             decode_s=0.01,
         )
