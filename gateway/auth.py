@@ -9,7 +9,8 @@ A key file (TOML, `VIDEOGEN_API_KEYS_FILE`) lists the keys:
     max_concurrent_jobs = 4               # optional; else VIDEOGEN_MAX_CONCURRENT_JOBS
     admin = false                         # optional; admins may start model downloads
 
-`python -m gateway.auth new <id>` makes a token and prints the entry for it. Tokens are 256
+`python -m gateway.auth new <id> >> keys.toml` makes a token, appends its entry to the file and
+shows the token (on stderr) once. Tokens are 256
 random bits, so a plain SHA-256 is enough to keep the file useless to a reader (no salt or slow
 hash is needed for secrets that cannot be guessed).
 """
@@ -190,7 +191,8 @@ def main(argv: list[str]) -> int:
         print("a key id is 1 to 63 of a-z, 0-9, '_' and '-', starting with a letter or digit", file=sys.stderr)
         return 2
     token = new_token()
-    print(f"# token (give it to the client; it is not stored anywhere): {token}")
+    # The entry on stdout (append it to the key file); the token on stderr, so it is never in the file.
+    print(f"API key {argv[1]!r} (give it to the client; it is stored nowhere): {token}", file=sys.stderr)
     print(f'[[keys]]\nid = "{argv[1]}"\nsha256 = "{hash_token(token)}"')
     return 0
 

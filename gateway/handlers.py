@@ -337,12 +337,14 @@ async def _enqueue(
     # them; the record last, so a failure leaves no job behind (listings skip index entries
     # without a record).
     try:
+        # The quota marker first: should a later write fail, a marker without a record is
+        # swept at the next check (gateway/quota.py), and no record is left queued.
+        await quota.hold(request, mode, job_id)
         for item in inputs:
             await store.put_bytes(message.inputs[item.name], item.data, item.content_type)
         for key in index_keys(job_id, params.model, now, owner):
             await store.put_bytes(key, b"", "application/octet-stream")
         await store.put_record(record)
-        await quota.hold(request, mode, job_id)
     except Exception as exc:
         log.error("store_write_failed", job_id=job_id, error=str(exc))
         raise store_unavailable() from exc

@@ -63,8 +63,9 @@ async def test_the_rate_limit_counts_per_key(tmp_path: Path) -> None:
 
 def test_new_prints_a_token_and_its_entry(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["new", "ci-bot"]) == 0
-    out = capsys.readouterr().out
-    token = out.split("it is not stored anywhere): ")[1].split()[0]
-    keys = Keys(load_keys(write(tmp_path, out)), "1/second", 1)
+    captured = capsys.readouterr()
+    token = captured.err.split("stored nowhere): ")[1].split()[0]
+    assert token not in captured.out
+    keys = Keys(load_keys(write(tmp_path, captured.out)), "1/second", 1)
     assert keys.find(token).id == "ci-bot"
     assert main(["new", "Not Valid"]) == 2

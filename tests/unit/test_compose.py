@@ -64,3 +64,10 @@ def test_broker_config_raises_the_consumer_timeout() -> None:
     conf = (ROOT / "infra/rabbitmq/rabbitmq.conf").read_text()
     match = re.search(r"^consumer_timeout\s*=\s*(\d+)\s*$", conf, re.MULTILINE)
     assert match and int(match.group(1)) >= 2 * 3600 * 1000  # milliseconds
+
+
+def test_gateway_gets_a_key_file(compose) -> None:
+    gateway = compose["services"]["gateway"]
+    target = gateway["environment"]["VIDEOGEN_API_KEYS_FILE"]
+    assert any(v.split(":")[1] == target for v in gateway["volumes"]), "the key file is mounted where it is read"
+    assert "VIDEOGEN_AUTH_DISABLED" not in gateway["environment"]
