@@ -69,6 +69,12 @@ class GatewaySettings(CommonSettings):
     webhook_allow_hosts: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="Hosts, IPs or CIDRs webhooks may reach even if private or loopback."
     )
+    gpu_memory_gib: float = Field(
+        default=80.0,
+        gt=0,
+        description="GPU memory of the workers: jobs that cannot fit it even with group offload "
+        "are refused (422); the 202's estimate is made for it.",
+    )
     auth_disabled: bool = Field(default=False, description="Serve without API keys (local development only).")
     api_keys_file: Path | None = Field(default=None, description="TOML file of API keys (see gateway/auth.py).")
     rate_limit: str = Field(default="20/second", description="Requests per key, e.g. '20/second', '600/minute'.")
@@ -101,6 +107,12 @@ class WorkerSettings(CommonSettings):
         default=300.0,
         ge=0,
         description="How long a worker holding a job retries the object store before it hands the job back.",
+    )
+    gpu_memory_gib: float | None = Field(
+        default=None,
+        gt=0,
+        description="Memory the preflight plans jobs for; default: the CUDA device's total "
+        "(none on a CPU, where every job runs resident).",
     )
     idle_poll_s: float = Field(
         default=1.0,

@@ -22,6 +22,7 @@ from gateway.inputs import CheckedInput, bad_input, check_image, check_video
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE
 from gateway.webhooks import destination_problem
 from schemas.api import Health, Readiness
+from schemas.cost import DoesNotFit, Estimate, estimate
 from schemas.jobs import (
     DEFAULT_WEBHOOK_EVENTS,
     DownloadParams,
@@ -199,7 +200,32 @@ async def _accept(
     assert params is not None
     webhook = await _check_webhook(req, settings)
     checked = None if data is None else await asyncio.to_thread(_check_input, file_field, data, params, settings)
-    return await enqueue(request, mode, params, [checked] if checked else [], webhook)
+    return await enqueue(request, mode, params, [checked] if checked else [], webhook, _preflight(request, params))
+
+
+def _preflight(request: web.Request, params: GenerationParams) -> Estimate | None:
+    """Peak memory and seconds, and the plan that fits the workers' GPUs; 422 when nothing fits."""
+    spec = request.app[REGISTRY].models[params.model]
+    if spec.cost is None:
+        return None
+    try:
+        return estimate(
+            spec.cost,
+            params.width,
+            params.height,
+            params.num_frames,
+            params.num_inference_steps,
+            params.guidance_scale,
+            request.app[SETTINGS].gpu_memory_gib,
+        )
+    except DoesNotFit as exc:
+        message = f"{params.width}x{params.height}x{params.num_frames} {exc}"
+        raise ApiError(
+            422,
+            "validation_error",
+            message,
+            [{"field": f, "rule": "fits_gpu_memory", "message": message} for f in ("width", "height", "num_frames")],
+        ) from exc
 
 
 def _accepted_response(accepted: JobAccepted, replayed: bool = False) -> web.Response:
@@ -227,6 +253,7 @@ def _accepted(record: JobRecord, stats: Any) -> JobAccepted:
         workers=None if stats is None else stats.consumers,
         queue_depth=None if stats is None else stats.messages + 1,
         queue_position=record.queue_position,
+        estimate=record.estimate,
         links={"self": f"/api/v1/jobs/{record.job_id}", "events": f"/api/v1/ws?job_id={record.job_id}"},
     )
 
@@ -280,10 +307,11 @@ async def enqueue(
     params: GenerationParams | DownloadParams,
     inputs: list[CheckedInput],
     webhook: Webhook | None = None,
+    preflight: Estimate | None = None,
 ) -> JobAccepted:
     """Store inputs, record and index entries, publish the job (confirmed), announce it, answer 202."""
     async with quota.slot(request, mode):
-        return await _enqueue(request, mode, params, inputs, webhook, owner_of(request))
+        return await _enqueue(request, mode, params, inputs, webhook, owner_of(request), preflight)
 
 
 async def _enqueue(
@@ -293,6 +321,7 @@ async def _enqueue(
     inputs: list[CheckedInput],
     webhook: Webhook | None,
     owner: str | None,
+    preflight: Estimate | None,
 ) -> JobAccepted:
     app = request.app
     store, broker = app[STORE], app[BROKER]
@@ -331,6 +360,7 @@ async def _enqueue(
         queue_position=None if stats is None else stats.ahead_of(_priority(params)),
         webhook=webhook,
         owner=owner,
+        estimate=preflight,
     )
     record.events = [record.last_event()]
     # Inputs, index and record are stored before the job is published, so a worker always finds

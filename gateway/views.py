@@ -47,6 +47,8 @@ def job_view(record: JobRecord, store: ObjectStore, expiry_s: int) -> JobView:
         attempts=record.attempts,
         worker=record.worker,
         timings=record.timings,
+        estimate=record.estimate,
+        memory_plan=record.memory_plan,
         webhook=record.webhook,
     )
 

@@ -33,3 +33,7 @@ def out_of_memory(width: int, height: int, frames: int, detail: str) -> JobError
             f"or run the model on a worker with more GPU memory ({(detail.splitlines() or ['no detail'])[0]})"
         ),
     )
+
+
+def does_not_fit(detail: str) -> JobError:
+    return JobError(code="does_not_fit", message=f"the job cannot fit this worker's GPU: {detail}")

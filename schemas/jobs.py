@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from schemas.cost import Estimate, MemoryPlan
+
 RECORD_SCHEMA_VERSION = 1
 
 
@@ -167,6 +169,8 @@ class JobRecord(BaseModel):
     queue_position: int | None = None
     webhook: Webhook | None = None
     timings: PhaseSeconds | None = None
+    estimate: Estimate | None = None
+    memory_plan: MemoryPlan | None = None
     owner: str | None = Field(
         default=None, description="The API key (its id) that created the job; None when the gateway runs without keys."
     )
@@ -234,3 +238,5 @@ class JobView(BaseModel):
     webhook: Webhook | None = None
     worker: str | None = Field(description="The worker that ran (or runs) the job.")
     timings: PhaseSeconds | None = Field(default=None, description="Seconds per phase, as each ends.")
+    estimate: Estimate | None = Field(default=None, description="The gateway's preflight estimate.")
+    memory_plan: MemoryPlan | None = Field(default=None, description="How the worker fitted the job to its GPU.")

@@ -11,6 +11,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from schemas.cost import CostModel
 from schemas.jobs import GenerationMode, GenerationParams
 from schemas.requests import MAX_SEED
 
@@ -60,6 +61,9 @@ class ModelSpec(BaseModel):
     )
     max_queue_s: int = Field(
         default=3600, ge=1, description="A job waiting longer than this for a worker fails with code `expired`."
+    )
+    cost: CostModel | None = Field(
+        default=None, description="Memory and time coefficients for the preflight estimate (schemas/cost.py)."
     )
 
     @model_validator(mode="after")

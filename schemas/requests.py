@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
+from schemas.cost import Estimate
 from schemas.jobs import DownloadParams, GenerationParams, JobStatus, Priority, WebhookEventType
 
 MAX_SEED = 2**32 - 1
@@ -81,5 +82,8 @@ class JobAccepted(BaseModel):
     queue_position: int | None = Field(
         description="Jobs ahead of this one when it was queued: those waiting "
         "for the same model at the same or a higher priority."
+    )
+    estimate: Estimate | None = Field(
+        default=None, description="Preflight: peak GPU memory, seconds and memory plan (null: no cost model)."
     )
     links: dict[str, str]

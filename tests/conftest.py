@@ -25,9 +25,10 @@ from worker.tiny_models import build_tiny_ltx
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-# A tiny LTX pipeline with a deeper, wider transformer: slow enough (~0.1 s a step at 256x256x65
-# here) for tests that act while a job runs (cancel, reconnect, gateway restart).
-SLOW_MODEL = {
+# Models only the tests use (VIDEOGEN_MODEL_OVERRIDES of every process the tests start).
+EXTRA_MODELS = {
+    # A tiny LTX pipeline with a deeper, wider transformer: slow enough (~0.1 s a step at 256x256x65
+    # here) for tests that act while a job runs (cancel, reconnect, gateway restart).
     "ltx-slow": {
         "family": "ltx",
         "path": "ltx-slow",
@@ -36,7 +37,29 @@ SLOW_MODEL = {
         "description": "Tiny LTX with an 8-layer transformer: slow steps for lifecycle tests.",
         "defaults": {"width": 256, "height": 256, "num_frames": 65, "num_inference_steps": 20, "guidance_scale": 1.0},
         "limits": {"min_size": 32, "max_width": 256, "max_height": 256, "max_frames": 65, "max_steps": 200},
-    }
+    },
+    # The tiny LTX weights with a cost model scaled so that tiny sizes need the memory plans that
+    # real sizes need on real GPUs: resident at 80 GiB, VAE tiling at 12, refused when huge.
+    "ltx-costed": {
+        "family": "ltx",
+        "path": "ltx-tiny",
+        "native_fps": 8,
+        "modes": ["text-to-video"],
+        "description": "Tiny LTX with a cost model for preflight tests.",
+        "defaults": {"width": 64, "height": 64, "num_frames": 17, "num_inference_steps": 2, "guidance_scale": 1.0},
+        "limits": {"min_size": 32, "max_width": 256, "max_height": 256, "max_frames": 65, "max_steps": 20},
+        "cost": {
+            "reference_gpu": "test",
+            "denoiser_gib": 1.0,
+            "text_encoder_gib": 1.0,
+            "encode_gib": 0.1,
+            "decode_gib_per_mpx": 200.0,
+            "tiled_decode_gib_per_frame": 0.05,
+            "tiled_decode_gib_per_frame_mpx": 1500.0,
+            "step_s": [0.01, 0.0, 0.0],
+            "decode_s_base": 0.1,
+        },
+    },
 }
 
 
@@ -69,7 +92,7 @@ async def _delete_namespace(amqp_url: str, ns: str) -> None:
     async with connection:
         channel = await connection.channel()
         topology = Topology(ns)
-        for queue in topology.queue_names(list(load_registry(overrides=SLOW_MODEL).models)):
+        for queue in topology.queue_names(list(load_registry(overrides=EXTRA_MODELS).models)):
             await channel.queue_delete(queue)
         for exchange in topology.exchange_names():
             await channel.exchange_delete(exchange)
@@ -159,7 +182,7 @@ def stack(
         VIDEOGEN_DEFAULT_MODEL="ltx-tiny",
         VIDEOGEN_API_KEYS_FILE=str(keys_file),
         VIDEOGEN_S3_PUBLIC_ENDPOINT=f"http://{s3_store.endpoint}",
-        VIDEOGEN_MODEL_OVERRIDES=json.dumps(SLOW_MODEL),
+        VIDEOGEN_MODEL_OVERRIDES=json.dumps(EXTRA_MODELS),
     )
     running = Stack(env=env, logs=tmp_path_factory.mktemp("logs"))
     try:

@@ -13,6 +13,7 @@ import structlog
 import torch
 from PIL import Image
 
+from schemas.cost import MemoryPlan
 from schemas.jobs import GenerationMode, GenerationParams
 from schemas.registry import ModelSpec
 
@@ -75,6 +76,7 @@ class ModelRunner:
 
         self.spec = spec
         self.device = device
+        self.plan: MemoryPlan = "resident"
         base_mode = spec.modes[0]
         self.pipelines: dict[str, Any] = {base_mode: pipeline}
         for mode in spec.modes[1:]:
@@ -147,6 +149,39 @@ class ModelRunner:
         return Generated(
             frames=frames, load_s=first_step - started, denoise_s=last_step - first_step, decode_s=finished - last_step
         )
+
+    def apply_plan(self, plan: MemoryPlan) -> MemoryPlan:
+        """Arrange the pipeline's memory use for a job (schemas/cost.py); returns the plan in force.
+
+        Offload needs a CUDA device: elsewhere the leanest plan is VAE tiling. Group offload, once
+        on, stays on (diffusers has no way back); model CPU offload is undone for a leaner job.
+        """
+        if plan in ("model_cpu_offload", "group_offload") and self.device.type != "cuda":
+            log.warning("offload_needs_a_gpu", wanted=plan, device=str(self.device))
+            plan = "vae_tiling"
+        if self.plan == "group_offload":
+            plan = "group_offload"
+        if plan != self.plan:
+            pipe = self.pipelines[self.spec.modes[0]]
+            if self.plan == "model_cpu_offload":
+                pipe.remove_all_hooks()
+                pipe.to(self.device)
+            if plan == "model_cpu_offload":
+                pipe.enable_model_cpu_offload(device=self.device)
+            elif plan == "group_offload":
+                pipe.enable_group_offload(
+                    onload_device=self.device,
+                    offload_device=torch.device("cpu"),
+                    offload_type="leaf_level",
+                    use_stream=True,
+                )
+            if plan == "resident":
+                pipe.vae.disable_tiling()
+            else:
+                pipe.vae.enable_tiling()
+            log.info("memory_plan_changed", model=self.spec.id, before=self.plan, after=plan)
+            self.plan = plan
+        return plan
 
     def release_memory(self) -> None:
         """After an interrupted generation: drop its tensors and hand cached GPU memory back."""

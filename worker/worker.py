@@ -29,6 +29,7 @@ from common.settings import WorkerSettings
 from common.store import ObjectStore, output_key
 from common.topology import DOWNLOAD_KEY, Topology, connect, to_amqp
 from schemas import errors
+from schemas.cost import DoesNotFit, MemoryPlan, estimate
 from schemas.jobs import (
     PRIORITIES,
     DownloadParams,
@@ -42,7 +43,7 @@ from schemas.jobs import (
     utcnow,
 )
 from schemas.messages import CancelMessage, DecodeError, JobAvailable, JobEvent, JobMessage, decode
-from schemas.registry import Registry
+from schemas.registry import ModelSpec, Registry
 from worker.download import DownloadFailed, download
 from worker.encode import encode_mp4
 from worker.eta import EtaEstimator, FinishTimes
@@ -293,6 +294,7 @@ class Worker:
         if reporter.record.attempts == 0 and queued_s > spec.max_queue_s:
             raise JobFailed(errors.expired(spec.id, spec.max_queue_s))
         started = time.perf_counter()
+        plan = await self._memory_plan(spec, params)
         await reporter.update(
             status=JobStatus.RUNNING,
             phase=Phase.LOADING,
@@ -300,6 +302,7 @@ class Worker:
             attempts=reporter.record.attempts + 1,
             worker=self.worker_id,
             timings=PhaseSeconds(queued=round(queued_s, 3)),
+            memory_plan=plan,
         )
         inputs = await self._fetch_inputs(job)
 
@@ -405,6 +408,35 @@ class Worker:
             width=width,
             height=height,
         )
+
+    async def _memory_plan(self, spec: ModelSpec, params: GenerationParams) -> MemoryPlan | None:
+        """The preflight again, for this worker's GPU: pick the plan, arrange the pipeline for it."""
+        if spec.cost is None:
+            return None
+        runner = self._runners[params.model]
+        budget = self._gpu_memory_gib(runner.device)
+        plan: MemoryPlan = "resident"
+        if budget is not None:
+            try:
+                plan = estimate(
+                    spec.cost,
+                    params.width,
+                    params.height,
+                    params.num_frames,
+                    params.num_inference_steps,
+                    params.guidance_scale,
+                    budget,
+                ).plan
+            except DoesNotFit as exc:
+                raise JobFailed(errors.does_not_fit(str(exc))) from exc
+        return await asyncio.get_running_loop().run_in_executor(self._gpu, runner.apply_plan, plan)
+
+    def _gpu_memory_gib(self, device: torch.device) -> float | None:
+        if self.settings.gpu_memory_gib is not None:
+            return self.settings.gpu_memory_gib
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory / 2**30
+        return None
 
     async def _fetch_inputs(self, job: JobMessage) -> Inputs:
         params = job.params

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 
-from tests.conftest import SLOW_MODEL
+from tests.conftest import EXTRA_MODELS
 from tests.helpers import client, get_json, submit, until_step, watch
 
 SLOW = {"prompt": "recover", "model": "ltx-slow", "width": 256, "height": 256, "num_frames": 65}
@@ -22,7 +22,7 @@ async def http():
 
 async def test_worker_killed_mid_job_the_job_finishes_on_another_worker(stack, http, tally) -> None:
     # A queue limit far shorter than the job: the handed-back job must still run, not expire.
-    short = json.dumps({"ltx-slow": SLOW_MODEL["ltx-slow"] | {"max_queue_s": 2}})
+    short = json.dumps({"ltx-slow": EXTRA_MODELS["ltx-slow"] | {"max_queue_s": 2}})
     gateway, _ = stack.start_gateway("gateway-recovery", VIDEOGEN_MODEL_OVERRIDES=short)
     stack.start_worker("worker-slow-2", ["ltx-slow"])
     accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 40})
@@ -53,7 +53,7 @@ async def test_worker_killed_mid_job_the_job_finishes_on_another_worker(stack, h
 
 
 async def test_a_running_job_is_not_expired(stack, http, tally) -> None:
-    short = json.dumps({"ltx-slow": SLOW_MODEL["ltx-slow"] | {"max_queue_s": 1}})
+    short = json.dumps({"ltx-slow": EXTRA_MODELS["ltx-slow"] | {"max_queue_s": 1}})
     gateway, _ = stack.start_gateway("gateway-short-limit", VIDEOGEN_MODEL_OVERRIDES=short)
     accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 25})
     frames = await watch(http, gateway, accepted["job_id"], timeout=120)

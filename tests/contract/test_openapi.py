@@ -16,7 +16,7 @@ import requests
 
 from common.topology import Topology
 from schemas.registry import load_registry
-from tests.conftest import SLOW_MODEL
+from tests.conftest import EXTRA_MODELS
 from tests.helpers import TOKENS
 
 CHECKS = [
@@ -45,7 +45,7 @@ async def _delete(amqp_url: str, ns: str) -> None:
     async with connection:
         channel = await connection.channel()
         topology = Topology(ns)
-        for queue in topology.queue_names(list(load_registry(overrides=SLOW_MODEL).models)):
+        for queue in topology.queue_names(list(load_registry(overrides=EXTRA_MODELS).models)):
             await channel.queue_delete(queue)
         for exchange in topology.exchange_names():
             await channel.exchange_delete(exchange)

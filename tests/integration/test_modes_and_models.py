@@ -277,9 +277,9 @@ async def test_video_to_video_needs_at_least_one_denoising_step(stack, http) -> 
 
 
 async def test_a_full_queue_refuses_new_jobs_with_503_and_retry_after(stack, http) -> None:
-    from tests.conftest import SLOW_MODEL
+    from tests.conftest import EXTRA_MODELS
 
-    overrides = json.dumps({**SLOW_MODEL, "wan2-1-i2v-14b-480p": {"max_queue_depth": 2}})
+    overrides = json.dumps({**EXTRA_MODELS, "wan2-1-i2v-14b-480p": {"max_queue_depth": 2}})
     gateway, _ = stack.start_gateway("gateway-small-queue", VIDEOGEN_MODEL_OVERRIDES=overrides)
     body = {"prompt": "p", "model": "wan2-1-i2v-14b-480p", "image": base64.b64encode(IMAGE).decode()}
     for _ in range(2):

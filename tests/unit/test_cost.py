@@ -1,0 +1,117 @@
+"""The preflight estimate: fitted to measurements, plans in order, and the worker's plan switching."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from schemas.cost import OVERHEAD_GIB, PLANS, DoesNotFit, estimate, peaks, seconds
+from schemas.registry import load_registry
+from worker.pipelines import ModelRunner
+
+REGISTRY = load_registry()
+LTX, WAN = REGISTRY.models["ltx-video"].cost, REGISTRY.models["wan2-1-t2v-1-3b"].cost
+
+# Bare diffusers on an H100, bf16 (the project's GPU reference runs, docs/PERFORMANCE.md):
+# (width, height, frames, 50-step seconds with CFG) and (width, height, frames, tiled?, peak GiB
+# without the text encoder).
+SECONDS = [
+    (cost, *row)
+    for cost, rows in (
+        (LTX, [(256, 256, 17, 1.9), (512, 512, 65, 3.7), (768, 512, 121, 9.5), (768, 768, 129, 17.5)]),
+        (WAN, [(832, 480, 81, 67.0)]),
+    )
+    for row in rows
+]
+PEAKS = [
+    (LTX, 1024, 1024, 129, False, 17.18),
+    (LTX, 1024, 1024, 129, True, 8.26),
+    (LTX, 768, 512, 121, False, 8.91),
+    (LTX, 1216, 704, 121, True, 7.62),
+    (WAN, 832, 480, 33, False, 11.72),
+    (WAN, 1280, 720, 81, False, 23.49),
+    (WAN, 1280, 720, 81, True, 7.19),
+]
+
+
+@pytest.mark.parametrize("cost, width, height, frames, measured", SECONDS)
+def test_seconds_are_within_a_fifth_of_measurements(cost, width, height, frames, measured) -> None:
+    assert seconds(cost, width, height, frames, 50, 3.0) == pytest.approx(measured, rel=0.2)
+
+
+@pytest.mark.parametrize("cost, width, height, frames, tiled, measured", PEAKS)
+def test_peak_memory_is_within_a_tenth_of_measurements(cost, width, height, frames, tiled, measured) -> None:
+    # The measurements ran without the text encoder on the GPU and count tensors only.
+    peak = peaks(cost, width, height, frames)["vae_tiling" if tiled else "resident"]
+    assert peak - OVERHEAD_GIB - cost.text_encoder_gib == pytest.approx(measured, rel=0.1)
+
+
+def test_less_memory_means_a_leaner_plan_then_a_refusal() -> None:
+    plans = []
+    for gib in (80, 16, 8):
+        plans.append(estimate(LTX, 1216, 704, 121, 50, 3.0, gib).plan)
+    assert plans == ["resident", "model_cpu_offload", "group_offload"]
+    by_plan = peaks(LTX, 1216, 704, 121)
+    assert [by_plan[p] for p in PLANS] == sorted((by_plan[p] for p in PLANS), reverse=True)
+    with pytest.raises(DoesNotFit, match="group offload"):
+        estimate(LTX, 1216, 704, 121, 50, 3.0, 4)
+    slower = estimate(LTX, 1216, 704, 121, 50, 3.0, 8).seconds
+    assert slower > estimate(LTX, 1216, 704, 121, 50, 3.0, 80).seconds
+
+
+def test_no_guidance_halves_the_step_time() -> None:
+    with_cfg = seconds(LTX, 768, 512, 121, 50, 3.0) - seconds(LTX, 768, 512, 121, 0, 3.0)
+    without = seconds(LTX, 768, 512, 121, 50, 1.0) - seconds(LTX, 768, 512, 121, 0, 1.0)
+    assert without == pytest.approx(with_cfg / 2)
+
+
+class FakeVae:
+    def __init__(self) -> None:
+        self.tiling = False
+
+    def enable_tiling(self) -> None:
+        self.tiling = True
+
+    def disable_tiling(self) -> None:
+        self.tiling = False
+
+
+class FakePipe:
+    def __init__(self) -> None:
+        self.vae, self.calls = FakeVae(), []
+
+    def enable_model_cpu_offload(self, device) -> None:
+        self.calls.append("model_cpu_offload")
+
+    def enable_group_offload(self, **kwargs) -> None:
+        self.calls.append("group_offload")
+
+    def remove_all_hooks(self) -> None:
+        self.calls.append("remove_hooks")
+
+    def to(self, device) -> None:
+        self.calls.append("to")
+
+
+def runner(device: str) -> tuple[ModelRunner, FakePipe]:
+    pipe = FakePipe()
+    made = ModelRunner.__new__(ModelRunner)
+    made.spec, made.device, made.plan = REGISTRY.models["ltx-video"], torch.device(device), "resident"
+    made.pipelines = {"text-to-video": pipe}
+    return made, pipe
+
+
+def test_plans_switch_and_group_offload_stays() -> None:
+    made, pipe = runner("cuda")  # no CUDA call is made: the fake pipeline records what would happen
+    assert made.apply_plan("vae_tiling") == "vae_tiling" and pipe.vae.tiling
+    assert made.apply_plan("model_cpu_offload") == "model_cpu_offload" and pipe.calls == ["model_cpu_offload"]
+    assert made.apply_plan("resident") == "resident" and pipe.calls[-2:] == ["remove_hooks", "to"]
+    assert not pipe.vae.tiling
+    assert made.apply_plan("group_offload") == "group_offload"
+    assert made.apply_plan("resident") == "group_offload", "diffusers cannot undo group offload"
+    assert pipe.calls.count("group_offload") == 1
+
+
+def test_without_a_gpu_the_leanest_plan_is_vae_tiling() -> None:
+    made, pipe = runner("cpu")
+    assert made.apply_plan("group_offload") == "vae_tiling" and pipe.vae.tiling and pipe.calls == []
