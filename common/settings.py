@@ -114,6 +114,9 @@ class WorkerSettings(CommonSettings):
         description="Memory the preflight plans jobs for; default: the CUDA device's total "
         "(none on a CPU, where every job runs resident).",
     )
+    compile: bool = Field(
+        default=True, description="Compile models whose registry entry asks for it (false: never, e.g. to start fast)."
+    )
     idle_poll_s: float = Field(
         default=1.0,
         gt=0,

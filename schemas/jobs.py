@@ -50,6 +50,7 @@ class Phase(StrEnum):
 Mode = Literal["text-to-video", "image-to-video", "video-to-video", "download"]
 GenerationMode = Literal["text-to-video", "image-to-video", "video-to-video"]
 Priority = Literal["high", "normal", "low"]
+Tier = Literal["standard", "fast"]
 # Highest first: the order in which workers take jobs.
 PRIORITIES: tuple[Priority, ...] = ("high", "normal", "low")
 
@@ -71,6 +72,7 @@ class GenerationParams(BaseModel):
     seed: int
     strength: float | None = None  # video-to-video only: how far the output may move from the input
     priority: Priority = "normal"  # which of the model's queues the job waits in
+    tier: Tier = "standard"  # "fast": the model's cache acceleration (output may differ slightly)
 
 
 class DownloadParams(BaseModel):

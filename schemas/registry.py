@@ -32,6 +32,27 @@ class ModelDefaults(BaseModel):
     strength: float = Field(default=0.8, gt=0.0, le=1.0)
 
 
+CacheKind = Literal["pyramid_attention_broadcast", "first_block", "taylorseer"]
+
+
+class FastTier(BaseModel):
+    """The `fast` tier: a diffusers cache (`enable_cache`) on the transformer, fresh for every job."""
+
+    model_config = ConfigDict(extra="forbid")
+    cache: CacheKind
+    options: dict[str, Any] = Field(default_factory=dict, description="Arguments of the cache's config.")
+
+
+class SpeedConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    compile: bool = Field(default=False, description="torch.compile the transformer's repeated blocks.")
+    warmup: list[tuple[int, int, int]] = Field(
+        default_factory=list, description="(width, height, frames) run at start, so no job pays the compile."
+    )
+    attention_backend: str | None = Field(default=None, description="diffusers attention backend, e.g. 'flash'.")
+    fast: FastTier | None = None
+
+
 class ModelLimits(BaseModel):
     model_config = ConfigDict(extra="forbid")
     min_size: int = 32
@@ -62,6 +83,14 @@ class ModelSpec(BaseModel):
     max_queue_s: int = Field(
         default=3600, ge=1, description="A job waiting longer than this for a worker fails with code `expired`."
     )
+    pipeline: str | None = Field(
+        default=None, description="diffusers class of the first mode, when not the family's usual one."
+    )
+    call_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Extra pipeline arguments, e.g. a distilled checkpoint's `timesteps` and decode settings.",
+    )
+    speed: SpeedConfig = Field(default_factory=SpeedConfig)
     cost: CostModel | None = Field(
         default=None, description="Memory and time coefficients for the preflight estimate (schemas/cost.py)."
     )
@@ -136,7 +165,26 @@ class Registry(BaseModel):
             "seed": secrets.randbelow(MAX_SEED + 1) if request.seed is None else request.seed,
             "strength": _pick(request.strength, d.strength) if mode == "video-to-video" else None,
             "priority": request.priority or "normal",
+            "tier": request.tier or "standard",
         }
+        fixed = spec.call_args.get("timesteps")
+        if fixed is not None:
+            # A distilled checkpoint runs its own schedule: the step count is the schedule's.
+            if request.num_inference_steps not in (None, len(fixed)):
+                return None, [
+                    FieldProblem(
+                        field="num_inference_steps",
+                        rule="fixed_by_model",
+                        message=f"num_inference_steps: model {model_id!r} runs a fixed schedule of {len(fixed)} steps",
+                    )
+                ]
+            values["num_inference_steps"] = len(fixed)
+        if values["tier"] == "fast" and spec.speed.fast is None:
+            return None, [
+                FieldProblem(
+                    field="tier", rule="fast_tier_available", message=f"tier: model {model_id!r} has no fast tier"
+                )
+            ]
         problems = check_rules(spec, values)
         if problems:
             return None, problems

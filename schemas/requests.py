@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 
 from schemas.cost import Estimate
-from schemas.jobs import DownloadParams, GenerationParams, JobStatus, Priority, WebhookEventType
+from schemas.jobs import DownloadParams, GenerationParams, JobStatus, Priority, Tier, WebhookEventType
 
 MAX_SEED = 2**32 - 1
 
@@ -29,6 +29,9 @@ class TextToVideoRequest(BaseModel):
     seed: int | None = Field(default=None, ge=0, le=MAX_SEED)
     priority: Priority | None = Field(
         default=None, description="high, normal (the default) or low: queued jobs of higher priority are run first."
+    )
+    tier: Tier | None = Field(
+        default=None, description="standard (the default) or fast: the model's cache acceleration, if it has one."
     )
     webhook_url: HttpUrl | None = Field(
         default=None, description="Receives the job's events, signed (Standard Webhooks)."

@@ -38,6 +38,35 @@ EXTRA_MODELS = {
         "defaults": {"width": 256, "height": 256, "num_frames": 65, "num_inference_steps": 20, "guidance_scale": 1.0},
         "limits": {"min_size": 32, "max_width": 256, "max_height": 256, "max_frames": 65, "max_steps": 200},
     },
+    # The tiny LTX weights with every speed feature on: compiled blocks warmed up at start, an
+    # attention backend, and a fast tier (PyramidAttentionBroadcast).
+    "ltx-fast": {
+        "family": "ltx",
+        "path": "ltx-tiny",
+        "native_fps": 8,
+        "modes": ["text-to-video"],
+        "description": "Tiny LTX with compile, warm-up, attention backend and a fast tier.",
+        "defaults": {"width": 32, "height": 32, "num_frames": 9, "num_inference_steps": 4, "guidance_scale": 1.0},
+        "limits": {"min_size": 32, "max_width": 256, "max_height": 256, "max_frames": 65, "max_steps": 20},
+        "speed": {
+            "compile": True,
+            "warmup": [[32, 32, 9]],
+            "attention_backend": "native",
+            "fast": {"cache": "pyramid_attention_broadcast", "options": {"spatial_attention_block_skip_range": 2}},
+        },
+    },
+    # The tiny LTX weights run as a step-distilled checkpoint: a fixed schedule through LTXConditionPipeline.
+    "ltx-tiny-distilled": {
+        "family": "ltx",
+        "path": "ltx-tiny",
+        "pipeline": "LTXConditionPipeline",
+        "native_fps": 8,
+        "modes": ["text-to-video"],
+        "description": "Tiny LTX with a distilled checkpoint's fixed three-step schedule.",
+        "defaults": {"width": 32, "height": 32, "num_frames": 9, "num_inference_steps": 3, "guidance_scale": 1.0},
+        "limits": {"min_size": 32, "max_width": 256, "max_height": 256, "max_frames": 65, "max_steps": 3},
+        "call_args": {"timesteps": [1000, 600, 200], "decode_timestep": 0.05, "decode_noise_scale": 0.025},
+    },
     # The tiny LTX weights with a cost model scaled so that tiny sizes need the memory plans that
     # real sizes need on real GPUs: resident at 80 GiB, VAE tiling at 12, refused when huge.
     "ltx-costed": {

@@ -32,6 +32,7 @@ async def run(settings: WorkerSettings) -> bool:
     for model_id in settings.serve_models:
         spec = registry.models[model_id]
         runners[model_id] = await asyncio.to_thread(ModelRunner.load, spec, settings.models_dir, device, dtype)
+        await asyncio.to_thread(runners[model_id].prepare, settings.compile)
 
     store = ObjectStore(settings)
     await store.ensure_bucket()

@@ -94,7 +94,7 @@ class ModelRunner:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
 
-        pipeline_cls = getattr(diffusers, PIPELINE_CLASSES[(spec.family, spec.modes[0])])
+        pipeline_cls = getattr(diffusers, spec.pipeline or PIPELINE_CLASSES[(spec.family, spec.modes[0])])
         source = spec.source(models_dir)
         started = time.perf_counter()
         pipeline = pipeline_cls.from_pretrained(source, revision=spec.revision, dtype=dtype)
@@ -109,6 +109,45 @@ class ModelRunner:
             seconds=round(time.perf_counter() - started, 3),
         )
         return cls(spec, pipeline, device)
+
+    def prepare(self, compile_blocks: bool = True) -> None:
+        """Speed settings from the registry: attention backend, then compile and warm-up.
+
+        The warm-up runs each configured (width, height, frames) for two steps, in every tier,
+        so that no job pays for the compilation of its shape.
+        """
+        speed = self.spec.speed
+        pipe = self.pipelines[self.spec.modes[0]]
+        if speed.attention_backend:
+            pipe.transformer.set_attention_backend(speed.attention_backend)
+        if not (speed.compile and compile_blocks):
+            return
+        # A cache hook inside a compiled block needs graph breaks: full graphs only without a fast tier.
+        pipe.transformer.compile_repeated_blocks(fullgraph=speed.fast is None)
+        started = time.perf_counter()
+        tiers = ["standard", "fast"] if speed.fast else ["standard"]
+        for width, height, frames in speed.warmup:
+            for tier in tiers:
+                params = GenerationParams(
+                    prompt="warm-up",
+                    model=self.spec.id,
+                    width=width,
+                    height=height,
+                    num_frames=frames,
+                    fps=self.spec.native_fps,
+                    num_inference_steps=2,
+                    guidance_scale=self.spec.defaults.guidance_scale,
+                    seed=0,
+                    tier=tier,
+                )
+                self.generate(self.spec.modes[0], params, Inputs(), lambda k, n: None)
+        log.info(
+            "warmup_done",
+            model=self.spec.id,
+            buckets=len(speed.warmup),
+            tiers=tiers,
+            seconds=round(time.perf_counter() - started, 2),
+        )
 
     def generate(
         self, mode: GenerationMode, params: GenerationParams, inputs: Inputs, on_step: StepCallback
@@ -138,10 +177,14 @@ class ModelRunner:
         started = time.perf_counter()
         # The transformer's first call is where denoising starts.
         hook = pipe.transformer.register_forward_pre_hook(first_call)
+        if params.tier == "fast":
+            pipe.transformer.enable_cache(self._cache_config(pipe))
         try:
             output = pipe(**kwargs)
         finally:
             hook.remove()
+            if params.tier == "fast":
+                pipe.transformer.disable_cache()  # a cache holds one job's state: never carried over
         frames = to_uint8_frames(output.frames[0])
         finished = time.perf_counter()
         last_step = marks["last_step"] or finished
@@ -183,6 +226,24 @@ class ModelRunner:
             self.plan = plan
         return plan
 
+    def _cache_config(self, pipe: Any) -> Any:
+        import diffusers
+
+        fast = self.spec.speed.fast
+        assert fast is not None
+        options = dict(fast.options)
+        if fast.cache == "pyramid_attention_broadcast":
+            options.setdefault("spatial_attention_block_skip_range", 2)
+            options["spatial_attention_timestep_skip_range"] = tuple(
+                options.get("spatial_attention_timestep_skip_range", (100, 800))
+            )
+            return diffusers.PyramidAttentionBroadcastConfig(
+                current_timestep_callback=lambda: pipe.current_timestep, **options
+            )
+        if fast.cache == "first_block":
+            return diffusers.FirstBlockCacheConfig(**options)
+        return diffusers.TaylorSeerCacheConfig(**options)
+
     def release_memory(self) -> None:
         """After an interrupted generation: drop its tensors and hand cached GPU memory back."""
         import gc
@@ -203,6 +264,7 @@ class ModelRunner:
             "num_inference_steps": params.num_inference_steps,
             "guidance_scale": params.guidance_scale,
         }
+        kwargs.update(self.spec.call_args)  # e.g. a distilled checkpoint's timesteps
         if family == "ltx":
             kwargs["frame_rate"] = params.fps  # LTX conditions its position embedding on the frame rate
         if mode == "image-to-video":

@@ -89,3 +89,23 @@ def test_same_seed_same_video(runners) -> None:
 def test_cpu_defaults_to_float32() -> None:
     assert pick_dtype("auto", torch.device("cpu")) == torch.float32
     assert pick_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_a_distilled_schedule_reaches_the_pipeline(runners, tmp_path) -> None:
+    """The registry's call_args go into the pipeline call: its timesteps, not num_inference_steps, set the steps."""
+    from diffusers import LTXConditionPipeline
+
+    patch = {
+        "pipeline": "LTXConditionPipeline",
+        "modes": ["text-to-video"],
+        "call_args": {"timesteps": [1000, 700, 400, 100]},
+    }
+    spec = load_registry(overrides={"ltx-tiny": patch}).get("ltx-tiny")
+    pipe = LTXConditionPipeline.from_pipe(runners["ltx-tiny"].pipelines["text-to-video"])
+    pipe.set_progress_bar_config(disable=True)
+    runner = ModelRunner(spec, pipe, runners["ltx-tiny"].device)
+    seen = []
+    runner.generate(
+        "text-to-video", params("ltx-tiny", num_inference_steps=2), Inputs(), lambda k, n: seen.append((k, n))
+    )
+    assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
