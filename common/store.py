@@ -6,9 +6,12 @@ minio's client is blocking; every call here runs in a thread so the event loop k
 from __future__ import annotations
 
 import asyncio
+import functools
 import io
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import urllib3
@@ -32,12 +35,10 @@ _INDEX_EPOCH_MS = 10**13
 
 
 def index_keys(job_id: str, model: str, created_at: datetime, owner: str | None) -> list[str]:
-    """Empty objects that list jobs newest first: all jobs and per model, then the same per owner."""
+    """Empty objects that list jobs newest first, all of them and per model: under the owner's
+    prefix when the job has one (each caller lists only its own), else under `index/`."""
     stamp = f"{_INDEX_EPOCH_MS - int(created_at.timestamp() * 1000):013d}-{job_id}"
-    keys = [f"{index_prefix(None, None)}{stamp}", f"{index_prefix(model, None)}{stamp}"]
-    if owner is not None:
-        keys += [f"{index_prefix(None, owner)}{stamp}", f"{index_prefix(model, owner)}{stamp}"]
-    return keys
+    return [f"{index_prefix(None, owner)}{stamp}", f"{index_prefix(model, owner)}{stamp}"]
 
 
 def index_prefix(model: str | None, owner: str | None) -> str:
@@ -67,6 +68,11 @@ def input_key(job_id: str, name: str, ext: str) -> str:
     return f"jobs/{job_id}/input/{name}.{ext}"
 
 
+# The minio client is synchronous: its calls run on a pool of this many threads, each with its own
+# connection, so that many requests (a gateway's submissions, say) reach the store at once.
+STORE_THREADS = 32
+
+
 class StoreUnavailable(RuntimeError):
     """The store could not be reached or answered with a server error."""
 
@@ -77,8 +83,9 @@ class ObjectStore:
         http = urllib3.PoolManager(
             timeout=urllib3.Timeout(connect=3.0, read=60.0),
             retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
-            maxsize=16,
+            maxsize=STORE_THREADS,
         )
+        self._threads = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
         self._client = self._make_client(settings, settings.s3_endpoint, settings.s3_secure, http)
         # Presigned URLs are bound to the host they are signed for, so sign with the host clients use.
         if public_endpoint:
@@ -86,6 +93,9 @@ class ObjectStore:
             self._signer = self._make_client(settings, parts.netloc, parts.scheme == "https", http)
         else:
             self._signer = self._client
+
+    async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(fn, *args, **kwargs))
 
     @staticmethod
     def _make_client(settings: CommonSettings, endpoint: str, secure: bool, http: urllib3.PoolManager) -> Minio:
@@ -108,21 +118,21 @@ class ObjectStore:
                     if exc.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
                         raise
 
-        await asyncio.to_thread(run)
+        await self._run(run)
 
     async def ping(self, timeout: float = 3.0) -> bool:
         try:
-            return await asyncio.wait_for(asyncio.to_thread(self._client.bucket_exists, self.bucket), timeout)
+            return await asyncio.wait_for(self._run(self._client.bucket_exists, self.bucket), timeout)
         except Exception:
             return False
 
     async def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
-        await asyncio.to_thread(
+        await self._run(
             self._client.put_object, self.bucket, key, io.BytesIO(data), len(data), content_type=content_type
         )
 
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
-        await asyncio.to_thread(self._client.fput_object, self.bucket, key, str(path), content_type=content_type)
+        await self._run(self._client.fput_object, self.bucket, key, str(path), content_type=content_type)
 
     async def get_bytes(self, key: str) -> bytes | None:
         def run() -> bytes | None:
@@ -138,7 +148,7 @@ class ObjectStore:
                 response.close()
                 response.release_conn()
 
-        return await asyncio.to_thread(run)
+        return await self._run(run)
 
     async def list_keys(self, prefix: str, start_after: str | None, limit: int) -> list[str]:
         def run() -> list[str]:
@@ -149,11 +159,11 @@ class ObjectStore:
                     break
             return keys
 
-        return await asyncio.to_thread(run)
+        return await self._run(run)
 
     async def delete(self, key: str) -> None:
         """Remove an object; removing one that is not there is no error."""
-        await asyncio.to_thread(self._client.remove_object, self.bucket, key)
+        await self._run(self._client.remove_object, self.bucket, key)
 
     async def put_record(self, record: JobRecord) -> None:
         await self.put_bytes(record_key(record.job_id), record.model_dump_json().encode(), "application/json")

@@ -36,6 +36,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     )
     app[SETTINGS] = settings
     app[KEYS] = keys
+    app[quota.COUNTS] = {}
     app[REGISTRY] = settings.registry()
     app[HUB] = EventHub()
     app.cleanup_ctx.append(_store_ctx)

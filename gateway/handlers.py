@@ -367,13 +367,17 @@ async def _enqueue(
     # them; the record last, so a failure leaves no job behind (listings skip index entries
     # without a record).
     try:
-        # The quota marker first: should a later write fail, a marker without a record is
-        # swept at the next check (gateway/quota.py), and no record is left queued.
-        await quota.hold(request, mode, job_id)
-        for item in inputs:
-            await store.put_bytes(message.inputs[item.name], item.data, item.content_type)
-        for key in index_keys(job_id, params.model, now, owner):
-            await store.put_bytes(key, b"", "application/octet-stream")
+        # The quota marker, inputs and index entries first (together): should one fail, a marker
+        # without a record is swept at the next check (gateway/quota.py), index entries without
+        # one are skipped by listings, and no record is left queued.
+        await asyncio.gather(
+            quota.hold(request, mode, job_id),
+            *(store.put_bytes(message.inputs[item.name], item.data, item.content_type) for item in inputs),
+            *(
+                store.put_bytes(key, b"", "application/octet-stream")
+                for key in index_keys(job_id, params.model, now, owner)
+            ),
+        )
         await store.put_record(record)
     except Exception as exc:
         log.error("store_write_failed", job_id=job_id, error=str(exc))

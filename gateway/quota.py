@@ -8,16 +8,19 @@ key's markers; only when they reach the quota does it read their records, and it
 of jobs that have ended (one whose terminal event no gateway was up to see), so a stale marker
 never holds a slot for long.
 
-Submissions of one key are checked one at a time within a gateway. Submissions that reach several
-gateways at the same instant can overshoot the quota by one job per gateway.
+Each gateway keeps a count per key: it lists the key's markers when its count is older than
+REFRESH_S or a new job might not fit, so most submissions far below the limit list nothing.
+Submissions that reach several gateways at the same instant can overshoot the quota by one job
+per gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from weakref import WeakValueDictionary
+from dataclasses import dataclass, field
 
 import structlog
 from aiohttp import web
@@ -36,7 +39,25 @@ QUOTA_RETRY_AFTER_S = 10
 # At the limit, up to this many markers beyond it are checked too, so stale ones go in one sweep.
 STALE_SWEEP = 50
 
-_locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
+# A gateway lists a key's markers again at least this often, and whenever a job might not fit.
+REFRESH_S = 2.0
+
+
+@dataclass
+class _Count:
+    """One key's jobs as this gateway sees them: far below the limit, no store listing is needed."""
+
+    listed: int = 0  # markers at the last listing
+    at: float = -REFRESH_S  # when (monotonic)
+    since: int = 0  # jobs this gateway accepted after that listing began
+    in_flight: int = 0  # submissions holding a slot now
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    def used(self) -> int:
+        return self.listed + self.since + self.in_flight
+
+
+COUNTS = web.AppKey("quota_counts", dict)  # key id -> _Count, per gateway process
 
 
 def _counts(request: web.Request, mode: str) -> bool:
@@ -45,25 +66,40 @@ def _counts(request: web.Request, mode: str) -> bool:
 
 @asynccontextmanager
 async def slot(request: web.Request, mode: str) -> AsyncIterator[None]:
-    """Hold the key's quota check until the job is accepted (or refused): 429 when it is full."""
+    """A slot of the key's quota for one submission: 429 when none is free.
+
+    The count errs on the safe side (a job accepted during a listing may count twice) and is
+    corrected by the next listing, at the latest REFRESH_S later.
+    """
     if not _counts(request, mode):
         yield
         return
     owner = request[OWNER]
-    lock = _locks.get(owner)
-    if lock is None:
-        lock = _locks[owner] = asyncio.Lock()
-    async with lock:
-        limit = request.app[KEYS].quota(request[API_KEY])
-        active = await store_call(_active_jobs(request.app[STORE], owner, limit))
-        if active >= limit:
+    count = request.app[COUNTS].setdefault(owner, _Count())
+    limit = request.app[KEYS].quota(request[API_KEY])
+    async with count.lock:
+        now = time.monotonic()
+        if now - count.at > REFRESH_S or count.used() + 1 > limit:
+            count.listed, count.at, count.since = (
+                await store_call(_active_jobs(request.app[STORE], owner, limit)),
+                now,
+                0,
+            )
+        if count.used() >= limit:
             raise ApiError(
                 429,
                 "quota_exceeded",
-                f"this API key already has {active} jobs queued or running (limit {limit}); retry when one ends",
+                f"this API key already has {count.used()} jobs queued or running (limit {limit}); retry when one ends",
                 headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)},
             )
+        count.in_flight += 1
+    accepted = False
+    try:
         yield
+        accepted = True
+    finally:
+        count.in_flight -= 1
+        count.since += accepted
 
 
 async def _active_jobs(store: ObjectStore, owner: str, limit: int) -> int:
