@@ -1,0 +1,96 @@
+"""Draw docs/performance.png from the JSON results in bench/results/.
+
+python bench/chart.py            # reads bench/results/*.json, writes docs/performance.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def load(results: Path, name: str) -> dict | None:
+    path = results / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=ROOT / "bench" / "results")
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "performance.png")
+    args = parser.parse_args()
+    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
+    fig.suptitle("videogen benchmarks (bench/; figures in docs/PERFORMANCE.md)")
+
+    gateway = load(args.results, "gateway-throughput.json")
+    ax = axes[0][0]
+    if gateway:
+        clients = [r["clients"] for r in gateway["rows"]]
+        ax.bar([str(c) for c in clients], [r["per_s"] for r in gateway["rows"]], color="tab:blue")
+        ax2 = ax.twinx()
+        ax2.plot([str(c) for c in clients], [r["p99_ms"] for r in gateway["rows"]], "o-", color="tab:red")
+        ax2.set_ylabel("p99 latency (ms)", color="tab:red")
+    ax.set(title="1. Gateway submissions/s (bars) and p99", xlabel="concurrent clients", ylabel="submissions/s")
+
+    events = load(args.results, "event-latency.json")
+    ax = axes[0][1]
+    if events:
+        labels = [f"{r['rate_per_s']:.0f}/s" for r in events["rows"]]
+        ax.bar([x + " p50" for x in labels], [r["p50_ms"] for r in events["rows"]], color="tab:green")
+        ax.bar([x + " p99" for x in labels], [r["p99_ms"] for r in events["rows"]], color="tab:olive")
+        ax.axhline(20, ls="--", color="grey", label="goal p99 20 ms")
+        ax.legend()
+    ax.set(title="2. Event latency, worker publish → WebSocket", ylabel="ms")
+
+    overhead = load(args.results, "service-overhead.json")
+    ax = axes[0][2]
+    if overhead:
+        parts = ["submit", "queued", "encode", "upload", "overhead", "pipeline"]
+        ax.bar(
+            parts, [overhead["summary"][p]["p50_ms"] for p in parts], color=["tab:blue"] * 4 + ["tab:red", "tab:grey"]
+        )
+        ax.axhline(100, ls="--", color="grey", label="goal: overhead < 100 ms")
+        ax.legend()
+    ax.set(title="3. Per-job medians, tiny model on CPU", ylabel="ms")
+
+    scale = load(args.results, "scale-out.json")
+    ax = axes[1][0]
+    if scale:
+        workers = [r["workers"] for r in scale["rows"]]
+        ax.plot(workers, [r["speedup"] for r in scale["rows"]], "o-", label="measured")
+        ax.plot(workers, workers, "--", color="grey", label="linear")
+        ax.legend()
+        ax.set_xticks(workers)
+    ax.set(
+        title=f"4. Scale-out ({scale['cpu_cores'] if scale else '?'} CPU cores)",
+        xlabel="worker processes",
+        ylabel="jobs/s relative to one worker",
+    )
+
+    for ax, name in ((axes[1][1], "gpu-pipeline-h200-eager.json"), (axes[1][2], None)):
+        gpu = load(args.results, name) if name else None
+        if gpu:
+            labels = [f"{r['family']} {r['width']}x{r['height']}x{r['num_frames']}" for r in gpu["rows"]]
+            ax.barh(labels, [r["served_over_bare"] for r in gpu["rows"]], color="tab:purple")
+            ax.axvline(1.05, ls="--", color="grey", label="goal ≤ 1.05")
+            ax.set_xlim(0.7, 1.2)
+            ax.legend()
+            ax.set(title=f"5. Served / bare diffusers ({gpu['device']}, eager)", xlabel="ratio")
+        else:
+            ax.axis("off")
+    fig.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.out, dpi=90)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
