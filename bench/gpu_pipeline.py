@@ -43,6 +43,7 @@ def sync(device: torch.device) -> None:
 
 
 def spec_for(family: str) -> ModelSpec:
+    fast = {"cache": "pyramid_attention_broadcast", "options": {"spatial_attention_block_skip_range": 2}}
     return ModelSpec(
         id=f"bench-{family}",
         family=family,
@@ -51,6 +52,7 @@ def spec_for(family: str) -> ModelSpec:
         modes=["text-to-video"],
         defaults={"width": 256, "height": 256, "num_frames": 17, "num_inference_steps": 30, "guidance_scale": 3.0},
         limits={"min_size": 32, "max_width": 1280, "max_height": 1280, "max_frames": 257},
+        speed={"fast": fast},
     )
 
 
@@ -155,63 +157,94 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
     sizes = [(64, 64, 9)] if args.tiny else SIZES
     if family == "wan" and not args.tiny:
         sizes = sizes[: args.wan_sizes]
-    steps = args.steps
     frame_step = 8 if family == "ltx" else 4
-    for width, height, frames in sizes:
-        frames = (frames - 1) // frame_step * frame_step + 1
-        p = GenerationParams(
-            prompt=PROMPT,
-            model=f"bench-{family}",
-            num_frames=frames,
-            width=width,
-            height=height,
-            fps=24,
-            num_inference_steps=steps,
-            guidance_scale=3.0,
-            seed=0,
-        )
-        steps_seen: list[int] = []
-        warm = GenerationParams(**(p.model_dump() | {"num_inference_steps": 2}))
-        bare_call(pipe, family, warm)  # warm-up: kernels, allocator, first-call costs
-        runner.generate("text-to-video", warm, Inputs(), lambda k, n: None)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        bare, served, encode = [], [], []
-        out = None
-        for _ in range(args.repeats):
-            bare.append(timed(functools.partial(bare_call, pipe, family, p), device))
-            holder: dict[str, Any] = {}
-
-            def serve(p=p, holder=holder, seen=steps_seen, runner=runner) -> None:
-                holder["out"] = runner.generate("text-to-video", p, Inputs(), lambda k, n: seen.append(k))
-
-            served.append(timed(serve, device))
-            out = holder["out"]
-            with tempfile.TemporaryDirectory() as tmp:
-                encode.append(timed(functools.partial(encode_mp4, out.frames, p.fps, Path(tmp) / "v.mp4"), device))
-        row = {
-            "family": family,
-            "width": width,
-            "height": height,
-            "num_frames": frames,
-            "steps": steps,
-            "bare_s": round(statistics.median(bare), 3),
-            "served_s": round(statistics.median(served), 3),
-            "encode_s": round(statistics.median(encode), 3),
-            "served_over_bare": round(statistics.median(served) / statistics.median(bare), 4),
-            "served_plus_encode_over_bare": round(
-                (statistics.median(served) + statistics.median(encode)) / statistics.median(bare), 4
-            ),
-            "step_callbacks": len(steps_seen) // args.repeats,
-            "frames_out": list(out.frames.shape),
-            "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-        }
-        results["rows"].append(row)
-        Path(args.out).write_text(json.dumps(results, indent=1))
-        print(json.dumps(row), flush=True)
+    eager_bare: dict[tuple[int, int, int], float] = {}
+    # Eager first: compilation cannot be undone on a pipeline object.
+    for config in args.configs.split(","):
+        if config == "compile":
+            pipe.transformer.compile_repeated_blocks(fullgraph="fast" not in args.configs)
+        for width, height, frames in sizes:
+            frames = (frames - 1) // frame_step * frame_step + 1
+            p = GenerationParams(
+                prompt=PROMPT,
+                model=f"bench-{family}",
+                num_frames=frames,
+                width=width,
+                height=height,
+                fps=24,
+                num_inference_steps=args.steps,
+                guidance_scale=3.0,
+                seed=0,
+            )
+            served_p = {
+                "eager": p,
+                "compile": p,
+                "fast": p.model_copy(update={"tier": "fast"}),
+                # What a step-distilled checkpoint runs: 8 steps without classifier-free guidance.
+                "fast-schedule": p.model_copy(update={"num_inference_steps": 8, "guidance_scale": 1.0}),
+            }[config]
+            row = measure(family, config, pipe, runner, p, served_p, args, device)
+            if config == "eager":
+                eager_bare[(width, height, frames)] = row["bare_s"]
+            if (width, height, frames) in eager_bare:
+                row["speedup_vs_eager_bare"] = round(eager_bare[(width, height, frames)] / row["served_s"], 3)
+            results["rows"].append(row)
+            Path(args.out).write_text(json.dumps(results, indent=1))
+            print(json.dumps(row), flush=True)
     del runner, pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def measure(
+    family: str,
+    config: str,
+    pipe: Any,
+    runner: ModelRunner,
+    p: GenerationParams,
+    served_p: GenerationParams,
+    args: argparse.Namespace,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Bare (as configured: eager or compiled) and served, alternating; medians of `repeats`."""
+    steps_seen: list[int] = []
+    for warm in (p, served_p):  # warm-up: kernels, compilation for the shape, allocator
+        short = warm.model_copy(update={"num_inference_steps": 2})
+        runner.generate("text-to-video", short, Inputs(), lambda k, n: None)
+    bare_call(pipe, family, p.model_copy(update={"num_inference_steps": 2}))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    bare, served, encode = [], [], []
+    out = None
+    for _ in range(args.repeats):
+        bare.append(timed(functools.partial(bare_call, pipe, family, p), device))
+        holder: dict[str, Any] = {}
+
+        def serve(q=served_p, holder=holder, seen=steps_seen, runner=runner) -> None:
+            holder["out"] = runner.generate("text-to-video", q, Inputs(), lambda k, n: seen.append(k))
+
+        served.append(timed(serve, device))
+        out = holder["out"]
+        with tempfile.TemporaryDirectory() as tmp:
+            encode.append(timed(functools.partial(encode_mp4, out.frames, p.fps, Path(tmp) / "v.mp4"), device))
+    bare_s, served_s, encode_s = statistics.median(bare), statistics.median(served), statistics.median(encode)
+    return {
+        "family": family,
+        "config": config,
+        "width": p.width,
+        "height": p.height,
+        "num_frames": p.num_frames,
+        "steps": served_p.num_inference_steps,
+        "guidance_scale": served_p.guidance_scale,
+        "bare_s": round(bare_s, 3),
+        "served_s": round(served_s, 3),
+        "encode_s": round(encode_s, 3),
+        "served_over_bare": round(served_s / bare_s, 4),
+        "served_plus_encode_over_bare": round((served_s + encode_s) / bare_s, 4),
+        "step_callbacks": len(steps_seen) // args.repeats,
+        "frames_out": list(out.frames.shape),
+        "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+    }
 
 
 def main() -> int:
@@ -222,12 +255,20 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--families", default="ltx,wan")
     parser.add_argument("--wan-sizes", type=int, default=2, help="how many of the sizes to run for Wan (slow)")
+    parser.add_argument(
+        "--configs",
+        default="eager,compile,fast,fast-schedule",
+        help="eager: both eager; compile: both with compiled repeated blocks; fast: served with the fast tier "
+        "(PyramidAttentionBroadcast) on the compiled pipeline; fast-schedule: served with a distilled "
+        "checkpoint's 8 steps without guidance. Each row also gives the speed-up over bare eager.",
+    )
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import diffusers
 
     results: dict[str, Any] = {
-        "what": "served (worker ModelRunner.generate) vs bare diffusers call, same pipeline object, alternating",
+        "what": "served (worker ModelRunner.generate) vs bare diffusers call, same pipeline object, alternating; "
+        "per speed configuration",
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
