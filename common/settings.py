@@ -75,6 +75,12 @@ class GatewaySettings(CommonSettings):
         description="GPU memory of the workers: jobs that cannot fit it even with group offload "
         "are refused (422); the 202's estimate is made for it.",
     )
+    output_retention_days: int | None = Field(
+        default=None,
+        ge=1,
+        description="Jobs (records, inputs, videos) and their index entries expire after this "
+        "many days: a bucket lifecycle rule set at start. Unset: kept.",
+    )
     auth_disabled: bool = Field(default=False, description="Serve without API keys (local development only).")
     api_keys_file: Path | None = Field(default=None, description="TOML file of API keys (see gateway/auth.py).")
     rate_limit: str = Field(default="20/second", description="Requests per key, e.g. '20/second', '600/minute'.")

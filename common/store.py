@@ -120,6 +120,22 @@ class ObjectStore:
 
         await self._run(run)
 
+    async def expire_after(self, prefixes: list[str], days: int) -> None:
+        """A bucket lifecycle rule per prefix: the store deletes those objects `days` after they were written."""
+        from minio.commonconfig import ENABLED, Filter
+        from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
+
+        rules = [
+            Rule(
+                ENABLED,
+                rule_filter=Filter(prefix=prefix),
+                rule_id=f"videogen-expire-{prefix.strip('/')}",
+                expiration=Expiration(days=days),
+            )
+            for prefix in prefixes
+        ]
+        await self._run(self._client.set_bucket_lifecycle, self.bucket, LifecycleConfig(rules))
+
     async def ping(self, timeout: float = 3.0) -> bool:
         try:
             return await asyncio.wait_for(self._run(self._client.bucket_exists, self.bucket), timeout)

@@ -12,13 +12,14 @@ from aiohttp import web
 from common.settings import GatewaySettings
 from common.store import ObjectStore
 from common.topology import Topology
-from gateway import handlers, jobs, models, quota, ws
+from gateway import handlers, jobs, metrics, models, quota, ws
 from gateway.auth import Keys, auth_middleware, load_keys
 from gateway.broker import GatewayBroker
 from gateway.deadletters import dead_letter_handler, expiry_handler
 from gateway.errors import error_middleware, timeout_middleware
 from gateway.events import EventHub
 from gateway.keys import BROKER, HUB, KEYS, REGISTRY, SETTINGS, STORE, WEBHOOKS
+from gateway.metrics import metrics_middleware
 from gateway.openapi import OPENAPI, build_openapi, openapi_document
 from gateway.webhooks import WebhookDeliverer
 from schemas.jobs import JobRecord
@@ -27,12 +28,21 @@ from schemas.messages import JobEvent
 log = structlog.get_logger("gateway")
 
 
+# What the retention rule expires: jobs (record, inputs, video) and the index entries listing them.
+RETAINED_PREFIXES = ["jobs/", "index/"]
+
+
 def create_app(settings: GatewaySettings) -> web.Application:
     keys = build_keys(settings)
     # Body limits are enforced per route by the handlers (JSON vs uploads); this is the outer bound.
     app = web.Application(
         client_max_size=settings.max_upload_bytes * 4 // 3 + 65536,
-        middlewares=[error_middleware, auth_middleware(keys), timeout_middleware(settings.request_timeout_s)],
+        middlewares=[
+            metrics_middleware,
+            error_middleware,
+            auth_middleware(keys),
+            timeout_middleware(settings.request_timeout_s),
+        ],
     )
     app[SETTINGS] = settings
     app[KEYS] = keys
@@ -72,6 +82,7 @@ class ConfigError(Exception):
 def add_routes(app: web.Application) -> None:
     app[OPENAPI] = build_openapi()
     app.router.add_get("/openapi.json", openapi_document)
+    app.router.add_get("/metrics", metrics.metrics)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
     for mode in handlers.MODES:
@@ -110,6 +121,9 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     store = ObjectStore(settings, public_endpoint=settings.s3_public_endpoint)
     try:
         await store.ensure_bucket()
+        if settings.output_retention_days is not None:
+            await store.expire_after(RETAINED_PREFIXES, settings.output_retention_days)
+            log.info("retention_set", days=settings.output_retention_days, prefixes=RETAINED_PREFIXES)
     except Exception as exc:  # /ready reports it; the gateway still starts and recovers when the store does
         log.warning("store_unreachable_at_start", error=str(exc))
     app[STORE] = store

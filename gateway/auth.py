@@ -37,7 +37,7 @@ from schemas.jobs import JobRecord
 
 TOKEN_PREFIX = "vg_"
 # Paths anyone may call: probes, the API description, the web page and its files.
-PUBLIC_PATHS = frozenset({"/health", "/ready", "/openapi.json", "/"})
+PUBLIC_PATHS = frozenset({"/health", "/ready", "/metrics", "/openapi.json", "/"})
 PUBLIC_PREFIXES = ("/static/",)
 # Streams opened by browsers cannot send headers: they may pass the token as `access_token`.
 QUERY_TOKEN_PATHS = frozenset({"/api/v1/ws", "/api/v1/events"})

@@ -20,6 +20,7 @@ from gateway.auth import owner_of, require_admin
 from gateway.errors import ApiError, bad_field, store_call, store_unavailable, validation_error
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE
+from gateway.metrics import SUBMITTED
 from gateway.webhooks import destination_problem
 from schemas.api import Health, Readiness
 from schemas.cost import DoesNotFit, Estimate, estimate
@@ -391,6 +392,7 @@ async def _enqueue(
             503, "broker_unavailable", "the job could not be queued; retry later", headers={"Retry-After": "5"}
         ) from exc
     await announce(request, record)
+    SUBMITTED.labels(params.model, mode, _priority(params)).inc()
     workers = None if stats is None else stats.consumers
     log.info("job_accepted", job_id=job_id, model=params.model, mode=mode, workers=workers)
     return _accepted(record, stats)

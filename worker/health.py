@@ -1,4 +1,5 @@
-"""A small HTTP server beside the worker: `/health` (alive) and `/ready` (models loaded, consuming)."""
+"""A small HTTP server beside the worker: `/health` (alive), `/ready` (models loaded, taking jobs)
+and `/metrics` (Prometheus)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from contextlib import asynccontextmanager
 
 from aiohttp import web
 
+from worker.metrics import metrics
 from worker.worker import Worker
 
 WORKER = web.AppKey("worker", Worker)
@@ -36,6 +38,7 @@ async def serve_health(worker: Worker, host: str, port: int) -> AsyncIterator[No
     app[WORKER] = worker
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
+    app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

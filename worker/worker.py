@@ -48,6 +48,7 @@ from worker.download import DownloadFailed, download
 from worker.encode import encode_mp4
 from worker.eta import EtaEstimator, FinishTimes
 from worker.inputs import load_image, load_video
+from worker.metrics import BUSY, job_ended
 from worker.pipelines import Generated, Inputs, ModelRunner
 from worker.reporter import JobReporter
 from worker.retry import patiently
@@ -200,7 +201,11 @@ class Worker:
                     await asyncio.wait_for(self._wake.wait(), self.settings.idle_poll_s)
                 continue
             async with self._busy:
-                await self.handle(message, self.run_job)
+                BUSY.set(1)
+                try:
+                    await self.handle(message, self.run_job)
+                finally:
+                    BUSY.set(0)
 
     async def _next_job(self, turn: int) -> AbstractIncomingMessage | None:
         for queues in self._job_queues:
@@ -274,6 +279,7 @@ class Worker:
                     log.warning("job_failed", code=exc.error.code, error=exc.error.message)
                 await message.ack()
                 self.jobs_done += 1
+                _summarise(reporter.record)
             except Exception:
                 # Infrastructure trouble (store or broker): give the job back for another try.
                 # The queue's delivery limit dead-letters a job that keeps failing this way.
@@ -400,14 +406,6 @@ class Worker:
             output=JobOutput(key=key, bytes=size, num_frames=frames, width=width, height=height, fps=params.fps),
             timings=timings,
         )
-        log.info(
-            "job_succeeded",
-            **{f"{name}_s": value for name, value in timings.model_dump().items()},
-            bytes=size,
-            frames=frames,
-            width=width,
-            height=height,
-        )
 
     async def _memory_plan(self, spec: ModelSpec, params: GenerationParams) -> MemoryPlan | None:
         """The preflight again, for this worker's GPU: pick the plan, arrange the pipeline for it."""
@@ -494,6 +492,25 @@ class Worker:
 
 async def _ignore(message: AbstractIncomingMessage) -> None:
     """Presence queues never hold messages; should one arrive, it is dropped."""
+
+
+def _summarise(record: JobRecord) -> None:
+    """The one line that sums up a job's attempt, whatever its end (job_id and model are bound)."""
+    job_ended(record)
+    timings = record.timings.model_dump() if record.timings else {}
+    output = record.output
+    log.info(
+        "job_summary",
+        status=record.status.value,
+        attempts=record.attempts,
+        worker=record.worker,
+        error=record.error.code if record.error else None,
+        memory_plan=record.memory_plan,
+        tier=getattr(record.params, "tier", None),
+        bytes=output.bytes if output else None,
+        frames=output.num_frames if output else None,
+        **{f"{name}_s": value for name, value in timings.items()},
+    )
 
 
 def _raise_if(cancel: threading.Event) -> None:

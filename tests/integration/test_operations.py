@@ -1,0 +1,99 @@
+"""Operations: Prometheus metrics on the gateway and the worker, the per-job summary log line,
+and the retention rule the gateway sets on the bucket."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import aiohttp
+import pytest
+
+from tests.helpers import client, submit, until, watch
+
+
+@pytest.fixture
+async def http():
+    async with client() as session:
+        yield session
+
+
+def sample(text: str, name: str, **labels: str) -> float | None:
+    """The value of one Prometheus sample, or None when it is absent."""
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            series = line.rsplit(" ", 1)[0]
+            found = dict(re.findall(r'(\w+)="([^"]*)"', series[series.find("{") :])) if "{" in series else {}
+            if all(found.get(k) == v for k, v in labels.items()):
+                return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def scrape(url: str) -> str:
+    async with aiohttp.ClientSession() as plain, plain.get(url) as response:  # no API key: scrapers have none
+        assert response.status == 200 and response.content_type == "text/plain", response.content_type
+        return await response.text()
+
+
+async def test_gateway_and_worker_metrics(stack, http) -> None:
+    accepted = await submit(http, stack.gateway_url, {"prompt": "metrics", "model": "ltx-tiny"})
+    await watch(http, stack.gateway_url, accepted["job_id"])
+    async with http.get(f"{stack.gateway_url}/api/v1/jobs/{accepted['job_id']}") as response:
+        assert response.status == 200
+
+    text = await scrape(f"{stack.gateway_url}/metrics")
+    assert sample(text, "videogen_jobs_submitted_total", model="ltx-tiny", mode="text-to-video", priority="normal") >= 1
+    route = "/api/v1/jobs/{job_id}"
+    assert sample(text, "videogen_http_requests_total", method="GET", route=route, status="200") >= 1
+    assert sample(text, "videogen_http_request_seconds_count", method="GET", route=route) >= 1
+    assert sample(text, "videogen_workers", model="ltx-tiny") >= 1
+    for priority in ("high", "normal", "low"):
+        assert sample(text, "videogen_queue_depth", model="ltx-tiny", priority=priority) is not None
+    assert sample(text, "videogen_broker_connected") == 1
+
+    async def worker_counted() -> bool:
+        worker = await scrape(f"{stack.worker_health_url}/metrics")
+        return (sample(worker, "videogen_worker_jobs_total", model="ltx-tiny", status="succeeded") or 0) >= 1
+
+    await until(worker_counted, 10, "the worker's job counter")
+    worker = await scrape(f"{stack.worker_health_url}/metrics")
+    for phase in ("queued", "load", "denoise", "decode", "encode", "upload"):
+        assert sample(worker, "videogen_worker_phase_seconds_count", model="ltx-tiny", phase=phase) >= 1
+    assert sample(worker, "videogen_worker_busy") in (0, 1)
+
+
+async def test_one_summary_line_per_job_with_its_id(stack, http) -> None:
+    accepted = await submit(http, stack.gateway_url, {"prompt": "summary", "model": "ltx-tiny"})
+    await watch(http, stack.gateway_url, accepted["job_id"])
+    log = stack.logs / "worker-ltx.log"
+
+    def summaries() -> list[dict]:
+        lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+        return [e for e in lines if e["event"] == "job_summary" and e.get("job_id") == accepted["job_id"]]
+
+    async def written() -> bool:
+        return bool(summaries())
+
+    await until(written, 10, "the job's summary line")
+    (line,) = summaries()
+    assert line["status"] == "succeeded" and line["model"] == "ltx-tiny" and line["attempts"] == 1
+    assert {"queued_s", "load_s", "denoise_s", "decode_s", "encode_s", "upload_s"} <= set(line)
+    # Every line the worker wrote while it held the job names it.
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    during = [e for e in lines if e.get("job_id") == accepted["job_id"]]
+    assert during and all(e["model"] == "ltx-tiny" for e in during)
+
+
+async def test_retention_sets_a_lifecycle_rule(stack, s3_store) -> None:
+    from minio import Minio
+
+    stack.start_gateway("gateway-retention", VIDEOGEN_OUTPUT_RETENTION_DAYS="7")
+    s3 = Minio(
+        s3_store.endpoint,
+        access_key=s3_store.access_key,
+        secret_key=s3_store.secret_key,
+        secure=False,
+        region="us-east-1",
+    )
+    rules = s3.get_bucket_lifecycle(s3_store.bucket).rules
+    assert {(r.rule_filter.prefix, r.expiration.days) for r in rules} == {("jobs/", 7), ("index/", 7)}

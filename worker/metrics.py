@@ -1,0 +1,36 @@
+"""Prometheus metrics of a worker, at `GET /metrics` on its health port."""
+
+from __future__ import annotations
+
+import torch
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
+
+from schemas.jobs import JobRecord
+
+JOBS = Counter("videogen_worker_jobs_total", "Jobs this worker ended, by outcome", ["model", "status"])
+PHASE_SECONDS = Histogram(
+    "videogen_worker_phase_seconds",
+    "Seconds per phase of the jobs this worker ran to success",
+    ["model", "phase"],
+    buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
+)
+BUSY = Gauge("videogen_worker_busy", "1 while the worker holds a generation job, else 0")
+GPU_MEMORY = Gauge(
+    "videogen_gpu_memory_bytes", "GPU memory held by tensors (in_use) and its peak since start", ["kind"]
+)
+
+
+def job_ended(record: JobRecord) -> None:
+    JOBS.labels(record.model, record.status.value).inc()
+    if record.timings is not None and record.status.value == "succeeded":
+        for phase, seconds in record.timings.model_dump().items():
+            if seconds is not None:
+                PHASE_SECONDS.labels(record.model, phase).observe(seconds)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    if torch.cuda.is_available():
+        GPU_MEMORY.labels("in_use").set(torch.cuda.memory_allocated())
+        GPU_MEMORY.labels("peak").set(torch.cuda.max_memory_allocated())
+    return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})
