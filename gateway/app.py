@@ -12,7 +12,7 @@ from aiohttp import web
 from common.settings import GatewaySettings
 from common.store import ObjectStore
 from common.topology import Topology
-from gateway import handlers, jobs, metrics, models, quota, ws
+from gateway import handlers, jobs, metrics, models, openai_api, quota, ws
 from gateway.auth import Keys, auth_middleware, load_keys
 from gateway.broker import GatewayBroker
 from gateway.deadletters import dead_letter_handler, expiry_handler
@@ -97,6 +97,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_delete("/api/v1/jobs/{job_id}", jobs.cancel_job)
     app.router.add_get("/api/v1/ws", ws.job_events)
     app.router.add_get("/api/v1/events", ws.job_events_sse)
+    openai_api.add_routes(app)
     _enable_cors(app, app[SETTINGS].cors_allow_origins)
 
 

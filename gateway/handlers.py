@@ -173,14 +173,14 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
             )
 
     if key is None:
-        return _accepted_response(await _accept(request, mode, req, data, file_field))
+        return _accepted_response(await accept(request, mode, req, data, file_field))
     print_ = idempotency.fingerprint(mode, req, data)
     # One submission per key at a time, across gateways: a second concurrent first use waits,
     # then finds the job the first one made.
     async with idempotency.claim(request, key):
         if (job_id := await store_call(idempotency.earlier_job(request, key, print_))) is not None:
             return await _replay(request, job_id)
-        accepted = await _accept(request, mode, req, data, file_field)
+        accepted = await accept(request, mode, req, data, file_field)
         try:
             await idempotency.remember(request, key, print_, accepted.job_id)
         except Exception as exc:  # the job is queued; only a retry with this key would not find it
@@ -188,7 +188,7 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
     return _accepted_response(accepted)
 
 
-async def _accept(
+async def accept(
     request: web.Request, mode: GenerationMode, req: Any, data: bytes | None, file_field: str | None
 ) -> JobAccepted:
     """Resolve the request against its model, check webhook and input, queue the job."""

@@ -25,7 +25,12 @@ _CURSOR = re.compile(r"^index/(owners/[a-z0-9][a-z0-9_-]*/)?(jobs|models/[a-z0-9
 
 
 async def _load(request: web.Request) -> JobRecord:
-    job_id = parse_job_id(request.match_info["job_id"])
+    return await load_visible(request, request.match_info["job_id"])
+
+
+async def load_visible(request: web.Request, job_id: str) -> JobRecord:
+    """The job, if it exists and the caller's key may see it; 404 otherwise (the same for both)."""
+    job_id = parse_job_id(job_id)
     record = await request.app[STORE].get_record(job_id)
     if record is None or not visible(record, owner_of(request)):
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
@@ -43,7 +48,13 @@ async def get_job(request: web.Request) -> web.Response:
 async def cancel_job(request: web.Request) -> web.Response:
     """200 with the cancelled job if it had not started; 202 while a running job stops at its next
     denoising step; 409 if it already ended."""
-    record = await _load(request)
+    record, status = await cancel(request, await _load(request))
+    return web.json_response(_view(request, record), status=status)
+
+
+async def cancel(request: web.Request, record: JobRecord) -> tuple[JobRecord, int]:
+    """Cancel a job: (the job now, 200) if it ended or had not started, (the job, 202) while a running
+    job stops; 409 if it had already ended."""
     if record.status.is_terminal:
         raise ApiError(409, "job_finished", f"job {record.job_id} already ended ({record.status}); nothing to cancel")
     if record.status == JobStatus.RUNNING and record.mode == "download":
@@ -51,18 +62,18 @@ async def cancel_job(request: web.Request) -> web.Response:
     # Every worker hears it: the one running the job stops it; one that receives it later drops it.
     await request.app[BROKER].publish_cancel(record.job_id)
     # Read again: a worker may have started the job meanwhile, and then it is the worker's to end.
-    record = await _load(request)
+    record = await load_visible(request, record.job_id)
     if record.status.is_terminal:
-        return web.json_response(_view(request, record))
+        return record, 200
     if record.status == JobStatus.RUNNING:
         if record.mode == "download":
             raise ApiError(409, "not_cancellable", "a model download cannot be stopped once it runs")
-        return web.json_response(_view(request, record), status=202)
+        return record, 202
     cancelled = record.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED, message="cancelled before it started")
     await request.app[STORE].put_record(cancelled)
     await announce(request, cancelled)
     log.info("job_cancelled", job_id=record.job_id, before="queued")
-    return web.json_response(_view(request, cancelled))
+    return cancelled, 200
 
 
 def _list_problems(request: web.Request) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:

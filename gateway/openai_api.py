@@ -1,0 +1,244 @@
+"""OpenAI-compatible Videos API: `/v1/videos`, for clients written against OpenAI's.
+
+A video is one of our jobs seen through OpenAI's video object. `size` ("WIDTHxHEIGHT") and
+`seconds` map onto the model's width, height and frames (`seconds * fps`, rounded to the
+model's frame rule); `input_reference` (an image file) makes it an image-to-video job. Errors
+use OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`. The API key is the same
+bearer token as for `/api/v1`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common.store import index_keys, index_prefix, job_id_of_index, output_key, record_key
+from gateway.auth import owner_of, visible
+from gateway.errors import ApiError, bad_field
+from gateway.handlers import accept, read_json, read_multipart
+from gateway.jobs import cancel, load_visible
+from gateway.keys import REGISTRY, SETTINGS, STORE
+from schemas.jobs import JobRecord, JobStatus
+from schemas.requests import ImageToVideoRequest, TextToVideoRequest
+
+LIST_LIMIT_MAX = 100
+# How far back `order=asc` and `after` look, in jobs.
+LIST_SCAN_MAX = 1000
+
+STATUS = {
+    JobStatus.QUEUED: "queued",
+    JobStatus.RUNNING: "in_progress",
+    JobStatus.SUCCEEDED: "completed",
+    JobStatus.FAILED: "failed",
+    JobStatus.CANCELLED: "failed",
+}
+
+
+class CreateVideo(BaseModel):
+    """`POST /v1/videos` (JSON, or multipart with an `input_reference` file)."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    prompt: str = Field(min_length=1, max_length=4000)
+    model: str | None = Field(default=None, min_length=1, max_length=100)
+    seconds: str | None = Field(default=None, pattern=r"^\d{1,3}(\.\d+)?$", description='Duration, e.g. "4".')
+    size: str | None = Field(default=None, pattern=r"^\d{2,5}x\d{2,5}$", description='"WIDTHxHEIGHT".')
+
+
+def openai_errors(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable:
+    """Our errors in OpenAI's shape."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            kind = {
+                401: "authentication_error",
+                403: "permission_error",
+                404: "invalid_request_error",
+                429: "rate_limit_error",
+            }.get(exc.status, "invalid_request_error" if exc.status < 500 else "api_error")
+            param = exc.details[0]["field"] if exc.details else None
+            body = {"error": {"message": exc.message, "type": kind, "param": param, "code": exc.code}}
+            return web.json_response(body, status=400 if exc.status == 422 else exc.status, headers=exc.headers)
+
+    return wrapped
+
+
+def video_object(request: web.Request, record: JobRecord) -> dict[str, Any]:
+    params = record.params
+    fps = getattr(params, "fps", None) or 1
+    settings = request.app[SETTINGS]
+    retention = settings.output_retention_days
+    created = int(record.created_at.timestamp())
+    error = None
+    if record.status == JobStatus.CANCELLED:
+        error = {"code": "cancelled", "message": record.message or "cancelled"}
+    elif record.error is not None:
+        error = {"code": record.error.code, "message": record.error.message}
+    return {
+        "id": record.job_id,
+        "object": "video",
+        "model": record.model,
+        "status": STATUS[record.status],
+        "progress": math.floor(record.progress * 100),
+        "created_at": created,
+        "completed_at": int(record.finished_at.timestamp()) if record.finished_at else None,
+        "expires_at": created + retention * 86400 if retention else None,
+        "prompt": getattr(params, "prompt", None),
+        "size": f"{getattr(params, 'width', 0)}x{getattr(params, 'height', 0)}",
+        # The inverse of the mapping in create_video: frames = seconds * fps + 1.
+        "seconds": _seconds_text((getattr(params, "num_frames", 1) - 1) / fps),
+        "remixed_from_video_id": None,
+        "error": error,
+    }
+
+
+def _seconds_text(seconds: float) -> str:
+    return str(round(seconds)) if abs(seconds - round(seconds)) < 0.05 else f"{seconds:.2f}"
+
+
+@openai_errors
+async def create_video(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    data: bytes | None = None
+    if request.content_type == "multipart/form-data":
+        fields, data = await read_multipart(request, "input_reference", settings.max_upload_bytes)
+        payload: dict[str, Any] = dict(fields)
+    else:
+        payload = await read_json(request, settings.max_body_bytes)
+    try:
+        create = CreateVideo.model_validate(payload)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in first["loc"]) or "body"
+        raise bad_field(field, first["type"], f"{field}: {first['msg']}") from exc
+    mode: Literal["text-to-video", "image-to-video"] = "text-to-video" if data is None else "image-to-video"
+    registry = request.app[REGISTRY]
+    spec = registry.get(create.model or registry.default_model)
+    if spec is None:
+        raise bad_field(
+            "model",
+            "known_model",
+            f"model: unknown model {create.model!r}; known: {', '.join(sorted(registry.models))}",
+        )
+    fields: dict[str, Any] = {"prompt": create.prompt, "model": spec.id}
+    if create.size is not None:
+        width, height = (int(v) for v in create.size.split("x"))
+        fields |= {"width": width, "height": height}
+    if create.seconds is not None:
+        fps = spec.defaults.fps or spec.native_fps
+        steps = max(1, round((float(create.seconds) * fps - 1) / spec.frame_step))
+        fields["num_frames"] = steps * spec.frame_step + 1
+        if fields["num_frames"] > spec.limits.max_frames:
+            longest = (spec.limits.max_frames - 1) / fps
+            raise bad_field("seconds", "max_duration", f"seconds: model {spec.id!r} makes at most {longest:.1f} s")
+    try:
+        req = (ImageToVideoRequest if data is not None else TextToVideoRequest).model_validate(fields)
+    except ValidationError as exc:
+        first = exc.errors(include_url=False)[0]
+        raise bad_field("size", first["type"], f"size: {first['msg']}") from exc
+    try:
+        accepted = await accept(request, mode, req, data, "image" if data is not None else None)
+    except ApiError as exc:
+        raise _in_openai_terms(exc) from exc
+    return web.json_response(video_object(request, await load_visible(request, accepted.job_id)))
+
+
+def _in_openai_terms(exc: ApiError) -> ApiError:
+    """Name OpenAI's fields in errors about ours: width/height → size, num_frames → seconds, image → input_reference."""
+    names = {"width": "size", "height": "size", "num_frames": "seconds", "image": "input_reference"}
+    if exc.details:
+        exc.details = [d | {"field": names.get(d["field"], d["field"])} for d in exc.details]
+    return exc
+
+
+@openai_errors
+async def get_video(request: web.Request) -> web.Response:
+    return web.json_response(video_object(request, await load_visible(request, request.match_info["video_id"])))
+
+
+@openai_errors
+async def delete_video(request: web.Request) -> web.Response:
+    """A job still queued or running is cancelled; an ended one is deleted with its video."""
+    record = await load_visible(request, request.match_info["video_id"])
+    if not record.status.is_terminal:
+        await cancel(request, record)
+    else:
+        store = request.app[STORE]
+        for key in [
+            output_key(record.job_id),
+            *record.inputs.values(),
+            *index_keys(record.job_id, record.model, record.created_at, record.owner),
+        ]:
+            await store.delete(key)
+        await store.delete(record_key(record.job_id))
+    return web.json_response({"id": record.job_id, "object": "video.deleted", "deleted": True})
+
+
+@openai_errors
+async def video_content(request: web.Request) -> web.Response:
+    record = await load_visible(request, request.match_info["video_id"])
+    variant = request.query.get("variant", "video")
+    if variant != "video":
+        raise bad_field("variant", "supported", f"variant: only 'video' is available, not {variant!r}")
+    if record.output is None:
+        raise ApiError(404, "video_not_ready", f"video {record.job_id} has no content ({STATUS[record.status]})")
+    url, _ = request.app[STORE].presign(record.output.key, request.app[SETTINGS].presign_expiry_s)
+    raise web.HTTPFound(url)
+
+
+@openai_errors
+async def list_videos(request: web.Request) -> web.Response:
+    query = request.query
+    try:
+        limit = int(query.get("limit", "20"))
+        if not 1 <= limit <= LIST_LIMIT_MAX:
+            raise ValueError
+    except ValueError as exc:
+        raise bad_field("limit", "range", f"limit: an integer from 1 to {LIST_LIMIT_MAX}") from exc
+    order = query.get("order", "desc")
+    if order not in ("asc", "desc"):
+        raise bad_field("order", "enum", "order: asc or desc")
+    store, owner = request.app[STORE], owner_of(request)
+    keys = await store.list_keys(index_prefix(None, owner), None, LIST_SCAN_MAX)  # newest first
+    ids = [job_id_of_index(k) for k in keys]
+    if order == "asc":
+        ids.reverse()
+    after = query.get("after")
+    if after is not None:
+        if after not in ids:
+            raise bad_field("after", "known_video", f"after: no video {after!r} in this listing")
+        ids = ids[ids.index(after) + 1 :]
+    data: list[dict[str, Any]] = []
+    for job_id in ids:
+        record = await store.get_record(job_id)
+        if record is not None and visible(record, owner) and record.mode != "download":
+            data.append(video_object(request, record))
+            if len(data) == limit + 1:
+                break
+    more = len(data) > limit
+    data = data[:limit]
+    return web.json_response(
+        {
+            "object": "list",
+            "data": data,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+            "has_more": more,
+        }
+    )
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/videos", create_video)
+    app.router.add_get("/v1/videos", list_videos)
+    app.router.add_get("/v1/videos/{video_id}", get_video)
+    app.router.add_delete("/v1/videos/{video_id}", delete_video)
+    app.router.add_get("/v1/videos/{video_id}/content", video_content)

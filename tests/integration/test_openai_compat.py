@@ -1,0 +1,97 @@
+"""The OpenAI-compatible Videos API, driven by the official `openai` package against the running gateway."""
+
+from __future__ import annotations
+
+import openai
+import pytest
+
+from tests.helpers import TOKENS, png_bytes
+from worker.encode import probe_mp4
+
+pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
+
+TINY = {"model": "ltx-tiny", "size": "32x32", "seconds": "1"}  # 8 fps: 1 s is 9 frames
+
+
+@pytest.fixture
+def client(stack) -> openai.OpenAI:
+    return openai.OpenAI(api_key=TOKENS["tester"], base_url=f"{stack.gateway_url}/v1", max_retries=0)
+
+
+def test_create_poll_download(client, tmp_path) -> None:
+    video = client.videos.create(prompt="a lighthouse at dusk", **TINY)
+    assert (video.object, video.status, video.model, video.size, video.seconds) == (
+        "video",
+        "queued",
+        "ltx-tiny",
+        "32x32",
+        "1",
+    )
+    assert video.progress == 0 and isinstance(video.created_at, int)
+    done = client.videos.poll(video.id, poll_interval_ms=100)
+    assert done.status == "completed" and done.progress == 100 and done.completed_at >= done.created_at
+    assert done.error is None
+    path = tmp_path / "video.mp4"
+    client.videos.download_content(video.id).write_to_file(path)
+    info = probe_mp4(path)
+    assert (info.num_frames, info.width, info.height) == (9, 32, 32)
+
+
+def test_image_reference_makes_an_image_to_video_job(client, stack, tmp_path) -> None:
+    video = client.videos.create(
+        prompt="the picture, moving", input_reference=("in.png", png_bytes(32, 32), "image/png"), **TINY
+    )
+    done = client.videos.poll(video.id, poll_interval_ms=100)
+    assert done.status == "completed", done.error
+    import requests
+
+    job = requests.get(
+        f"{stack.gateway_url}/api/v1/jobs/{video.id}",
+        timeout=10,
+        headers={"Authorization": f"Bearer {TOKENS['tester']}"},
+    ).json()
+    assert job["mode"] == "image-to-video"
+
+
+def test_list_pages_in_both_orders(client) -> None:
+    made = [client.videos.create(prompt=f"page {i}", **TINY).id for i in range(3)]
+    newest = client.videos.list(limit=2, order="desc")
+    assert [v.id for v in newest.data] == made[::-1][:2] and newest.has_more
+    following = client.videos.list(limit=1, order="desc", after=newest.data[-1].id)
+    assert [v.id for v in following.data] == [made[0]]
+    oldest = client.videos.list(limit=100, order="asc")
+    ids = [v.id for v in oldest.data]
+    assert ids.index(made[0]) < ids.index(made[1]) < ids.index(made[2])
+    for video_id in made:
+        client.videos.poll(video_id, poll_interval_ms=100)
+
+
+def test_delete_cancels_or_removes(client) -> None:
+    video = client.videos.create(prompt="short-lived", **TINY)
+    client.videos.poll(video.id, poll_interval_ms=100)
+    deleted = client.videos.delete(video.id)
+    assert deleted.deleted and deleted.id == video.id
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(video.id)
+    with pytest.raises(openai.NotFoundError):
+        client.videos.download_content(video.id)
+
+
+def test_errors_name_openai_fields(client, stack) -> None:
+    with pytest.raises(openai.BadRequestError) as error:
+        client.videos.create(prompt="odd size", model="ltx-tiny", size="33x32", seconds="1")
+    assert error.value.body["param"] == "size" and "32" in error.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as error:
+        client.videos.create(prompt="too long", model="ltx-tiny", size="32x32", seconds="60")
+    assert error.value.body["param"] == "seconds"
+    with pytest.raises(openai.BadRequestError) as error:
+        client.videos.create(prompt="who", model="sora-2")
+    assert error.value.body["param"] == "model"
+    stranger = openai.OpenAI(api_key="vg_wrong", base_url=f"{stack.gateway_url}/v1", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        stranger.videos.list()
+    other = openai.OpenAI(api_key=TOKENS["other"], base_url=f"{stack.gateway_url}/v1", max_retries=0)
+    mine = client.videos.create(prompt="mine", **TINY)
+    with pytest.raises(openai.NotFoundError):
+        other.videos.retrieve(mine.id)
+    client.videos.poll(mine.id, poll_interval_ms=100)
