@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp_cors
 import structlog
@@ -56,6 +57,14 @@ def create_app(settings: GatewaySettings) -> web.Application:
     return app
 
 
+# The web page: plain files, no build step.
+STATIC = Path(__file__).resolve().parent / "static"
+
+
+async def _index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC / "index.html")
+
+
 def build_keys(settings: GatewaySettings) -> Keys | None:
     """The API keys, or None when auth is disabled; a ConfigError when neither is configured."""
     if settings.auth_disabled:
@@ -83,6 +92,8 @@ def add_routes(app: web.Application) -> None:
     app[OPENAPI] = build_openapi()
     app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/metrics", metrics.metrics)
+    app.router.add_get("/", _index)
+    app.router.add_static("/static/", STATIC, name="static")
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
     for mode in handlers.MODES:

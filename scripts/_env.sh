@@ -25,3 +25,16 @@ setup_env() {
     echo "$want" > "$VENV/.videogen-installed"
   fi
 }
+
+# The web page's test drives a real headless Chromium. Install Debian's when none is there and
+# this user may (the test says what to do otherwise).
+ensure_browser() {
+  command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null \
+    || [ -n "${VIDEOGEN_CHROMIUM:-}" ] && return 0
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "installing chromium (for the web page's browser test)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } \
+      || echo "could not install chromium; the browser test will fail (set VIDEOGEN_CHROMIUM=/path/to/chromium)" >&2
+  fi
+}
