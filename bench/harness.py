@@ -26,7 +26,6 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.topology import Topology  # noqa: E402
 from schemas.registry import load_registry  # noqa: E402
 from scripts import devstack  # noqa: E402
 
@@ -101,21 +100,8 @@ def bench_stack(quota: int = 10_000_000, rate: str = "1000000/second") -> Iterat
         for proc in reversed(stack.procs):
             devstack.stop_pid(proc.pid)
         devstack.stop_pid(weed.pid)
-        asyncio.run(_delete_namespace(amqp_url, namespace))
+        asyncio.run(devstack.delete_namespace(amqp_url, namespace, list(load_registry(overrides=BENCH_MODELS).models)))
         shutil.rmtree(base, ignore_errors=True)
-
-
-async def _delete_namespace(amqp_url: str, namespace: str) -> None:
-    import aio_pika
-
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        topology = Topology(namespace)
-        for queue in topology.queue_names(list(load_registry(overrides=BENCH_MODELS).models)):
-            await channel.queue_delete(queue)
-        for exchange in topology.exchange_names():
-            await channel.exchange_delete(exchange)
 
 
 def percentiles(values: list[float]) -> dict[str, float]:

@@ -23,7 +23,7 @@ from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE
 from gateway.metrics import SUBMITTED
 from gateway.webhooks import destination_problem
 from schemas.api import Health, Readiness
-from schemas.cost import DoesNotFit, Estimate, estimate
+from schemas.cost import DoesNotFit, Estimate, estimate_job
 from schemas.jobs import (
     DEFAULT_WEBHOOK_EVENTS,
     DownloadParams,
@@ -210,15 +210,7 @@ def _preflight(request: web.Request, params: GenerationParams) -> Estimate | Non
     if spec.cost is None:
         return None
     try:
-        return estimate(
-            spec.cost,
-            params.width,
-            params.height,
-            params.num_frames,
-            params.num_inference_steps,
-            params.guidance_scale,
-            request.app[SETTINGS].gpu_memory_gib,
-        )
+        return estimate_job(spec.cost, params, request.app[SETTINGS].gpu_memory_gib)
     except DoesNotFit as exc:
         message = f"{params.width}x{params.height}x{params.num_frames} {exc}"
         raise ApiError(

@@ -16,7 +16,7 @@ Plans, from fastest to leanest:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -124,4 +124,17 @@ def estimate(
         gpu_memory_gib=gpu_memory_gib,
         reference_gpu=cost.reference_gpu,
         peaks_gib={p: round(v, 2) for p, v in by_plan.items()},
+    )
+
+
+def estimate_job(cost: CostModel, params: Any, gpu_memory_gib: float) -> Estimate:
+    """`estimate` for a job's resolved parameters (GenerationParams)."""
+    return estimate(
+        cost,
+        params.width,
+        params.height,
+        params.num_frames,
+        params.num_inference_steps,
+        params.guidance_scale,
+        gpu_memory_gib,
     )

@@ -301,6 +301,22 @@ def service_env(store: S3Store, amqp_url: str, namespace: str, models_dir: Path,
     return env
 
 
+async def delete_namespace(amqp_url: str, namespace: str, model_ids: list[str]) -> None:
+    """Delete every queue and exchange of a broker namespace (tests and benchmarks clean up after themselves)."""
+    import aio_pika
+
+    from common.topology import Topology
+
+    connection = await aio_pika.connect(amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        topology = Topology(namespace)
+        for queue in topology.queue_names(model_ids):
+            await channel.queue_delete(queue)
+        for exchange in topology.exchange_names():
+            await channel.exchange_delete(exchange)
+
+
 def write_api_keys(path: Path, keys: dict[str, dict[str, object]]) -> None:
     """A gateway key file: key id -> {"token": ..., and optional rate_limit, max_concurrent_jobs, admin}."""
     from gateway.auth import hash_token

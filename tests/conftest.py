@@ -13,10 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aio_pika
 import pytest
 
-from common.topology import Topology
 from schemas.registry import load_registry
 from scripts import devstack
 from scripts.devstack import S3Store
@@ -113,18 +111,7 @@ def namespace(amqp_url: str) -> Iterator[str]:
     """A broker namespace of this run's own, so a running local stack never sees test jobs."""
     ns = f"test-{uuid.uuid4().hex[:10]}"
     yield ns
-    asyncio.run(_delete_namespace(amqp_url, ns))
-
-
-async def _delete_namespace(amqp_url: str, ns: str) -> None:
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        topology = Topology(ns)
-        for queue in topology.queue_names(list(load_registry(overrides=EXTRA_MODELS).models)):
-            await channel.queue_delete(queue)
-        for exchange in topology.exchange_names():
-            await channel.exchange_delete(exchange)
+    asyncio.run(devstack.delete_namespace(amqp_url, ns, list(load_registry(overrides=EXTRA_MODELS).models)))
 
 
 @pytest.fixture(scope="session")

@@ -147,3 +147,25 @@ async def until_step(
 
     await asyncio.wait_for(read(), timeout)
     return frames
+
+
+def s3_client(where: Any) -> Any:
+    """A minio client for the test store: `where` is the S3Store fixture or the Stack (its env)."""
+    from minio import Minio
+
+    if hasattr(where, "endpoint"):
+        endpoint, access, secret = where.endpoint, where.access_key, where.secret_key
+    else:
+        env = where.env
+        endpoint, access = env["VIDEOGEN_S3_ENDPOINT"], env["VIDEOGEN_S3_ACCESS_KEY"]
+        secret = env["VIDEOGEN_S3_SECRET_KEY"]
+    return Minio(endpoint, access_key=access, secret_key=secret, secure=False, region="us-east-1")
+
+
+def bucket_of(where: Any) -> str:
+    return where.bucket if hasattr(where, "bucket") else where.env["VIDEOGEN_S3_BUCKET"]
+
+
+def object_names(where: Any, prefix: str) -> set[str]:
+    """Every object under `prefix` in the test store."""
+    return {o.object_name for o in s3_client(where).list_objects(bucket_of(where), prefix=prefix, recursive=True)}

@@ -29,7 +29,7 @@ from common.settings import WorkerSettings
 from common.store import ObjectStore, output_key
 from common.topology import DOWNLOAD_KEY, Topology, connect, to_amqp
 from schemas import errors
-from schemas.cost import DoesNotFit, MemoryPlan, estimate
+from schemas.cost import DoesNotFit, MemoryPlan, estimate_job
 from schemas.jobs import (
     PRIORITIES,
     DownloadParams,
@@ -416,15 +416,7 @@ class Worker:
         plan: MemoryPlan = "resident"
         if budget is not None:
             try:
-                plan = estimate(
-                    spec.cost,
-                    params.width,
-                    params.height,
-                    params.num_frames,
-                    params.num_inference_steps,
-                    params.guidance_scale,
-                    budget,
-                ).plan
+                plan = estimate_job(spec.cost, params, budget).plan
             except DoesNotFit as exc:
                 raise JobFailed(errors.does_not_fit(str(exc))) from exc
         return await asyncio.get_running_loop().run_in_executor(self._gpu, runner.apply_plan, plan)

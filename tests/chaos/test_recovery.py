@@ -9,7 +9,7 @@ import signal
 import pytest
 
 from tests.conftest import EXTRA_MODELS
-from tests.helpers import client, get_json, submit, until_step, watch
+from tests.helpers import client, get_json, object_names, submit, until_step, watch
 
 SLOW = {"prompt": "recover", "model": "ltx-slow", "width": 256, "height": 256, "num_frames": 65}
 
@@ -70,19 +70,7 @@ def _videos(stack, job_id: str) -> int:
 
 
 def _objects(stack, job_id: str) -> set[str]:
-    from minio import Minio
-
-    env = stack.env
-    client = Minio(
-        env["VIDEOGEN_S3_ENDPOINT"],
-        access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
-        secret_key=env["VIDEOGEN_S3_SECRET_KEY"],
-        secure=False,
-        region="us-east-1",
-    )
-    return {
-        o.object_name for o in client.list_objects(env["VIDEOGEN_S3_BUCKET"], prefix=f"jobs/{job_id}/", recursive=True)
-    }
+    return object_names(stack, f"jobs/{job_id}/")
 
 
 async def _wait_exit(proc, timeout: float) -> int:

@@ -10,12 +10,11 @@ import sys
 import uuid
 from pathlib import Path
 
-import aio_pika
 import pytest
 import requests
 
-from common.topology import Topology
 from schemas.registry import load_registry
+from scripts.devstack import delete_namespace
 from tests.conftest import EXTRA_MODELS
 from tests.helpers import TOKENS
 
@@ -37,18 +36,7 @@ def contract_gateway(stack, amqp_url):
     ns = f"contract-{uuid.uuid4().hex[:8]}"
     url, _ = stack.start_gateway("gateway-contract", VIDEOGEN_BROKER_NAMESPACE=ns)
     yield url
-    asyncio.run(_delete(amqp_url, ns))
-
-
-async def _delete(amqp_url: str, ns: str) -> None:
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        topology = Topology(ns)
-        for queue in topology.queue_names(list(load_registry(overrides=EXTRA_MODELS).models)):
-            await channel.queue_delete(queue)
-        for exchange in topology.exchange_names():
-            await channel.exchange_delete(exchange)
+    asyncio.run(delete_namespace(amqp_url, ns, list(load_registry(overrides=EXTRA_MODELS).models)))
 
 
 def test_every_answer_matches_the_document(contract_gateway, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ import uuid
 import aiohttp
 import pytest
 
-from tests.helpers import TOKENS, client, get_json, sse_events, submit, until, watch
+from tests.helpers import TOKENS, client, get_json, object_names, s3_client, sse_events, submit, until, watch
 
 SLOW = {"prompt": "slow", "model": "ltx-slow", "width": 256, "height": 256, "num_frames": 65}
 SHORT = {"prompt": "short", "model": "ltx-tiny", "num_inference_steps": 2}
@@ -174,9 +174,7 @@ async def test_markers_of_ended_jobs_never_hold_a_slot(stack, s3_store) -> None:
     and are cleared when the key reaches its limit."""
     import io
 
-    from minio import Minio
-
-    s3 = Minio(s3_store.endpoint, access_key=s3_store.access_key, secret_key=s3_store.secret_key, secure=False)
+    s3 = s3_client(s3_store)
     stale = [f"active/quota2/{uuid.uuid4()}" for _ in range(2)]
     for key in stale:
         s3.put_object(s3_store.bucket, key, io.BytesIO(b""), 0)
@@ -184,7 +182,7 @@ async def test_markers_of_ended_jobs_never_hold_a_slot(stack, s3_store) -> None:
         jobs = [await submit(quota2, stack.gateway_url, SLOW | {"num_inference_steps": 200}) for _ in range(2)]
         async with quota2.post(f"{stack.gateway_url}/api/v1/generate/text-to-video", json=SHORT) as response:
             assert response.status == 429, "the two live jobs fill the quota; the two stale markers do not count"
-        remaining = {o.object_name for o in s3.list_objects(s3_store.bucket, prefix="active/quota2/", recursive=True)}
+        remaining = object_names(s3_store, "active/quota2/")
         assert not remaining & set(stale)
         for job in jobs:
             async with quota2.delete(f"{stack.gateway_url}/api/v1/jobs/{job['job_id']}") as response:

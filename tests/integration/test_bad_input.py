@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.helpers import client
+from tests.helpers import client, object_names
 
 URL = "/api/v1/generate/text-to-video"
 
@@ -106,18 +106,8 @@ async def test_oversized_body_is_413(stack, http) -> None:
 
 
 async def test_refused_requests_leave_no_job_behind(stack, http, s3_store) -> None:
-    from minio import Minio
-
-    client = Minio(
-        s3_store.endpoint,
-        access_key=s3_store.access_key,
-        secret_key=s3_store.secret_key,
-        secure=False,
-        region="us-east-1",
-    )
-
     def job_records() -> set[str]:
-        return {o.object_name for o in client.list_objects(s3_store.bucket, prefix="jobs/", recursive=True)}
+        return object_names(s3_store, "jobs/")
 
     before = job_records()
     for body, *_ in CASES:

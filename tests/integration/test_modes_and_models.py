@@ -9,7 +9,18 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.helpers import client, download, get_json, mp4_bytes, png_bytes, submit, watch
+from tests.helpers import (
+    bucket_of,
+    client,
+    download,
+    get_json,
+    mp4_bytes,
+    object_names,
+    png_bytes,
+    s3_client,
+    submit,
+    watch,
+)
 from worker.encode import probe_mp4
 
 
@@ -76,17 +87,7 @@ async def test_mode_end_to_end(stack, http, tmp_path: Path, model, mode, transpo
 
 
 async def _stored_worker(stack, job_id: str) -> str:
-    from minio import Minio
-
-    env = stack.env
-    client = Minio(
-        env["VIDEOGEN_S3_ENDPOINT"],
-        access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
-        secret_key=env["VIDEOGEN_S3_SECRET_KEY"],
-        secure=False,
-        region="us-east-1",
-    )
-    response = client.get_object(env["VIDEOGEN_S3_BUCKET"], f"jobs/{job_id}/job.json")
+    response = s3_client(stack).get_object(bucket_of(stack), f"jobs/{job_id}/job.json")
     try:
         return json.loads(response.read())["worker"]
     finally:
@@ -102,20 +103,7 @@ async def test_inputs_are_stored_under_the_job_not_the_client_name(stack, http) 
         files={"image": png_bytes(32, 32, fmt="JPEG")},
     )
     await watch(http, stack.gateway_url, accepted["job_id"])
-    from minio import Minio
-
-    env = stack.env
-    client = Minio(
-        env["VIDEOGEN_S3_ENDPOINT"],
-        access_key=env["VIDEOGEN_S3_ACCESS_KEY"],
-        secret_key=env["VIDEOGEN_S3_SECRET_KEY"],
-        secure=False,
-        region="us-east-1",
-    )
-    names = {
-        o.object_name
-        for o in client.list_objects(env["VIDEOGEN_S3_BUCKET"], prefix=f"jobs/{accepted['job_id']}/", recursive=True)
-    }
+    names = object_names(stack, f"jobs/{accepted['job_id']}/")
     job = accepted["job_id"]
     assert names == {f"jobs/{job}/job.json", f"jobs/{job}/input/image.jpg", f"jobs/{job}/video.mp4"}
 

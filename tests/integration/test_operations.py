@@ -9,7 +9,7 @@ import re
 import aiohttp
 import pytest
 
-from tests.helpers import client, submit, until, watch
+from tests.helpers import client, s3_client, submit, until, watch
 
 
 @pytest.fixture
@@ -85,15 +85,6 @@ async def test_one_summary_line_per_job_with_its_id(stack, http) -> None:
 
 
 async def test_retention_sets_a_lifecycle_rule(stack, s3_store) -> None:
-    from minio import Minio
-
     stack.start_gateway("gateway-retention", VIDEOGEN_OUTPUT_RETENTION_DAYS="7")
-    s3 = Minio(
-        s3_store.endpoint,
-        access_key=s3_store.access_key,
-        secret_key=s3_store.secret_key,
-        secure=False,
-        region="us-east-1",
-    )
-    rules = s3.get_bucket_lifecycle(s3_store.bucket).rules
+    rules = s3_client(s3_store).get_bucket_lifecycle(s3_store.bucket).rules
     assert {(r.rule_filter.prefix, r.expiration.days) for r in rules} == {("jobs/", 7), ("index/", 7)}
