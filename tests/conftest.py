@@ -106,12 +106,17 @@ def amqp_url() -> Iterator[str]:
     shutil.rmtree(base, ignore_errors=True)
 
 
+async def delete_test_namespace(amqp_url: str, ns: str) -> None:
+    """Delete a namespace the tests made: queues of every model the tests know, and the exchanges."""
+    await devstack.delete_namespace(amqp_url, ns, list(load_registry(overrides=EXTRA_MODELS).models))
+
+
 @pytest.fixture(scope="session")
 def namespace(amqp_url: str) -> Iterator[str]:
     """A broker namespace of this run's own, so a running local stack never sees test jobs."""
     ns = f"test-{uuid.uuid4().hex[:10]}"
     yield ns
-    asyncio.run(devstack.delete_namespace(amqp_url, ns, list(load_registry(overrides=EXTRA_MODELS).models)))
+    asyncio.run(delete_test_namespace(amqp_url, ns))
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,7 @@ def pytest_terminal_summary(terminalreporter) -> None:
 @pytest.fixture
 async def private_namespace(stack, amqp_url, namespace):
     """A broker namespace with no other workers, so a test knows which worker takes its job."""
-    from tests.conftest import _delete_namespace
+    from tests.conftest import delete_test_namespace
 
     ns = f"{namespace}-{os.urandom(3).hex()}"
     started: list = []
@@ -67,4 +67,4 @@ async def private_namespace(stack, amqp_url, namespace):
 
     for proc in started:
         stop_pid(proc.pid)
-    await _delete_namespace(amqp_url, ns)
+    await delete_test_namespace(amqp_url, ns)

@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from schemas.registry import load_registry
-from scripts.devstack import delete_namespace
-from tests.conftest import EXTRA_MODELS
+from tests.conftest import delete_test_namespace
 from tests.helpers import TOKENS
 
 CHECKS = [
@@ -36,7 +34,7 @@ def contract_gateway(stack, amqp_url):
     ns = f"contract-{uuid.uuid4().hex[:8]}"
     url, _ = stack.start_gateway("gateway-contract", VIDEOGEN_BROKER_NAMESPACE=ns)
     yield url
-    asyncio.run(delete_namespace(amqp_url, ns, list(load_registry(overrides=EXTRA_MODELS).models)))
+    asyncio.run(delete_test_namespace(amqp_url, ns))
 
 
 def test_every_answer_matches_the_document(contract_gateway, tmp_path: Path) -> None:

@@ -260,7 +260,7 @@ async def test_resuming_after_the_end_closes_at_once(stack, http) -> None:
 
 
 async def test_cancel_works_with_no_worker_connected_at_all(stack, http, amqp_url, namespace) -> None:
-    from tests.conftest import _delete_namespace
+    from tests.conftest import delete_test_namespace
 
     lonely = f"{namespace}-noworkers"
     gateway, proc = stack.start_gateway("gateway-no-workers", VIDEOGEN_BROKER_NAMESPACE=lonely)
@@ -272,4 +272,4 @@ async def test_cancel_works_with_no_worker_connected_at_all(stack, http, amqp_ur
         assert response.status == 200 and body["status"] == "cancelled", body
     finally:
         stop_pid(proc.pid)
-        await _delete_namespace(amqp_url, lonely)
+        await delete_test_namespace(amqp_url, lonely)
