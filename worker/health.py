@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from aiohttp import web
 
-from worker.metrics import metrics
+from worker.metrics import render
 from worker.worker import Worker
 
 WORKER = web.AppKey("worker", Worker)
@@ -29,6 +29,10 @@ async def _ready(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if worker.ready else 503)
 
 
+async def _metrics(request: web.Request) -> web.Response:
+    return render(request.app[WORKER].devices)
+
+
 @asynccontextmanager
 async def serve_health(worker: Worker, host: str, port: int) -> AsyncIterator[None]:
     if port == 0:
@@ -38,7 +42,7 @@ async def serve_health(worker: Worker, host: str, port: int) -> AsyncIterator[No
     app[WORKER] = worker
     app.router.add_get("/health", _health)
     app.router.add_get("/ready", _ready)
-    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/metrics", _metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.TCPSite(runner, host, port).start()

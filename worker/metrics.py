@@ -29,8 +29,10 @@ def job_ended(record: JobRecord) -> None:
                 PHASE_SECONDS.labels(record.model, phase).observe(seconds)
 
 
-async def metrics(request: web.Request) -> web.Response:
-    if torch.cuda.is_available():
-        GPU_MEMORY.labels("in_use").set(torch.cuda.memory_allocated())
-        GPU_MEMORY.labels("peak").set(torch.cuda.max_memory_allocated())
+def render(devices: set[torch.device]) -> web.Response:
+    """The metrics page; GPU memory is summed over the CUDA devices the worker's models run on."""
+    cuda = [d for d in devices if d.type == "cuda"]
+    if cuda:
+        GPU_MEMORY.labels("in_use").set(sum(torch.cuda.memory_allocated(d) for d in cuda))
+        GPU_MEMORY.labels("peak").set(sum(torch.cuda.max_memory_allocated(d) for d in cuda))
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

@@ -111,6 +111,10 @@ class Worker:
         return list(self._runners)
 
     @property
+    def devices(self) -> set[torch.device]:
+        return {runner.device for runner in self._runners.values()}
+
+    @property
     def ready(self) -> bool:
         return (
             self._connection is not None
