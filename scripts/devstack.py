@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shutil
 import signal
 import socket
@@ -76,14 +77,27 @@ def http_ok(url: str) -> bool:
 
 
 def free_port_block(size: int) -> int:
-    """A base port such that base..base+size-1 are all free now."""
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
-        if base + size < 65000 and all(_bindable(base + i) for i in range(size)):
+    """A base port such that base..base+size-1 are all free now.
+
+    Chosen below the kernel's ephemeral range, so that no outgoing connection takes one of them
+    as its source port between this check and the server's bind (or its restart on the same
+    ports, as the fault tests do).
+    """
+    low, _ = _ephemeral_range()
+    lowest = 10000 if low > 12000 else 1024
+    for _ in range(500):
+        base = random.randrange(lowest, max(lowest + size + 1, low - size))
+        if all(_bindable(base + i) for i in range(size)):
             return base
     raise RuntimeError("no free port block")
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
 
 
 def _bindable(port: int) -> bool:

@@ -16,6 +16,7 @@ PHASE_SECONDS = Histogram(
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
 )
 BUSY = Gauge("videogen_worker_busy", "1 while the worker holds a generation job, else 0")
+RUNNING = Gauge("videogen_worker_running", "Jobs this worker is running, by model (0 or 1 each)", ["model"])
 GPU_MEMORY = Gauge(
     "videogen_gpu_memory_bytes", "GPU memory held by tensors (in_use) and its peak since start", ["kind"]
 )

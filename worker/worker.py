@@ -48,7 +48,7 @@ from worker.download import DownloadFailed, download
 from worker.encode import encode_mp4
 from worker.eta import EtaEstimator, FinishTimes
 from worker.inputs import load_image, load_video
-from worker.metrics import BUSY, job_ended
+from worker.metrics import BUSY, RUNNING, job_ended
 from worker.pipelines import Generated, Inputs, ModelRunner
 from worker.reporter import JobReporter
 from worker.retry import patiently
@@ -96,6 +96,8 @@ class Worker:
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._running: dict[str, threading.Event] = {}
         self._finish_times = FinishTimes()
+        for model_id in runners:  # every served model appears in the metrics from the start
+            RUNNING.labels(model_id).set(0)
         self._connection: AbstractRobustConnection | None = None
         self._events: AbstractExchange | None = None
         self._consume_channel: AbstractChannel | None = None
@@ -319,10 +321,12 @@ class Worker:
         cancel = self._running[job.job_id] = threading.Event()
         if job.job_id in self._cancelled:  # asked while the inputs were fetched
             cancel.set()
+        RUNNING.labels(params.model).set(1)
         try:
             await self._generate_and_deliver(job, reporter, inputs, cancel, queued_s, started)
         finally:
             self._running.pop(job.job_id, None)
+            RUNNING.labels(params.model).set(0)
 
     async def _generate_and_deliver(
         self,
