@@ -82,9 +82,12 @@ class GatewayBroker:
         # Gateways share the dead-letter notifications: each dead job is handled once.
         dead_channel = await self._connection.channel()
         await dead_channel.set_qos(prefetch_count=10)
-        dead = await dead_channel.get_queue(self._topology.dead_letter_notify_queue, ensure=False)
+        # Declared (not just named) on this channel: a robust channel restores the consumers only
+        # of the queues it declared, after a reconnect.
+        quorum = {"x-queue-type": "quorum"}
+        dead = await dead_channel.declare_queue(self._topology.dead_letter_notify_queue, durable=True, arguments=quorum)
         await dead.consume(lambda m: self._on_dead_letter(m, on_dead_letter))
-        due = await dead_channel.get_queue(self._topology.expiry_due, ensure=False)
+        due = await dead_channel.declare_queue(self._topology.expiry_due, durable=True, arguments=quorum)
         await due.consume(lambda m: self._on_expiry_due(m, on_expiry))
 
     async def close(self) -> None:

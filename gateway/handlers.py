@@ -357,23 +357,28 @@ async def _enqueue(
     )
     record.events = [record.last_event()]
     # Inputs, index and record are stored before the job is published, so a worker always finds
-    # them; the record last, so a failure leaves no job behind (listings skip index entries
-    # without a record).
+    # them; the record after the inputs and index entries, so a failure leaves no job behind
+    # (listings skip index entries without a record). The quota marker comes after the record,
+    # so that a marker without a record is always a leftover (gateway/quota.py sweeps those).
     try:
-        # The quota marker, inputs and index entries first (together): should one fail, a marker
-        # without a record is swept at the next check (gateway/quota.py), index entries without
-        # one are skipped by listings, and no record is left queued.
-        await asyncio.gather(
-            quota.hold(request, mode, job_id),
-            *(store.put_bytes(message.inputs[item.name], item.data, item.content_type) for item in inputs),
-            *(
-                store.put_bytes(key, b"", "application/octet-stream")
-                for key in index_keys(job_id, params.model, now, owner)
-            ),
-        )
+        writes = [store.put_bytes(message.inputs[item.name], item.data, item.content_type) for item in inputs]
+        writes += [
+            store.put_bytes(key, b"", "application/octet-stream")
+            for key in index_keys(job_id, params.model, now, owner)
+        ]
+        results = await asyncio.gather(*writes, return_exceptions=True)  # each write settles before any error
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         await store.put_record(record)
     except Exception as exc:
         log.error("store_write_failed", job_id=job_id, error=str(exc))
+        raise store_unavailable() from exc
+    try:
+        await quota.hold(request, mode, job_id)
+    except Exception as exc:
+        log.error("store_write_failed", job_id=job_id, error=str(exc))
+        await _mark_unpublished(request, record, "the object store failed while the job was being queued")
         raise store_unavailable() from exc
     try:
         await broker.publish_job(message, app[REGISTRY])
@@ -418,11 +423,11 @@ async def announce(request: web.Request, record: JobRecord) -> None:
         log.warning("event_publish_failed", job_id=record.job_id, error=str(exc))
 
 
-async def _mark_unpublished(request: web.Request, record: JobRecord) -> None:
+async def _mark_unpublished(
+    request: web.Request, record: JobRecord, reason: str = "the broker did not accept the job"
+) -> None:
     failed = record.advance(
-        status=JobStatus.FAILED,
-        phase=Phase.FAILED,
-        error=JobError(code="not_queued", message="the broker did not accept the job"),
+        status=JobStatus.FAILED, phase=Phase.FAILED, error=JobError(code="not_queued", message=reason)
     )
     try:
         await request.app[STORE].put_record(failed)

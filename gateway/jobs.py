@@ -32,7 +32,7 @@ async def load_visible(request: web.Request, job_id: str) -> JobRecord:
     """The job, if it exists and the caller's key may see it; 404 otherwise (the same for both)."""
     job_id = parse_job_id(job_id)
     record = await request.app[STORE].get_record(job_id)
-    if record is None or not visible(record, owner_of(request)):
+    if record is None or not visible(record, owner_of(request)) or record.deleted_at is not None:
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
     return record
 

@@ -17,13 +17,13 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.store import index_keys, index_prefix, job_id_of_index, output_key, record_key
+from common.store import index_keys, index_prefix, job_id_of_index, output_key
 from gateway.auth import owner_of, visible
-from gateway.errors import ApiError, bad_field
+from gateway.errors import ApiError, bad_field, store_call
 from gateway.handlers import accept, read_json, read_multipart
 from gateway.jobs import cancel, load_visible
 from gateway.keys import REGISTRY, SETTINGS, STORE
-from schemas.jobs import JobRecord, JobStatus
+from schemas.jobs import JobRecord, JobStatus, utcnow
 from schemas.requests import ImageToVideoRequest, TextToVideoRequest
 
 LIST_LIMIT_MAX = 100
@@ -171,14 +171,16 @@ async def delete_video(request: web.Request) -> web.Response:
     if not record.status.is_terminal:
         await cancel(request, record)
     else:
+        # The record stays, marked deleted (a tombstone): a message of the job still in a queue
+        # (it was cancelled or expired before it started) then finds an ended job and is dropped.
         store = request.app[STORE]
+        await store_call(store.put_record(record.model_copy(update={"deleted_at": utcnow(), "output": None})))
         for key in [
             output_key(record.job_id),
             *record.inputs.values(),
             *index_keys(record.job_id, record.model, record.created_at, record.owner),
         ]:
-            await store.delete(key)
-        await store.delete(record_key(record.job_id))
+            await store_call(store.delete(key))
     return web.json_response({"id": record.job_id, "object": "video.deleted", "deleted": True})
 
 

@@ -1,8 +1,8 @@
 """The concurrent-job quota of an API key: how many of its generation jobs may be queued or running.
 
 Each such job has an empty marker object, `active/<key id>/<job id>`, written when the job is
-accepted (before its record and inputs, so a failed submission leaves at most a marker without a
-record, which the next check at the limit sweeps) and removed when it ends: every gateway sees
+accepted (right after its record, so a marker without a record is always a leftover, which the
+next check at the limit sweeps) and removed when it ends: every gateway sees
 every terminal event and removes the marker (`release`). To check the quota, a gateway lists the
 key's markers; only when they reach the quota does it read their records, and it removes markers
 of jobs that have ended (one whose terminal event no gateway was up to see), so a stale marker
@@ -119,7 +119,7 @@ async def _active_jobs(store: ObjectStore, owner: str, limit: int) -> int:
 
 
 async def hold(request: web.Request, mode: str, job_id: str) -> None:
-    """Count the job against its key (called with the slot held, before the job's record is stored)."""
+    """Count the job against its key (called with the slot held, once the job's record is stored)."""
     if _counts(request, mode):
         await request.app[STORE].put_bytes(active_key(request[OWNER], job_id), b"", "application/octet-stream")
 

@@ -171,6 +171,9 @@ class JobRecord(BaseModel):
     queue_position: int | None = None
     webhook: Webhook | None = None
     timings: PhaseSeconds | None = None
+    deleted_at: datetime | None = Field(
+        default=None, description="When its video was deleted: the record stays, so a late delivery is not run."
+    )
     estimate: Estimate | None = None
     memory_plan: MemoryPlan | None = None
     owner: str | None = Field(

@@ -208,7 +208,9 @@ class ModelRunner:
             pipe = self.pipelines[self.spec.modes[0]]
             if self.plan == "model_cpu_offload":
                 pipe.remove_all_hooks()
-                pipe.to(self.device)
+                # Back on the device only for a resident plan: group offload loads from the CPU,
+                # and moving every weight to a GPU too small for them would run out of memory.
+                pipe.to(self.device if plan in ("resident", "vae_tiling") else torch.device("cpu"))
             if plan == "model_cpu_offload":
                 pipe.enable_model_cpu_offload(device=self.device)
             elif plan == "group_offload":

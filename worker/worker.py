@@ -101,7 +101,7 @@ class Worker:
         self._connection: AbstractRobustConnection | None = None
         self._events: AbstractExchange | None = None
         self._consume_channel: AbstractChannel | None = None
-        self._consumer_tags: dict[str, str] = {}  # the downloads queue's and each model's presence queue's
+        self._consumers: list[tuple[AbstractQueue, str]] = []  # downloads, and each model's presence queue
         self._job_queues: list[list[AbstractQueue]] = []  # by priority, highest first; models within
         self._dispatcher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -143,11 +143,15 @@ class Worker:
         models = sorted(self._runners)
         _, queues = await self._topology.declare_jobs(channel, models)
         self._job_queues = [[queues[Topology.job_key(m, p)] for m in models] for p in PRIORITIES]
-        self._consumer_tags[DOWNLOAD_KEY] = await queues[DOWNLOAD_KEY].consume(self._on_download)
+        downloads = queues[DOWNLOAD_KEY]
+        self._consumers.append((downloads, await downloads.consume(self._on_download)))
         # Presence: one consumer per served model, so the gateway can count this model's workers.
+        # Declared on this channel, so that a reconnect restores the consumer too.
         for model_id in models:
-            presence = await channel.get_queue(self._topology.workers_queue(model_id), ensure=False)
-            self._consumer_tags[model_id] = await presence.consume(_ignore, no_ack=True)
+            presence = await channel.declare_queue(
+                self._topology.workers_queue(model_id), durable=True, arguments={"x-queue-type": "quorum"}
+            )
+            self._consumers.append((presence, await presence.consume(_ignore, no_ack=True)))
         self._dispatcher = asyncio.create_task(self._dispatch())
         log.info("worker_started", worker=self.worker_id, models=models)
 
@@ -159,13 +163,11 @@ class Worker:
         """
         self._stopping = True
         self._wake.set()
-        if self._consume_channel is not None:
-            for key, tag in self._consumer_tags.items():
-                name = self._topology.downloads_queue if key == DOWNLOAD_KEY else self._topology.workers_queue(key)
-                queue = await self._consume_channel.get_queue(name, ensure=False)
-                with contextlib.suppress(Exception):
-                    await queue.cancel(tag)
-            self._consumer_tags.clear()
+        for queue, tag in self._consumers:
+            with contextlib.suppress(Exception):
+                # Bounded: during a broker outage a cancel would wait for the connection.
+                await asyncio.wait_for(queue.cancel(tag), 5.0)
+        self._consumers.clear()
         # The connection stays open meanwhile so heartbeats keep flowing.
         try:
             await asyncio.wait_for(self._busy.acquire(), grace_s)
@@ -206,10 +208,16 @@ class Worker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.settings.idle_poll_s)
                 continue
+            if self._stopping:  # SIGTERM came while the message was on its way: hand it back
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
+                break
             async with self._busy:
                 BUSY.set(1)
                 try:
                     await self.handle(message, self.run_job)
+                except Exception:  # the dispatcher must outlive any one message
+                    log.exception("dispatch_failed")
                 finally:
                     BUSY.set(0)
 
@@ -427,7 +435,12 @@ class Worker:
                 plan = estimate_job(spec.cost, params, budget).plan
             except DoesNotFit as exc:
                 raise JobFailed(errors.does_not_fit(str(exc))) from exc
-        return await asyncio.get_running_loop().run_in_executor(self._gpu, runner.apply_plan, plan)
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._gpu, runner.apply_plan, plan)
+        except torch.OutOfMemoryError as exc:  # rearranging the weights did not fit: this job cannot run here
+            await loop.run_in_executor(self._gpu, runner.release_memory)
+            raise JobFailed(errors.does_not_fit(f"moving the model to the {plan} plan ran out of memory")) from exc
 
     def _gpu_memory_gib(self, device: torch.device) -> float | None:
         if self.settings.gpu_memory_gib is not None:

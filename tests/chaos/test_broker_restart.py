@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import tempfile
@@ -34,7 +35,10 @@ def private_broker():
 
 
 async def test_broker_restart_loses_no_job(stack, http, private_broker, tally) -> None:
-    env = {"VIDEOGEN_AMQP_URL": private_broker["url"]}
+    # wan-tiny has no worker on this broker: its jobs expire after 2 s, which only a gateway's
+    # expiry consumer can notice.
+    overrides = json.loads(stack.env["VIDEOGEN_MODEL_OVERRIDES"]) | {"wan-tiny": {"max_queue_s": 2}}
+    env = {"VIDEOGEN_AMQP_URL": private_broker["url"], "VIDEOGEN_MODEL_OVERRIDES": json.dumps(overrides)}
     gateway, gw = stack.start_gateway("gateway-restart-broker", **env)
     _, worker = stack.start_worker("worker-restart-broker", ["ltx-slow"], **env)
     jobs = [
@@ -74,6 +78,20 @@ async def test_broker_restart_loses_no_job(stack, http, private_broker, tally) -
         return all(s in ("succeeded", "failed", "cancelled") for s in states)
 
     await until(all_done, 180, "every accepted job ended")
+
+    # Consumers the processes had before the outage are back too: the worker's presence (the
+    # gateway counts it again) and the gateway's expiry checks (a job no worker takes expires).
+    async def worker_counted() -> bool:
+        return (await get_json(http, f"{gateway}/api/v1/model/info?model=ltx-slow"))[1]["workers"] == 1
+
+    await until(worker_counted, 30, "the worker counted again after the restart")
+    lonely = (await submit(http, gateway, {"prompt": "nobody takes me", "model": "wan-tiny"}))["job_id"]
+
+    async def expired() -> bool:
+        job = (await get_json(http, f"{gateway}/api/v1/jobs/{lonely}"))[1]
+        return job["status"] == "failed" and job["error"]["code"] == "expired"
+
+    await until(expired, 60, "the expiry check consumed after the restart")
     for job_id in jobs:
         _, job = await get_json(http, f"{gateway}/api/v1/jobs/{job_id}")
         tally.count(job["status"], _videos(stack, job_id), 1)

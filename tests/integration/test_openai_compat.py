@@ -5,7 +5,7 @@ from __future__ import annotations
 import openai
 import pytest
 
-from tests.helpers import TOKENS, png_bytes
+from tests.helpers import TOKENS, object_names, png_bytes
 from worker.encode import probe_mp4
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
@@ -66,7 +66,7 @@ def test_list_pages_in_both_orders(client) -> None:
         client.videos.poll(video_id, poll_interval_ms=100)
 
 
-def test_delete_cancels_or_removes(client) -> None:
+def test_delete_cancels_or_removes(client, stack) -> None:
     video = client.videos.create(prompt="short-lived", **TINY)
     client.videos.poll(video.id, poll_interval_ms=100)
     deleted = client.videos.delete(video.id)
@@ -75,6 +75,17 @@ def test_delete_cancels_or_removes(client) -> None:
         client.videos.retrieve(video.id)
     with pytest.raises(openai.NotFoundError):
         client.videos.download_content(video.id)
+    # The record stays as a tombstone without its video, so a late delivery of the job is dropped.
+    names = object_names(stack, f"jobs/{video.id}/")
+    assert names == {f"jobs/{video.id}/job.json"}
+    import requests
+
+    job = requests.get(
+        f"{stack.gateway_url}/api/v1/jobs/{video.id}",
+        timeout=10,
+        headers={"Authorization": f"Bearer {TOKENS['tester']}"},
+    )
+    assert job.status_code == 404
 
 
 def test_errors_name_openai_fields(client, stack) -> None:

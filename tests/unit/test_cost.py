@@ -90,7 +90,7 @@ class FakePipe:
         self.calls.append("remove_hooks")
 
     def to(self, device) -> None:
-        self.calls.append("to")
+        self.calls.append(f"to {torch.device(device).type}")
 
 
 def runner(device: str) -> tuple[ModelRunner, FakePipe]:
@@ -105,9 +105,11 @@ def test_plans_switch_and_group_offload_stays() -> None:
     made, pipe = runner("cuda")  # no CUDA call is made: the fake pipeline records what would happen
     assert made.apply_plan("vae_tiling") == "vae_tiling" and pipe.vae.tiling
     assert made.apply_plan("model_cpu_offload") == "model_cpu_offload" and pipe.calls == ["model_cpu_offload"]
-    assert made.apply_plan("resident") == "resident" and pipe.calls[-2:] == ["remove_hooks", "to"]
+    assert made.apply_plan("resident") == "resident" and pipe.calls[-2:] == ["remove_hooks", "to cuda"]
     assert not pipe.vae.tiling
+    assert made.apply_plan("model_cpu_offload") == "model_cpu_offload"
     assert made.apply_plan("group_offload") == "group_offload"
+    assert pipe.calls[-3:] == ["remove_hooks", "to cpu", "group_offload"], "never all weights on a small GPU"
     assert made.apply_plan("resident") == "group_offload", "diffusers cannot undo group offload"
     assert pipe.calls.count("group_offload") == 1
 
