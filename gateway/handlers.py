@@ -231,7 +231,7 @@ def _accepted_response(accepted: JobAccepted, replayed: bool = False) -> web.Res
 async def _replay(request: web.Request, job_id: str) -> web.Response:
     """The original job's 202, with its current status (queue figures are not read again)."""
     record = await request.app[STORE].get_record(job_id)
-    if record is None:
+    if record is None or record.deleted_at is not None:
         raise ApiError(409, "idempotency_conflict", f"the job {job_id} this key created is gone")
     return _accepted_response(_accepted(record, None), replayed=True)
 

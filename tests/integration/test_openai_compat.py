@@ -106,3 +106,19 @@ def test_errors_name_openai_fields(client, stack) -> None:
     with pytest.raises(openai.NotFoundError):
         other.videos.retrieve(mine.id)
     client.videos.poll(mine.id, poll_interval_ms=100)
+
+
+def test_a_deleted_job_is_not_replayed_by_its_idempotency_key(client, stack) -> None:
+    import uuid
+
+    import requests
+
+    headers = {"Authorization": f"Bearer {TOKENS['tester']}", "Idempotency-Key": f"deleted-{uuid.uuid4()}"}
+    body = {"prompt": "once", "model": "ltx-tiny"}
+    first = requests.post(f"{stack.gateway_url}/api/v1/generate/text-to-video", json=body, headers=headers, timeout=30)
+    assert first.status_code == 202
+    job_id = first.json()["job_id"]
+    client.videos.poll(job_id, poll_interval_ms=100)
+    client.videos.delete(job_id)
+    again = requests.post(f"{stack.gateway_url}/api/v1/generate/text-to-video", json=body, headers=headers, timeout=30)
+    assert again.status_code == 409 and again.json()["error"]["code"] == "idempotency_conflict"
