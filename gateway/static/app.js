@@ -28,14 +28,18 @@ async function api(path, options = {}) {
   return body;
 }
 
+let modelsError = "";
+
 async function loadModels() {
   try {
     const listing = await api("/api/v1/models");
     models = listing.models;
     fillModels(listing.default_model);
-    $("form-error").textContent = "";
+    // Clear only this function's own message: a submission's error stays until the next submission.
+    if (modelsError && $("form-error").textContent === modelsError) $("form-error").textContent = "";
+    modelsError = "";
   } catch (error) {
-    $("form-error").textContent = error.message;
+    modelsError = $("form-error").textContent = error.message;
   }
 }
 
@@ -169,8 +173,11 @@ function jobRow(job) {
 }
 
 $("api-key").value = localStorage.getItem("videogen-api-key") || "";
+let usedKey = apiKey();
 $("api-key").addEventListener("change", () => {
-  localStorage.setItem("videogen-api-key", apiKey());
+  if (apiKey() === usedKey) return;  // a blur without an edit: nothing to reload
+  usedKey = apiKey();
+  localStorage.setItem("videogen-api-key", usedKey);
   loadModels();
   refreshJobs();
 });
