@@ -97,7 +97,9 @@ class Keys:
 
     def __init__(self, keys: list[ApiKey], default_rate: str, default_quota: int) -> None:
         self._by_hash = {k.sha256: k for k in keys}
-        self._default_rate = parse(default_rate)
+        default = parse(default_rate)
+        # Parsed once: the limit is looked up on every request.
+        self._rates: dict[str, RateLimitItem] = {k.id: parse(k.rate_limit) if k.rate_limit else default for k in keys}
         self.default_quota = default_quota
         self._limiter = MovingWindowRateLimiter(MemoryStorage())
 
@@ -108,12 +110,9 @@ class Keys:
     def quota(self, key: ApiKey) -> int:
         return key.max_concurrent_jobs or self.default_quota
 
-    def _rate(self, key: ApiKey) -> RateLimitItem:
-        return parse(key.rate_limit) if key.rate_limit else self._default_rate
-
     async def retry_after(self, key: ApiKey) -> int | None:
         """Count one request for the key: None if allowed, else the seconds until it would be."""
-        rate = self._rate(key)
+        rate = self._rates[key.id]
         if await self._limiter.hit(rate, key.id):
             return None
         stats = await self._limiter.get_window_stats(rate, key.id)

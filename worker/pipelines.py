@@ -175,10 +175,10 @@ class ModelRunner:
             callback_on_step_end=step_end,
         )
         started = time.perf_counter()
-        # The transformer's first call is where denoising starts.
-        hook = pipe.transformer.register_forward_pre_hook(first_call)
         if params.tier == "fast":
             pipe.transformer.enable_cache(self._cache_config(pipe))
+        # The transformer's first call is where denoising starts.
+        hook = pipe.transformer.register_forward_pre_hook(first_call)
         try:
             output = pipe(**kwargs)
         finally:

@@ -18,7 +18,6 @@ from typing import Any
 import structlog
 import torch
 from aio_pika.abc import (
-    AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
@@ -100,7 +99,6 @@ class Worker:
             RUNNING.labels(model_id).set(0)
         self._connection: AbstractRobustConnection | None = None
         self._events: AbstractExchange | None = None
-        self._consume_channel: AbstractChannel | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []  # downloads, and each model's presence queue
         self._job_queues: list[list[AbstractQueue]] = []  # by priority, highest first; models within
         self._dispatcher: asyncio.Task[None] | None = None
@@ -137,7 +135,7 @@ class Worker:
         await control.bind(await self._topology.declare_control(control_channel))
         await control.consume(self._on_control, no_ack=True)
 
-        self._consume_channel = channel = await self._connection.channel()
+        channel = await self._connection.channel()
         # prefetch=1: a worker holds one download at a time; the rest stay in the queue for other workers.
         await channel.set_qos(prefetch_count=1)
         models = sorted(self._runners)
