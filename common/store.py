@@ -34,16 +34,25 @@ def output_key(job_id: str) -> str:
 _INDEX_EPOCH_MS = 10**13
 
 
-def index_keys(job_id: str, model: str, created_at: datetime, owner: str | None) -> list[str]:
-    """Empty objects that list jobs newest first, all of them and per model: under the owner's
-    prefix when the job has one (each caller lists only its own), else under `index/`."""
-    stamp = f"{_INDEX_EPOCH_MS - int(created_at.timestamp() * 1000):013d}-{job_id}"
-    return [f"{index_prefix(None, owner)}{stamp}", f"{index_prefix(model, owner)}{stamp}"]
+def index_key(job_id: str, model: str, created_at: datetime, owner: str | None) -> str:
+    """An empty object that lists the job newest first, named `<stamp>-<job id>.<model>` (so a
+    listing for one model skips others by name): under the owner's prefix when the job has one
+    (each caller lists only its own), else under `index/`."""
+    return f"{index_prefix(owner)}{_INDEX_EPOCH_MS - int(created_at.timestamp() * 1000):013d}-{job_id}.{model}"
 
 
-def index_prefix(model: str | None, owner: str | None) -> str:
-    scope = "index/" if owner is None else f"index/owners/{owner}/"
-    return f"{scope}jobs/" if model is None else f"{scope}models/{model}/"
+def index_prefix(owner: str | None) -> str:
+    return "index/jobs/" if owner is None else f"index/owners/{owner}/jobs/"
+
+
+def job_id_of_index(key: str) -> str:
+    return key.rsplit("/", 1)[-1].split("-", 1)[1].split(".", 1)[0]
+
+
+def model_of_index(key: str) -> str | None:
+    """The model an index entry names (None for entries of earlier versions, which name none)."""
+    name = key.rsplit("/", 1)[-1]
+    return name.split(".", 1)[1] if "." in name else None
 
 
 def active_key(owner: str, job_id: str) -> str:
@@ -57,10 +66,6 @@ def active_prefix(owner: str) -> str:
 
 def job_id_of_active(key: str) -> str:
     return key.rsplit("/", 1)[-1]
-
-
-def job_id_of_index(key: str) -> str:
-    return key.rsplit("/", 1)[-1].split("-", 1)[1]
 
 
 def input_key(job_id: str, name: str, ext: str) -> str:

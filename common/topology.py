@@ -14,10 +14,14 @@
                 of the model's `max_queue_s`, dead-lettered on expiry through the fanout exchange
                 `<ns>.expiry.due` to the queue `<ns>.expiry.due`, which gateways consume: a job still
                 queued then fails with code `expired`.
-- `<ns>.events` topic exchange; routing key `job.<job_id>.<status>`. Messages: `JobEvent`.
-- `<ns>.control` fanout exchange; every worker binds an exclusive queue. Messages: `CancelMessage`,
-                and `JobAvailable` (published after each job, so idle workers look at once
-                instead of at their next poll).
+- `<ns>.events` topic exchange; routing key `job.<job_id>.<status>`. Messages: `JobEvent`
+                (workers publish theirs with publisher confirms; gateways publish theirs without,
+                best effort, since the job's record holds the same state).
+- `<ns>.control` fanout exchange; every worker binds an exclusive queue. Messages: `CancelMessage`
+                (with publisher confirms), and `JobAvailable` (sent by the gateway in the
+                background once a job is queued, without confirms, coalesced per model: while one
+                notice for a model is on its way, the jobs queued meanwhile make one more after
+                it; idle workers look at once instead of at their next poll).
 - `<ns>.webhooks` quorum queue bound to `<ns>.events` with `job.#`, shared by the gateways that
                 deliver webhooks (declared only where a signing secret is set).
 - `<ns>.dlx`    fanout exchange for dead letters (expired, delivery limit reached, rejected), bound

@@ -25,6 +25,10 @@ log = structlog.get_logger("gateway.broker")
 # Pause before handing back a dead-letter notice or expiry check that could not be handled.
 DEAD_LETTER_RETRY_S = 5.0
 
+# A submission reuses a model's queue figures read this recently (by any submission of this
+# gateway), plus the jobs this gateway queued since: under load, one read serves many jobs.
+STATS_MAX_AGE_S = 0.1
+
 # (job, reason, the first x-death entry: reason, queue, count, original-expiration, ...)
 DeadLetterHandler = Callable[[JobMessage, str, dict[str, Any]], Awaitable[None]]
 ExpiryHandler = Callable[["ExpiryCheck"], Awaitable[None]]
@@ -42,6 +46,20 @@ class QueueStats:
             return self.messages
         return sum(self.waiting[p] for p in PRIORITIES[: PRIORITIES.index(priority) + 1])
 
+    def plus(self, queued: dict[str, int]) -> QueueStats:
+        """These figures with jobs queued since added, by priority."""
+        if not any(queued.values()):
+            return self
+        waiting = {p: n + queued.get(p, 0) for p, n in self.waiting.items()}
+        return QueueStats(messages=sum(waiting.values()), consumers=self.consumers, waiting=waiting)
+
+
+@dataclass
+class _RecentStats:
+    stats: QueueStats
+    at: float  # when the read began (event loop time)
+    queued_before: dict[str, int]  # this gateway's running count of the model's jobs, by priority, then
+
 
 class GatewayBroker:
     def __init__(self, amqp_url: str, topology: Topology, hub: EventHub) -> None:
@@ -50,10 +68,18 @@ class GatewayBroker:
         self._hub = hub
         self._connection: AbstractRobustConnection | None = None
         self._jobs: AbstractExchange | None = None
-        self._events: AbstractExchange | None = None
         self._control: AbstractExchange | None = None
         self._channel: AbstractChannel | None = None
         self._stats_channel: AbstractChannel | None = None
+        # Best-effort notices (job events, JobAvailable) go without publisher confirms.
+        self._notify_events: AbstractExchange | None = None
+        self._notify_control: AbstractExchange | None = None
+        self._recent: dict[str, _RecentStats] = {}
+        self._reads: dict[str, asyncio.Future[None]] = {}
+        self._queued: dict[str, dict[str, int]] = {}  # model -> priority -> jobs this gateway queued
+        self._waking: set[str] = set()  # models with a JobAvailable being sent
+        self._wake_again: set[str] = set()  # ... and another job queued meanwhile
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(
         self,
@@ -69,8 +95,10 @@ class GatewayBroker:
         # Declaring every model's queue here means a job accepted before any worker
         # started is stored, not dropped by an exchange with no bound queue.
         self._jobs, _ = await self._topology.declare_jobs(channel, model_ids)
-        self._events = await self._topology.declare_events(channel)
         self._control = await self._topology.declare_control(channel)
+        notify_channel = await self._connection.channel(publisher_confirms=False)
+        self._notify_events = await self._topology.declare_events(notify_channel)
+        self._notify_control = await self._topology.declare_control(notify_channel)
 
         # Each gateway has its own exclusive queue on the events exchange, so every
         # gateway sees every event of every job.
@@ -91,6 +119,8 @@ class GatewayBroker:
         await due.consume(lambda m: self._on_expiry_due(m, on_expiry))
 
     async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
         if self._connection is not None:
             await self._connection.close()
 
@@ -106,31 +136,60 @@ class GatewayBroker:
     async def publish_job(self, message: JobMessage, registry: Registry) -> None:
         assert self._jobs is not None and self._channel is not None
         if message.mode == "download":
-            routing_key = DOWNLOAD_KEY
-        else:
-            routing_key = Topology.job_key(message.params.model, message.params.priority)
-            # The check first: if it cannot be stored, the job is not published either.
-            limit = registry.models[message.params.model].max_queue_s
-            check = ExpiryCheck(job_id=message.job_id, model=message.params.model, max_queue_s=limit)
-            await self._channel.default_exchange.publish(
+            await self._jobs.publish(to_amqp(message, persistent=True), routing_key=DOWNLOAD_KEY, mandatory=True)
+            return
+        model, priority = message.params.model, message.params.priority
+        limit = registry.models[model].max_queue_s
+        check = ExpiryCheck(job_id=message.job_id, model=model, max_queue_s=limit)
+        # The job and its expiry check, both confirmed, at once. If only the check fails, the
+        # publish fails and the gateway marks the job failed; a worker that takes it anyway finds
+        # it ended and drops it. If only the job fails, its check finds it ended and does nothing.
+        await asyncio.gather(
+            self._channel.default_exchange.publish(
                 to_amqp(check, persistent=True, expiration=limit),
-                routing_key=self._topology.expiry_queue(message.params.model),
+                routing_key=self._topology.expiry_queue(model),
                 mandatory=True,
-            )
-        await self._jobs.publish(to_amqp(message, persistent=True), routing_key=routing_key, mandatory=True)
-        if message.mode != "download":
-            assert self._control is not None
-            # Wakes idle workers now; the job is safely queued already, so this one is best effort.
-            try:
-                await self._control.publish(
-                    to_amqp(JobAvailable(model=message.params.model)), routing_key="", mandatory=False
-                )
-            except Exception as exc:
-                log.warning("job_available_not_sent", job_id=message.job_id, error=str(exc))
+            ),
+            self._jobs.publish(
+                to_amqp(message, persistent=True), routing_key=Topology.job_key(model, priority), mandatory=True
+            ),
+        )
+        counts = self._queued.setdefault(model, dict.fromkeys(PRIORITIES, 0))
+        counts[priority] += 1
+        self._wake(model)
+
+    def _wake(self, model: str) -> None:
+        """Tell idle workers a job of this model is queued (JobAvailable), in the background and
+        coalesced: while one notice is on its way, jobs queued meanwhile make just one more."""
+        if model in self._waking:
+            self._wake_again.add(model)
+            return
+        self._waking.add(model)
+        task = asyncio.create_task(self._send_wakes(model))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_wakes(self, model: str) -> None:
+        assert self._notify_control is not None
+        try:
+            while True:
+                self._wake_again.discard(model)
+                try:  # best effort: idle workers also poll
+                    await self._notify_control.publish(
+                        to_amqp(JobAvailable(model=model)), routing_key="", mandatory=False
+                    )
+                except Exception as exc:
+                    log.warning("job_available_not_sent", model=model, error=str(exc))
+                if model not in self._wake_again:
+                    return
+        finally:
+            self._waking.discard(model)
 
     async def publish_event(self, event: JobEvent) -> None:
-        assert self._events is not None
-        await self._events.publish(to_amqp(event), routing_key=Topology.event_key(event.job_id, event.status))
+        """Best effort, without a confirm: the job's record holds the same state."""
+        assert self._notify_events is not None
+        key = Topology.event_key(event.job_id, event.status)
+        await self._notify_events.publish(to_amqp(event), routing_key=key, mandatory=False)
 
     async def publish_cancel(self, job_id: str) -> None:
         """Tell every worker: stop this job if you are running it, drop it if it reaches you."""
@@ -138,11 +197,33 @@ class GatewayBroker:
         # Not mandatory: with no worker connected nobody needs telling, and that is no error.
         await self._control.publish(to_amqp(CancelMessage(job_id=job_id)), routing_key="", mandatory=False)
 
-    async def queue_stats(self, message: JobMessage) -> QueueStats:
-        """What waits where this job goes, and who takes from there."""
+    async def queue_stats(self, message: JobMessage, fresh: bool = False) -> QueueStats:
+        """What waits where this job goes, and who takes from there: figures read at most
+        STATS_MAX_AGE_S ago (now, if `fresh`), plus the jobs this gateway queued since."""
         if message.mode == "download":
             return await self.stats_of(self._topology.downloads_queue)
-        return await self.model_stats(message.params.model)
+        model = message.params.model
+        recent = self._recent.get(model)
+        now = asyncio.get_running_loop().time()
+        if fresh or recent is None or now - recent.at > STATS_MAX_AGE_S:
+            # One read at a time per model; submissions arriving meanwhile share it.
+            read = self._reads.get(model)
+            if read is None or fresh:
+                read = self._reads[model] = asyncio.ensure_future(self._read_stats(model, now))
+            await asyncio.shield(read)
+            recent = self._recent[model]
+        queued = self._queued.get(model, {})
+        return recent.stats.plus({p: n - recent.queued_before.get(p, 0) for p, n in queued.items()})
+
+    async def _read_stats(self, model: str, at: float) -> None:
+        # Jobs this gateway queues while the read is under way may be counted twice: the figures
+        # err high, never low, until the next read.
+        before = dict(self._queued.get(model, {}))
+        try:
+            self._recent[model] = _RecentStats(await self.model_stats(model), at, before)
+        finally:
+            if self._reads.get(model) is asyncio.current_task():
+                del self._reads[model]
 
     async def model_stats(self, model_id: str) -> QueueStats:
         """Jobs waiting for a model, by priority, and the workers serving it (passive declares)."""

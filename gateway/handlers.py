@@ -14,7 +14,7 @@ import structlog
 from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, ValidationError
 
-from common.store import index_keys, input_key
+from common.store import index_key, input_key
 from gateway import idempotency, quota
 from gateway.auth import owner_of, require_admin
 from gateway.errors import ApiError, bad_field, store_call, store_unavailable, validation_error
@@ -302,7 +302,7 @@ async def enqueue(
     webhook: Webhook | None = None,
     preflight: Estimate | None = None,
 ) -> JobAccepted:
-    """Store inputs, record and index entries, publish the job (confirmed), announce it, answer 202."""
+    """Store inputs, index entry and record, publish the job (confirmed), announce it, answer 202."""
     async with quota.slot(request, mode):
         return await _enqueue(request, mode, params, inputs, webhook, owner_of(request), preflight)
 
@@ -326,10 +326,14 @@ async def _enqueue(
         params=params,
         inputs={item.name: input_key(job_id, item.name, item.ext) for item in inputs},
     )
-    # Jobs ahead of this one, read just before it joins the queue.
+    # Jobs ahead of this one, read just before it joins the queue (figures up to 0.1 s old, which
+    # err high: a queue looks full only if a fresh read says so too).
     stats = await _stats_or_none(broker, message)
     spec = app[REGISTRY].get(params.model)
-    if stats is not None and mode != "download" and stats.messages >= spec.max_queue_depth:
+    full = stats is not None and mode != "download" and stats.messages >= spec.max_queue_depth
+    if full:
+        stats = await _stats_or_none(broker, message, fresh=True)
+    if full and stats is not None and stats.messages >= spec.max_queue_depth:
         # Refuse now rather than accept work that would wait for hours (or expire).
         log.warning("queue_full", model=params.model, waiting=stats.messages, limit=spec.max_queue_depth)
         raise ApiError(
@@ -356,38 +360,32 @@ async def _enqueue(
         estimate=preflight,
     )
     record.events = [record.last_event()]
-    # Inputs, index and record are stored before the job is published, so a worker always finds
-    # them; the record after the inputs and index entries, so a failure leaves no job behind
-    # (listings skip index entries without a record). The quota marker comes after the record,
-    # so that a marker without a record is always a leftover (gateway/quota.py sweeps those).
-    try:
-        writes = [store.put_bytes(message.inputs[item.name], item.data, item.content_type) for item in inputs]
-        writes += [
-            store.put_bytes(key, b"", "application/octet-stream")
-            for key in index_keys(job_id, params.model, now, owner)
-        ]
-        results = await asyncio.gather(*writes, return_exceptions=True)  # each write settles before any error
-        for result in results:
-            if isinstance(result, BaseException):
-                raise result
-        await store.put_record(record)
-    except Exception as exc:
-        log.error("store_write_failed", job_id=job_id, error=str(exc))
-        raise store_unavailable() from exc
-    try:
-        await quota.hold(request, mode, job_id)
-    except Exception as exc:
-        log.error("store_write_failed", job_id=job_id, error=str(exc))
-        await _mark_unpublished(request, record, "the object store failed while the job was being queued")
-        raise store_unavailable() from exc
-    try:
-        await broker.publish_job(message, app[REGISTRY])
-    except Exception as exc:
-        log.error("publish_failed", job_id=job_id, error=str(exc))
+    # Inputs, index entry and record are stored (all at once) before the job is published, so a
+    # worker always finds them; listings skip index entries without a record. The quota marker is
+    # written after the record (a marker without a record is then always a leftover, which
+    # gateway/quota.py sweeps), at the same time as the job is published.
+    writes = [store.put_bytes(message.inputs[item.name], item.data, item.content_type) for item in inputs]
+    writes += [
+        store.put_bytes(index_key(job_id, params.model, now, owner), b"", "application/octet-stream"),
+        store.put_record(record),
+    ]
+    results = await asyncio.gather(*writes, return_exceptions=True)  # each write settles before any error
+    if failed := [r for r in results if isinstance(r, BaseException)]:
+        log.error("store_write_failed", job_id=job_id, error=str(failed[0]))
+        if not isinstance(results[-1], BaseException):  # the record says queued: it must not
+            await _mark_unpublished(request, record, "the object store failed while the job was being queued")
+        raise store_unavailable() from failed[0]
+    held, published = await asyncio.gather(
+        quota.hold(request, mode, job_id), broker.publish_job(message, app[REGISTRY]), return_exceptions=True
+    )
+    if isinstance(published, BaseException):
+        log.error("publish_failed", job_id=job_id, error=str(published))
         await _mark_unpublished(request, record)
         raise ApiError(
             503, "broker_unavailable", "the job could not be queued; retry later", headers={"Retry-After": "5"}
-        ) from exc
+        ) from published
+    if isinstance(held, BaseException):  # the job is queued: it only goes uncounted by other gateways
+        log.warning("quota_marker_not_saved", job_id=job_id, error=str(held))
     await announce(request, record)
     SUBMITTED.labels(params.model, mode, _priority(params)).inc()
     workers = None if stats is None else stats.consumers
@@ -404,9 +402,9 @@ def _retry_after(stats: Any) -> int:
     return max(5, min(600, 5 * stats.messages // max(stats.consumers, 1)))
 
 
-async def _stats_or_none(broker: Any, message: JobMessage) -> Any:
+async def _stats_or_none(broker: Any, message: JobMessage, fresh: bool = False) -> Any:
     try:
-        return await broker.queue_stats(message)
+        return await broker.queue_stats(message, fresh)
     except Exception as exc:  # only the counts are unknown; the job can still be queued
         log.warning("queue_stats_failed", job_id=message.job_id, error=str(exc))
         return None

@@ -9,7 +9,7 @@ from typing import Any
 import structlog
 from aiohttp import web
 
-from common.store import index_prefix, job_id_of_index
+from common.store import index_prefix, job_id_of_index, model_of_index
 from gateway.auth import owner_of, visible
 from gateway.errors import ApiError
 from gateway.handlers import announce, parse_job_id
@@ -21,7 +21,7 @@ from schemas.jobs import JobRecord, JobStatus, Phase
 log = structlog.get_logger("gateway")
 
 LIST_LIMIT_MAX = 100
-_CURSOR = re.compile(r"^index/(owners/[a-z0-9][a-z0-9_-]*/)?(jobs|models/[a-z0-9-]+)/\d{13}-[0-9a-f-]{36}$")
+_CURSOR = re.compile(r"^index/(owners/[a-z0-9][a-z0-9_-]*/)?jobs/\d{13}-[0-9a-f-]{36}(\.[a-z0-9-]+)?$")
 
 
 async def _load(request: web.Request) -> JobRecord:
@@ -92,18 +92,19 @@ def _list_problems(request: web.Request) -> tuple[list[tuple[str, str, str]], di
             raise ValueError
     except ValueError:
         problems.append(("limit", "range", f"limit must be an integer from 1 to {LIST_LIMIT_MAX}"))
-    prefix = index_prefix(model, owner_of(request))
+    prefix = index_prefix(owner_of(request))
     cursor = query.get("cursor")
     if cursor is not None and not (_CURSOR.match(cursor) and cursor.startswith(prefix)):
         problems.append(("cursor", "opaque", "cursor must be the next_cursor of an earlier page of the same listing"))
-    return problems, {"status": status, "prefix": prefix, "limit": limit, "cursor": cursor}
+    return problems, {"status": status, "model": model, "prefix": prefix, "limit": limit, "cursor": cursor}
 
 
 async def list_jobs(request: web.Request) -> web.Response:
     """`GET /api/v1/jobs?status=&model=&limit=&cursor=`: newest first, a page at a time.
 
-    The index lists jobs (all, or per model) newest first; a status filter reads the records, and
-    a page stops after reading a bounded number of them, with a cursor to go on from there.
+    The index lists the caller's jobs newest first, each entry named with its model; a model
+    filter skips other models' entries by name, a status filter reads the records. A filtered
+    page stops after scanning a bounded number of entries, with a cursor to go on from there.
     """
     problems, args = _list_problems(request)
     if problems:
@@ -113,18 +114,22 @@ async def list_jobs(request: web.Request) -> web.Response:
             "; ".join(p[2] for p in problems),
             [{"field": f, "rule": r, "message": m} for f, r, m in problems],
         )
-    store, status, limit = request.app[STORE], args["status"], args["limit"]
-    budget = max(limit * 5, 200) if status else limit
+    store, status, model, limit = request.app[STORE], args["status"], args["model"], args["limit"]
+    budget = max(limit * 5, 200) if status else max(limit * 10, 1000) if model else limit
     jobs: list[dict[str, Any]] = []
     scanned, last_key = 0, args["cursor"]
     while len(jobs) < limit and scanned < budget:
-        keys = await store.list_keys(args["prefix"], last_key, min(50, budget - scanned))
+        keys = await store.list_keys(args["prefix"], last_key, min(200 if model else 50, budget - scanned))
         if not keys:
             break
-        records = await asyncio.gather(*(store.get_record(job_id_of_index(key)) for key in keys))
-        for key, record in zip(keys, records, strict=True):
+        wanted = [k for k in keys if model is None or model_of_index(k) in (model, None)]
+        found = await asyncio.gather(*(store.get_record(job_id_of_index(key)) for key in wanted))
+        records = dict(zip(wanted, found, strict=True))
+        for key in keys:
             scanned, last_key = scanned + 1, key
-            if record is not None and (status is None or record.status == status):
+            record = records.get(key)
+            listed = record is not None and record.deleted_at is None
+            if listed and (status is None or record.status == status) and model in (None, record.model):
                 jobs.append(_view(request, record))
                 if len(jobs) == limit:
                     break

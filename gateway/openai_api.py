@@ -17,7 +17,7 @@ from typing import Any, Literal
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.store import index_keys, index_prefix, job_id_of_index, output_key
+from common.store import index_key, index_prefix, job_id_of_index, output_key
 from gateway.auth import owner_of, visible
 from gateway.errors import ApiError, bad_field, store_call
 from gateway.handlers import accept, read_json, read_multipart
@@ -178,7 +178,7 @@ async def delete_video(request: web.Request) -> web.Response:
         for key in [
             output_key(record.job_id),
             *record.inputs.values(),
-            *index_keys(record.job_id, record.model, record.created_at, record.owner),
+            index_key(record.job_id, record.model, record.created_at, record.owner),
         ]:
             await store_call(store.delete(key))
     return web.json_response({"id": record.job_id, "object": "video.deleted", "deleted": True})
@@ -209,7 +209,7 @@ async def list_videos(request: web.Request) -> web.Response:
     if order not in ("asc", "desc"):
         raise bad_field("order", "enum", "order: asc or desc")
     store, owner = request.app[STORE], owner_of(request)
-    keys = await store.list_keys(index_prefix(None, owner), None, LIST_SCAN_MAX)  # newest first
+    keys = await store.list_keys(index_prefix(owner), None, LIST_SCAN_MAX)  # newest first
     ids = [job_id_of_index(k) for k in keys]
     if order == "asc":
         ids.reverse()
@@ -221,7 +221,7 @@ async def list_videos(request: web.Request) -> web.Response:
     data: list[dict[str, Any]] = []
     for job_id in ids:
         record = await store.get_record(job_id)
-        if record is not None and visible(record, owner) and record.mode != "download":
+        if record is not None and visible(record, owner) and record.mode != "download" and not record.deleted_at:
             data.append(video_object(request, record))
             if len(data) == limit + 1:
                 break

@@ -26,15 +26,19 @@ setup_env() {
   fi
 }
 
-# The web page's test drives a real headless Chromium. Install Debian's when none is there and
-# this user may (the test says what to do otherwise).
-ensure_browser() {
+# Tools two tests need: the web page's test drives a real headless Chromium, and the Compose
+# file's test asks Compose to validate it. Install Debian's packages of those that are missing
+# when this user may (the tests say what to do otherwise).
+ensure_test_tools() {
+  local missing=()
   command -v chromium >/dev/null || command -v chromium-browser >/dev/null || command -v google-chrome >/dev/null \
-    || [ -n "${VIDEOGEN_CHROMIUM:-}" ] && return 0
+    || [ -n "${VIDEOGEN_CHROMIUM:-}" ] || missing+=(chromium)
+  command -v docker-compose >/dev/null || docker compose version >/dev/null 2>&1 || missing+=(docker-compose)
+  [ ${#missing[@]} -eq 0 ] && return 0
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
-    echo "installing chromium (for the web page's browser test)" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 \
-      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1; } \
-      || echo "could not install chromium; the browser test will fail (set VIDEOGEN_CHROMIUM=/path/to/chromium)" >&2
+    echo "installing ${missing[*]} (for the browser and Compose tests)" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null 2>&1 \
+      || { apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}" >/dev/null 2>&1; } \
+      || echo "could not install ${missing[*]}; the browser test fails and the Compose check is skipped without them" >&2
   fi
 }

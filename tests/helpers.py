@@ -8,6 +8,8 @@ from typing import Any
 
 import aiohttp
 
+from schemas.jobs import GenerationParams
+
 # The API keys of the test stack (tests/conftest.py writes their hashes into the gateway's key file).
 TOKENS = {
     "tester": "vg_test-tester-0123456789",
@@ -169,3 +171,19 @@ def bucket_of(where: Any) -> str:
 def object_names(where: Any, prefix: str) -> set[str]:
     """Every object under `prefix` in the test store."""
     return {o.object_name for o in s3_client(where).list_objects(bucket_of(where), prefix=prefix, recursive=True)}
+
+
+def tiny_params(**changes: Any) -> GenerationParams:
+    """Resolved parameters of a small ltx-tiny job, for tests that need a job message or record."""
+    fields: dict[str, Any] = {
+        "prompt": "p",
+        "model": "ltx-tiny",
+        "num_frames": 9,
+        "width": 32,
+        "height": 32,
+        "fps": 8,
+        "num_inference_steps": 2,
+        "guidance_scale": 1.0,
+        "seed": 1,
+    }
+    return GenerationParams(**fields | changes)

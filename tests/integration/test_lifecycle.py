@@ -215,10 +215,14 @@ async def test_list_jobs_newest_first_with_pages_and_filters(stack, http) -> Non
             mode="image-to-video",
         )
         made.append(accepted["job_id"])
-    await asyncio.gather(*(watch(http, stack.gateway_url, j) for j in made))
+        # Another model's job between them: the model's listing passes over it.
+        other = await submit(http, stack.gateway_url, {"prompt": f"other {n}", "model": "ltx-tiny", "num_frames": 9})
+    await asyncio.gather(*(watch(http, stack.gateway_url, j) for j in made + [other["job_id"]]))
     base = f"{stack.gateway_url}/api/v1/jobs?model=wan-i2v-tiny"
     status, page1 = await get_json(http, f"{base}&limit=2")
     assert status == 200 and [j["job_id"] for j in page1["jobs"]] == made[::-1][:2]
+    status, everything = await get_json(http, f"{stack.gateway_url}/api/v1/jobs?limit=2")
+    assert [j["job_id"] for j in everything["jobs"]] == [other["job_id"], made[-1]]
     status, page2 = await get_json(http, f"{base}&limit=2&cursor={page1['next_cursor']}")
     assert [j["job_id"] for j in page2["jobs"]][:1] == made[:1]
     status, succeeded = await get_json(http, f"{base}&status=succeeded&limit=100")

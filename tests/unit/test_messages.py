@@ -4,20 +4,11 @@ import json
 
 import pytest
 
-from schemas.jobs import GenerationParams, JobRecord, JobStatus, Phase, utcnow
+from schemas.jobs import JobRecord, JobStatus, Phase, utcnow
 from schemas.messages import DecodeError, JobEvent, JobMessage, decode, encode
+from tests.helpers import tiny_params
 
-PARAMS = GenerationParams(
-    prompt="p",
-    model="ltx-tiny",
-    num_frames=9,
-    width=32,
-    height=32,
-    fps=8,
-    num_inference_steps=2,
-    guidance_scale=1.0,
-    seed=1,
-)
+PARAMS = tiny_params()
 
 
 def test_round_trip() -> None:

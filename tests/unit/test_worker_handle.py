@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from common.settings import WorkerSettings
-from schemas.jobs import GenerationParams, JobStatus
+from schemas.jobs import JobStatus
 from schemas.messages import JobMessage, encode
 from schemas.registry import load_registry
+from tests.helpers import tiny_params
 from worker.pipelines import Generated
 from worker.worker import Worker
 
@@ -79,17 +80,7 @@ def job(job_id: str) -> JobMessage:
     return JobMessage(
         job_id=job_id,
         mode="text-to-video",
-        params=GenerationParams(
-            prompt="p",
-            model="ltx-tiny",
-            num_frames=9,
-            width=32,
-            height=32,
-            fps=8,
-            num_inference_steps=1,
-            guidance_scale=1.0,
-            seed=1,
-        ),
+        params=tiny_params(num_inference_steps=1),
     )
 
 

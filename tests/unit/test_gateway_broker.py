@@ -1,0 +1,137 @@
+"""The gateway broker's submission path without a broker: shared queue figures, coalesced wake-ups.
+
+The fakes stand in for aio-pika's exchange and for the passive declarations: a publish settles
+when the test lets it (as a confirm arrives when the broker sends it), a read returns what the
+queues hold at that moment.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from common.topology import Topology
+from gateway import broker as broker_module
+from gateway.broker import GatewayBroker, QueueStats
+from gateway.events import EventHub
+from schemas.messages import JobAvailable, JobMessage, decode
+from schemas.registry import load_registry
+from tests.helpers import tiny_params
+
+REGISTRY = load_registry()
+MODEL = "ltx-tiny"
+
+
+class FakeExchange:
+    """Publishes are recorded; each waits until `release` is set, like a confirm."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, bytes]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def publish(self, message, routing_key: str, **_: object) -> None:
+        self.sent.append((routing_key, message.body))
+        await self.release.wait()
+
+
+class FakeChannel:
+    def __init__(self) -> None:
+        self.default_exchange = FakeExchange()
+
+
+class Queues:
+    """What the model's queues hold; each read takes one loop turn, like a round trip."""
+
+    def __init__(self) -> None:
+        self.waiting = {"high": 0, "normal": 0, "low": 0}
+        self.reads = 0
+
+    async def model_stats(self, model_id: str) -> QueueStats:
+        self.reads += 1
+        await asyncio.sleep(0)
+        return QueueStats(messages=sum(self.waiting.values()), consumers=1, waiting=dict(self.waiting))
+
+
+def make_broker(queues: Queues) -> tuple[GatewayBroker, FakeExchange]:
+    broker = GatewayBroker("amqp://unused", Topology("unit"), EventHub())
+    control = FakeExchange()
+    broker._channel = FakeChannel()  # type: ignore[assignment]
+    broker._jobs = FakeExchange()  # type: ignore[assignment]
+    broker._notify_control = control  # type: ignore[assignment]
+    broker.model_stats = queues.model_stats  # type: ignore[method-assign]
+    return broker, control
+
+
+def job(priority: str = "normal") -> JobMessage:
+    params = tiny_params(priority=priority)
+    return JobMessage(job_id="0b6f2ad6-4f7e-4c55-9b1f-3f0a2c1d9e11", mode="text-to-video", params=params)
+
+
+async def test_concurrent_submissions_share_one_read_and_count_their_own_jobs() -> None:
+    queues = Queues()
+    queues.waiting["normal"] = 5
+    broker, _ = make_broker(queues)
+    figures = await asyncio.gather(*(broker.queue_stats(job()) for _ in range(20)))
+    assert queues.reads == 1 and {f.messages for f in figures} == {5}
+    # Jobs this gateway queues are added to the figures it read, by priority.
+    await broker.publish_job(job("high"), REGISTRY)
+    await broker.publish_job(job(), REGISTRY)
+    stats = await broker.queue_stats(job())
+    assert queues.reads == 1
+    assert stats.waiting == {"high": 1, "normal": 6, "low": 0} and stats.ahead_of("normal") == 7
+
+
+async def test_figures_are_read_again_when_old_or_when_asked_fresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    queues = Queues()
+    broker, _ = make_broker(queues)
+    await broker.queue_stats(job())
+    await broker.publish_job(job(), REGISTRY)
+    queues.waiting["normal"] = 1  # the broker now holds the job this gateway queued
+    stats = await broker.queue_stats(job(), fresh=True)
+    assert queues.reads == 2 and stats.messages == 1  # counted once, not twice
+    monkeypatch.setattr(broker_module, "STATS_MAX_AGE_S", 0.0)
+    queues.waiting["normal"] = 0  # a worker took it
+    assert (await broker.queue_stats(job())).messages == 0 and queues.reads == 3
+
+
+async def test_a_failed_read_reaches_every_waiter_and_the_next_one_reads_again() -> None:
+    queues = Queues()
+    broker, _ = make_broker(queues)
+
+    async def broken(model_id: str) -> QueueStats:
+        queues.reads += 1
+        await asyncio.sleep(0)
+        raise ConnectionError("broker gone")
+
+    broker.model_stats = broken  # type: ignore[method-assign]
+    results = await asyncio.gather(*(broker.queue_stats(job()) for _ in range(3)), return_exceptions=True)
+    assert queues.reads == 1 and all(isinstance(r, ConnectionError) for r in results)
+    broker.model_stats = queues.model_stats  # type: ignore[method-assign]
+    assert (await broker.queue_stats(job())).messages == 0 and queues.reads == 2
+
+
+async def test_job_available_notices_are_coalesced_but_none_is_lost() -> None:
+    broker, control = make_broker(Queues())
+    control.release.clear()  # the first notice is on its way
+    for _ in range(10):
+        await broker.publish_job(job(), REGISTRY)
+    await asyncio.sleep(0)
+    assert len(control.sent) == 1
+    control.release.set()
+    # The jobs queued while the first was sent make exactly one more notice.
+    while broker._tasks:
+        await asyncio.gather(*broker._tasks)
+    assert len(control.sent) == 2
+    assert all(isinstance(decode(body), JobAvailable) for _, body in control.sent)
+    await broker.publish_job(job(), REGISTRY)  # idle again: a new job sends at once
+    await asyncio.gather(*broker._tasks)
+    assert len(control.sent) == 3
+
+
+async def test_job_and_expiry_check_are_both_published() -> None:
+    broker, _ = make_broker(Queues())
+    await broker.publish_job(job("low"), REGISTRY)
+    assert [key for key, _ in broker._jobs.sent] == [Topology.job_key(MODEL, "low")]  # type: ignore[union-attr]
+    assert [key for key, _ in broker._channel.default_exchange.sent] == [Topology("unit").expiry_queue(MODEL)]  # type: ignore[union-attr]
