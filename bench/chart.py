@@ -58,6 +58,7 @@ def main() -> None:
             parts, [overhead["summary"][p]["p50_ms"] for p in parts], color=["tab:blue"] * 4 + ["tab:red", "tab:grey"]
         )
         ax.axhline(100, ls="--", color="grey", label="goal: overhead < 100 ms")
+        ax.tick_params(axis="x", labelrotation=30)
         ax.legend()
     ax.set(title="3. Per-job medians, tiny model on CPU", ylabel="ms")
 

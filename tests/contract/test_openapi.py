@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from scripts import devstack
 from tests.conftest import delete_test_namespace
 from tests.helpers import TOKENS
 
@@ -32,8 +33,10 @@ STREAMS = r"^/api/v1/(ws|events)$"
 def contract_gateway(stack, amqp_url):
     """A gateway in a namespace of its own with no workers: generated jobs wait in its queues, never run."""
     ns = f"contract-{uuid.uuid4().hex[:8]}"
-    url, _ = stack.start_gateway("gateway-contract", VIDEOGEN_BROKER_NAMESPACE=ns)
+    url, proc = stack.start_gateway("gateway-contract", VIDEOGEN_BROKER_NAMESPACE=ns)
     yield url
+    # Stopped first: a running gateway would declare its consumers' queues again once deleted.
+    devstack.stop_pid(proc.pid)
     asyncio.run(delete_test_namespace(amqp_url, ns))
 
 
