@@ -7,6 +7,7 @@ Used by `scripts/stack` (the developer's stack, state in `.stack/`) and by the t
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -125,23 +126,37 @@ def spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
 
 
 def stop_pid(pid: int, timeout: float = 20.0) -> None:
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    stop_pids([pid], timeout)
+
+
+def stop_pids(pids: list[int], timeout: float = 20.0) -> None:
+    """SIGTERM to all of them at once, then wait for each (SIGKILL for any still alive after `timeout`)."""
+    alive = []
+    for pid in pids:
         try:
-            os.kill(pid, 0)
+            os.kill(pid, signal.SIGTERM)
+            alive.append(pid)
         except ProcessLookupError:
-            return
-        try:  # reap it if it is our child
-            if os.waitpid(pid, os.WNOHANG)[0] == pid:
-                return
-        except ChildProcessError:
             pass
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if not _gone(pid)]
+        if alive:
+            time.sleep(0.05)
+    for pid in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # reap it if it is our child
+        return os.waitpid(pid, os.WNOHANG)[0] == pid
+    except ChildProcessError:
+        return False
 
 
 # --- the S3 store ---------------------------------------------------------------------------

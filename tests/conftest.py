@@ -172,8 +172,7 @@ class Stack:
         return sum(proc.poll() is None for proc in self.shared_workers)
 
     def stop_all(self) -> None:
-        for proc in reversed(self.procs):
-            devstack.stop_pid(proc.pid)
+        devstack.stop_pids([proc.pid for proc in self.procs])
 
 
 @pytest.fixture(scope="session")

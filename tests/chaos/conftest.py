@@ -63,8 +63,7 @@ async def private_namespace(stack, amqp_url, namespace):
     ns = f"{namespace}-{os.urandom(3).hex()}"
     started: list = []
     yield ns, started
-    from scripts.devstack import stop_pid
+    from scripts.devstack import stop_pids
 
-    for proc in started:
-        stop_pid(proc.pid)
+    stop_pids([proc.pid for proc in started])
     await delete_test_namespace(amqp_url, ns)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -102,13 +103,17 @@ async def test_sigterm_past_the_grace_hands_the_job_back_and_exits_0(stack, http
         f"worker-short-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns, VIDEOGEN_SHUTDOWN_GRACE_S="0.5"
     )
     started += [first, gw]
-    accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 80})
+    accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 40})
     await until_step(http, gateway, accepted["job_id"], 2)
+    # The next worker starts meanwhile; the job is the first one's until it hands it back.
+    starting = asyncio.create_task(
+        asyncio.to_thread(stack.start_worker, f"worker-next-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns)
+    )
     first.send_signal(signal.SIGTERM)
-    assert await _wait_exit(first, 20) == 0, "exits well before the 80-step job could have finished"
+    assert await _wait_exit(first, 20) == 0, "exits well before the 40-step job could have finished"
     status, job = await get_json(http, f"{gateway}/api/v1/jobs/{accepted['job_id']}")
-    assert job["status"] == "running" and job["step"] < 80
-    _, second = stack.start_worker(f"worker-next-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns)
+    assert job["status"] == "running" and job["step"] < 40
+    _, second = await starting
     started.append(second)
     frames = await watch(http, gateway, accepted["job_id"], timeout=180)
     assert frames[-1]["status"] == "succeeded" and frames[-1]["job"]["attempts"] == 2
@@ -132,24 +137,30 @@ async def test_a_job_that_keeps_killing_workers_is_dead_lettered_and_failed(
     ns, started = private_namespace
     gateway, gw = stack.start_gateway(f"gateway-{ns}", VIDEOGEN_BROKER_NAMESPACE=ns)
     started.append(gw)
+    # A worker for every delivery the broker will make, started together (a worker's start is
+    # most of a delivery's time); each delivery goes to one still alive, and that one is killed.
+    names = [f"worker-doomed-{n}-{ns}" for n in range(DELIVERY_LIMIT + 1)]
+    workers = await asyncio.gather(
+        *(asyncio.to_thread(stack.start_worker, name, ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns) for name in names)
+    )
+    procs = {name: proc for name, (_, proc) in zip(names, workers, strict=True)}
+    started.extend(procs.values())
     accepted = await submit(http, gateway, SLOW | {"num_inference_steps": 40})
     job_id = accepted["job_id"]
     kills = 0
-    for attempt in range(1, DELIVERY_LIMIT + 3):
-        status, job = await get_json(http, f"{gateway}/api/v1/jobs/{job_id}")
-        if job["status"] == "failed":
-            break
-        _, worker = stack.start_worker(f"worker-doomed-{attempt}-{ns}", ["ltx-slow"], VIDEOGEN_BROKER_NAMESPACE=ns)
-        started.append(worker)
+    for attempt in range(1, DELIVERY_LIMIT + 2):
 
-        async def started_attempt(attempt: int = attempt) -> bool:
+        async def started_attempt(attempt: int = attempt) -> dict | None:
             _, now = await get_json(http, f"{gateway}/api/v1/jobs/{job_id}")
-            return now["attempts"] >= attempt or now["status"] == "failed"
+            return now if now["attempts"] >= attempt or now["status"] == "failed" else None
 
         deadline = asyncio.get_running_loop().time() + 60
-        while not await started_attempt():
+        while (job := await started_attempt()) is None:
             assert asyncio.get_running_loop().time() < deadline
             await asyncio.sleep(0.05)
+        if job["status"] == "failed":
+            break
+        worker = procs.pop(job["worker"])
         os.kill(worker.pid, signal.SIGKILL)
         await _wait_exit(worker, 10)
         kills += 1
