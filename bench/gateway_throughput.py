@@ -43,14 +43,17 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-async def drive(url: str, clients: int, seconds: float, body: dict, headers: dict) -> tuple[float, list[float], dict]:
-    """POST `body` from `clients` concurrent clients for `seconds`: (elapsed, 202 latencies, statuses)."""
+async def drive(
+    urls: list[str], clients: int, seconds: float, body: dict, headers: dict
+) -> tuple[float, list[float], dict]:
+    """POST `body` from `clients` concurrent clients for `seconds`, client n to urls[n % len(urls)]:
+    (elapsed, 202 latencies, statuses)."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     deadline = time.perf_counter() + seconds
     async with aiohttp.ClientSession(headers=headers, connector=aiohttp.TCPConnector(limit=clients)) as http:
 
-        async def client() -> None:
+        async def client(url: str) -> None:
             while time.perf_counter() < deadline:
                 started = time.perf_counter()
                 async with http.post(url, json=body) as response:
@@ -60,21 +63,19 @@ async def drive(url: str, clients: int, seconds: float, body: dict, headers: dic
                     latencies.append(time.perf_counter() - started)
 
         started = time.perf_counter()
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(urls[n % len(urls)]) for n in range(clients)))
         return time.perf_counter() - started, latencies, statuses
 
 
-async def load(gateway: str, gateway_pid: int, clients: int, seconds: float) -> dict:
-    cpu_before = cpu_seconds(gateway_pid)
+async def load(gateways: list[str], gateway_pids: list[int], clients: int, seconds: float) -> dict:
+    cpu_before = sum(cpu_seconds(pid) for pid in gateway_pids)
+    urls = [f"{gateway}/api/v1/generate/text-to-video" for gateway in gateways]
     elapsed, latencies, statuses = await drive(
-        f"{gateway}/api/v1/generate/text-to-video",
-        clients,
-        seconds,
-        {"prompt": "throughput", "model": "ltx-tiny"},
-        AUTH,
+        urls, clients, seconds, {"prompt": "throughput", "model": "ltx-tiny"}, AUTH
     )
-    cpu = cpu_seconds(gateway_pid) - cpu_before
+    cpu = sum(cpu_seconds(pid) for pid in gateway_pids) - cpu_before
     return {
+        "gateways": len(gateways),
         "clients": clients,
         "seconds": round(elapsed, 2),
         "accepted": len(latencies),
@@ -105,7 +106,7 @@ async def noop_http(seconds: float) -> float:
     try:
         devstack.wait_until(lambda: devstack.port_open("127.0.0.1", port), 30, "no-op server", server)
         elapsed, latencies, _ = await drive(
-            f"http://127.0.0.1:{port}/", CEILING_CLIENTS, seconds, {"prompt": "throughput", "model": "ltx-tiny"}, {}
+            [f"http://127.0.0.1:{port}/"], CEILING_CLIENTS, seconds, {"prompt": "throughput", "model": "ltx-tiny"}, {}
         )
         return len(latencies) / elapsed
     finally:
@@ -179,22 +180,29 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="per concurrency level")
     parser.add_argument("--clients", default="1,16,64")
     parser.add_argument("--no-ceilings", action="store_true", help="skip measuring the machine's ceilings")
+    parser.add_argument(
+        "--gateways", default="1", help="gateway processes to spread the clients over, e.g. 1,2 (one stack each)"
+    )
     parser.add_argument("--out", default="bench/results/gateway-throughput.json")
     args = parser.parse_args()
-    rows = []
-    with bench_stack() as stack:
-        gateway_pid = stack.procs[0].pid
-        asyncio.run(load(stack.gateway_url, gateway_pid, 4, 2.0))  # warm-up: connections, first store writes
-        for clients in (int(c) for c in args.clients.split(",")):
-            row = asyncio.run(load(stack.gateway_url, gateway_pid, clients, args.seconds))
-            print(
-                f"{clients:>3} clients: {row['per_s']:>7.1f} submissions/s  p50 {row['p50_ms']} ms  "
-                f"p99 {row['p99_ms']} ms  gateway CPU {row['gateway_cpu_ms_per_submission']} ms/submission "
-                f"({row['gateway_cpu_share']:.0%} of a core)  statuses {row['statuses']}",
-                flush=True,
-            )
-            rows.append(row)
-        limits = None if args.no_ceilings else ceilings(stack.env, min(args.seconds, 5.0))
+    rows, limits = [], None
+    for count in (int(g) for g in args.gateways.split(",")):
+        with bench_stack() as stack:
+            gateways = [stack.gateway_url] + [stack.start_gateway(f"gateway-{n}") for n in range(1, count)]
+            pids = [proc.pid for proc in stack.procs]
+            asyncio.run(load(gateways, pids, 4, 2.0))  # warm-up: connections, first store writes
+            for clients in (int(c) for c in args.clients.split(",")):
+                row = asyncio.run(load(gateways, pids, clients, args.seconds))
+                print(
+                    f"{count} gateway(s), {clients:>3} clients: {row['per_s']:>7.1f} submissions/s  "
+                    f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  gateway CPU "
+                    f"{row['gateway_cpu_ms_per_submission']} ms/submission ({row['gateway_cpu_share']:.0%} of a core)  "
+                    f"statuses {row['statuses']}",
+                    flush=True,
+                )
+                rows.append(row)
+            if limits is None and not args.no_ceilings:
+                limits = ceilings(stack.env, min(args.seconds, 5.0))
     if limits:
         print(
             f"this machine, each alone: no-op handler {limits['noop_http_per_s']}/s, store writes "
