@@ -170,8 +170,9 @@ def owner_of(request: web.Request) -> str | None:
 
 
 def visible(record: JobRecord, owner: str | None) -> bool:
-    """Whether a caller sees a job: its own key's jobs only; everything when auth is disabled."""
-    return owner is None or record.owner == owner
+    """Whether a caller sees a job: not a deleted one; its own key's jobs only, every job when
+    auth is disabled."""
+    return record.deleted_at is None and (owner is None or record.owner == owner)
 
 
 def require_admin(request: web.Request) -> None:

@@ -32,7 +32,7 @@ async def load_visible(request: web.Request, job_id: str) -> JobRecord:
     """The job, if it exists and the caller's key may see it; 404 otherwise (the same for both)."""
     job_id = parse_job_id(job_id)
     record = await request.app[STORE].get_record(job_id)
-    if record is None or not visible(record, owner_of(request)) or record.deleted_at is not None:
+    if record is None or not visible(record, owner_of(request)):
         raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
     return record
 
@@ -128,7 +128,7 @@ async def list_jobs(request: web.Request) -> web.Response:
         for key in keys:
             scanned, last_key = scanned + 1, key
             record = records.get(key)
-            listed = record is not None and record.deleted_at is None
+            listed = record is not None and visible(record, owner_of(request))
             if listed and (status is None or record.status == status) and model in (None, record.model):
                 jobs.append(_view(request, record))
                 if len(jobs) == limit:

@@ -9,6 +9,7 @@ bearer token as for `/api/v1`.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import math
 from collections.abc import Awaitable, Callable
@@ -175,12 +176,12 @@ async def delete_video(request: web.Request) -> web.Response:
         # (it was cancelled or expired before it started) then finds an ended job and is dropped.
         store = request.app[STORE]
         await store_call(store.put_record(record.model_copy(update={"deleted_at": utcnow(), "output": None})))
-        for key in [
+        keys = [
             output_key(record.job_id),
             *record.inputs.values(),
             index_key(record.job_id, record.model, record.created_at, record.owner),
-        ]:
-            await store_call(store.delete(key))
+        ]
+        await store_call(asyncio.gather(*(store.delete(key) for key in keys)))
     return web.json_response({"id": record.job_id, "object": "video.deleted", "deleted": True})
 
 
@@ -219,12 +220,14 @@ async def list_videos(request: web.Request) -> web.Response:
             raise bad_field("after", "known_video", f"after: no video {after!r} in this listing")
         ids = ids[ids.index(after) + 1 :]
     data: list[dict[str, Any]] = []
-    for job_id in ids:
-        record = await store.get_record(job_id)
-        if record is not None and visible(record, owner) and record.mode != "download" and not record.deleted_at:
-            data.append(video_object(request, record))
-            if len(data) == limit + 1:
-                break
+    # Records are read a batch at a time, at once, until the page (and one more, for has_more) is full.
+    for start in range(0, len(ids), limit + 1):
+        batch = await asyncio.gather(*(store.get_record(job_id) for job_id in ids[start : start + limit + 1]))
+        for record in batch:
+            if record is not None and visible(record, owner) and record.mode != "download":
+                data.append(video_object(request, record))
+        if len(data) > limit:
+            break
     more = len(data) > limit
     data = data[:limit]
     return web.json_response(

@@ -120,7 +120,7 @@ async def open_stream(app: web.Application, request: StreamRequest) -> AsyncIter
         records: dict[str, JobRecord] = {}
         for job_id in request.job_ids or ():
             record = await app[STORE].get_record(job_id)
-            if record is None or not visible(record, request.owner) or record.deleted_at is not None:
+            if record is None or not visible(record, request.owner):
                 raise ApiError(404, "job_not_found", f"no job with id {job_id!r}")
             records[job_id] = record
         yield JobStream(app, request, records, sub)

@@ -173,7 +173,7 @@ async def _generate(client: AsyncClient, args: argparse.Namespace) -> int:
         why = f"{error.get('code')}: {error.get('message')}" if error else job.get("message") or job["status"]
         print(f"job {job_id} {job['status']}: {why}", file=sys.stderr)
         return EXIT_ERROR
-    path = await client.download(job, args.out if args.out is not None else Path(f"{job_id}.mp4"))
+    path = await client.download(job, args.out)
     result = job["result"]
     print(
         f"saved {path} ({result.get('bytes')} bytes: {result.get('num_frames')} frames, "

@@ -292,20 +292,18 @@ class AsyncClient:
         """
         given = isinstance(job, Mapping) and job.get("status") == "succeeded" and (job.get("result") or {}).get("url")
         current = dict(job) if given else await self.get_job(job)
-        url = (current.get("result") or {}).get("url")
-        if current.get("status") != "succeeded" or not url:
-            raise JobNotSucceededError(_no_video(current), job=current)
-        target = Path(path) if path is not None else Path(f"{current['job_id']}.mp4")
+        url = _video_url(current)
+        name = f"{current['job_id']}.mp4"
+        target = Path(path) if path is not None else Path(name)
         if target.is_dir():
-            target = target / f"{current['job_id']}.mp4"
+            target = target / name
         try:
             await self._fetch(url, target)
         except DownloadError as exc:
             if not (given and exc.status == 403):
                 raise
             # The link in the caller's job object may have expired: read the job for a new one.
-            current = await self.get_job(current["job_id"])
-            await self._fetch(current["result"]["url"], target)
+            await self._fetch(_video_url(await self.get_job(current["job_id"])), target)
         return target
 
     # -- plumbing -----------------------------------------------------------------------------
@@ -533,6 +531,14 @@ def _upload(source: FileInput, part: str, files: ExitStack) -> tuple[Any, str]:
         path = Path(source)
         return files.enter_context(path.open("rb")), path.name
     return source, Path(str(getattr(source, "name", part))).name
+
+
+def _video_url(job: Mapping[str, Any]) -> str:
+    """The presigned link of a succeeded job's video; JobNotSucceededError for any other job."""
+    url = (job.get("result") or {}).get("url")
+    if job.get("status") != "succeeded" or not url:
+        raise JobNotSucceededError(_no_video(job), job=dict(job))
+    return url
 
 
 def _no_video(job: Mapping[str, Any]) -> str:

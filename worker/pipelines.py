@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -76,7 +77,7 @@ class ModelRunner:
 
         self.spec = spec
         self.device = device
-        self.plan: MemoryPlan = "resident"
+        self.plan: MemoryPlan | None = "resident"  # None: unknown, after a change that failed part way
         base_mode = spec.modes[0]
         self.pipelines: dict[str, Any] = {base_mode: pipeline}
         for mode in spec.modes[1:]:
@@ -206,27 +207,39 @@ class ModelRunner:
             plan = "group_offload"
         if plan != self.plan:
             pipe = self.pipelines[self.spec.modes[0]]
-            if self.plan == "model_cpu_offload":
-                pipe.remove_all_hooks()
-                # Back on the device only for a resident plan: group offload loads from the CPU,
-                # and moving every weight to a GPU too small for them would run out of memory.
-                pipe.to(self.device if plan in ("resident", "vae_tiling") else torch.device("cpu"))
-            if plan == "model_cpu_offload":
-                pipe.enable_model_cpu_offload(device=self.device)
-            elif plan == "group_offload":
-                pipe.enable_group_offload(
-                    onload_device=self.device,
-                    offload_device=torch.device("cpu"),
-                    offload_type="leaf_level",
-                    use_stream=True,
-                )
-            if plan == "resident":
-                pipe.vae.disable_tiling()
-            else:
-                pipe.vae.enable_tiling()
+            try:
+                self._arrange(pipe, plan)
+            except BaseException:
+                # Part way (out of memory moving the weights, say): the weights go back to the CPU
+                # and no plan is in force, so the next job arranges the pipeline from scratch.
+                self.plan = None
+                with contextlib.suppress(Exception):
+                    pipe.remove_all_hooks()
+                    pipe.to(torch.device("cpu"))
+                raise
             log.info("memory_plan_changed", model=self.spec.id, before=self.plan, after=plan)
             self.plan = plan
         return plan
+
+    def _arrange(self, pipe: Any, plan: MemoryPlan) -> None:
+        if self.plan in ("model_cpu_offload", None):
+            pipe.remove_all_hooks()
+            # Back on the device only for a resident plan: group offload loads from the CPU,
+            # and moving every weight to a GPU too small for them would run out of memory.
+            pipe.to(self.device if plan in ("resident", "vae_tiling") else torch.device("cpu"))
+        if plan == "model_cpu_offload":
+            pipe.enable_model_cpu_offload(device=self.device)
+        elif plan == "group_offload":
+            pipe.enable_group_offload(
+                onload_device=self.device,
+                offload_device=torch.device("cpu"),
+                offload_type="leaf_level",
+                use_stream=True,
+            )
+        if plan == "resident":
+            pipe.vae.disable_tiling()
+        else:
+            pipe.vae.enable_tiling()
 
     def _cache_config(self, pipe: Any) -> Any:
         import diffusers

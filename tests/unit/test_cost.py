@@ -117,3 +117,23 @@ def test_plans_switch_and_group_offload_stays() -> None:
 def test_without_a_gpu_the_leanest_plan_is_vae_tiling() -> None:
     made, pipe = runner("cpu")
     assert made.apply_plan("group_offload") == "vae_tiling" and pipe.vae.tiling and pipe.calls == []
+
+
+def test_a_change_that_fails_part_way_is_made_again_from_scratch() -> None:
+    made, pipe = runner("cuda")
+    assert made.apply_plan("model_cpu_offload") == "model_cpu_offload"
+    moves = {"failed": False}
+
+    def to(device) -> None:
+        pipe.calls.append(f"to {torch.device(device).type}")
+        if torch.device(device).type == "cuda" and not moves["failed"]:
+            moves["failed"] = True
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    pipe.to = to
+    with pytest.raises(torch.OutOfMemoryError):
+        made.apply_plan("resident")  # hooks removed, then the move to the GPU fails
+    assert pipe.calls[-2:] == ["remove_hooks", "to cpu"], "the weights go back to the CPU"
+    # The next job's plan is arranged again, not taken as already in force.
+    assert made.apply_plan("model_cpu_offload") == "model_cpu_offload"
+    assert pipe.calls[-1] == "model_cpu_offload"
