@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from schemas.jobs import GenerationParams  # noqa: E402
-from schemas.registry import ModelSpec  # noqa: E402
+from schemas.registry import ModelSpec, load_registry  # noqa: E402
 from worker.encode import encode_mp4  # noqa: E402
 from worker.pipelines import Inputs, ModelRunner  # noqa: E402
 
@@ -42,8 +42,19 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def spec_for(family: str) -> ModelSpec:
-    fast = {"cache": "pyramid_attention_broadcast", "options": {"spatial_attention_block_skip_range": 2}}
+# The registry's model of each family, whose fast tier the `fast` configuration runs.
+REGISTRY_MODEL = {"ltx": "ltx-video", "wan": "wan2-1-t2v-1-3b"}
+# A wider variant (more blocks and more of the schedule skipped), measured beside it.
+WIDE_FAST = {
+    "cache": "pyramid_attention_broadcast",
+    "options": {"spatial_attention_block_skip_range": 3, "spatial_attention_timestep_skip_range": [100, 950]},
+}
+
+
+def spec_for(family: str, fast: dict[str, Any] | None = None) -> ModelSpec:
+    if fast is None:
+        tier = load_registry().get(REGISTRY_MODEL[family]).speed.fast
+        fast = tier.model_dump() if tier else None
     return ModelSpec(
         id=f"bench-{family}",
         family=family,
@@ -118,6 +129,21 @@ def tiny_pipeline(family: str, device: torch.device, dtype: torch.dtype) -> Any:
     return WanPipeline.from_pretrained(build_tiny_wan_t2v(folder / "wan"), dtype=dtype).to(device)
 
 
+def job_params(family: str, size: tuple[int, int, int], steps: int) -> GenerationParams:
+    width, height, frames = size
+    return GenerationParams(
+        prompt=PROMPT,
+        model=f"bench-{family}",
+        num_frames=frames,
+        width=width,
+        height=height,
+        fps=24,
+        num_inference_steps=steps,
+        guidance_scale=3.0,
+        seed=0,
+    )
+
+
 def bare_call(pipe: Any, family: str, p: GenerationParams) -> Any:
     """What a user of diffusers writes, without any of the service around it."""
     extra = {"frame_rate": p.fps} if family == "ltx" else {}
@@ -155,35 +181,48 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
         flush=True,
     )
     sizes = [(64, 64, 9)] if args.tiny else SIZES
-    if family == "wan" and not args.tiny:
+    if args.sizes:
+        sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",")]
+    elif family == "wan" and not args.tiny:
         sizes = sizes[: args.wan_sizes]
     frame_step = 8 if family == "ltx" else 4
+    sizes = [(w, h, (f - 1) // frame_step * frame_step + 1) for w, h, f in sizes]
     eager_bare: dict[tuple[int, int, int], float] = {}
+    configs = args.configs.split(",")
     # Eager first: compilation cannot be undone on a pipeline object.
-    for config in args.configs.split(","):
+    for config in configs:
         if config == "compile":
-            pipe.transformer.compile_repeated_blocks(fullgraph="fast" not in args.configs)
-        for width, height, frames in sizes:
-            frames = (frames - 1) // frame_step * frame_step + 1
-            p = GenerationParams(
-                prompt=PROMPT,
-                model=f"bench-{family}",
-                num_frames=frames,
-                width=width,
-                height=height,
-                fps=24,
-                num_inference_steps=args.steps,
-                guidance_scale=3.0,
-                seed=0,
-            )
+            pipe.transformer.compile_repeated_blocks(fullgraph=not any(c.startswith("fast") for c in configs))
+        served_runner = runner
+        config_sizes = sizes
+        if config == "fast-wide":
+            served_runner = ModelRunner(spec_for(family, WIDE_FAST), pipe, device)
+            config_sizes = sizes[-1:] if args.tiny or family == "wan" else [s for s in sizes if s == (768, 512, 121)]
+        for width, height, frames in config_sizes:
+            if args.deadline and time.monotonic() > args.deadline:
+                results["skipped"].append(f"{family} {config} {width}x{height}x{frames}: out of time")
+                print(json.dumps({"skipped": results["skipped"][-1]}), flush=True)
+                continue
+            p = job_params(family, (width, height, frames), args.steps)
             served_p = {
                 "eager": p,
                 "compile": p,
                 "fast": p.model_copy(update={"tier": "fast"}),
+                "fast-wide": p.model_copy(update={"tier": "fast"}),
                 # What a step-distilled checkpoint runs: 8 steps without classifier-free guidance.
                 "fast-schedule": p.model_copy(update={"num_inference_steps": 8, "guidance_scale": 1.0}),
             }[config]
-            row = measure(family, config, pipe, runner, p, served_p, args, device)
+            try:
+                row = measure(family, config, pipe, served_runner, p, served_p, args, device)
+            except Exception as exc:  # one failing configuration must not cost the others' numbers
+                import traceback
+
+                traceback.print_exc()
+                results["errors"].append(f"{family} {config} {width}x{height}x{frames}: {exc!r}"[:2000])
+                Path(args.out).write_text(json.dumps(results, indent=1))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+                continue
             if config == "eager":
                 eager_bare[(width, height, frames)] = row["bare_s"]
             if (width, height, frames) in eager_bare:
@@ -191,9 +230,41 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
             results["rows"].append(row)
             Path(args.out).write_text(json.dumps(results, indent=1))
             print(json.dumps(row), flush=True)
+        if config == "eager" and args.attention_backends:
+            probe_attention(
+                family, runner, pipe, sizes[-1] if family == "wan" or args.tiny else (768, 512, 121), args, results
+            )
     del runner, pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
+
+
+def probe_attention(
+    family: str, runner: ModelRunner, pipe: Any, size: tuple[int, int, int], args: argparse.Namespace, results: dict
+) -> None:
+    """Seconds per denoising step (eager, served path) with each attention backend, then back to the default."""
+    width, height, frames = size
+    steps = 6
+    p = job_params(family, size, steps)
+    for backend in args.attention_backends.split(","):
+        row: dict[str, Any] = {"family": family, "attention_backend": backend, "width": width, "height": height}
+        row["num_frames"] = frames
+        try:
+            pipe.transformer.set_attention_backend(backend)
+            runner.generate(
+                "text-to-video", p.model_copy(update={"num_inference_steps": 2}), Inputs(), lambda k, n: None
+            )
+            per_step = []
+            for _ in range(2):
+                out = runner.generate("text-to-video", p, Inputs(), lambda k, n: None)
+                per_step.append(out.denoise_s / steps)
+            row["s_per_step"] = round(min(per_step), 4)
+        except Exception as exc:
+            row["error"] = repr(exc)[:500]
+        results["attention"].append(row)
+        print(json.dumps(row), flush=True)
+    pipe.transformer.set_attention_backend("native")
+    Path(args.out).write_text(json.dumps(results, indent=1))
 
 
 def measure(
@@ -236,6 +307,7 @@ def measure(
         "num_frames": p.num_frames,
         "steps": served_p.num_inference_steps,
         "guidance_scale": served_p.guidance_scale,
+        "cache_used": runner.uses_cache(served_p),
         "bare_s": round(bare_s, 3),
         "served_s": round(served_s, 3),
         "encode_s": round(encode_s, 3),
@@ -260,9 +332,21 @@ def main() -> int:
         default="eager,compile,fast,fast-schedule",
         help="eager: both eager; compile: both with compiled repeated blocks; fast: served with the fast tier "
         "(PyramidAttentionBroadcast) on the compiled pipeline; fast-schedule: served with a distilled "
-        "checkpoint's 8 steps without guidance. Each row also gives the speed-up over bare eager.",
+        "checkpoint's 8 steps without guidance; fast-wide: the fast tier with more skipped, at 768x512x121 only. "
+        "Each row also gives the speed-up over bare eager.",
+    )
+    parser.add_argument("--sizes", default="", help="WxHxF,...: these sizes instead of the defaults (both families)")
+    parser.add_argument(
+        "--attention-backends",
+        default="",
+        help="after the eager rows, seconds per step with each of these diffusers attention backends "
+        "(e.g. native,_native_cudnn,_native_flash)",
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=0, help="skip the measurements not started within this many seconds"
     )
     args = parser.parse_args()
+    args.deadline = time.monotonic() + args.budget_s if args.budget_s else 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import diffusers
 
@@ -274,7 +358,11 @@ def main() -> int:
         "diffusers": diffusers.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "tiny": args.tiny,
+        "steps": args.steps,
+        "repeats": args.repeats,
         "rows": [],
+        "attention": [],
+        "skipped": [],
         "errors": [],
     }
     for family in args.families.split(","):

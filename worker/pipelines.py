@@ -63,6 +63,20 @@ def pick_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.float32
 
 
+def restore_forwards(model: torch.nn.Module) -> None:
+    """Undo what removing diffusers hooks leaves behind: `forward` set on the module instances.
+
+    diffusers puts the original bound method back as an instance attribute, which the graphs
+    compiled before the cache was enabled do not match: later standard-tier jobs then ran on
+    graphs traced with the hooks, with graph breaks (on an H100, LTX at 512x512x65: 1.46 s
+    instead of 1.03 s; docs/PERFORMANCE.md, section 5).
+    """
+    for module in model.modules():
+        forward = module.__dict__.get("forward")
+        if getattr(forward, "__func__", None) is type(module).forward and forward.__self__ is module:
+            del module.forward
+
+
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """(frames, channels, height, width) floats in [0, 1] → uint8 (frames, height, width, channels)."""
     video = video.float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
@@ -176,7 +190,8 @@ class ModelRunner:
             callback_on_step_end=step_end,
         )
         started = time.perf_counter()
-        if params.tier == "fast":
+        cached = self.uses_cache(params)
+        if cached:
             pipe.transformer.enable_cache(self._cache_config(pipe))
         # The transformer's first call is where denoising starts.
         hook = pipe.transformer.register_forward_pre_hook(first_call)
@@ -184,8 +199,9 @@ class ModelRunner:
             output = pipe(**kwargs)
         finally:
             hook.remove()
-            if params.tier == "fast":
+            if cached:
                 pipe.transformer.disable_cache()  # a cache holds one job's state: never carried over
+                restore_forwards(pipe.transformer)
         frames = to_uint8_frames(output.frames[0])
         finished = time.perf_counter()
         last_step = marks["last_step"] or finished
@@ -193,6 +209,16 @@ class ModelRunner:
         return Generated(
             frames=frames, load_s=first_step - started, denoise_s=last_step - first_step, decode_s=finished - last_step
         )
+
+    def uses_cache(self, params: GenerationParams) -> bool:
+        """Whether a job runs with the fast tier's cache: asked for, and the video is large enough to gain."""
+        fast = self.spec.speed.fast
+        if params.tier != "fast" or fast is None:
+            return False
+        if params.width * params.height * params.num_frames / 1e6 < fast.min_video_mpx:
+            log.info("fast_cache_skipped", model=self.spec.id, min_video_mpx=fast.min_video_mpx)
+            return False
+        return True
 
     def apply_plan(self, plan: MemoryPlan) -> MemoryPlan:
         """Arrange the pipeline's memory use for a job (schemas/cost.py); returns the plan in force.

@@ -109,3 +109,40 @@ def test_a_distilled_schedule_reaches_the_pipeline(runners, tmp_path) -> None:
         "text-to-video", params("ltx-tiny", num_inference_steps=2), Inputs(), lambda k, n: seen.append((k, n))
     )
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def fast_runner(runners, **fast) -> ModelRunner:
+    """The tiny LTX weights with a fast tier (PyramidAttentionBroadcast), sharing the loaded pipeline."""
+    tier = {"cache": "pyramid_attention_broadcast", "options": {"spatial_attention_block_skip_range": 2}} | fast
+    spec = load_registry(overrides={"ltx-tiny": {"modes": ["text-to-video"], "speed": {"fast": tier}}}).get("ltx-tiny")
+    base = runners["ltx-tiny"]
+    return ModelRunner(spec, base.pipelines["text-to-video"], base.device)
+
+
+def test_a_fast_job_leaves_the_transformer_as_it_found_it(runners) -> None:
+    """No cache state and no hooked `forward` left on any module: later jobs run the graphs compiled before."""
+    runner = fast_runner(runners)
+    transformer = runner.pipelines["text-to-video"].transformer
+    p = params("ltx-tiny", guidance_scale=3.0, num_inference_steps=4)
+    before = runner.generate("text-to-video", p, Inputs(), lambda k, n: None).frames
+    fast = runner.generate("text-to-video", p.model_copy(update={"tier": "fast"}), Inputs(), lambda k, n: None)
+    after = runner.generate("text-to-video", p, Inputs(), lambda k, n: None).frames
+    assert fast.frames.shape == before.shape
+    assert [name for name, m in transformer.named_modules() if "forward" in m.__dict__] == []
+    assert (before == after).all()
+
+
+def test_the_fast_tier_skips_its_cache_below_the_models_minimum_size(runners, monkeypatch) -> None:
+    transformer = runners["ltx-tiny"].pipelines["text-to-video"].transformer
+    enabled = []
+    real = transformer.enable_cache
+    monkeypatch.setattr(transformer, "enable_cache", lambda config: (enabled.append(config), real(config))[1])
+    p = params("ltx-tiny", tier="fast")  # 64x32x17: 0.035 megapixel-frames
+    fast_runner(runners, min_video_mpx=0.04).generate("text-to-video", p, Inputs(), lambda k, n: None)
+    assert enabled == []
+    fast_runner(runners, min_video_mpx=0.03).generate("text-to-video", p, Inputs(), lambda k, n: None)
+    assert len(enabled) == 1
+    fast_runner(runners, min_video_mpx=0.03).generate(
+        "text-to-video", p.model_copy(update={"tier": "standard"}), Inputs(), lambda k, n: None
+    )
+    assert len(enabled) == 1
