@@ -15,8 +15,14 @@ PHASE_SECONDS = Histogram(
     ["model", "phase"],
     buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900),
 )
-BUSY = Gauge("videogen_worker_busy", "1 while the worker holds a generation job, else 0")
-RUNNING = Gauge("videogen_worker_running", "Jobs this worker is running, by model (0 or 1 each)", ["model"])
+BUSY = Gauge(
+    "videogen_worker_busy", "1 from taking a generation job until its frames are generated (the GPU's part), else 0"
+)
+RUNNING = Gauge(
+    "videogen_worker_running",
+    "Jobs this worker is running, by model: 0, 1, or 2 while one is encoded and uploaded as the next generates",
+    ["model"],
+)
 GPU_MEMORY = Gauge(
     "videogen_gpu_memory_bytes", "GPU memory held by tensors (in_use) and its peak since start", ["kind"]
 )

@@ -1,4 +1,8 @@
-"""The worker: take jobs one at a time, highest priority first; generate, encode, upload, report, ack."""
+"""The worker: take jobs highest priority first, one on the GPU at a time; generate, encode, upload, report, ack.
+
+While one job's video is encoded and uploaded, the next job already runs on the GPU: at most two
+jobs are in hand, one generating and one finishing, and each is acknowledged only once it ended.
+"""
 
 from __future__ import annotations
 
@@ -91,7 +95,7 @@ class Worker:
         self._topology = Topology(settings.broker_namespace)
         # One thread owns the GPU; encoding and uploads run elsewhere so it is free sooner.
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
-        self._busy = asyncio.Lock()
+        self._in_hand: set[asyncio.Task[None]] = set()  # generation jobs taken and not yet settled
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._running: dict[str, threading.Event] = {}
         self._finish_times = FinishTimes()
@@ -154,7 +158,7 @@ class Worker:
         log.info("worker_started", worker=self.worker_id, models=models)
 
     async def stop(self, grace_s: float) -> bool:
-        """Stop taking jobs, give the current one `grace_s` to finish, then disconnect.
+        """Stop taking jobs, give the jobs in hand (at most two) `grace_s` to finish, then disconnect.
 
         Returns False if a job was still running: the broker hands it back to the queue when the
         connection closes, and its generation thread is abandoned (the process should exit now).
@@ -167,26 +171,27 @@ class Worker:
                 await asyncio.wait_for(queue.cancel(tag), 5.0)
         self._consumers.clear()
         # The connection stays open meanwhile so heartbeats keep flowing.
-        try:
-            await asyncio.wait_for(self._busy.acquire(), grace_s)
-            self._busy.release()
-            finished = True
-        except TimeoutError:
-            finished = False
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._dispatcher
+        unfinished: set[asyncio.Task[None]] = set()
+        if self._in_hand:
+            _, unfinished = await asyncio.wait(set(self._in_hand), timeout=grace_s)
+        finished = not unfinished
+        for task in [self._dispatcher, *unfinished]:
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._connection is not None:
             await self._connection.close()  # an unacked job goes back to its queue
         self._gpu.shutdown(wait=finished, cancel_futures=True)
-        log.info(
-            "worker_stopped", worker=self.worker_id, jobs_done=self.jobs_done, jobs_handed_back=0 if finished else 1
-        )
+        log.info("worker_stopped", worker=self.worker_id, jobs_done=self.jobs_done, jobs_handed_back=len(unfinished))
         return finished
 
     async def _dispatch(self) -> None:
-        """Take one job at a time: from the highest priority that has one, models in turn within it.
+        """Take jobs from the highest priority that has one, models in turn within it, one on the GPU at a time.
+
+        The next job is taken once the current one has left the GPU (its frames generated), so its
+        generation overlaps the current one's encode and upload; before that, the job finishing
+        beside it must have ended, so no more than two are ever in hand.
 
         Quorum queues (before RabbitMQ 4.0) know no message priority, so each priority is a queue
         and the worker asks for a message (basic.get) rather than having the broker push it.
@@ -194,6 +199,7 @@ class Worker:
         `idle_poll_s` (jobs handed back by a crashed worker, jobs published by other services).
         """
         turn = 0
+        finishing: asyncio.Task[None] | None = None
         while not self._stopping:
             self._wake.clear()
             try:
@@ -210,14 +216,34 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await message.nack(requeue=True)
                 break
-            async with self._busy:
-                BUSY.set(1)
-                try:
-                    await self.handle(message, self.run_job)
-                except Exception:  # the dispatcher must outlive any one message
-                    log.exception("dispatch_failed")
-                finally:
-                    BUSY.set(0)
+            gpu_free = asyncio.Event()
+            current = asyncio.create_task(self._handle_job(message, gpu_free))
+            self._in_hand.add(current)
+            current.add_done_callback(self._in_hand.discard)
+            freed = asyncio.create_task(gpu_free.wait())
+            await asyncio.wait({current, freed}, return_when=asyncio.FIRST_COMPLETED)
+            freed.cancel()
+            if finishing is not None:
+                await asyncio.wait({finishing})
+            finishing = current
+
+    async def _handle_job(self, message: AbstractIncomingMessage, gpu_free: asyncio.Event) -> None:
+        BUSY.set(1)
+
+        async def run(job: JobMessage, reporter: JobReporter) -> None:
+            await self.run_job(job, reporter, on_gpu_free)
+
+        def on_gpu_free() -> None:
+            if not gpu_free.is_set():
+                BUSY.set(0)
+                gpu_free.set()
+
+        try:
+            await self.handle(message, run)
+        except Exception:  # the dispatcher must outlive any one message
+            log.exception("dispatch_failed")
+        finally:
+            on_gpu_free()
 
     async def _next_job(self, turn: int) -> AbstractIncomingMessage | None:
         for queues in self._job_queues:
@@ -302,8 +328,13 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await message.nack(requeue=True)
 
-    async def run_job(self, job: JobMessage, reporter: JobReporter) -> None:
-        """The life of a job: check it is still wanted, fetch inputs, generate, encode, upload, report."""
+    async def run_job(
+        self, job: JobMessage, reporter: JobReporter, on_gpu_free: Callable[[], None] = lambda: None
+    ) -> None:
+        """The life of a job: check it is still wanted, fetch inputs, generate, encode, upload, report.
+
+        `on_gpu_free` is called once the job is done with the GPU, before its encode and upload.
+        """
         params = job.params
         assert isinstance(params, GenerationParams) and job.mode != "download"
         spec = self._registry.models[params.model]
@@ -327,12 +358,12 @@ class Worker:
         cancel = self._running[job.job_id] = threading.Event()
         if job.job_id in self._cancelled:  # asked while the inputs were fetched
             cancel.set()
-        RUNNING.labels(params.model).set(1)
+        RUNNING.labels(params.model).inc()
         try:
-            await self._generate_and_deliver(job, reporter, inputs, cancel, queued_s, started)
+            await self._generate_and_deliver(job, reporter, inputs, cancel, queued_s, started, on_gpu_free)
         finally:
             self._running.pop(job.job_id, None)
-            RUNNING.labels(params.model).set(0)
+            RUNNING.labels(params.model).dec()
 
     async def _generate_and_deliver(
         self,
@@ -342,6 +373,7 @@ class Worker:
         cancel: threading.Event,
         queued_s: float,
         started: float,
+        on_gpu_free: Callable[[], None],
     ) -> None:
         params = job.params
         assert isinstance(params, GenerationParams)
@@ -379,6 +411,8 @@ class Worker:
         except Exception as exc:
             log.exception("generation_failed")
             raise JobFailed(JobError(code="generation_failed", message=f"{type(exc).__name__}: {exc}")) from exc
+        finally:
+            on_gpu_free()  # the next job may start generating while this one is encoded and uploaded
         await reporter.flush()
         finish_started = time.perf_counter()
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from common.settings import WorkerSettings
+from common.store import output_key
 from schemas.jobs import JobStatus
 from schemas.messages import JobMessage, encode
 from schemas.registry import load_registry
@@ -166,3 +167,81 @@ async def test_a_short_store_outage_is_waited_out_without_handing_the_job_back(w
     await asyncio.wait_for(w.handle(message, w.run_job), 30)
     assert message.settled == ["ack"] and store.records["e"].status == JobStatus.SUCCEEDED
     assert store.records["e"].attempts == 1 and "jobs/e/video.mp4" in store.objects
+
+
+class FakeQueue:
+    """A job queue the dispatcher reads with basic.get, as from aio-pika's Queue.get(fail=False)."""
+
+    def __init__(self, messages: list[FakeMessage]) -> None:
+        self.messages = messages
+
+    async def get(self, no_ack=False, fail=False):
+        return self.messages.pop(0) if self.messages else None
+
+
+class RecordingRunner(OomRunner):
+    """Generates at once and notes the order of the jobs it generated."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self.calls = 1  # no out-of-memory call
+        self.loop = loop
+        self.generated: list[str] = []
+        self.second_generated = asyncio.Event()
+
+    def generate(self, mode, params, inputs, on_step):
+        self.generated.append(params.prompt)
+        if len(self.generated) == 2:
+            self.loop.call_soon_threadsafe(self.second_generated.set)
+        return super().generate(mode, params, inputs, on_step)
+
+
+async def test_the_next_job_generates_while_the_last_one_uploads_and_never_two_finish_at_once() -> None:
+    """One job on the GPU at a time; its encode and upload overlap the next job's generation only."""
+    upload_of_a_started, let_a_finish = asyncio.Event(), asyncio.Event()
+
+    class SlowStore(FakeStore):
+        async def put_file(self, key, path, content_type):
+            if key == output_key("a"):
+                upload_of_a_started.set()
+                await let_a_finish.wait()
+            await super().put_file(key, path, content_type)
+
+    runner = RecordingRunner(asyncio.get_running_loop())
+    store = SlowStore()
+    w = Worker(WorkerSettings(serve_models=["ltx-tiny"]), store, {"ltx-tiny": runner}, load_registry())
+
+    async def publish(event):
+        pass
+
+    w._publish_event = publish
+    messages = {}
+    for job_id in "abc":
+        body = JobMessage(job_id=job_id, mode="text-to-video", params=tiny_params(prompt=job_id, num_inference_steps=1))
+        messages[job_id] = FakeMessage(encode(body))
+    queue = FakeQueue(list(messages.values()))
+    w._job_queues = [[queue]]
+    dispatcher = asyncio.create_task(w._dispatch())
+    try:
+        await asyncio.wait_for(upload_of_a_started.wait(), 10)
+        await asyncio.wait_for(runner.second_generated.wait(), 10)
+        assert runner.generated == ["a", "b"] and messages["a"].settled == []  # b generated before a ended
+        await asyncio.wait_for(wait_settled(messages["b"]), 10)
+        # b is done, but c waits for a: never two jobs finishing beside a third.
+        for _ in range(50):
+            await asyncio.sleep(0)
+        assert messages["a"].settled == [] and queue.messages == [messages["c"]]
+        let_a_finish.set()
+        await asyncio.wait_for(wait_settled(messages["c"]), 10)
+    finally:
+        w._stopping = True
+        w._wake.set()
+        dispatcher.cancel()
+    assert [messages[j].settled for j in "abc"] == [["ack"], ["ack"], ["ack"]]
+    assert [store.records[j].status for j in "abc"] == [JobStatus.SUCCEEDED] * 3
+    assert runner.generated == ["a", "b", "c"]
+
+
+async def wait_settled(message: FakeMessage) -> None:
+    while not message.settled:
+        await asyncio.sleep(0.005)
