@@ -50,6 +50,13 @@ WIDE_FAST = {
     "options": {"spatial_attention_block_skip_range": 3, "spatial_attention_timestep_skip_range": [100, 950]},
 }
 
+# TaylorSeer in its lite mode: on most steps every transformer block is skipped and the output
+# projection is extrapolated from the last full steps (3 full steps first, then one in 5).
+TAYLORSEER_LITE = {
+    "cache": "taylorseer",
+    "options": {"use_lite_mode": True, "cache_interval": 5, "disable_cache_before_step": 3},
+}
+
 
 def spec_for(family: str, fast: dict[str, Any] | None = None) -> ModelSpec:
     if fast is None:
@@ -195,6 +202,8 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
             pipe.transformer.compile_repeated_blocks(fullgraph=not any(c.startswith("fast") for c in configs))
         served_runner = runner
         config_sizes = sizes
+        if config == "fast-taylorseer":
+            served_runner = ModelRunner(spec_for(family, TAYLORSEER_LITE), pipe, device)
         if config == "fast-wide":
             served_runner = ModelRunner(spec_for(family, WIDE_FAST), pipe, device)
             config_sizes = sizes[-1:] if args.tiny or family == "wan" else [s for s in sizes if s == (768, 512, 121)]
@@ -209,6 +218,7 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
                 "compile": p,
                 "fast": p.model_copy(update={"tier": "fast"}),
                 "fast-wide": p.model_copy(update={"tier": "fast"}),
+                "fast-taylorseer": p.model_copy(update={"tier": "fast"}),
                 # What a step-distilled checkpoint runs: 8 steps without classifier-free guidance.
                 "fast-schedule": p.model_copy(update={"num_inference_steps": 8, "guidance_scale": 1.0}),
             }[config]
@@ -329,10 +339,11 @@ def main() -> int:
     parser.add_argument("--wan-sizes", type=int, default=2, help="how many of the sizes to run for Wan (slow)")
     parser.add_argument(
         "--configs",
-        default="eager,compile,fast,fast-schedule",
+        default="eager,compile,fast,fast-taylorseer,fast-schedule",
         help="eager: both eager; compile: both with compiled repeated blocks; fast: served with the fast tier "
         "(PyramidAttentionBroadcast) on the compiled pipeline; fast-schedule: served with a distilled "
-        "checkpoint's 8 steps without guidance; fast-wide: the fast tier with more skipped, at 768x512x121 only. "
+        "checkpoint's 8 steps without guidance; fast-taylorseer: served with TaylorSeer in lite mode (blocks skipped "
+        "on 4 steps in 5 after the first 3); fast-wide: the fast tier with more skipped, at 768x512x121 only. "
         "Each row also gives the speed-up over bare eager.",
     )
     parser.add_argument("--sizes", default="", help="WxHxF,...: these sizes instead of the defaults (both families)")

@@ -146,3 +146,22 @@ def test_the_fast_tier_skips_its_cache_below_the_models_minimum_size(runners, mo
         "text-to-video", p.model_copy(update={"tier": "standard"}), Inputs(), lambda k, n: None
     )
     assert len(enabled) == 1
+
+
+def test_taylorseer_lite_skips_the_blocks_on_most_steps_and_starts_afresh_each_job(runners) -> None:
+    """The registry's options reach diffusers' TaylorSeerCacheConfig: 3 full steps, then 1 in 5."""
+    options = {"use_lite_mode": True, "cache_interval": 5, "disable_cache_before_step": 3}
+    runner = fast_runner(runners, cache="taylorseer", options=options)
+    transformer = runner.pipelines["text-to-video"].transformer
+    runs = []
+    hook = transformer.transformer_blocks[0].attn1.register_forward_pre_hook(lambda *_: runs.append(1))
+    try:
+        p = params("ltx-tiny", num_inference_steps=20)
+        counted = []
+        for tier in ("fast", "standard", "fast"):
+            runs.clear()
+            runner.generate("text-to-video", p.model_copy(update={"tier": tier}), Inputs(), lambda k, n: None)
+            counted.append(len(runs))
+    finally:
+        hook.remove()
+    assert counted == [7, 20, 7]  # steps 0, 1, 2, 4, 9, 14, 19 run the blocks
