@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Run benchmark 5 on a GPU machine, within a time budget, writing JSON and logs to $OUT (or gpu-out/).
+#   bash bench/gpu_device.sh [all|wan-large] [seconds]
+# all (default): LTX 2B at the four sizes, every configuration, then Wan2.1 1.3B at 256x256x17 and
+# 512x512x65 with what time is left. wan-large: Wan at 768x512x121 and 768x768x129, 10 steps, once.
+# tiny: the tiny models, to try this script on a machine without a GPU.
+# Wheels found in .whl/ (bench/gpu_wheels.sh) are installed first when diffusers is missing.
+set -uo pipefail
+py=${PYTHON:-python3}  # the Python that has torch
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+plan=${1:-all}
+budget=${2:-570}
+out=${OUT:-gpu-out}
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+if ! "$py" -c "import diffusers" 2>/dev/null; then
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+fi
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
+run() {  # name, seconds allowed, arguments of gpu_pipeline.py
+  local name=$1 allowed=$2
+  shift 2
+  timeout "$allowed" "$py" bench/gpu_pipeline.py --budget-s $((allowed - 40)) --out "$out/$name.json" "$@" \
+    >"$out/$name.log" 2>&1
+  echo "$name: exit $? after ${SECONDS}s"
+  grep -h '"config"\|"attention_backend"\|"skipped"' "$out/$name.log" | cut -c1-400
+}
+case $plan in
+  all)
+    run gpu-pipeline-ltx $((budget * 2 / 3)) --families ltx --steps 20 \
+      --attention-backends native,_native_cudnn,_native_efficient
+    run gpu-pipeline-wan $((budget - SECONDS)) --families wan --steps 20 --sizes 256x256x17,512x512x65 \
+      --configs eager,compile,fast,fast-taylorseer,fast-schedule
+    ;;
+  wan-large)
+    run gpu-pipeline-wan-large "$budget" --families wan --steps 10 --repeats 1 \
+      --sizes 768x512x121,768x768x129 --configs eager,compile,fast,fast-taylorseer
+    ;;
+  tiny)  # the same steps on the tiny models: a smoke test of this script on any machine
+    run gpu-pipeline-tiny "$budget" --tiny --steps 2 --repeats 1 --attention-backends native
+    ;;
+  *) echo "unknown plan: $plan" >&2; exit 2 ;;
+esac
