@@ -96,6 +96,7 @@ class Worker:
         # One thread owns the GPU; encoding and uploads run elsewhere so it is free sooner.
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self._in_hand: set[asyncio.Task[None]] = set()  # generation jobs taken and not yet settled
+        self._handling: dict[str, asyncio.Event] = {}  # job id → set when its handling ends (downloads too)
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._running: dict[str, threading.Event] = {}
         self._finish_times = FinishTimes()
@@ -223,6 +224,8 @@ class Worker:
             freed = asyncio.create_task(gpu_free.wait())
             await asyncio.wait({current, freed}, return_when=asyncio.FIRST_COMPLETED)
             freed.cancel()
+            if current.done():  # ended without a generation to finish: the one finishing may go on
+                continue
             if finishing is not None:
                 await asyncio.wait({finishing})
             finishing = current
@@ -287,46 +290,60 @@ class Worker:
             await message.reject(requeue=False)  # to the dead-letter queue
             return
         with structlog.contextvars.bound_contextvars(job_id=job.job_id, model=job.params.model, mode=job.mode):
-            reporter: JobReporter | None = None
+            while (ended := self._handling.get(job.job_id)) is not None:
+                # Delivered again while this worker still runs it (the broker requeued its jobs when
+                # the connection dropped): wait for that run to end, then settle this copy as usual.
+                log.info("job_already_in_hand")
+                await ended.wait()
+            ended = self._handling[job.job_id] = asyncio.Event()
             try:
-                record = await patiently(
-                    lambda: self._store.get_record(job.job_id), self.settings.store_patience_s, "read_record"
-                ) or _record_from(job)
-                if record.status.is_terminal:
-                    # A redelivery of a job that already ended: never run it twice.
-                    log.info("job_already_finished", status=record.status)
-                    await message.ack()
-                    return
-                reporter = JobReporter(record, self._store, self._publish_event, self.settings.store_patience_s)
-                try:
-                    if job.job_id in self._cancelled:
-                        raise JobCancelled()
-                    await run(job, reporter)
-                except JobCancelled:
-                    await reporter.flush()
-                    started = reporter.record.status == JobStatus.RUNNING
-                    await reporter.update(
-                        status=JobStatus.CANCELLED,
-                        phase=Phase.CANCELLED,
-                        message="cancelled while running" if started else "cancelled before it started",
-                    )
-                    log.info("job_cancelled", running=started)
-                except JobFailed as exc:
-                    await reporter.flush()
-                    await reporter.update(status=JobStatus.FAILED, phase=Phase.FAILED, error=exc.error)
-                    log.warning("job_failed", code=exc.error.code, error=exc.error.message)
+                await self._settle(message, job, run)
+            finally:
+                del self._handling[job.job_id]
+                ended.set()
+
+    async def _settle(self, message: AbstractIncomingMessage, job: JobMessage, run: Runner) -> None:
+        """Run the job unless it already ended, then settle its message: exceptions decide how."""
+        reporter: JobReporter | None = None
+        try:
+            record = await patiently(
+                lambda: self._store.get_record(job.job_id), self.settings.store_patience_s, "read_record"
+            ) or _record_from(job)
+            if record.status.is_terminal:
+                # A redelivery of a job that already ended: never run it twice.
+                log.info("job_already_finished", status=record.status)
                 await message.ack()
-                self.jobs_done += 1
-                _summarise(reporter.record)
-            except Exception:
-                # Infrastructure trouble (store or broker): give the job back for another try.
-                # The queue's delivery limit dead-letters a job that keeps failing this way.
-                log.exception("job_interrupted")
-                if reporter is not None:
-                    await reporter.flush()
-                await asyncio.sleep(REQUEUE_DELAY_S)
-                with contextlib.suppress(Exception):
-                    await message.nack(requeue=True)
+                return
+            reporter = JobReporter(record, self._store, self._publish_event, self.settings.store_patience_s)
+            try:
+                if job.job_id in self._cancelled:
+                    raise JobCancelled()
+                await run(job, reporter)
+            except JobCancelled:
+                await reporter.flush()
+                started = reporter.record.status == JobStatus.RUNNING
+                await reporter.update(
+                    status=JobStatus.CANCELLED,
+                    phase=Phase.CANCELLED,
+                    message="cancelled while running" if started else "cancelled before it started",
+                )
+                log.info("job_cancelled", running=started)
+            except JobFailed as exc:
+                await reporter.flush()
+                await reporter.update(status=JobStatus.FAILED, phase=Phase.FAILED, error=exc.error)
+                log.warning("job_failed", code=exc.error.code, error=exc.error.message)
+            await message.ack()
+            self.jobs_done += 1
+            _summarise(reporter.record)
+        except Exception:
+            # Infrastructure trouble (store or broker): give the job back for another try.
+            # The queue's delivery limit dead-letters a job that keeps failing this way.
+            log.exception("job_interrupted")
+            if reporter is not None:
+                await reporter.flush()
+            await asyncio.sleep(REQUEUE_DELAY_S)
+            with contextlib.suppress(Exception):
+                await message.nack(requeue=True)
 
     async def run_job(
         self, job: JobMessage, reporter: JobReporter, on_gpu_free: Callable[[], None] = lambda: None
@@ -362,7 +379,8 @@ class Worker:
         try:
             await self._generate_and_deliver(job, reporter, inputs, cancel, queued_s, started, on_gpu_free)
         finally:
-            self._running.pop(job.job_id, None)
+            if self._running.get(job.job_id) is cancel:
+                del self._running[job.job_id]
             RUNNING.labels(params.model).dec()
 
     async def _generate_and_deliver(
@@ -464,7 +482,7 @@ class Worker:
         plan: MemoryPlan = "resident"
         if budget is not None:
             try:
-                plan = estimate_job(spec.cost, params, budget).plan
+                plan = estimate_job(spec.cost, params, budget, spec.uses_fast_cache(params)).plan
             except DoesNotFit as exc:
                 raise JobFailed(errors.does_not_fit(str(exc))) from exc
         loop = asyncio.get_running_loop()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 import torch
@@ -10,11 +11,11 @@ import torch
 from common.settings import WorkerSettings
 from common.store import output_key
 from schemas.jobs import JobStatus
-from schemas.messages import JobMessage, encode
+from schemas.messages import JobMessage, decode, encode
 from schemas.registry import load_registry
 from tests.helpers import tiny_params
 from worker.pipelines import Generated
-from worker.worker import Worker
+from worker.worker import Worker, _record_from
 
 
 class FakeStore:
@@ -196,19 +197,22 @@ class RecordingRunner(OomRunner):
         return super().generate(mode, params, inputs, on_step)
 
 
-async def test_the_next_job_generates_while_the_last_one_uploads_and_never_two_finish_at_once() -> None:
-    """One job on the GPU at a time; its encode and upload overlap the next job's generation only."""
-    upload_of_a_started, let_a_finish = asyncio.Event(), asyncio.Event()
+class HeldStore(FakeStore):
+    """Holds the upload of job "a" until let go."""
 
-    class SlowStore(FakeStore):
-        async def put_file(self, key, path, content_type):
-            if key == output_key("a"):
-                upload_of_a_started.set()
-                await let_a_finish.wait()
-            await super().put_file(key, path, content_type)
+    def __init__(self) -> None:
+        super().__init__()
+        self.upload_of_a_started, self.let_a_finish = asyncio.Event(), asyncio.Event()
 
-    runner = RecordingRunner(asyncio.get_running_loop())
-    store = SlowStore()
+    async def put_file(self, key, path, content_type):
+        if key == output_key("a"):
+            self.upload_of_a_started.set()
+            await self.let_a_finish.wait()
+        await super().put_file(key, path, content_type)
+
+
+def dispatching_worker(runner, store, job_ids: str) -> tuple[Worker, dict[str, FakeMessage], FakeQueue]:
+    """A worker whose dispatcher reads one fake job queue holding a job per id, prompts named after them."""
     w = Worker(WorkerSettings(serve_models=["ltx-tiny"]), store, {"ltx-tiny": runner}, load_registry())
 
     async def publish(event):
@@ -216,27 +220,33 @@ async def test_the_next_job_generates_while_the_last_one_uploads_and_never_two_f
 
     w._publish_event = publish
     messages = {}
-    for job_id in "abc":
+    for job_id in job_ids:
         body = JobMessage(job_id=job_id, mode="text-to-video", params=tiny_params(prompt=job_id, num_inference_steps=1))
         messages[job_id] = FakeMessage(encode(body))
     queue = FakeQueue(list(messages.values()))
     w._job_queues = [[queue]]
-    dispatcher = asyncio.create_task(w._dispatch())
+    return w, messages, queue
+
+
+async def test_the_next_job_generates_while_the_last_one_uploads_and_never_two_finish_at_once() -> None:
+    """One job on the GPU at a time; its encode and upload overlap the next job's generation only."""
+    runner, store = RecordingRunner(asyncio.get_running_loop()), HeldStore()
+    upload_of_a_started, let_a_finish = store.upload_of_a_started, store.let_a_finish
+    w, messages, queue = dispatching_worker(runner, store, "abc")
+    dispatcher = w._dispatcher = asyncio.create_task(w._dispatch())
     try:
         await asyncio.wait_for(upload_of_a_started.wait(), 10)
         await asyncio.wait_for(runner.second_generated.wait(), 10)
         assert runner.generated == ["a", "b"] and messages["a"].settled == []  # b generated before a ended
         await asyncio.wait_for(wait_settled(messages["b"]), 10)
         # b is done, but c waits for a: never two jobs finishing beside a third.
-        for _ in range(50):
-            await asyncio.sleep(0)
         assert messages["a"].settled == [] and queue.messages == [messages["c"]]
         let_a_finish.set()
         await asyncio.wait_for(wait_settled(messages["c"]), 10)
     finally:
-        w._stopping = True
-        w._wake.set()
-        dispatcher.cancel()
+        let_a_finish.set()
+        await w.stop(5)
+    assert dispatcher.done()
     assert [messages[j].settled for j in "abc"] == [["ack"], ["ack"], ["ack"]]
     assert [store.records[j].status for j in "abc"] == [JobStatus.SUCCEEDED] * 3
     assert runner.generated == ["a", "b", "c"]
@@ -245,3 +255,58 @@ async def test_the_next_job_generates_while_the_last_one_uploads_and_never_two_f
 async def wait_settled(message: FakeMessage) -> None:
     while not message.settled:
         await asyncio.sleep(0.005)
+
+
+async def test_stopping_hands_back_both_jobs_in_hand_and_takes_no_third() -> None:
+    """Past the grace, the job uploading and the job generating both stay unacknowledged."""
+    loop = asyncio.get_running_loop()
+    generating_b, let_b_finish = asyncio.Event(), threading.Event()
+
+    class HeldRunner(RecordingRunner):
+        def generate(self, mode, params, inputs, on_step):
+            if params.prompt == "b":
+                loop.call_soon_threadsafe(generating_b.set)
+                let_b_finish.wait(30)
+            return super().generate(mode, params, inputs, on_step)
+
+    store = HeldStore()
+    w, messages, queue = dispatching_worker(HeldRunner(loop), store, "abc")
+    w._dispatcher = asyncio.create_task(w._dispatch())
+    try:
+        await asyncio.wait_for(store.upload_of_a_started.wait(), 10)
+        await asyncio.wait_for(generating_b.wait(), 10)
+        assert await w.stop(0.2) is False
+    finally:
+        let_b_finish.set()
+        store.let_a_finish.set()
+    assert messages["a"].settled == [] and messages["b"].settled == []  # both go back when the connection closes
+    assert queue.messages == [messages["c"]] and not w._in_hand
+
+
+async def test_a_job_delivered_again_while_in_hand_waits_for_that_run_and_does_not_run_twice() -> None:
+    runner, store = RecordingRunner(asyncio.get_running_loop()), HeldStore()
+    w, messages, _ = dispatching_worker(runner, store, "a")
+    first = asyncio.create_task(w.handle(messages["a"], w.run_job))
+    await asyncio.wait_for(store.upload_of_a_started.wait(), 10)
+    again = FakeMessage(messages["a"].body)
+    second = asyncio.create_task(w.handle(again, w.run_job))
+    store.let_a_finish.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert runner.generated == ["a"] and messages["a"].settled == ["ack"] and again.settled == ["ack"]
+    assert store.records["a"].status == JobStatus.SUCCEEDED
+
+
+async def test_a_job_that_never_reaches_the_gpu_does_not_hold_up_the_next_one() -> None:
+    """A redelivered finished job is acknowledged at once; the next job generates beside the upload."""
+    runner, store = RecordingRunner(asyncio.get_running_loop()), HeldStore()
+    w, messages, queue = dispatching_worker(runner, store, "axc")
+    store.records["x"] = _record_from(decode(messages["x"].body)).model_copy(update={"status": JobStatus.SUCCEEDED})
+    w._dispatcher = asyncio.create_task(w._dispatch())
+    try:
+        await asyncio.wait_for(store.upload_of_a_started.wait(), 10)
+        await asyncio.wait_for(runner.second_generated.wait(), 10)
+        assert runner.generated == ["a", "c"] and messages["x"].settled == ["ack"] and messages["a"].settled == []
+    finally:
+        store.let_a_finish.set()
+        await w.stop(5)
+    assert [messages[j].settled for j in "axc"] == [["ack"]] * 3
