@@ -285,7 +285,13 @@ def rabbit_node_env(url: str, base_dir: Path) -> dict[str, str]:
     dist_file = base_dir / "dist_port"
     if not dist_file.exists():
         base_dir.mkdir(parents=True, exist_ok=True)
-        dist_file.write_text(str(port + 20000 if port + 20000 < 65536 else free_port_block(1)))
+        # The AMQP port + 20000 if that is below the ephemeral range, else a free port below it: a
+        # source port of some outgoing connection must not take it before the node binds it (the
+        # node then dies without a log line).
+        dist = port + 20000
+        while dist >= _ephemeral_range()[0] or dist == port or not _bindable(dist):
+            dist = free_port_block(1)
+        dist_file.write_text(str(dist))
     (base_dir / "enabled_plugins").write_text("[].\n")
     # Our own config file: the system one may pin the listener to the default port.
     (base_dir / "rabbitmq.conf").write_text(f"listeners.tcp.default = 127.0.0.1:{port}\nconsumer_timeout = 7200000\n")
