@@ -49,6 +49,9 @@ class CostModel(BaseModel):
     step_s: tuple[float, float, float]
     decode_s_base: float = 0.0
     decode_s_per_mpx: float = 0.0
+    # What the fast tier's cache holds on the GPU (from the first cached step until the job ends),
+    # per million output pixels: added to every plan's peak when a job runs with it.
+    fast_cache_gib_per_mpx: float = 0.0
     # Latent geometry, to count tokens: spatial and temporal compression, and the patch size.
     spatial_ratio: int = 32
     temporal_ratio: int = 8
@@ -83,17 +86,20 @@ def latent_tokens(cost: CostModel, width: int, height: int, frames: int) -> int:
     return lf * max(1, height // side) * max(1, width // side)
 
 
-def peaks(cost: CostModel, width: int, height: int, frames: int) -> dict[MemoryPlan, float]:
-    """Estimated peak GPU memory (GiB) of each plan."""
+def peaks(cost: CostModel, width: int, height: int, frames: int, fast_cache: bool = False) -> dict[MemoryPlan, float]:
+    """Estimated peak GPU memory (GiB) of each plan; `fast_cache`: the job runs with the fast tier's cache."""
     mpx, frame_mpx = frames * width * height / 1e6, width * height / 1e6
     decode = cost.decode_gib_per_mpx * mpx + cost.decode_gib_per_frame_mpx * frame_mpx
     tiled = min(decode, cost.tiled_decode_gib_per_frame * frames + cost.tiled_decode_gib_per_frame_mpx * frame_mpx)
     weights = cost.denoiser_gib + cost.text_encoder_gib
+    cache = cost.fast_cache_gib_per_mpx * mpx if fast_cache else 0.0
     return {
-        "resident": OVERHEAD_GIB + weights + max(cost.encode_gib, decode),
-        "vae_tiling": OVERHEAD_GIB + weights + max(cost.encode_gib, tiled),
-        "model_cpu_offload": OVERHEAD_GIB + max(cost.text_encoder_gib + cost.encode_gib, cost.denoiser_gib + tiled),
-        "group_offload": OVERHEAD_GIB + GROUP_OFFLOAD_RESIDENT_GIB + max(cost.encode_gib, tiled),
+        "resident": OVERHEAD_GIB + weights + max(cost.encode_gib, decode) + cache,
+        "vae_tiling": OVERHEAD_GIB + weights + max(cost.encode_gib, tiled) + cache,
+        "model_cpu_offload": OVERHEAD_GIB
+        + max(cost.text_encoder_gib + cost.encode_gib, cost.denoiser_gib + tiled)
+        + cache,
+        "group_offload": OVERHEAD_GIB + GROUP_OFFLOAD_RESIDENT_GIB + max(cost.encode_gib, tiled) + cache,
     }
 
 
@@ -108,10 +114,17 @@ def seconds(cost: CostModel, width: int, height: int, frames: int, steps: int, g
 
 
 def estimate(
-    cost: CostModel, width: int, height: int, frames: int, steps: int, guidance_scale: float, gpu_memory_gib: float
+    cost: CostModel,
+    width: int,
+    height: int,
+    frames: int,
+    steps: int,
+    guidance_scale: float,
+    gpu_memory_gib: float,
+    fast_cache: bool = False,
 ) -> Estimate:
     """The fastest plan that fits `gpu_memory_gib`; DoesNotFit when none does."""
-    by_plan = peaks(cost, width, height, frames)
+    by_plan = peaks(cost, width, height, frames, fast_cache)
     for plan in PLANS:
         if by_plan[plan] <= gpu_memory_gib:
             break
@@ -127,7 +140,7 @@ def estimate(
     )
 
 
-def estimate_job(cost: CostModel, params: Any, gpu_memory_gib: float) -> Estimate:
+def estimate_job(cost: CostModel, params: Any, gpu_memory_gib: float, fast_cache: bool = False) -> Estimate:
     """`estimate` for a job's resolved parameters (GenerationParams)."""
     return estimate(
         cost,
@@ -137,4 +150,5 @@ def estimate_job(cost: CostModel, params: Any, gpu_memory_gib: float) -> Estimat
         params.num_inference_steps,
         params.guidance_scale,
         gpu_memory_gib,
+        fast_cache,
     )

@@ -110,6 +110,13 @@ class ModelSpec(BaseModel):
         self.frame_step = self.frame_step or step
         return self
 
+    def uses_fast_cache(self, params: Any) -> bool:
+        """Whether a job (GenerationParams) runs with the fast tier's cache: asked for, and large enough."""
+        fast = self.speed.fast
+        if params.tier != "fast" or fast is None:
+            return False
+        return params.width * params.height * params.num_frames / 1e6 >= fast.min_video_mpx
+
     def source(self, models_dir: Path) -> str:
         """What `from_pretrained` takes: a hub id or a local folder."""
         if self.repo is not None:

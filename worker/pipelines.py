@@ -68,8 +68,8 @@ def restore_forwards(model: torch.nn.Module) -> None:
 
     diffusers puts the original bound method back as an instance attribute, which the graphs
     compiled before the cache was enabled do not match: later standard-tier jobs then ran on
-    graphs traced with the hooks, with graph breaks (on an H100, LTX at 512x512x65: 1.46 s
-    instead of 1.03 s; docs/PERFORMANCE.md, section 5).
+    graphs traced with the hooks (on an H100, LTX at 512x512x65: 1.46 s instead of 1.04 s;
+    1.08 s with this; at 256x256x17 they stayed slower; docs/PERFORMANCE.md, section 5).
     """
     for module in model.modules():
         forward = module.__dict__.get("forward")
@@ -212,13 +212,11 @@ class ModelRunner:
 
     def uses_cache(self, params: GenerationParams) -> bool:
         """Whether a job runs with the fast tier's cache: asked for, and the video is large enough to gain."""
-        fast = self.spec.speed.fast
-        if params.tier != "fast" or fast is None:
-            return False
-        if params.width * params.height * params.num_frames / 1e6 < fast.min_video_mpx:
+        if self.spec.uses_fast_cache(params):
+            return True
+        if params.tier == "fast" and (fast := self.spec.speed.fast) is not None:
             log.info("fast_cache_skipped", model=self.spec.id, min_video_mpx=fast.min_video_mpx)
-            return False
-        return True
+        return False
 
     def apply_plan(self, plan: MemoryPlan) -> MemoryPlan:
         """Arrange the pipeline's memory use for a job (schemas/cost.py); returns the plan in force.

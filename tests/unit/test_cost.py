@@ -7,6 +7,7 @@ import torch
 
 from schemas.cost import OVERHEAD_GIB, PLANS, DoesNotFit, estimate, peaks, seconds
 from schemas.registry import load_registry
+from tests.helpers import tiny_params
 from worker.pipelines import ModelRunner
 
 REGISTRY = load_registry()
@@ -44,6 +45,38 @@ def test_peak_memory_is_within_a_tenth_of_measurements(cost, width, height, fram
     # The measurements ran without the text encoder on the GPU and count tensors only.
     peak = peaks(cost, width, height, frames)["vae_tiling" if tiled else "resident"]
     assert peak - OVERHEAD_GIB - cost.text_encoder_gib == pytest.approx(measured, rel=0.1)
+
+
+# The fast tier's extra peak: the fast rows' peak minus the compiled rows' in bench/results/gpu-pipeline-h100-*.json.
+FAST_CACHE = [
+    (LTX, 768, 768, 129, 24.63 - 20.45),
+    (LTX, 768, 512, 121, 20.39 - 17.76),
+    (WAN, 512, 512, 65, 20.98 - 19.48),
+]
+
+
+@pytest.mark.parametrize("cost, width, height, frames, measured", FAST_CACHE)
+def test_the_fast_tiers_cache_adds_its_measured_memory_to_every_plan(cost, width, height, frames, measured) -> None:
+    standard, fast = peaks(cost, width, height, frames), peaks(cost, width, height, frames, fast_cache=True)
+    for plan in PLANS:
+        assert fast[plan] - standard[plan] == pytest.approx(measured, rel=0.1)
+
+
+def test_a_fast_job_that_only_fits_without_its_cache_gets_a_leaner_plan() -> None:
+    """The gateway and the worker estimate with the cache exactly when the worker will run it."""
+    spec = REGISTRY.models["ltx-video"]
+    standard = estimate(LTX, 768, 768, 129, 50, 3.0, 22.0)
+    assert standard.plan == "resident"
+    fast = estimate(LTX, 768, 768, 129, 50, 3.0, 22.0, fast_cache=True)
+    assert fast.plan != "resident" and fast.peak_gib <= 22.0
+
+    def job(tier: str, width: int, height: int, frames: int):
+        return tiny_params(model="ltx-video", tier=tier, width=width, height=height, num_frames=frames)
+
+    assert spec.uses_fast_cache(job("fast", 768, 768, 129))
+    assert not spec.uses_fast_cache(job("standard", 768, 768, 129))
+    assert not spec.uses_fast_cache(job("fast", 512, 512, 65))  # below min_video_mpx: runs as standard
+    assert not REGISTRY.models["ltx-video-distilled"].uses_fast_cache(job("fast", 768, 768, 129))
 
 
 def test_less_memory_means_a_leaner_plan_then_a_refusal() -> None:

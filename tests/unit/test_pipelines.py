@@ -133,10 +133,15 @@ def test_a_fast_job_leaves_the_transformer_as_it_found_it(runners) -> None:
 
 
 def test_the_fast_tier_skips_its_cache_below_the_models_minimum_size(runners, monkeypatch) -> None:
-    transformer = runners["ltx-tiny"].pipelines["text-to-video"].transformer
+    model_class = type(runners["ltx-tiny"].pipelines["text-to-video"].transformer)
     enabled = []
-    real = transformer.enable_cache
-    monkeypatch.setattr(transformer, "enable_cache", lambda config: (enabled.append(config), real(config))[1])
+    real = model_class.enable_cache
+
+    def spy(self, config):
+        enabled.append(config)
+        return real(self, config)
+
+    monkeypatch.setattr(model_class, "enable_cache", spy)  # on the class: nothing left on the shared instance
     p = params("ltx-tiny", tier="fast")  # 64x32x17: 0.035 megapixel-frames
     fast_runner(runners, min_video_mpx=0.04).generate("text-to-video", p, Inputs(), lambda k, n: None)
     assert enabled == []
