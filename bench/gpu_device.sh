@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Run benchmark 5 on a GPU machine, within a time budget, writing JSON and logs to $OUT (or gpu-out/).
-#   bash bench/gpu_device.sh [all|wan-large] [seconds]
+#   bash bench/gpu_device.sh [all|wan-large|tiny] [seconds]
 # all (default): LTX 2B at the four sizes, every configuration, then Wan2.1 1.3B at 256x256x17 and
 # 512x512x65 with what time is left. wan-large: Wan at 768x512x121 and 768x768x129, 10 steps, once.
 # tiny: the tiny models, to try this script on a machine without a GPU.
 # Wheels found in .whl/ (bench/gpu_wheels.sh) are installed first when diffusers is missing.
 set -uo pipefail
-py=${PYTHON:-python3}  # the Python that has torch
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+py=${PYTHON:-python3}  # the Python that has torch
 plan=${1:-all}
 budget=${2:-570}
 out=${OUT:-gpu-out}
@@ -15,30 +15,44 @@ mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 if ! "$py" -c "import diffusers" 2>/dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
+"$py" -c "import diffusers, torch; print('torch', torch.__version__, 'diffusers', diffusers.__version__)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null
-run() {  # name, seconds allowed, arguments of gpu_pipeline.py
-  local name=$1 allowed=$2
+status=0
+run() {  # name, seconds allowed (at most what is left of the budget), arguments of gpu_pipeline.py
+  local name=$1 allowed=$2 rc
   shift 2
+  if ((allowed > budget - SECONDS)); then allowed=$((budget - SECONDS)); fi
+  if ((allowed < 60)); then
+    echo "$name: skipped, ${allowed}s left"
+    status=1
+    return
+  fi
   timeout "$allowed" "$py" bench/gpu_pipeline.py --budget-s $((allowed - 40)) --out "$out/$name.json" "$@" \
     >"$out/$name.log" 2>&1
-  echo "$name: exit $? after ${SECONDS}s"
+  rc=$?
+  echo "$name: exit $rc after ${SECONDS}s"
   grep -h '"config"\|"attention_backend"\|"skipped"' "$out/$name.log" | cut -c1-400
+  if ((rc != 0)); then status=$rc; fi
 }
 case $plan in
   all)
     run gpu-pipeline-ltx $((budget * 2 / 3)) --families ltx --steps 20 \
       --attention-backends native,_native_cudnn,_native_efficient
-    run gpu-pipeline-wan $((budget - SECONDS)) --families wan --steps 20 --sizes 256x256x17,512x512x65 \
+    run gpu-pipeline-wan "$budget" --families wan --steps 20 --sizes 256x256x17,512x512x65 \
       --configs eager,compile,fast,fast-taylorseer,fast-schedule
     ;;
   wan-large)
     run gpu-pipeline-wan-large "$budget" --families wan --steps 10 --repeats 1 \
       --sizes 768x512x121,768x768x129 --configs eager,compile,fast,fast-taylorseer
     ;;
-  tiny)  # the same steps on the tiny models: a smoke test of this script on any machine
+  tiny)
     run gpu-pipeline-tiny "$budget" --tiny --steps 2 --repeats 1 --attention-backends native
     ;;
-  *) echo "unknown plan: $plan" >&2; exit 2 ;;
+  *)
+    echo "unknown plan: $plan" >&2
+    exit 2
+    ;;
 esac
+exit $status
