@@ -1,4 +1,5 @@
-"""Every error leaves the gateway as JSON: `{"error": {"code", "message", "details"?}}`."""
+"""Every error leaves the gateway as JSON: `{"error": {"code", "message", "details"?}}`, or, on the
+OpenAI-compatible routes (`/v1/...`), in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
 
 from __future__ import annotations
 
@@ -30,6 +31,24 @@ class ApiError(Exception):
         if self.details:
             body["details"] = self.details
         return web.json_response({"error": body}, status=self.status, headers=self.headers)
+
+    def openai_response(self) -> web.Response:
+        """OpenAI's error shape; 422 is answered as 400, as OpenAI answers a bad field."""
+        kind = {
+            401: "authentication_error",
+            403: "permission_error",
+            429: "rate_limit_error",
+        }.get(self.status, "invalid_request_error" if self.status < 500 else "api_error")
+        param = self.details[0]["field"] if self.details else None
+        body = {"error": {"message": self.message, "type": kind, "param": param, "code": self.code}}
+        return web.json_response(body, status=400 if self.status == 422 else self.status, headers=self.headers)
+
+
+def respond(request: web.Request, exc: ApiError) -> web.Response:
+    """The error in the shape the route's clients expect: OpenAI's on `/v1/...`, ours elsewhere."""
+    if request.path == "/v1" or request.path.startswith("/v1/"):
+        return exc.openai_response()
+    return exc.response()
 
 
 def store_unavailable() -> ApiError:
@@ -79,17 +98,17 @@ async def error_middleware(
     try:
         return await handler(request)
     except ApiError as exc:
-        return exc.response()
+        return respond(request, exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
         message = exc.text if exc.status == 413 and exc.text else exc.reason
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
-        return ApiError(exc.status, code, message, headers=headers).response()
+        return respond(request, ApiError(exc.status, code, message, headers=headers))
     except Exception:
         log.exception("unhandled_error", path=request.path, method=request.method)
-        return ApiError(500, "internal_error", "internal error; see the gateway log").response()
+        return respond(request, ApiError(500, "internal_error", "internal error; see the gateway log"))
 
 
 # Streams stay open for as long as the client listens; every other request has a deadline.
@@ -110,6 +129,6 @@ def timeout_middleware(seconds: float) -> Callable[..., Awaitable[web.StreamResp
                 return await handler(request)
         except TimeoutError:
             log.warning("request_timeout", path=request.path, method=request.method, seconds=seconds)
-            return ApiError(504, "timeout", f"the request took longer than {seconds:g} s").response()
+            return respond(request, ApiError(504, "timeout", f"the request took longer than {seconds:g} s"))
 
     return middleware

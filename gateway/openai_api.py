@@ -10,9 +10,7 @@ bearer token as for `/api/v1`.
 from __future__ import annotations
 
 import asyncio
-import functools
 import math
-from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 from aiohttp import web
@@ -51,27 +49,6 @@ class CreateVideo(BaseModel):
     size: str | None = Field(default=None, pattern=r"^\d{2,5}x\d{2,5}$", description='"WIDTHxHEIGHT".')
 
 
-def openai_errors(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Callable:
-    """Our errors in OpenAI's shape."""
-
-    @functools.wraps(handler)
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except ApiError as exc:
-            kind = {
-                401: "authentication_error",
-                403: "permission_error",
-                404: "invalid_request_error",
-                429: "rate_limit_error",
-            }.get(exc.status, "invalid_request_error" if exc.status < 500 else "api_error")
-            param = exc.details[0]["field"] if exc.details else None
-            body = {"error": {"message": exc.message, "type": kind, "param": param, "code": exc.code}}
-            return web.json_response(body, status=400 if exc.status == 422 else exc.status, headers=exc.headers)
-
-    return wrapped
-
-
 def video_object(request: web.Request, record: JobRecord) -> dict[str, Any]:
     params = record.params
     fps = getattr(params, "fps", None) or 1
@@ -105,7 +82,6 @@ def _seconds_text(seconds: float) -> str:
     return str(round(seconds)) if abs(seconds - round(seconds)) < 0.05 else f"{seconds:.2f}"
 
 
-@openai_errors
 async def create_video(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     data: bytes | None = None
@@ -160,12 +136,10 @@ def _in_openai_terms(exc: ApiError) -> ApiError:
     return exc
 
 
-@openai_errors
 async def get_video(request: web.Request) -> web.Response:
     return web.json_response(video_object(request, await load_visible(request, request.match_info["video_id"])))
 
 
-@openai_errors
 async def delete_video(request: web.Request) -> web.Response:
     """A job still queued or running is cancelled; an ended one is deleted with its video."""
     record = await load_visible(request, request.match_info["video_id"])
@@ -185,7 +159,6 @@ async def delete_video(request: web.Request) -> web.Response:
     return web.json_response({"id": record.job_id, "object": "video.deleted", "deleted": True})
 
 
-@openai_errors
 async def video_content(request: web.Request) -> web.Response:
     record = await load_visible(request, request.match_info["video_id"])
     variant = request.query.get("variant", "video")
@@ -197,7 +170,6 @@ async def video_content(request: web.Request) -> web.Response:
     raise web.HTTPFound(url)
 
 
-@openai_errors
 async def list_videos(request: web.Request) -> web.Response:
     query = request.query
     try:

@@ -99,8 +99,14 @@ def test_errors_name_openai_fields(client, stack) -> None:
         client.videos.create(prompt="who", model="sora-2")
     assert error.value.body["param"] == "model"
     stranger = openai.OpenAI(api_key="vg_wrong", base_url=f"{stack.gateway_url}/v1", max_retries=0)
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as refused:
         stranger.videos.list()
+    assert refused.value.body == {
+        "message": "unknown API key",
+        "type": "authentication_error",
+        "param": None,
+        "code": "unauthorized",
+    }
     other = openai.OpenAI(api_key=TOKENS["other"], base_url=f"{stack.gateway_url}/v1", max_retries=0)
     mine = client.videos.create(prompt="mine", **TINY)
     with pytest.raises(openai.NotFoundError):
@@ -122,3 +128,27 @@ def test_a_deleted_job_is_not_replayed_by_its_idempotency_key(client, stack) -> 
     client.videos.delete(job_id)
     again = requests.post(f"{stack.gateway_url}/api/v1/generate/text-to-video", json=body, headers=headers, timeout=30)
     assert again.status_code == 409 and again.json()["error"]["code"] == "idempotency_conflict"
+
+
+def test_every_answer_under_v1_is_in_openais_shape(stack) -> None:
+    """Answers given before a /v1 handler runs too: the key check's 401 and 429, unknown paths and methods."""
+    import requests
+
+    url = f"{stack.gateway_url}/v1/videos"
+    mine, limited = ({"Authorization": f"Bearer {TOKENS[key]}"} for key in ("tester", "limited"))
+    answers = [requests.get(url, timeout=30)]  # no key
+    answers.append(requests.get(f"{stack.gateway_url}/v1/nothing-here", headers=mine, timeout=30))
+    answers.append(requests.put(url, headers=mine, timeout=30))
+    for _ in range(20):  # past the key's 5 a second
+        answers.append(requests.get(url, headers=limited, timeout=30))
+        if answers[-1].status_code == 429:
+            break
+    expected = [(401, "authentication_error", "unauthorized"), (404, "invalid_request_error", "not_found")]
+    expected += [(405, "invalid_request_error", "method_not_allowed"), (429, "rate_limit_error", "rate_limited")]
+    got = [(a.status_code, a.json()["error"]["type"], a.json()["error"]["code"]) for a in answers[:3] + answers[-1:]]
+    assert got == expected
+    assert all(set(a.json()["error"]) == {"message", "type", "param", "code"} for a in answers if a.status_code >= 400)
+    assert answers[-1].headers["Retry-After"]
+    # The service's own routes keep the service's shape.
+    own = requests.get(f"{stack.gateway_url}/api/v1/jobs", timeout=30)
+    assert own.status_code == 401 and set(own.json()["error"]) == {"code", "message"}
