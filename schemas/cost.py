@@ -49,8 +49,9 @@ class CostModel(BaseModel):
     step_s: tuple[float, float, float]
     decode_s_base: float = 0.0
     decode_s_per_mpx: float = 0.0
-    # What the fast tier's cache holds on the GPU (from the first cached step until the job ends),
-    # per million output pixels: added to every plan's peak when a job runs with it.
+    # What the fast tier's cache holds on the GPU (from the first cached step until the pipeline
+    # call returns, through the decode), per million output pixels: added to the denoise and
+    # decode part of every plan's peak when a job runs with it (not to the prompt encoding's).
     fast_cache_gib_per_mpx: float = 0.0
     # Latent geometry, to count tokens: spatial and temporal compression, and the patch size.
     spatial_ratio: int = 32
@@ -94,12 +95,11 @@ def peaks(cost: CostModel, width: int, height: int, frames: int, fast_cache: boo
     weights = cost.denoiser_gib + cost.text_encoder_gib
     cache = cost.fast_cache_gib_per_mpx * mpx if fast_cache else 0.0
     return {
-        "resident": OVERHEAD_GIB + weights + max(cost.encode_gib, decode) + cache,
-        "vae_tiling": OVERHEAD_GIB + weights + max(cost.encode_gib, tiled) + cache,
+        "resident": OVERHEAD_GIB + weights + max(cost.encode_gib, decode + cache),
+        "vae_tiling": OVERHEAD_GIB + weights + max(cost.encode_gib, tiled + cache),
         "model_cpu_offload": OVERHEAD_GIB
-        + max(cost.text_encoder_gib + cost.encode_gib, cost.denoiser_gib + tiled)
-        + cache,
-        "group_offload": OVERHEAD_GIB + GROUP_OFFLOAD_RESIDENT_GIB + max(cost.encode_gib, tiled) + cache,
+        + max(cost.text_encoder_gib + cost.encode_gib, cost.denoiser_gib + tiled + cache),
+        "group_offload": OVERHEAD_GIB + GROUP_OFFLOAD_RESIDENT_GIB + max(cost.encode_gib, tiled + cache),
     }
 
 

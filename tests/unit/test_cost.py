@@ -56,10 +56,11 @@ FAST_CACHE = [
 
 
 @pytest.mark.parametrize("cost, width, height, frames, measured", FAST_CACHE)
-def test_the_fast_tiers_cache_adds_its_measured_memory_to_every_plan(cost, width, height, frames, measured) -> None:
+def test_the_fast_tiers_cache_adds_its_measured_memory(cost, width, height, frames, measured) -> None:
     standard, fast = peaks(cost, width, height, frames), peaks(cost, width, height, frames, fast_cache=True)
-    for plan in PLANS:
-        assert fast[plan] - standard[plan] == pytest.approx(measured, rel=0.1)
+    assert fast["resident"] - standard["resident"] == pytest.approx(measured, rel=0.1)  # as measured: all resident
+    for plan in PLANS:  # never more; less where the prompt encoding, before any cache, is the peak
+        assert standard[plan] <= fast[plan] <= standard[plan] + measured * 1.1
 
 
 def test_a_fast_job_that_only_fits_without_its_cache_gets_a_leaner_plan() -> None:
