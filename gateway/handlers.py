@@ -52,6 +52,8 @@ MODES: dict[GenerationMode, tuple[type[TextToVideoRequest], str | None]] = {
     "video-to-video": (VideoToVideoRequest, "video"),
 }
 MAX_FORM_FIELD_BYTES = 64 * 1024
+# The record of the job a request has just queued, for handlers that answer with more than JobAccepted.
+QUEUED_RECORD = web.RequestKey("queued_record", JobRecord)
 
 
 def parse_job_id(value: str | None) -> str:
@@ -390,6 +392,7 @@ async def _enqueue(
     SUBMITTED.labels(params.model, mode, _priority(params)).inc()
     workers = None if stats is None else stats.consumers
     log.info("job_accepted", job_id=job_id, model=params.model, mode=mode, workers=workers)
+    request[QUEUED_RECORD] = record
     return _accepted(record, stats)
 
 

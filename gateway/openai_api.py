@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.store import index_key, index_prefix, job_id_of_index, output_key
 from gateway.auth import owner_of, visible
 from gateway.errors import ApiError, bad_field, store_call
-from gateway.handlers import accept, read_json, read_multipart
+from gateway.handlers import QUEUED_RECORD, accept, read_json, read_multipart
 from gateway.jobs import cancel, load_visible
 from gateway.keys import REGISTRY, SETTINGS, STORE
 from schemas.jobs import JobRecord, JobStatus, utcnow
@@ -122,10 +122,10 @@ async def create_video(request: web.Request) -> web.Response:
         first = exc.errors(include_url=False)[0]
         raise bad_field("size", first["type"], f"size: {first['msg']}") from exc
     try:
-        accepted = await accept(request, mode, req, data, "image" if data is not None else None)
+        await accept(request, mode, req, data, "image" if data is not None else None)
     except ApiError as exc:
         raise _in_openai_terms(exc) from exc
-    return web.json_response(video_object(request, await load_visible(request, accepted.job_id)))
+    return web.json_response(video_object(request, request[QUEUED_RECORD]))
 
 
 def _in_openai_terms(exc: ApiError) -> ApiError:
