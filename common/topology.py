@@ -145,7 +145,8 @@ class Topology:
     ) -> tuple[AbstractExchange, dict[str, AbstractQueue]]:
         """Declare the jobs exchange, the dead-letter path, the downloads queue and one queue per model.
 
-        Returns the queues by routing key (`job_key(model, priority)`, or DOWNLOAD_KEY).
+        Returns the queues by routing key (`job_key(model, priority)`, or DOWNLOAD_KEY), and each
+        model's presence queue by its name (`workers_queue(model)`).
         """
         dlx = await channel.declare_exchange(self.dead_letter_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
         for name in (self.dead_letter_queue, self.dead_letter_notify_queue):
@@ -154,17 +155,16 @@ class Topology:
         due = await channel.declare_exchange(self.expiry_due, aio_pika.ExchangeType.FANOUT, durable=True)
         due_queue = await channel.declare_queue(self.expiry_due, durable=True, arguments={"x-queue-type": "quorum"})
         await due_queue.bind(due)
+        queues = {}
         for model_id in model_ids:
             await channel.declare_queue(
                 self.expiry_queue(model_id),
                 durable=True,
                 arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": self.expiry_due},
             )
-            await channel.declare_queue(
-                self.workers_queue(model_id), durable=True, arguments={"x-queue-type": "quorum"}
-            )
+            presence = self.workers_queue(model_id)
+            queues[presence] = await channel.declare_queue(presence, durable=True, arguments={"x-queue-type": "quorum"})
         jobs = await channel.declare_exchange(self.jobs_exchange, aio_pika.ExchangeType.DIRECT, durable=True)
-        queues = {}
         keys = [self.job_key(model_id, p) for model_id in model_ids for p in PRIORITIES]
         for key in [*keys, DOWNLOAD_KEY]:
             queue = await channel.declare_queue(

@@ -149,11 +149,9 @@ class Worker:
         downloads = queues[DOWNLOAD_KEY]
         self._consumers.append((downloads, await downloads.consume(self._on_download)))
         # Presence: one consumer per served model, so the gateway can count this model's workers.
-        # Declared on this channel, so that a reconnect restores the consumer too.
+        # The queues were declared on this channel (declare_jobs), so a reconnect restores the consumers too.
         for model_id in models:
-            presence = await channel.declare_queue(
-                self._topology.workers_queue(model_id), durable=True, arguments={"x-queue-type": "quorum"}
-            )
+            presence = queues[self._topology.workers_queue(model_id)]
             self._consumers.append((presence, await presence.consume(_ignore, no_ack=True)))
         self._dispatcher = asyncio.create_task(self._dispatch())
         log.info("worker_started", worker=self.worker_id, models=models)
