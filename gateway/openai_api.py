@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.store import index_key, index_prefix, job_id_of_index, output_key
 from gateway.auth import owner_of, visible
-from gateway.errors import ApiError, bad_field, store_call
+from gateway.errors import ApiError, bad_field, store_call, validation_error
 from gateway.handlers import QUEUED_RECORD, accept, read_json, read_multipart
 from gateway.jobs import cancel, load_visible
 from gateway.keys import REGISTRY, SETTINGS, STORE
@@ -93,9 +93,7 @@ async def create_video(request: web.Request) -> web.Response:
     try:
         create = CreateVideo.model_validate(payload)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        field = ".".join(str(p) for p in first["loc"]) or "body"
-        raise bad_field(field, first["type"], f"{field}: {first['msg']}") from exc
+        raise validation_error(exc) from exc  # every problem in the message; `param` names the first
     mode: Literal["text-to-video", "image-to-video"] = "text-to-video" if data is None else "image-to-video"
     registry = request.app[REGISTRY]
     spec = registry.get(create.model or registry.default_model)

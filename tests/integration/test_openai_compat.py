@@ -149,6 +149,11 @@ def test_every_answer_under_v1_is_in_openais_shape(stack) -> None:
     assert got == expected
     assert all(set(a.json()["error"]) == {"message", "type", "param", "code"} for a in answers if a.status_code >= 400)
     assert answers[-1].headers["Retry-After"]
+    # A body with two problems: both in the message, the first as `param`.
+    bad = requests.post(url, json={"prompt": "", "size": "big"}, headers=mine, timeout=30)
+    error = bad.json()["error"]
+    assert (bad.status_code, error["type"], error["param"]) == (400, "invalid_request_error", "prompt")
+    assert error["message"].startswith("prompt: ") and "; size: " in error["message"]
     # The service's own routes keep the service's shape.
     own = requests.get(f"{stack.gateway_url}/api/v1/jobs", timeout=30)
     assert own.status_code == 401 and set(own.json()["error"]) == {"code", "message"}
