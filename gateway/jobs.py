@@ -123,6 +123,11 @@ async def list_jobs(request: web.Request) -> web.Response:
         if not keys:
             break
         wanted = [k for k in keys if model is None or model_of_index(k) in (model, None)]
+        if status is None and len(wanted) > limit - len(jobs):
+            # Without a status filter every entry read fills the page: read no more than it needs,
+            # and scan no further than the last of them (the cursor goes on from there).
+            wanted = wanted[: limit - len(jobs)]
+            keys = keys[: keys.index(wanted[-1]) + 1]
         found = await asyncio.gather(*(store.get_record(job_id_of_index(key)) for key in wanted))
         records = dict(zip(wanted, found, strict=True))
         for key in keys:
