@@ -19,7 +19,7 @@ from gateway.broker import GatewayBroker
 from gateway.deadletters import dead_letter_handler, expiry_handler
 from gateway.errors import error_middleware, timeout_middleware
 from gateway.events import EventHub
-from gateway.keys import BROKER, HUB, KEYS, REGISTRY, SETTINGS, STORE, WEBHOOKS
+from gateway.keys import BROKER, HUB, KEYS, REGISTRY, SETTINGS, STORE, SUBMISSIONS, WEBHOOKS
 from gateway.metrics import metrics_middleware
 from gateway.openapi import OPENAPI, build_openapi, openapi_document
 from gateway.webhooks import WebhookDeliverer
@@ -31,6 +31,7 @@ log = structlog.get_logger("gateway")
 
 # What the retention rule expires: jobs (record, inputs, video) and the index entries listing them.
 RETAINED_PREFIXES = ["jobs/", "index/"]
+SUBMISSION_GRACE_S = 10.0  # how long a stopping gateway waits for submissions still being queued
 
 
 def create_app(settings: GatewaySettings) -> web.Application:
@@ -50,6 +51,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[quota.COUNTS] = {}
     app[REGISTRY] = settings.registry()
     app[HUB] = EventHub()
+    app[SUBMISSIONS] = set()
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_broker_ctx)
     app.on_shutdown.append(_close_streams)
@@ -178,6 +180,8 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
         await deliverer.start(broker.connection)
     log.info("gateway_started", host=settings.host, port=settings.port, webhooks=deliverer is not None)
     yield
+    if app[SUBMISSIONS]:  # requests cancelled at shutdown whose jobs are still being queued
+        await asyncio.wait(app[SUBMISSIONS], timeout=SUBMISSION_GRACE_S)
     if deliverer is not None:
         await deliverer.close()
     await broker.close()

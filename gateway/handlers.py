@@ -8,7 +8,8 @@ import binascii
 import json
 import re
 import uuid
-from typing import Any
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
 
 import structlog
 from aiohttp import BodyPartReader, web
@@ -19,7 +20,7 @@ from gateway import idempotency, quota
 from gateway.auth import owner_of, require_admin
 from gateway.errors import ApiError, bad_field, store_call, store_unavailable, validation_error
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
-from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE
+from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE, SUBMISSIONS
 from gateway.metrics import SUBMITTED
 from gateway.webhooks import destination_problem
 from schemas.api import Health, Readiness
@@ -41,6 +42,7 @@ from schemas.jobs import (
 from schemas.messages import JobEvent, JobMessage
 from schemas.requests import DownloadRequest, ImageToVideoRequest, JobAccepted, TextToVideoRequest, VideoToVideoRequest
 
+T = TypeVar("T")
 log = structlog.get_logger("gateway")
 
 _JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -84,10 +86,13 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
         raise ApiError(
             415, "unsupported_media_type", f"expected Content-Type application/json, got {request.content_type!r}"
         )
+    body = await read_body(request, limit)
     try:
-        payload = json.loads(await read_body(request, limit))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        payload = json.loads(body)
+    except ValueError as exc:  # not JSON, not UTF-8, or an integer beyond Python's digit limit
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise ApiError(400, "invalid_json", "request body is not valid JSON: nested too deeply") from exc
     if not isinstance(payload, dict):
         raise ApiError(
             422,
@@ -106,17 +111,20 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
         reader = await request.multipart()
     except ValueError as exc:  # e.g. no boundary in the Content-Type
         raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from exc
-    async for part in reader:
-        if not isinstance(part, BodyPartReader) or part.name is None:
-            raise ApiError(400, "bad_request", "nested multipart bodies are not accepted")
-        if part.name == file_field:
-            data = await _read_part(part, limit)
-        elif part.filename is not None:
-            raise bad_input(
-                part.name, "extra_forbidden", f"{part.name}: unexpected file; the only file field is {file_field!r}"
-            )
-        else:
-            fields[part.name] = (await _read_part(part, MAX_FORM_FIELD_BYTES)).decode(errors="replace")
+    try:
+        async for part in reader:
+            if not isinstance(part, BodyPartReader) or part.name is None:
+                raise ApiError(400, "bad_request", "nested multipart bodies are not accepted")
+            if part.name == file_field:
+                data = await _read_part(part, limit)
+            elif part.filename is not None:
+                raise bad_input(
+                    part.name, "extra_forbidden", f"{part.name}: unexpected file; the only file field is {file_field!r}"
+                )
+            else:
+                fields[part.name] = (await _read_part(part, MAX_FORM_FIELD_BYTES)).decode(errors="replace")
+    except ValueError as exc:  # a missing or wrong boundary, a body cut short
+        raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from exc
     return fields, data
 
 
@@ -176,6 +184,13 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
 
     if key is None:
         return _accepted_response(await accept(request, mode, req, data, file_field))
+    return await run_to_end(request, _submit_once(request, mode, req, data, file_field, key))
+
+
+async def _submit_once(
+    request: web.Request, mode: GenerationMode, req: Any, data: bytes | None, file_field: str | None, key: str
+) -> web.Response:
+    """A submission with an Idempotency-Key: the job it made before, or a new one remembered under it."""
     print_ = idempotency.fingerprint(mode, req, data)
     # One submission per key at a time, across gateways: a second concurrent first use waits,
     # then finds the job the first one made.
@@ -232,7 +247,7 @@ def _accepted_response(accepted: JobAccepted, replayed: bool = False) -> web.Res
 
 async def _replay(request: web.Request, job_id: str) -> web.Response:
     """The original job's 202, with its current status (queue figures are not read again)."""
-    record = await request.app[STORE].get_record(job_id)
+    record = await store_call(request.app[STORE].get_record(job_id))
     if record is None or record.deleted_at is not None:
         raise ApiError(409, "idempotency_conflict", f"the job {job_id} this key created is gone")
     return _accepted_response(_accepted(record, None), replayed=True)
@@ -305,8 +320,33 @@ async def enqueue(
     preflight: Estimate | None = None,
 ) -> JobAccepted:
     """Store inputs, index entry and record, publish the job (confirmed), announce it, answer 202."""
-    async with quota.slot(request, mode):
-        return await _enqueue(request, mode, params, inputs, webhook, owner_of(request), preflight)
+
+    async def in_a_slot() -> JobAccepted:
+        async with quota.slot(request, mode):
+            return await _enqueue(request, mode, params, inputs, webhook, owner_of(request), preflight)
+
+    return await run_to_end(request, in_a_slot())
+
+
+async def run_to_end(request: web.Request, work: Coroutine[Any, Any, T]) -> T:
+    """Run a submission to its end even if the request is cancelled (the client went away, the
+    request timed out, the gateway is stopping): stopped half way, a job could be left stored as
+    queued but never published, holding its key's quota slot, or published but not remembered
+    under its Idempotency-Key. The gateway waits for these before it closes its connections."""
+    task = asyncio.ensure_future(work)
+    running = request.app[SUBMISSIONS]
+    running.add(task)
+    task.add_done_callback(_forget_submission(running))
+    return await asyncio.shield(task)
+
+
+def _forget_submission(running: set[asyncio.Future[Any]]) -> Callable[[asyncio.Future[Any]], None]:
+    def done(task: asyncio.Future[Any]) -> None:
+        running.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: an error nobody awaited is not logged as unretrieved
+
+    return done
 
 
 async def _enqueue(
@@ -432,9 +472,12 @@ async def _mark_unpublished(
     )
     try:
         await request.app[STORE].put_record(failed)
-        await quota.release(request.app[STORE], failed)
     except Exception as exc:
         log.error("store_write_failed", job_id=record.job_id, error=str(exc))
+    try:  # on its own: a marker left behind would hold one of the key's slots for good
+        await quota.release(request.app[STORE], failed)
+    except Exception as exc:
+        log.error("quota_marker_not_released", job_id=record.job_id, error=str(exc))
 
 
 async def health(request: web.Request) -> web.Response:

@@ -16,13 +16,16 @@ from datetime import datetime, timedelta
 from typing import Any
 from weakref import WeakValueDictionary
 
+import structlog
 from aiohttp import web
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from gateway.auth import owner_of
 from gateway.errors import ApiError
 from gateway.keys import BROKER, SETTINGS, STORE
 from schemas.jobs import utcnow
+
+log = structlog.get_logger("gateway.idempotency")
 
 HEADER = "Idempotency-Key"
 
@@ -107,7 +110,11 @@ async def earlier_job(request: web.Request, key: str, print_: str) -> str | None
     raw = await request.app[STORE].get_bytes(_object_key(request, key))
     if raw is None:
         return None
-    remembered = Remembered.model_validate_json(raw)
+    try:
+        remembered = Remembered.model_validate_json(raw)
+    except ValidationError:  # not written by a gateway of this version: the key is free again
+        log.error("idempotency_record_unreadable", key=_object_key(request, key))
+        return None
     if utcnow() - remembered.created_at > timedelta(seconds=request.app[SETTINGS].idempotency_window_s):
         return None
     if remembered.fingerprint != print_:

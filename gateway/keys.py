@@ -19,3 +19,4 @@ BROKER = web.AppKey("broker", GatewayBroker)
 HUB = web.AppKey("hub", EventHub)
 WEBHOOKS = web.AppKey("webhooks", WebhookDeliverer)
 KEYS = web.AppKey("keys", Keys | None)  # None: auth disabled
+SUBMISSIONS = web.AppKey("submissions", set)  # submissions running to their end (handlers.run_to_end)

@@ -80,11 +80,10 @@ async def slot(request: web.Request, mode: str) -> AsyncIterator[None]:
     async with count.lock:
         now = time.monotonic()
         if now - count.at > REFRESH_S or count.used() + 1 > limit:
-            count.listed, count.at, count.since = (
-                await store_call(_active_jobs(request.app[STORE], owner, limit)),
-                now,
-                0,
-            )
+            # Jobs accepted while the listing runs may be missing from it: they stay counted.
+            since = count.since
+            count.listed = await store_call(_active_jobs(request.app[STORE], owner, limit))
+            count.at, count.since = now, count.since - since
         if count.used() >= limit:
             raise ApiError(
                 429,

@@ -73,12 +73,35 @@ async def test_bad_field_is_named(stack, http, body, status, code, field, rule, 
     assert text in detail["message"] and field in detail["message"]
 
 
-async def test_malformed_json_is_400(stack, http) -> None:
-    async with http.post(
-        stack.gateway_url + URL, data=b'{"prompt": "x",', headers={"Content-Type": "application/json"}
-    ) as response:
+MALFORMED_JSON = {
+    "cut-short": b'{"prompt": "x",',
+    "not-utf8": b'{"prompt": "\xff"}',
+    "integer-past-python-digit-limit": b'{"prompt": "x", "seed": ' + b"1" * 5000 + b"}",
+    "nested-too-deep": b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+}
+
+
+@pytest.mark.parametrize("body", MALFORMED_JSON.values(), ids=MALFORMED_JSON.keys())
+async def test_malformed_json_is_400(stack, http, body) -> None:
+    async with http.post(stack.gateway_url + URL, data=body, headers={"Content-Type": "application/json"}) as response:
         assert response.status == 400
         assert (await response.json())["error"]["code"] == "invalid_json"
+
+
+MALFORMED_MULTIPART = {
+    # (the body, the boundary the Content-Type names)
+    "no-closing-boundary": (b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n', "b"),
+    "other-boundary": (b'--a\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--a--\r\n', "b"),
+}
+
+
+@pytest.mark.parametrize(("body", "boundary"), MALFORMED_MULTIPART.values(), ids=MALFORMED_MULTIPART.keys())
+async def test_malformed_multipart_is_400(stack, http, body, boundary) -> None:
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    async with http.post(stack.gateway_url + "/api/v1/generate/image-to-video", data=body, headers=headers) as response:
+        payload = await response.json()
+    assert response.status == 400, payload
+    assert payload["error"]["code"] == "bad_request" and "multipart" in payload["error"]["message"]
 
 
 async def test_body_must_be_an_object(stack, http) -> None:

@@ -8,6 +8,8 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 
 from gateway.errors import error_middleware, timeout_middleware
+from gateway.handlers import run_to_end
+from gateway.keys import SUBMISSIONS
 
 
 async def slow(request: web.Request) -> web.Response:
@@ -36,3 +38,28 @@ async def test_slow_requests_get_504_json_and_streams_are_exempt() -> None:
         assert response.status == 500 and (await response.json())["error"]["code"] == "internal_error"
         response = await client.get("/api/v1/events")
         assert response.status == 200 and (await response.json()) == {"ok": True}
+
+
+async def test_a_submission_cut_off_by_the_deadline_still_runs_to_its_end() -> None:
+    """The client gets its 504, but the job it may already have stored is still queued (or marked failed)."""
+    started, release, finished = asyncio.Event(), asyncio.Event(), []
+
+    async def queue_the_job() -> str:
+        started.set()
+        await release.wait()
+        finished.append("queued")
+        return "queued"
+
+    async def submit(request: web.Request) -> web.Response:
+        return web.json_response({"status": await run_to_end(request, queue_the_job())})
+
+    app = web.Application(middlewares=[error_middleware, timeout_middleware(0.1)])
+    app[SUBMISSIONS] = set()
+    app.router.add_post("/submit", submit)
+    async with TestClient(TestServer(app)) as client:
+        response = await client.post("/submit")
+        assert response.status == 504 and started.is_set()
+        assert len(app[SUBMISSIONS]) == 1 and finished == []  # cut off, not cancelled
+        release.set()
+        await asyncio.wait_for(asyncio.wait(app[SUBMISSIONS]), 5)
+        assert finished == ["queued"] and app[SUBMISSIONS] == set()

@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from common.store import active_key, job_id_of_active
-from gateway.quota import _active_jobs
+from gateway.auth import API_KEY
+from gateway.auth import OWNER as OWNER_KEY
+from gateway.errors import ApiError
+from gateway.keys import KEYS, STORE
+from gateway.quota import COUNTS, _active_jobs, hold, slot
 from schemas.jobs import JobRecord, JobStatus, Phase, utcnow
 from tests.helpers import tiny_params
 
@@ -59,3 +67,65 @@ async def test_below_the_limit_nothing_is_read() -> None:
     store.markers.add(active_key(OWNER, "gone"))
     assert await _active_jobs(store, OWNER, limit=2) == 1  # type: ignore[arg-type]
     assert store.markers
+
+
+class PausedListing(FakeStore):
+    """A listing that sees the markers as they were when it began and answers once released."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.listing = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def list_keys(self, prefix: str, start_after: str | None, limit: int) -> list[str]:
+        seen = await super().list_keys(prefix, start_after, limit)
+        self.listing.set()
+        await self.release.wait()
+        return seen
+
+    async def put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        self.markers.add(key)
+
+
+class OneJobKeys:
+    def quota(self, key: object) -> int:
+        return 1
+
+
+class FakeRequest(dict):
+    def __init__(self, app: dict) -> None:
+        super().__init__({OWNER_KEY: OWNER, API_KEY: "key"})
+        self.app = app
+
+
+async def test_a_job_accepted_while_a_listing_runs_stays_counted() -> None:
+    """Job A is accepted (its marker written) after B's listing began: B must still count it."""
+    store = PausedListing()
+    store.release.set()
+    app = {COUNTS: {}, KEYS: OneJobKeys(), STORE: store}
+    first, second = FakeRequest(app), FakeRequest(app)
+    a_inside, a_go = asyncio.Event(), asyncio.Event()
+
+    async def submit_a() -> None:
+        async with slot(first, "text-to-video"):  # the first listing finds nothing
+            a_inside.set()
+            await a_go.wait()
+            await hold(first, "text-to-video", "job-a")
+
+    a = asyncio.create_task(submit_a())
+    await asyncio.wait_for(a_inside.wait(), 5)
+    store.listing.clear()
+    store.release.clear()
+
+    async def submit_b() -> None:
+        async with slot(second, "text-to-video"):
+            pass
+
+    b = asyncio.create_task(submit_b())  # at the limit with A in flight: B lists the markers
+    await asyncio.wait_for(store.listing.wait(), 5)
+    a_go.set()
+    await asyncio.wait_for(a, 5)  # A accepted, its marker written after B's listing looked
+    store.release.set()
+    with pytest.raises(ApiError) as refused:
+        await asyncio.wait_for(b, 5)
+    assert refused.value.status == 429 and refused.value.code == "quota_exceeded"
