@@ -18,6 +18,10 @@ log = structlog.get_logger("worker.reporter")
 Publish = Callable[[JobEvent], Awaitable[None]]
 
 
+class DeliveryLost(Exception):
+    """The job's message went back to the broker (its channel closed): another run owns the job now."""
+
+
 class JobReporter:
     """Serialises state changes so the record and the events move in lockstep, `seq` by `seq`.
 
@@ -25,8 +29,16 @@ class JobReporter:
     least that state back, and a redelivered job continues the sequence from the record.
     """
 
-    def __init__(self, record: JobRecord, store: ObjectStore, publish: Publish, store_patience_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        record: JobRecord,
+        store: ObjectStore,
+        publish: Publish,
+        store_patience_s: float = 0.0,
+        lost: Callable[[], bool] = lambda: False,
+    ) -> None:
         self.record = record
+        self._lost = lost
         self._store = store
         self._patience_s = store_patience_s
         self._publish = publish
@@ -37,6 +49,10 @@ class JobReporter:
     async def update(self, patient: bool = True, **changes: Any) -> JobRecord:
         """Apply a change now; raises if the record cannot be written (within the store patience)."""
         async with self._lock:
+            # A job whose message went back to the broker may be another run's by now: it gets no
+            # more progress from this one, only its end, and only if nobody else wrote since.
+            if self._lost() and not (changes.get("status", self.record.status).is_terminal and await self._unchanged()):
+                raise DeliveryLost()
             record = self.record.advance(**changes)
             await patiently(
                 lambda: self._store.put_record(record), self._patience_s if patient else 0.0, "write_record"
@@ -44,6 +60,13 @@ class JobReporter:
             self.record = record
             await self._publish(JobEvent.from_record(record))
             return record
+
+    async def _unchanged(self) -> bool:
+        try:
+            stored = await self._store.get_record(self.record.job_id)
+        except Exception:
+            return False
+        return stored is not None and stored.seq == self.record.seq and stored.worker == self.record.worker
 
     def update_threadsafe(self, **changes: Any) -> None:
         """From the generation thread: schedule an update without waiting for it."""
@@ -59,6 +82,8 @@ class JobReporter:
         try:
             # One try: a progress event is not worth waiting out an outage for (the next change is).
             await self.update(patient=False, **changes)
+        except DeliveryLost:
+            pass
         except Exception as exc:  # a lost progress event is not worth failing the job over
             log.warning("progress_update_failed", error=str(exc))
 

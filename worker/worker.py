@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import socket
 import tempfile
@@ -27,6 +28,7 @@ from aio_pika.abc import (
     AbstractQueue,
     AbstractRobustConnection,
 )
+from aio_pika.exceptions import ChannelInvalidStateError
 
 from common.settings import WorkerSettings
 from common.store import ObjectStore, output_key
@@ -53,7 +55,7 @@ from worker.eta import EtaEstimator, FinishTimes
 from worker.inputs import load_image, load_video
 from worker.metrics import BUSY, RUNNING, job_ended
 from worker.pipelines import Generated, Inputs, ModelRunner
-from worker.reporter import JobReporter
+from worker.reporter import DeliveryLost, JobReporter
 from worker.retry import patiently
 
 log = structlog.get_logger("worker")
@@ -99,6 +101,7 @@ class Worker:
         self._handling: dict[str, asyncio.Event] = {}  # job id → set when its handling ends (downloads too)
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._running: dict[str, threading.Event] = {}
+        self._lost: set[str] = set()  # jobs in hand whose message went back to the broker
         self._finish_times = FinishTimes()
         for model_id in runners:  # every served model appears in the metrics from the start
             RUNNING.labels(model_id).set(0)
@@ -294,11 +297,31 @@ class Worker:
                 log.info("job_already_in_hand")
                 await ended.wait()
             ended = self._handling[job.job_id] = asyncio.Event()
+            closing = _closing(message)
+            lose = functools.partial(self._lose, job.job_id)
+            if closing is None:
+                lose()
+            else:
+                closing.add_done_callback(lose)
             try:
                 await self._settle(message, job, run)
             finally:
+                if closing is not None:
+                    closing.remove_done_callback(lose)
+                self._lost.discard(job.job_id)
                 del self._handling[job.job_id]
                 ended.set()
+
+    def _lose(self, job_id: str, _closed: object = None) -> None:
+        """The channel the job's message came on closed (the connection dropped, the broker
+        restarted): the broker has put the job back in its queue, and another worker (or this
+        one, once this run has ended) may be running it already. From here this run reports no
+        progress; if it is still denoising it stops at the next step. A run past the GPU finishes
+        its encode and upload and writes its end only if the record is still as it left it
+        (JobReporter), so a copy that finds it ended is acknowledged without running again."""
+        if job_id not in self._lost:
+            self._lost.add(job_id)
+            log.warning("job_delivery_lost", job_id=job_id)
 
     async def _settle(self, message: AbstractIncomingMessage, job: JobMessage, run: Runner) -> None:
         """Run the job unless it already ended, then settle its message: exceptions decide how."""
@@ -312,12 +335,20 @@ class Worker:
                 log.info("job_already_finished", status=record.status)
                 await message.ack()
                 return
-            reporter = JobReporter(record, self._store, self._publish_event, self.settings.store_patience_s)
+            reporter = JobReporter(
+                record,
+                self._store,
+                self._publish_event,
+                self.settings.store_patience_s,
+                lost=lambda: job.job_id in self._lost,
+            )
             try:
                 if job.job_id in self._cancelled:
                     raise JobCancelled()
                 await run(job, reporter)
             except JobCancelled:
+                if job.job_id in self._lost:  # stopped because the job went back to its queue
+                    raise DeliveryLost() from None
                 await reporter.flush()
                 started = reporter.record.status == JobStatus.RUNNING
                 await reporter.update(
@@ -334,6 +365,12 @@ class Worker:
             self.jobs_done += 1
             _summarise(reporter.record)
         except Exception:
+            if job.job_id in self._lost:  # whatever this run was doing, the job is queued again
+                with contextlib.suppress(Exception):
+                    if reporter is not None:
+                        await reporter.flush()
+                log.warning("job_left_to_its_redelivery", status=reporter and reporter.record.status)
+                return
             # Infrastructure trouble (store or broker): give the job back for another try.
             # The queue's delivery limit dead-letters a job that keeps failing this way.
             log.exception("job_interrupted")
@@ -397,7 +434,7 @@ class Worker:
 
         def on_step(step: int, total: int) -> None:
             # Runs on the generation thread, between two denoising steps.
-            if cancel.is_set():
+            if cancel.is_set() or job.job_id in self._lost:
                 raise JobCancelled()  # diffusers' own interrupt would still decode the video
             reporter.update_threadsafe(
                 phase=Phase.DENOISING,
@@ -577,6 +614,14 @@ def _summarise(record: JobRecord) -> None:
 def _raise_if(cancel: threading.Event) -> None:
     if cancel.is_set():
         raise JobCancelled()
+
+
+def _closing(message: AbstractIncomingMessage) -> asyncio.Future[Any] | None:
+    """What completes when the channel the message came on closes; None if it has closed already."""
+    try:
+        return message.channel.closing
+    except ChannelInvalidStateError:
+        return None
 
 
 def _record_from(job: JobMessage) -> JobRecord:

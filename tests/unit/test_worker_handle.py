@@ -7,6 +7,7 @@ import threading
 
 import pytest
 import torch
+from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
 
 from common.settings import WorkerSettings
 from common.store import output_key
@@ -36,21 +37,50 @@ class FakeStore:
         self.objects[key] = path.read_bytes()
 
 
+class FakeChannel:
+    """The channel a message came on, as aiormq's: `closing` completes when it closes."""
+
+    def __init__(self) -> None:
+        self.closing = asyncio.get_running_loop().create_future()
+
+    @property
+    def is_closed(self) -> bool:
+        return self.closing.done()
+
+    def close(self) -> None:  # the connection dropped: the broker puts the message back in its queue
+        if not self.closing.done():
+            self.closing.set_result(None)
+
+
 class FakeMessage:
-    """Records how the worker settled it, as aio-pika's IncomingMessage would be settled."""
+    """Records how the worker settled it; like aio-pika's IncomingMessage, settling it twice or
+    after its channel closed raises."""
 
     def __init__(self, body: bytes) -> None:
         self.body = body
         self.settled: list[str] = []
+        self._channel = FakeChannel()
+
+    @property
+    def channel(self) -> FakeChannel:
+        if self._channel.is_closed:
+            raise ChannelInvalidStateError()
+        return self._channel
+
+    def _settle(self, how: str) -> None:
+        if self.settled:
+            raise MessageProcessError("Message already processed", self)
+        self.channel  # noqa: B018 - raises once the channel has closed
+        self.settled.append(how)
 
     async def ack(self):
-        self.settled.append("ack")
+        self._settle("ack")
 
     async def nack(self, requeue=True):
-        self.settled.append(f"nack(requeue={requeue})")
+        self._settle(f"nack(requeue={requeue})")
 
     async def reject(self, requeue=False):
-        self.settled.append(f"reject(requeue={requeue})")
+        self._settle(f"reject(requeue={requeue})")
 
 
 class OomRunner:
@@ -310,3 +340,77 @@ async def test_a_job_that_never_reaches_the_gpu_does_not_hold_up_the_next_one() 
         store.let_a_finish.set()
         await w.stop(5)
     assert [messages[j].settled for j in "axc"] == [["ack"]] * 3
+
+
+class SteppingRunner(RecordingRunner):
+    """Denoises in three steps and waits after the first until let go."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.first_step, self.go_on = asyncio.Event(), threading.Event()
+
+    def generate(self, mode, params, inputs, on_step):
+        on_step(1, 3)
+        self.loop.call_soon_threadsafe(self.first_step.set)
+        self.go_on.wait(30)
+        on_step(2, 3)
+        on_step(3, 3)
+        return super().generate(mode, params, inputs, lambda k, n: None)
+
+
+async def test_a_job_whose_delivery_is_lost_while_denoising_stops_and_writes_nothing_more() -> None:
+    """The broker has the job again (another worker may run it): this run stops at its next step."""
+    runner, store = SteppingRunner(asyncio.get_running_loop()), FakeStore()
+    w, messages, _ = dispatching_worker(runner, store, "a")
+    published = []
+
+    async def publish(event):
+        published.append(event)
+
+    w._publish_event = publish
+    run = asyncio.create_task(w.handle(messages["a"], w.run_job))
+    await asyncio.wait_for(runner.first_step.wait(), 10)
+    messages["a"]._channel.close()
+    runner.go_on.set()
+    await asyncio.wait_for(run, 10)
+    record = store.records["a"]
+    assert record.status == JobStatus.RUNNING and record.step == 1 and record.attempts == 1
+    assert messages["a"].settled == [] and output_key("a") not in store.objects
+    assert [e.step for e in published if e.status == JobStatus.RUNNING][-1] == 1
+    assert not [e for e in published if e.status.is_terminal] and not w._lost
+
+
+async def test_a_job_lost_while_uploading_ends_once_and_its_copy_here_is_acked_without_running() -> None:
+    """The broker restarted during the upload and gave the job back to this worker."""
+    runner, store = RecordingRunner(asyncio.get_running_loop()), HeldStore()
+    w, messages, _ = dispatching_worker(runner, store, "a")
+    first = asyncio.create_task(w.handle(messages["a"], w.run_job))
+    await asyncio.wait_for(store.upload_of_a_started.wait(), 10)
+    messages["a"]._channel.close()
+    again = FakeMessage(messages["a"].body)
+    second = asyncio.create_task(w.handle(again, w.run_job))  # waits for the first run to end
+    store.let_a_finish.set()
+    await asyncio.wait_for(asyncio.gather(first, second), 10)
+    assert runner.generated == ["a"] and messages["a"].settled == [] and again.settled == ["ack"]
+    assert store.records["a"].status == JobStatus.SUCCEEDED and output_key("a") in store.objects
+
+
+async def test_a_job_lost_while_uploading_leaves_its_end_to_the_worker_that_took_it_over() -> None:
+    runner, store = RecordingRunner(asyncio.get_running_loop()), HeldStore()
+    w, messages, _ = dispatching_worker(runner, store, "a")
+    published = []
+
+    async def publish(event):
+        published.append(event)
+
+    w._publish_event = publish
+    run = asyncio.create_task(w.handle(messages["a"], w.run_job))
+    await asyncio.wait_for(store.upload_of_a_started.wait(), 10)
+    messages["a"]._channel.close()
+    # Another worker takes the job back from the queue and starts it (attempt 2).
+    mine = store.records["a"]
+    store.records["a"] = mine.advance(attempts=2, worker="worker-other")
+    store.let_a_finish.set()
+    await asyncio.wait_for(run, 10)
+    assert store.records["a"].worker == "worker-other" and store.records["a"].status == JobStatus.RUNNING
+    assert not [e for e in published if e.status.is_terminal] and messages["a"].settled == []
