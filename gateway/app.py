@@ -17,7 +17,7 @@ from gateway import handlers, jobs, metrics, models, openai_api, quota, ws
 from gateway.auth import Keys, auth_middleware, load_keys
 from gateway.broker import GatewayBroker
 from gateway.deadletters import dead_letter_handler, expiry_handler
-from gateway.errors import error_middleware, timeout_middleware
+from gateway.errors import error_middleware, single_query_values, timeout_middleware
 from gateway.events import EventHub
 from gateway.keys import BROKER, HUB, KEYS, REGISTRY, SETTINGS, STORE, SUBMISSIONS, WEBHOOKS
 from gateway.metrics import metrics_middleware
@@ -43,6 +43,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
             metrics_middleware,
             error_middleware,
             auth_middleware(keys),
+            single_query_values,
             timeout_middleware(settings.request_timeout_s),
         ],
     )
@@ -63,8 +64,19 @@ def create_app(settings: GatewaySettings) -> web.Application:
 STATIC = Path(__file__).resolve().parent / "static"
 
 
+STATIC_FILES = frozenset(p.name for p in STATIC.iterdir() if p.is_file())
+
+
 async def _index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC / "index.html")
+
+
+async def _static(request: web.Request) -> web.FileResponse:
+    """The page's own files, by name only; anything else is a JSON 404 like every other error."""
+    name = request.match_info["name"]
+    if name not in STATIC_FILES:
+        raise web.HTTPNotFound()
+    return web.FileResponse(STATIC / name)
 
 
 def build_keys(settings: GatewaySettings) -> Keys | None:
@@ -95,7 +107,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/metrics", metrics.metrics)
     app.router.add_get("/", _index)
-    app.router.add_static("/static/", STATIC, name="static")
+    app.router.add_get("/static/{name}", _static)
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
     for mode in handlers.MODES:

@@ -84,6 +84,7 @@ def validation_error(exc: ValidationError) -> ApiError:
 
 _HTTP_CODES = {
     400: "bad_request",
+    403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
     413: "body_too_large",
@@ -96,7 +97,10 @@ async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     try:
-        return await handler(request)
+        response = await handler(request)
+        if isinstance(response, web.HTTPException) and response.status >= 400:
+            raise response  # returned rather than raised (aiohttp's static files): answer it in JSON too
+        return response
     except ApiError as exc:
         return respond(request, exc)
     except web.HTTPException as exc:
@@ -132,3 +136,17 @@ def timeout_middleware(seconds: float) -> Callable[..., Awaitable[web.StreamResp
             return respond(request, ApiError(504, "timeout", f"the request took longer than {seconds:g} s"))
 
     return middleware
+
+
+REPEATABLE_QUERY = {"job_id"}  # the streams take several jobs as job_id=a&job_id=b
+
+
+@web.middleware
+async def single_query_values(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A query parameter given twice is refused rather than one of its values picked silently."""
+    for name in dict.fromkeys(request.query):
+        if name not in REPEATABLE_QUERY and len(request.query.getall(name)) > 1:
+            raise bad_field(name, "single_value", f"{name}: given more than once; give each query parameter once")
+    return await handler(request)

@@ -81,6 +81,10 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, "body_too_large", f"request body is larger than the limit of {limit} bytes")
 
 
+def _not_json(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON value")
+
+
 async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise ApiError(
@@ -88,7 +92,7 @@ async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
         )
     body = await read_body(request, limit)
     try:
-        payload = json.loads(body)
+        payload = json.loads(body, parse_constant=_not_json)
     except ValueError as exc:  # not JSON, not UTF-8, or an integer beyond Python's digit limit
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
@@ -112,9 +116,17 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
     except ValueError as exc:  # e.g. no boundary in the Content-Type
         raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from exc
     try:
+        seen: set[str] = set()
         async for part in reader:
-            if not isinstance(part, BodyPartReader) or part.name is None:
+            if not isinstance(part, BodyPartReader):
                 raise ApiError(400, "bad_request", "nested multipart bodies are not accepted")
+            if part.name is None:
+                raise ApiError(
+                    400, "bad_request", "a multipart part has no name (Content-Disposition: form-data; name=...)"
+                )
+            if part.name in seen:
+                raise bad_input(part.name, "single_value", f"{part.name}: given more than once; send each field once")
+            seen.add(part.name)
             if part.name == file_field:
                 data = await _read_part(part, limit)
             elif part.filename is not None:
@@ -122,7 +134,10 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
                     part.name, "extra_forbidden", f"{part.name}: unexpected file; the only file field is {file_field!r}"
                 )
             else:
-                fields[part.name] = (await _read_part(part, MAX_FORM_FIELD_BYTES)).decode(errors="replace")
+                try:
+                    fields[part.name] = (await _read_part(part, MAX_FORM_FIELD_BYTES)).decode()
+                except UnicodeDecodeError:
+                    raise bad_input(part.name, "utf8", f"{part.name}: not valid UTF-8 text") from None
     except ValueError as exc:  # a missing or wrong boundary, a body cut short
         raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from exc
     return fields, data
@@ -133,7 +148,10 @@ async def _read_part(part: BodyPartReader, limit: int) -> bytes:
     while chunk := await part.read_chunk():
         size += len(chunk)
         if size > limit:
-            raise ApiError(413, "body_too_large", f"{part.name}: larger than the limit of {limit} bytes")
+            message = f"{part.name}: larger than the limit of {limit} bytes"
+            raise ApiError(
+                413, "body_too_large", message, [{"field": part.name, "rule": "max_bytes", "message": message}]
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -160,14 +178,15 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
     key = idempotency.key_of(request)
     request_model, file_field = MODES[mode]
     data: bytes | None = None
-    if file_field is not None and request.content_type == "multipart/form-data":
+    form = file_field is not None and request.content_type == "multipart/form-data"
+    if form:
         fields, data = await read_multipart(request, file_field, settings.max_upload_bytes)
         payload: dict[str, Any] = dict(fields)
     else:
         # Base64 inflates by 4/3; leave room for the other fields.
         limit = settings.max_body_bytes if file_field is None else settings.max_upload_bytes * 4 // 3 + 65536
         payload = await read_json(request, limit)
-    req = _validate(request_model, payload)
+    req = _validate(request_model, payload, strict=not form)
     if file_field is not None and data is None:
         encoded = getattr(req, file_field)
         if encoded is None:
@@ -286,8 +305,13 @@ async def _check_webhook(req: TextToVideoRequest, settings: Any) -> Webhook | No
     return Webhook(url=url, events=list(req.webhook_events or DEFAULT_WEBHOOK_EVENTS))
 
 
-def _validate(model: type[BaseModel], payload: dict[str, Any]) -> Any:
+def _validate(model: type[BaseModel], payload: dict[str, Any], strict: bool = True) -> Any:
+    """Check a body against its model. A JSON body is checked strictly: an integer field takes a
+    JSON integer, not "32", true or 32.0, and a number field no string. Form fields arrive as text
+    (strict=False) and are parsed."""
     try:
+        if strict:
+            return model.model_validate_json(json.dumps(payload), strict=True)
         return model.model_validate(payload)
     except ValidationError as exc:
         raise validation_error(exc) from exc

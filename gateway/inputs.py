@@ -7,7 +7,7 @@ import warnings
 from dataclasses import dataclass
 
 import av
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from gateway.errors import ApiError
 
@@ -54,7 +54,8 @@ def check_image(data: bytes, max_pixels: int) -> CheckedInput:
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise bad_input("image", "max_pixels", f"image: too many pixels ({exc})") from exc
     except Exception as exc:
-        raise bad_input("image", "decodable", f"image: not a readable PNG, JPEG or WebP image ({exc})") from exc
+        reason = "not an image file" if isinstance(exc, UnidentifiedImageError) else str(exc)
+        raise bad_input("image", "decodable", f"image: not a readable PNG, JPEG or WebP image ({reason})") from exc
     ext, content_type = IMAGE_FORMATS[kind]
     return CheckedInput("image", data, ext, content_type, width, height)
 

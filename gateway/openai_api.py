@@ -109,7 +109,12 @@ async def create_video(request: web.Request) -> web.Response:
         fields |= {"width": width, "height": height}
     if create.seconds is not None:
         fps = spec.defaults.fps or spec.native_fps
-        steps = max(1, round((float(create.seconds) * fps - 1) / spec.frame_step))
+        steps = round((float(create.seconds) * fps - 1) / spec.frame_step)
+        if steps < 1:
+            shortest = (spec.frame_step + 1) / fps
+            raise bad_field(
+                "seconds", "min_duration", f"seconds: model {spec.id!r} makes videos of at least {shortest:.2f} s"
+            )
         fields["num_frames"] = steps * spec.frame_step + 1
         if fields["num_frames"] > spec.limits.max_frames:
             longest = (spec.limits.max_frames - 1) / fps
@@ -135,12 +140,20 @@ def _in_openai_terms(exc: ApiError) -> ApiError:
 
 
 async def get_video(request: web.Request) -> web.Response:
-    return web.json_response(video_object(request, await load_visible(request, request.match_info["video_id"])))
+    return web.json_response(video_object(request, await _load_video(request)))
+
+
+async def _load_video(request: web.Request) -> JobRecord:
+    """The job behind a video id: generation jobs only (a model download is no video)."""
+    record = await load_visible(request, request.match_info["video_id"])
+    if record.mode == "download":
+        raise ApiError(404, "job_not_found", f"no video with id {record.job_id!r}")
+    return record
 
 
 async def delete_video(request: web.Request) -> web.Response:
     """A job still queued or running is cancelled; an ended one is deleted with its video."""
-    record = await load_visible(request, request.match_info["video_id"])
+    record = await _load_video(request)
     if not record.status.is_terminal:
         await cancel(request, record)
     else:
@@ -158,7 +171,7 @@ async def delete_video(request: web.Request) -> web.Response:
 
 
 async def video_content(request: web.Request) -> web.Response:
-    record = await load_visible(request, request.match_info["video_id"])
+    record = await _load_video(request)
     variant = request.query.get("variant", "video")
     if variant != "video":
         raise bad_field("variant", "supported", f"variant: only 'video' is available, not {variant!r}")

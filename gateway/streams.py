@@ -65,6 +65,8 @@ class StreamRequest:
             raise ApiError(
                 400, "bad_parameter", f"since must be an event seq (an integer), got {since_text!r}"
             ) from exc
+        if since < 0:
+            raise ApiError(400, "bad_parameter", f"since must be an event seq (0 or more), got {since_text!r}")
         return cls(job_ids[:1], since, owner)
 
 

@@ -214,7 +214,7 @@ def check_rules(spec: ModelSpec, v: dict[str, Any]) -> list[FieldProblem]:
     for field, upper in (("width", lim.max_width), ("height", lim.max_height)):
         value = v[field]
         if value % m:
-            lower = max(lim.min_size, value // m * m)
+            lower = min(upper, max(lim.min_size, value // m * m))
             higher = min(upper, lower + m) if value > lower else lower
             problems.append(
                 FieldProblem(

@@ -37,7 +37,12 @@ class TextToVideoRequest(BaseModel):
         default=None, description="Receives the job's events, signed (Standard Webhooks)."
     )
     webhook_events: list[WebhookEventType] | None = Field(
-        default=None, min_length=1, description="Which events to send; default: the terminal ones."
+        default=None,
+        min_length=1,
+        description="Which events to send; default: the terminal ones. Also one comma-separated string.",
+        json_schema_extra=lambda schema: schema["anyOf"].insert(
+            1, {"type": "string", "description": 'Comma-separated, e.g. "job.running,job.succeeded".'}
+        ),
     )
 
     @field_validator("webhook_events", mode="before")

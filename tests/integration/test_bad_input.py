@@ -22,8 +22,13 @@ CASES = [
     ({}, 422, "validation_error", "prompt", "missing", "Field required"),
     ({"prompt": ""}, 422, "validation_error", "prompt", "string_too_short", "at least 1 character"),
     ({"prompt": "x", "colour": "red"}, 422, "validation_error", "colour", "extra_forbidden", "not permitted"),
-    ({"prompt": "x", "width": "wide"}, 422, "validation_error", "width", "int_parsing", "valid integer"),
-    ({"prompt": "x", "width": 33.5}, 422, "validation_error", "width", "int_from_float", "fractional"),
+    ({"prompt": "x", "width": "wide"}, 422, "validation_error", "width", "int_type", "valid integer"),
+    ({"prompt": "x", "width": 33.5}, 422, "validation_error", "width", "int_type", "valid integer"),
+    # JSON types are strict: nothing is silently turned into a number.
+    ({"prompt": "x", "width": "32"}, 422, "validation_error", "width", "int_type", "valid integer"),
+    ({"prompt": "x", "width": 32.0}, 422, "validation_error", "width", "int_type", "valid integer"),
+    ({"prompt": "x", "seed": True}, 422, "validation_error", "seed", "int_type", "valid integer"),
+    ({"prompt": "x", "guidance_scale": "1.5"}, 422, "validation_error", "guidance_scale", "float_type", "valid number"),
     ({"prompt": "x", "guidance_scale": 51}, 422, "validation_error", "guidance_scale", "less_than_equal", "50"),
     ({"prompt": "x", "seed": -1}, 422, "validation_error", "seed", "greater_than_equal", "0"),
     ({"prompt": "x", "fps": 0}, 422, "validation_error", "fps", "greater_than_equal", "1"),
@@ -78,6 +83,7 @@ MALFORMED_JSON = {
     "not-utf8": b'{"prompt": "\xff"}',
     "integer-past-python-digit-limit": b'{"prompt": "x", "seed": ' + b"1" * 5000 + b"}",
     "nested-too-deep": b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+    "nan": b'{"prompt": "x", "guidance_scale": NaN}',
 }
 
 
@@ -92,6 +98,7 @@ MALFORMED_MULTIPART = {
     # (the body, the boundary the Content-Type names)
     "no-closing-boundary": (b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n', "b"),
     "other-boundary": (b'--a\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--a--\r\n', "b"),
+    "part-without-name": (b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n", "b"),
 }
 
 
@@ -146,3 +153,47 @@ async def test_unknown_route_and_method_are_json(stack, http) -> None:
         assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
     async with http.get(stack.gateway_url + URL) as response:
         assert response.status == 405 and (await response.json())["error"]["code"] == "method_not_allowed"
+
+
+def form(*parts: tuple[str, bytes]) -> bytes:
+    body = b"".join(
+        b'--b\r\nContent-Disposition: form-data; name="' + name.encode() + b'"\r\n\r\n' + value + b"\r\n"
+        for name, value in parts
+    )
+    return body + b"--b--\r\n"
+
+
+FORM_CASES = {
+    # (the parts, the field, the rule)
+    "field-twice": ((("prompt", b"a"), ("prompt", b"b")), "prompt", "single_value"),
+    "not-utf8": ((("prompt", b"\xff\xfe"),), "prompt", "utf8"),
+}
+
+
+@pytest.mark.parametrize(("parts", "field", "rule"), FORM_CASES.values(), ids=FORM_CASES.keys())
+async def test_form_fields_are_taken_as_sent_or_refused(stack, http, parts, field, rule) -> None:
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    url = stack.gateway_url + "/api/v1/generate/image-to-video"
+    async with http.post(url, data=form(*parts), headers=headers) as response:
+        payload = await response.json()
+    assert response.status == 422, payload
+    assert [(d["field"], d["rule"]) for d in payload["error"]["details"]] == [(field, rule)]
+
+
+async def test_a_query_parameter_given_twice_is_refused(stack, http) -> None:
+    async with http.get(stack.gateway_url + "/api/v1/jobs?limit=5&limit=6") as response:
+        payload = await response.json()
+    assert response.status == 422, payload
+    assert [(d["field"], d["rule"]) for d in payload["error"]["details"]] == [("limit", "single_value")]
+
+
+async def test_static_file_errors_are_json(stack, http) -> None:
+    async with http.get(stack.gateway_url + "/static/nope.js") as response:
+        assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
+
+
+async def test_a_negative_since_is_refused(stack, http) -> None:
+    url = f"{stack.gateway_url}/api/v1/events?job_id=33e8a532-5095-4c26-82cb-3ee7a8c59e49&since=-5"
+    async with http.get(url) as response:
+        payload = await response.json()
+    assert response.status == 400 and payload["error"]["code"] == "bad_parameter", payload

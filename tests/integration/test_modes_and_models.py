@@ -203,6 +203,9 @@ async def test_download_of_a_local_model_succeeds(stack, http) -> None:
     frames = await watch(http, stack.gateway_url, accepted["job_id"])
     assert [f["phase"] for f in frames] == ["queued", "downloading", "succeeded"]
     assert "local folder" in frames[-1]["job"]["message"]
+    for method, path in (("GET", ""), ("GET", "/content"), ("DELETE", "")):  # a download is no video
+        async with http.request(method, f"{stack.gateway_url}/v1/videos/{accepted['job_id']}{path}") as response:
+            assert response.status == 404, (method, path)
 
 
 async def test_download_from_an_unreachable_hub_fails_clearly(stack, http) -> None:

@@ -96,6 +96,9 @@ def test_errors_name_openai_fields(client, stack) -> None:
         client.videos.create(prompt="too long", model="ltx-tiny", size="32x32", seconds="60")
     assert error.value.body["param"] == "seconds"
     with pytest.raises(openai.BadRequestError) as error:
+        client.videos.create(prompt="too short", model="ltx-tiny", size="32x32", seconds="0")
+    assert error.value.body["param"] == "seconds" and "at least 1.12 s" in error.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as error:
         client.videos.create(prompt="who", model="sora-2")
     assert error.value.body["param"] == "model"
     stranger = openai.OpenAI(api_key="vg_wrong", base_url=f"{stack.gateway_url}/v1", max_retries=0)
