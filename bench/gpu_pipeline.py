@@ -198,14 +198,16 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
     configs = args.configs.split(",")
     # Eager first: compilation cannot be undone on a pipeline object.
     for config in configs:
-        if config == "compile":
-            pipe.transformer.compile_repeated_blocks(fullgraph=not any(c.startswith("fast") for c in configs))
+        if config == "compile":  # as a worker compiles: whole blocks, and a compiled call per tier
+            runner.compile_blocks()
         served_runner = runner
         config_sizes = sizes
         if config == "fast-taylorseer":
             served_runner = ModelRunner(spec_for(family, TAYLORSEER_LITE), pipe, device)
+            served_runner.compile_blocks(like=runner)
         if config == "fast-wide":
             served_runner = ModelRunner(spec_for(family, WIDE_FAST), pipe, device)
+            served_runner.compile_blocks(like=runner)
             config_sizes = sizes[-1:] if args.tiny or family == "wan" else [s for s in sizes if s == (768, 512, 121)]
         for width, height, frames in config_sizes:
             if args.deadline and time.monotonic() > args.deadline:

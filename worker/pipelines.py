@@ -77,6 +77,20 @@ def restore_forwards(model: torch.nn.Module) -> None:
             del module.forward
 
 
+def _compile_for_the_fast_tier(model: torch.nn.Module) -> dict[torch.nn.Module, tuple[Any, Any]]:
+    """A second compiled call for each compiled block, used while a fast-tier cache is on.
+
+    torch.compile keeps the graphs it traces per compiled callable. With one callable for both
+    tiers, the graphs traced around the cache's hooks (broken into pieces at each hooked
+    attention) had no guard that fails once the hooks are gone, so after a fast job the standard
+    jobs ran on those pieces: slower, most of all on small videos (docs/PERFORMANCE.md, section 5).
+    With a callable per tier, each tier only ever runs the graphs traced for it, and the standard
+    tier keeps whole-block graphs (fullgraph).
+    """
+    blocks = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
+    return {block: (block._compiled_call_impl, torch.compile(block._call_impl, fullgraph=False)) for block in blocks}
+
+
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """(frames, channels, height, width) floats in [0, 1] → uint8 (frames, height, width, channels)."""
     video = video.float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)
@@ -92,6 +106,8 @@ class ModelRunner:
         self.spec = spec
         self.device = device
         self.plan: MemoryPlan | None = "resident"  # None: unknown, after a change that failed part way
+        # Compiled blocks: each block's compiled call for standard jobs and for fast ones.
+        self._fast_blocks: dict[torch.nn.Module, tuple[Any, Any]] = {}
         base_mode = spec.modes[0]
         self.pipelines: dict[str, Any] = {base_mode: pipeline}
         for mode in spec.modes[1:]:
@@ -137,8 +153,7 @@ class ModelRunner:
             pipe.transformer.set_attention_backend(speed.attention_backend)
         if not (speed.compile and compile_blocks):
             return
-        # A cache hook inside a compiled block needs graph breaks: full graphs only without a fast tier.
-        pipe.transformer.compile_repeated_blocks(fullgraph=speed.fast is None)
+        self.compile_blocks()
         started = time.perf_counter()
         tiers = ["standard", "fast"] if speed.fast else ["standard"]
         for width, height, frames in speed.warmup:
@@ -163,6 +178,18 @@ class ModelRunner:
             tiers=tiers,
             seconds=round(time.perf_counter() - started, 2),
         )
+
+    def compile_blocks(self, like: ModelRunner | None = None) -> None:
+        """Compile the transformer's repeated blocks into whole-block graphs for standard jobs and,
+        with a fast tier, a second compiled call per block for fast jobs. `like`: a runner of the
+        same pipeline whose blocks are compiled already, whose calls this one then shares."""
+        if like is not None:
+            self._fast_blocks = like._fast_blocks
+            return
+        transformer = self.pipelines[self.spec.modes[0]].transformer
+        transformer.compile_repeated_blocks(fullgraph=True)
+        if self.spec.speed.fast:
+            self._fast_blocks = _compile_for_the_fast_tier(transformer)
 
     def generate(
         self, mode: GenerationMode, params: GenerationParams, inputs: Inputs, on_step: StepCallback
@@ -192,6 +219,8 @@ class ModelRunner:
         started = time.perf_counter()
         cached = self.uses_cache(params)
         if cached:
+            for block, (_, fast_call) in self._fast_blocks.items():
+                block._compiled_call_impl = fast_call
             pipe.transformer.enable_cache(self._cache_config(pipe))
         # The transformer's first call is where denoising starts.
         hook = pipe.transformer.register_forward_pre_hook(first_call)
@@ -202,6 +231,8 @@ class ModelRunner:
             if cached:
                 pipe.transformer.disable_cache()  # a cache holds one job's state: never carried over
                 restore_forwards(pipe.transformer)
+                for block, (standard_call, _) in self._fast_blocks.items():
+                    block._compiled_call_impl = standard_call
         frames = to_uint8_frames(output.frames[0])
         finished = time.perf_counter()
         last_step = marks["last_step"] or finished

@@ -14,9 +14,15 @@ from worker.tiny_models import build_all
 
 
 @pytest.fixture(scope="module")
-def runners(tmp_path_factory) -> dict[str, ModelRunner]:
+def model_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     build_all(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def runners(model_root) -> dict[str, ModelRunner]:
+    root = model_root
     registry = load_registry()
     device = pick_device("auto")
     return {
@@ -170,3 +176,28 @@ def test_taylorseer_lite_skips_the_blocks_on_most_steps_and_starts_afresh_each_j
     finally:
         hook.remove()
     assert counted == [7, 20, 7]  # steps 0, 1, 2, 4, 9, 14, 19 run the blocks
+
+
+def compiled_regions(runner: ModelRunner, p: GenerationParams) -> set[str]:
+    """The torch.compile frames (by id) one generation ran through: one per whole-block graph, more
+    when graphs were broken into pieces."""
+    with torch.profiler.profile() as profile:
+        runner.generate("text-to-video", p, Inputs(), lambda k, n: None)
+    prefix = "Torch-Compiled Region:"
+    return {e.name[len(prefix) :].split("/")[0].strip() for e in profile.events() if e.name.startswith(prefix)}
+
+
+def test_standard_jobs_after_a_fast_one_run_the_same_whole_block_graphs(model_root) -> None:
+    """Each tier has its own compiled calls: the graphs traced around the cache's hooks (in pieces)
+    never serve a standard job, which before ran on them after any fast job."""
+    fast = {"cache": "pyramid_attention_broadcast", "options": {"spatial_attention_block_skip_range": 2}}
+    patch = {"modes": ["text-to-video"], "speed": {"compile": True, "fast": fast}}
+    spec = load_registry(overrides={"ltx-tiny": patch}).get("ltx-tiny")
+    runner = ModelRunner.load(spec, model_root, torch.device("cpu"), torch.float32)  # its own weights
+    runner.prepare()
+    p = params("ltx-tiny", guidance_scale=3.0, num_inference_steps=4)
+    before = compiled_regions(runner, p)
+    fast_regions = compiled_regions(runner, p.model_copy(update={"tier": "fast"}))
+    after = compiled_regions(runner, p)
+    assert len(before) == 1 and after == before
+    assert fast_regions - before, "the fast tier ran graphs of its own"
