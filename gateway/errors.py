@@ -138,7 +138,9 @@ def timeout_middleware(seconds: float) -> Callable[..., Awaitable[web.StreamResp
     return middleware
 
 
-REPEATABLE_QUERY = {"job_id"}  # the streams take several jobs as job_id=a&job_id=b
+# The query parameters the API reads, each once (the streams' job_id may repeat: several jobs);
+# others are ignored.
+SINGLE_QUERY = {"access_token", "after", "all", "cursor", "limit", "model", "order", "since", "status", "variant"}
 
 
 @web.middleware
@@ -146,7 +148,7 @@ async def single_query_values(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """A query parameter given twice is refused rather than one of its values picked silently."""
-    for name in dict.fromkeys(request.query):
-        if name not in REPEATABLE_QUERY and len(request.query.getall(name)) > 1:
+    for name in SINGLE_QUERY.intersection(request.query):
+        if len(request.query.getall(name)) > 1:
             raise bad_field(name, "single_value", f"{name}: given more than once; give each query parameter once")
     return await handler(request)

@@ -125,7 +125,7 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
             "operationId": "model_info",
             "summary": "One model (default: the default model)",
             "parameters": [{"name": "model", "in": "query", "required": False, "schema": {"type": "string"}}],
-            "responses": {"200": ok(ModelInfo, "The model."), **errors("404")},
+            "responses": {"200": ok(ModelInfo, "The model."), **errors("404", "422")},
         }
     }
     paths["/api/v1/models/download"] = {
@@ -208,7 +208,7 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
             "parameters": stream_params,
             "responses": {
                 "101": {"description": "Switching to WebSocket; one JSON frame per event."},
-                **errors("400", "404"),
+                **errors("400", "404", "422"),
             },
         }
     }
@@ -225,7 +225,7 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                     "description": "`text/event-stream`: `event: job.event`, `id: <job_id>:<seq>`.",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}},
                 },
-                **errors("400", "404"),
+                **errors("400", "404", "422"),
             },
         }
     }
