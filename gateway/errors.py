@@ -97,10 +97,7 @@ async def error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     try:
-        response = await handler(request)
-        if isinstance(response, web.HTTPException) and response.status >= 400:
-            raise response  # returned rather than raised (aiohttp's static files): answer it in JSON too
-        return response
+        return await handler(request)
     except ApiError as exc:
         return respond(request, exc)
     except web.HTTPException as exc:

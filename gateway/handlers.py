@@ -310,9 +310,7 @@ def _validate(model: type[BaseModel], payload: dict[str, Any], strict: bool = Tr
     JSON integer, not "32", true or 32.0, and a number field no string. Form fields arrive as text
     (strict=False) and are parsed."""
     try:
-        if strict:
-            return model.model_validate_json(json.dumps(payload), strict=True)
-        return model.model_validate(payload)
+        return model.model_validate(payload, strict=strict)
     except ValidationError as exc:
         raise validation_error(exc) from exc
 

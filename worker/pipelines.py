@@ -67,9 +67,8 @@ def restore_forwards(model: torch.nn.Module) -> None:
     """Undo what removing diffusers hooks leaves behind: `forward` set on the module instances.
 
     diffusers puts the original bound method back as an instance attribute, which the graphs
-    compiled before the cache was enabled do not match: later standard-tier jobs then ran on
-    graphs traced with the hooks (on an H100, LTX at 512x512x65: 1.46 s instead of 1.04 s;
-    1.08 s with this; at 256x256x17 they stayed slower; docs/PERFORMANCE.md, section 5).
+    compiled for standard jobs do not match (they were traced without it): left there, the next
+    standard job would compile its blocks again.
     """
     for module in model.modules():
         forward = module.__dict__.get("forward")
@@ -106,8 +105,8 @@ class ModelRunner:
         self.spec = spec
         self.device = device
         self.plan: MemoryPlan | None = "resident"  # None: unknown, after a change that failed part way
-        # Compiled blocks: each block's compiled call for standard jobs and for fast ones.
-        self._fast_blocks: dict[torch.nn.Module, tuple[Any, Any]] = {}
+        # Compiled blocks: each block's compiled calls (for standard jobs, for fast ones).
+        self._compiled_calls: dict[torch.nn.Module, tuple[Any, Any]] = {}
         base_mode = spec.modes[0]
         self.pipelines: dict[str, Any] = {base_mode: pipeline}
         for mode in spec.modes[1:]:
@@ -184,12 +183,12 @@ class ModelRunner:
         with a fast tier, a second compiled call per block for fast jobs. `like`: a runner of the
         same pipeline whose blocks are compiled already, whose calls this one then shares."""
         if like is not None:
-            self._fast_blocks = like._fast_blocks
+            self._compiled_calls = like._compiled_calls
             return
         transformer = self.pipelines[self.spec.modes[0]].transformer
         transformer.compile_repeated_blocks(fullgraph=True)
         if self.spec.speed.fast:
-            self._fast_blocks = _compile_for_the_fast_tier(transformer)
+            self._compiled_calls = _compile_for_the_fast_tier(transformer)
 
     def generate(
         self, mode: GenerationMode, params: GenerationParams, inputs: Inputs, on_step: StepCallback
@@ -219,8 +218,7 @@ class ModelRunner:
         started = time.perf_counter()
         cached = self.uses_cache(params)
         if cached:
-            for block, (_, fast_call) in self._fast_blocks.items():
-                block._compiled_call_impl = fast_call
+            self._use_compiled_calls(fast=True)
             pipe.transformer.enable_cache(self._cache_config(pipe))
         # The transformer's first call is where denoising starts.
         hook = pipe.transformer.register_forward_pre_hook(first_call)
@@ -231,8 +229,7 @@ class ModelRunner:
             if cached:
                 pipe.transformer.disable_cache()  # a cache holds one job's state: never carried over
                 restore_forwards(pipe.transformer)
-                for block, (standard_call, _) in self._fast_blocks.items():
-                    block._compiled_call_impl = standard_call
+                self._use_compiled_calls(fast=False)
         frames = to_uint8_frames(output.frames[0])
         finished = time.perf_counter()
         last_step = marks["last_step"] or finished
@@ -240,6 +237,10 @@ class ModelRunner:
         return Generated(
             frames=frames, load_s=first_step - started, denoise_s=last_step - first_step, decode_s=finished - last_step
         )
+
+    def _use_compiled_calls(self, fast: bool) -> None:
+        for block, calls in self._compiled_calls.items():
+            block._compiled_call_impl = calls[fast]
 
     def uses_cache(self, params: GenerationParams) -> bool:
         """Whether a job runs with the fast tier's cache: asked for, and the video is large enough to gain."""

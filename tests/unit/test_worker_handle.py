@@ -358,16 +358,22 @@ class SteppingRunner(RecordingRunner):
         return super().generate(mode, params, inputs, lambda k, n: None)
 
 
-async def test_a_job_whose_delivery_is_lost_while_denoising_stops_and_writes_nothing_more() -> None:
-    """The broker has the job again (another worker may run it): this run stops at its next step."""
-    runner, store = SteppingRunner(asyncio.get_running_loop()), FakeStore()
-    w, messages, _ = dispatching_worker(runner, store, "a")
+def capture_events(w: Worker) -> list:
+    """The events the worker publishes, in order."""
     published = []
 
     async def publish(event):
         published.append(event)
 
     w._publish_event = publish
+    return published
+
+
+async def test_a_job_whose_delivery_is_lost_while_denoising_stops_and_writes_nothing_more() -> None:
+    """The broker has the job again (another worker may run it): this run stops at its next step."""
+    runner, store = SteppingRunner(asyncio.get_running_loop()), FakeStore()
+    w, messages, _ = dispatching_worker(runner, store, "a")
+    published = capture_events(w)
     run = asyncio.create_task(w.handle(messages["a"], w.run_job))
     await asyncio.wait_for(runner.first_step.wait(), 10)
     messages["a"]._channel.close()
@@ -398,12 +404,7 @@ async def test_a_job_lost_while_uploading_ends_once_and_its_copy_here_is_acked_w
 async def test_a_job_lost_while_uploading_leaves_its_end_to_the_worker_that_took_it_over() -> None:
     runner, store = RecordingRunner(asyncio.get_running_loop()), HeldStore()
     w, messages, _ = dispatching_worker(runner, store, "a")
-    published = []
-
-    async def publish(event):
-        published.append(event)
-
-    w._publish_event = publish
+    published = capture_events(w)
     run = asyncio.create_task(w.handle(messages["a"], w.run_job))
     await asyncio.wait_for(store.upload_of_a_started.wait(), 10)
     messages["a"]._channel.close()
