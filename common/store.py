@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -80,6 +81,18 @@ STORE_THREADS = 32
 
 class StoreUnavailable(RuntimeError):
     """The store could not be reached or answered with a server error."""
+
+
+class RecordChanged(Exception):
+    """A conditional write found the job record no longer as it was read: somebody else wrote it."""
+
+
+# What S3 stores answer when a write's precondition fails (AWS may also answer 409 to a write that
+# raced another conditional write of the same key).
+_CONFLICTS = ("PreconditionFailed", "ConditionalRequestConflict")
+
+# How often `update_record` reads again after losing a race before it gives up.
+UPDATE_TRIES = 10
 
 
 class ObjectStore:
@@ -155,21 +168,23 @@ class ObjectStore:
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
         await self._run(self._client.fput_object, self.bucket, key, str(path), content_type=content_type)
 
-    async def get_bytes(self, key: str) -> bytes | None:
-        def run() -> bytes | None:
-            try:
-                response = self._client.get_object(self.bucket, key)
-            except S3Error as exc:
-                if exc.code in ("NoSuchKey", "NoSuchObject"):
-                    return None
-                raise
-            try:
-                return response.read()
-            finally:
-                response.close()
-                response.release_conn()
+    def _read(self, key: str) -> tuple[bytes, str] | None:
+        """The object's bytes and ETag (None if there is no such object): blocking, for the pool."""
+        try:
+            response = self._client.get_object(self.bucket, key)
+        except S3Error as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                return None
+            raise
+        try:
+            return response.read(), response.headers.get("ETag", "").strip('"')
+        finally:
+            response.close()
+            response.release_conn()
 
-        return await self._run(run)
+    async def get_bytes(self, key: str) -> bytes | None:
+        found = await self._run(self._read, key)
+        return None if found is None else found[0]
 
     async def list_keys(self, prefix: str, start_after: str | None, limit: int) -> list[str]:
         def run() -> list[str]:
@@ -187,11 +202,65 @@ class ObjectStore:
         await self._run(self._client.remove_object, self.bucket, key)
 
     async def put_record(self, record: JobRecord) -> None:
+        """Write the record whatever is stored: for a job nobody else knows of yet."""
         await self.put_bytes(record_key(record.job_id), record.model_dump_json().encode(), "application/json")
 
     async def get_record(self, job_id: str) -> JobRecord | None:
-        raw = await self.get_bytes(record_key(job_id))
-        return None if raw is None else JobRecord.model_validate_json(raw)
+        found = await self.get_record_tagged(job_id)
+        return None if found is None else found[0]
+
+    async def get_record_tagged(self, job_id: str) -> tuple[JobRecord, str] | None:
+        """The record and its ETag, which `replace_record` takes to write only over this version."""
+        found = await self._run(self._read, record_key(job_id))
+        return None if found is None else (JobRecord.model_validate_json(found[0]), found[1])
+
+    async def replace_record(self, record: JobRecord, etag: str | None) -> str:
+        """Write the record only over the version with this ETag (None: only where there is none
+        yet), as one conditional PUT (`If-Match`, `If-None-Match`); returns the new ETag.
+
+        Raises RecordChanged if somebody else wrote the record since. A write that found its own
+        bytes already there (the store took it, then the answer was lost and the write retried)
+        counts as done.
+        """
+        data = record.model_dump_json().encode()
+        key = record_key(record.job_id)
+        condition = {"If-None-Match": "*"} if etag is None else {"If-Match": f'"{etag}"'}
+
+        def run() -> str:
+            # minio's put_object would send these as user metadata (X-Amz-Meta-…); _put_object is
+            # the single PUT it makes underneath, sending headers as given.
+            headers = {"Content-Type": "application/json", **condition}
+            try:
+                return self._client._put_object(self.bucket, key, data, headers=headers).etag
+            except S3Error as exc:
+                if exc.code not in _CONFLICTS:
+                    raise
+            stored = self._read(key)
+            if stored is not None and stored[0] == data:
+                return stored[1]
+            raise RecordChanged(record.job_id)
+
+        return await self._run(run)
+
+    async def update_record(
+        self, job_id: str, change: Callable[[JobRecord], JobRecord | None]
+    ) -> tuple[JobRecord | None, bool]:
+        """Read, change, write only if nobody wrote in between, else read again: (the record as
+        it now is, whether `change` was written). `change` returns None to leave the record be."""
+        for _ in range(UPDATE_TRIES):
+            found = await self.get_record_tagged(job_id)
+            if found is None:
+                return None, False
+            record, etag = found
+            changed = change(record)
+            if changed is None:
+                return record, False
+            try:
+                await self.replace_record(changed, etag)
+            except RecordChanged:
+                continue
+            return changed, True
+        raise RecordChanged(job_id)
 
     def presign(self, key: str, expires_s: int) -> tuple[str, datetime]:
         expires = timedelta(seconds=expires_s)

@@ -9,7 +9,7 @@ import structlog
 from common.store import ObjectStore
 from gateway.broker import DeadLetterHandler, ExpiryHandler, GatewayBroker
 from schemas import errors
-from schemas.jobs import JobError, JobStatus, Phase
+from schemas.jobs import JobError, JobRecord, JobStatus, Phase
 from schemas.messages import ExpiryCheck, JobEvent, JobMessage
 from schemas.registry import Registry
 
@@ -33,12 +33,18 @@ def explain(job: JobMessage, reason: str, death: dict[str, Any], registry: Regis
 
 def dead_letter_handler(store: ObjectStore, broker: GatewayBroker, registry: Registry) -> DeadLetterHandler:
     async def handle(job: JobMessage, reason: str, death: dict[str, Any]) -> None:
-        record = await store.get_record(job.job_id)
-        if record is None or record.status.is_terminal:
-            return
         error = explain(job, reason, death, registry)
-        failed = record.advance(status=JobStatus.FAILED, phase=Phase.FAILED, error=error)
-        await store.put_record(failed)
+
+        def fail(record: JobRecord) -> JobRecord | None:
+            return (
+                None
+                if record.status.is_terminal
+                else record.advance(status=JobStatus.FAILED, phase=Phase.FAILED, error=error)
+            )
+
+        failed, changed = await store.update_record(job.job_id, fail)
+        if not changed or failed is None:
+            return
         await broker.publish_event(JobEvent.from_record(failed))
         log.warning("job_dead_lettered", job_id=job.job_id, reason=reason, code=error.code)
 
@@ -47,14 +53,18 @@ def dead_letter_handler(store: ObjectStore, broker: GatewayBroker, registry: Reg
 
 def expiry_handler(store: ObjectStore, broker: GatewayBroker) -> ExpiryHandler:
     async def handle(check: ExpiryCheck) -> None:
-        record = await store.get_record(check.job_id)
-        # Only a job that never started expires; a running or handed-back one runs to its end.
-        if record is None or record.status != JobStatus.QUEUED or record.attempts:
+        error = errors.expired(check.model, check.max_queue_s)
+
+        def expire(record: JobRecord) -> JobRecord | None:
+            # Only a job that never started expires; a running or handed-back one runs to its end.
+            # The write is conditional: a worker that takes the job meanwhile wins, and it runs.
+            if record.status != JobStatus.QUEUED or record.attempts:
+                return None
+            return record.advance(status=JobStatus.FAILED, phase=Phase.FAILED, error=error)
+
+        expired, changed = await store.update_record(check.job_id, expire)
+        if not changed or expired is None:
             return
-        expired = record.advance(
-            status=JobStatus.FAILED, phase=Phase.FAILED, error=errors.expired(check.model, check.max_queue_s)
-        )
-        await store.put_record(expired)
         await broker.publish_event(JobEvent.from_record(expired))
         # A worker that receives the job later drops it, as it does a cancelled one.
         await broker.publish_cancel(check.job_id)

@@ -489,15 +489,23 @@ async def announce(request: web.Request, record: JobRecord) -> None:
 async def _mark_unpublished(
     request: web.Request, record: JobRecord, reason: str = "the broker did not accept the job"
 ) -> None:
-    failed = record.advance(
-        status=JobStatus.FAILED, phase=Phase.FAILED, error=JobError(code="not_queued", message=reason)
-    )
+    error = JobError(code="not_queued", message=reason)
+
+    def fail(now: JobRecord) -> JobRecord | None:
+        # A publish whose confirm was lost may still have reached a worker: if one took the job,
+        # it is the worker's (the write is conditional on the record still being queued).
+        if now.status != JobStatus.QUEUED or now.attempts:
+            return None
+        return now.advance(status=JobStatus.FAILED, phase=Phase.FAILED, error=error)
+
     try:
-        await request.app[STORE].put_record(failed)
+        now, _ = await request.app[STORE].update_record(record.job_id, fail)
+        if now is not None and not now.status.is_terminal:
+            return  # a worker runs it, and it counts until it ends
     except Exception as exc:
         log.error("store_write_failed", job_id=record.job_id, error=str(exc))
     try:  # on its own: a marker left behind would hold one of the key's slots for good
-        await quota.release(request.app[STORE], failed)
+        await quota.release(request.app[STORE], record)
     except Exception as exc:
         log.error("quota_marker_not_released", job_id=record.job_id, error=str(exc))
 

@@ -61,19 +61,24 @@ async def cancel(request: web.Request, record: JobRecord) -> tuple[JobRecord, in
         raise ApiError(409, "not_cancellable", "a model download cannot be stopped once it runs")
     # Every worker hears it: the one running the job stops it; one that receives it later drops it.
     await request.app[BROKER].publish_cancel(record.job_id)
-    # Read again: a worker may have started the job meanwhile, and then it is the worker's to end.
-    record = await load_visible(request, record.job_id)
-    if record.status.is_terminal:
-        return record, 200
-    if record.status == JobStatus.RUNNING:
-        if record.mode == "download":
+
+    def cancel_queued(now: JobRecord) -> JobRecord | None:
+        # Conditional on the record as read: a worker that starts the job meanwhile wins, and
+        # then it is the worker's to end.
+        if now.status.is_terminal or now.status == JobStatus.RUNNING:
+            return None
+        return now.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED, message="cancelled before it started")
+
+    now, cancelled = await request.app[STORE].update_record(record.job_id, cancel_queued)
+    if now is None:
+        raise ApiError(404, "job_not_found", f"no job with id {record.job_id!r}")
+    if not cancelled:
+        if now.status == JobStatus.RUNNING and now.mode == "download":
             raise ApiError(409, "not_cancellable", "a model download cannot be stopped once it runs")
-        return record, 202
-    cancelled = record.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED, message="cancelled before it started")
-    await request.app[STORE].put_record(cancelled)
-    await announce(request, cancelled)
+        return now, 202 if now.status == JobStatus.RUNNING else 200
+    await announce(request, now)
     log.info("job_cancelled", job_id=record.job_id, before="queued")
-    return cancelled, 200
+    return now, 200
 
 
 def _list_problems(request: web.Request) -> tuple[list[tuple[str, str, str]], dict[str, Any]]:

@@ -1,14 +1,17 @@
-"""Client-side helpers for the end-to-end tests: submit, watch over WebSocket, download."""
+"""Helpers for the tests: clients for the end-to-end tests (submit, watch over WebSocket,
+download), and a fake of the store's job records for unit tests."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 
-from schemas.jobs import GenerationParams
+from common.store import RecordChanged
+from schemas.jobs import GenerationParams, JobRecord, JobStatus, Phase, utcnow
 
 # The API keys of the test stack (tests/conftest.py writes their hashes into the gateway's key file).
 TOKENS = {
@@ -187,3 +190,53 @@ def tiny_params(**changes: Any) -> GenerationParams:
         "seed": 1,
     }
     return GenerationParams(**fields | changes)
+
+
+def queued_record(job_id: str = "j", **changes: Any) -> JobRecord:
+    """A tiny text-to-video job's record as the gateway first writes it (`changes` on top)."""
+    now = utcnow()
+    fields: dict[str, Any] = {
+        "job_id": job_id,
+        "mode": "text-to-video",
+        "model": "ltx-tiny",
+        "status": JobStatus.QUEUED,
+        "phase": Phase.QUEUED,
+        "progress": 0.0,
+        "seq": 0,
+        "created_at": now,
+        "updated_at": now,
+        "params": tiny_params(),
+    }
+    return JobRecord(**(fields | changes))
+
+
+class FakeRecords:
+    """Job records as an S3 bucket keeps them, for unit tests: a record's ETag is the MD5 of its
+    bytes, and a conditional write over a version no longer stored fails (S3's 412)."""
+
+    def __init__(self) -> None:
+        self.records: dict[str, JobRecord] = {}
+
+    @staticmethod
+    def etag(record: JobRecord) -> str:
+        return hashlib.md5(record.model_dump_json().encode()).hexdigest()
+
+    async def get_record(self, job_id: str) -> JobRecord | None:
+        await asyncio.sleep(0)  # yield like real I/O would
+        return self.records.get(job_id)
+
+    async def get_record_tagged(self, job_id: str) -> tuple[JobRecord, str] | None:
+        record = await self.get_record(job_id)
+        return None if record is None else (record, self.etag(record))
+
+    async def put_record(self, record: JobRecord) -> None:
+        await asyncio.sleep(0)
+        self.records[record.job_id] = record
+
+    async def replace_record(self, record: JobRecord, etag: str | None) -> str:
+        await asyncio.sleep(0)
+        stored = self.records.get(record.job_id)
+        if (None if stored is None else self.etag(stored)) != etag:
+            raise RecordChanged(record.job_id)
+        self.records[record.job_id] = record
+        return self.etag(record)

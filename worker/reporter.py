@@ -8,7 +8,7 @@ from typing import Any
 
 import structlog
 
-from common.store import ObjectStore
+from common.store import ObjectStore, RecordChanged
 from schemas.jobs import JobRecord
 from schemas.messages import JobEvent
 from worker.retry import patiently
@@ -22,22 +22,36 @@ class DeliveryLost(Exception):
     """The job's message went back to the broker (its channel closed): another run owns the job now."""
 
 
+class EndedElsewhere(Exception):
+    """Somebody else ended the job while this run held it (the gateway cancelled or expired it
+    just as the run started): this run writes nothing more."""
+
+    def __init__(self, record: JobRecord) -> None:
+        super().__init__(record.status)
+        self.record = record
+
+
 class JobReporter:
     """Serialises state changes so the record and the events move in lockstep, `seq` by `seq`.
 
     Writing the record before publishing means a client that sees an event can always read at
     least that state back, and a redelivered job continues the sequence from the record.
+
+    Every write is conditional on the record being the version this run last read or wrote
+    (`etag`; None: there is no record yet), so a change by somebody else is never overwritten.
     """
 
     def __init__(
         self,
         record: JobRecord,
+        etag: str | None,
         store: ObjectStore,
         publish: Publish,
         store_patience_s: float = 0.0,
         lost: Callable[[], bool] = lambda: False,
     ) -> None:
         self.record = record
+        self.etag = etag
         self._lost = lost
         self._store = store
         self._patience_s = store_patience_s
@@ -47,26 +61,31 @@ class JobReporter:
         self._pending: set[asyncio.Task[None]] = set()
 
     async def update(self, patient: bool = True, **changes: Any) -> JobRecord:
-        """Apply a change now; raises if the record cannot be written (within the store patience)."""
+        """Apply a change now; raises if the record cannot be written (within the store patience),
+        EndedElsewhere if somebody else ended the job, DeliveryLost once the job went back to its
+        queue (another run may own it: this one gets to write only its end, and only if nobody
+        else wrote since)."""
         async with self._lock:
-            # A job whose message went back to the broker may be another run's by now: it gets no
-            # more progress from this one, only its end, and only if nobody else wrote since.
-            if self._lost() and not (changes.get("status", self.record.status).is_terminal and await self._unchanged()):
+            lost = self._lost()
+            if lost and not changes.get("status", self.record.status).is_terminal:
                 raise DeliveryLost()
             record = self.record.advance(**changes)
-            await patiently(
-                lambda: self._store.put_record(record), self._patience_s if patient else 0.0, "write_record"
-            )
+            try:
+                self.etag = await patiently(
+                    lambda: self._store.replace_record(record, self.etag),
+                    self._patience_s if patient else 0.0,
+                    "write_record",
+                )
+            except RecordChanged:
+                if lost or self._lost():
+                    raise DeliveryLost() from None
+                stored = await self._store.get_record(record.job_id)
+                if stored is not None and stored.status.is_terminal:
+                    raise EndedElsewhere(stored) from None
+                raise
             self.record = record
             await self._publish(JobEvent.from_record(record))
             return record
-
-    async def _unchanged(self) -> bool:
-        try:
-            stored = await self._store.get_record(self.record.job_id)
-        except Exception:
-            return False
-        return stored is not None and stored.seq == self.record.seq and stored.worker == self.record.worker
 
     def update_threadsafe(self, **changes: Any) -> None:
         """From the generation thread: schedule an update without waiting for it."""
@@ -82,7 +101,7 @@ class JobReporter:
         try:
             # One try: a progress event is not worth waiting out an outage for (the next change is).
             await self.update(patient=False, **changes)
-        except DeliveryLost:
+        except (DeliveryLost, EndedElsewhere):
             pass
         except Exception as exc:  # a lost progress event is not worth failing the job over
             log.warning("progress_update_failed", error=str(exc))

@@ -10,18 +10,24 @@ from typing import TypeVar
 
 import structlog
 
+from common.store import RecordChanged
+
 log = structlog.get_logger("worker.store")
 
 T = TypeVar("T")
 
 
 async def patiently(op: Callable[[], Awaitable[T]], patience_s: float, what: str) -> T:
-    """Run `op`, retrying with backoff (0.5 s doubling to 10 s) until it succeeds or `patience_s` passes."""
+    """Run `op`, retrying with backoff (0.5 s doubling to 10 s) until it succeeds or `patience_s`
+    passes. A conditional write that lost to another writer is an answer, not an outage: it is
+    raised at once."""
     deadline = time.monotonic() + patience_s
     delay = 0.5
     while True:
         try:
             return await op()
+        except RecordChanged:
+            raise
         except Exception as exc:
             if time.monotonic() + delay > deadline:
                 raise

@@ -55,7 +55,7 @@ from worker.eta import EtaEstimator, FinishTimes
 from worker.inputs import load_image, load_video
 from worker.metrics import BUSY, RUNNING, job_ended
 from worker.pipelines import Generated, Inputs, ModelRunner
-from worker.reporter import DeliveryLost, JobReporter
+from worker.reporter import DeliveryLost, EndedElsewhere, JobReporter
 from worker.retry import patiently
 
 log = structlog.get_logger("worker")
@@ -327,9 +327,10 @@ class Worker:
         """Run the job unless it already ended, then settle its message: exceptions decide how."""
         reporter: JobReporter | None = None
         try:
-            record = await patiently(
-                lambda: self._store.get_record(job.job_id), self.settings.store_patience_s, "read_record"
-            ) or _record_from(job)
+            found = await patiently(
+                lambda: self._store.get_record_tagged(job.job_id), self.settings.store_patience_s, "read_record"
+            )
+            record, etag = found or (_record_from(job), None)
             if record.status.is_terminal:
                 # A redelivery of a job that already ended: never run it twice.
                 log.info("job_already_finished", status=record.status)
@@ -337,30 +338,20 @@ class Worker:
                 return
             reporter = JobReporter(
                 record,
+                etag,
                 self._store,
                 self._publish_event,
                 self.settings.store_patience_s,
                 lost=lambda: job.job_id in self._lost,
             )
             try:
-                if job.job_id in self._cancelled:
-                    raise JobCancelled()
-                await run(job, reporter)
-            except JobCancelled:
-                if job.job_id in self._lost:  # stopped because the job went back to its queue
-                    raise DeliveryLost() from None
+                await self._run_to_end(job, reporter, run)
+            except EndedElsewhere as exc:
+                # Cancelled or expired by the gateway just as this run started: that end stands.
                 await reporter.flush()
-                started = reporter.record.status == JobStatus.RUNNING
-                await reporter.update(
-                    status=JobStatus.CANCELLED,
-                    phase=Phase.CANCELLED,
-                    message="cancelled while running" if started else "cancelled before it started",
-                )
-                log.info("job_cancelled", running=started)
-            except JobFailed as exc:
-                await reporter.flush()
-                await reporter.update(status=JobStatus.FAILED, phase=Phase.FAILED, error=exc.error)
-                log.warning("job_failed", code=exc.error.code, error=exc.error.message)
+                log.info("job_ended_elsewhere", status=exc.record.status)
+                await message.ack()
+                return
             await message.ack()
             self.jobs_done += 1
             _summarise(reporter.record)
@@ -379,6 +370,28 @@ class Worker:
             await asyncio.sleep(REQUEUE_DELAY_S)
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
+
+    async def _run_to_end(self, job: JobMessage, reporter: JobReporter, run: Runner) -> None:
+        """Run the job; a cancelled or failed run writes its end here."""
+        try:
+            if job.job_id in self._cancelled:
+                raise JobCancelled()
+            await run(job, reporter)
+        except JobCancelled:
+            if job.job_id in self._lost:  # stopped because the job went back to its queue
+                raise DeliveryLost() from None
+            await reporter.flush()
+            started = reporter.record.status == JobStatus.RUNNING
+            await reporter.update(
+                status=JobStatus.CANCELLED,
+                phase=Phase.CANCELLED,
+                message="cancelled while running" if started else "cancelled before it started",
+            )
+            log.info("job_cancelled", running=started)
+        except JobFailed as exc:
+            await reporter.flush()
+            await reporter.update(status=JobStatus.FAILED, phase=Phase.FAILED, error=exc.error)
+            log.warning("job_failed", code=exc.error.code, error=exc.error.message)
 
     async def run_job(
         self, job: JobMessage, reporter: JobReporter, on_gpu_free: Callable[[], None] = lambda: None

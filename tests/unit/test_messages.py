@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from schemas.jobs import JobRecord, JobStatus, Phase, utcnow
+from schemas.jobs import JobStatus, Phase
 from schemas.messages import DecodeError, JobEvent, JobMessage, decode, encode
-from tests.helpers import tiny_params
+from tests.helpers import queued_record, tiny_params
 
 PARAMS = tiny_params()
 
@@ -44,19 +44,7 @@ def test_bad_payloads_raise_one_error_keeping_the_bytes(raw: bytes) -> None:
 
 
 def test_terminal_event_carries_the_record() -> None:
-    now = utcnow()
-    record = JobRecord(
-        job_id="j",
-        mode="text-to-video",
-        model="ltx-tiny",
-        status=JobStatus.SUCCEEDED,
-        phase=Phase.SUCCEEDED,
-        progress=1.0,
-        seq=8,
-        created_at=now,
-        updated_at=now,
-        params=PARAMS,
-    )
+    record = queued_record(status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED, progress=1.0, seq=8, params=PARAMS)
     assert JobEvent.from_record(record).job == record
     running = record.model_copy(update={"status": JobStatus.RUNNING})
     assert JobEvent.from_record(running).job is None

@@ -5,41 +5,25 @@ import threading
 
 import pytest
 
-from schemas.jobs import JobRecord, JobStatus, Phase, utcnow
-from tests.helpers import tiny_params
+from schemas.jobs import JobRecord, JobStatus, Phase
+from tests.helpers import FakeRecords, queued_record
 from worker.reporter import JobReporter
 
-PARAMS = tiny_params()
 
-
-class FakeStore:
-    """Keeps the last record per job, like the bucket; can be made to fail."""
+class FakeStore(FakeRecords):
+    """Keeps every record written, in order; can be made to fail."""
 
     def __init__(self) -> None:
-        self.records: list[JobRecord] = []
+        super().__init__()
+        self.written: list[JobRecord] = []
         self.fail = False
 
-    async def put_record(self, record: JobRecord) -> None:
-        await asyncio.sleep(0)  # yield like real I/O would
+    async def replace_record(self, record: JobRecord, etag: str | None) -> str:
         if self.fail:
             raise ConnectionError("store down")
-        self.records.append(record)
-
-
-def new_record() -> JobRecord:
-    now = utcnow()
-    return JobRecord(
-        job_id="j",
-        mode="text-to-video",
-        model="ltx-tiny",
-        status=JobStatus.QUEUED,
-        phase=Phase.QUEUED,
-        progress=0.0,
-        seq=0,
-        created_at=now,
-        updated_at=now,
-        params=PARAMS,
-    )
+        etag = await super().replace_record(record, etag)
+        self.written.append(record)
+        return etag
 
 
 @pytest.fixture
@@ -51,10 +35,10 @@ async def test_each_update_is_written_then_published_in_order(published) -> None
     store = FakeStore()
 
     async def publish(event):
-        assert store.records[-1].seq == event.seq, "the record is written before the event goes out"
+        assert store.written[-1].seq == event.seq, "the record is written before the event goes out"
         published.append(event)
 
-    reporter = JobReporter(new_record(), store, publish)
+    reporter = JobReporter(queued_record(), None, store, publish)
     await reporter.update(status=JobStatus.RUNNING, phase=Phase.LOADING)
 
     def gpu_thread() -> None:
@@ -70,7 +54,7 @@ async def test_each_update_is_written_then_published_in_order(published) -> None
     assert [e.seq for e in published] == [1, 2, 3, 4, 5, 6]
     assert [e.step for e in published[1:5]] == [1, 2, 3, 4]
     assert published[-1].progress == pytest.approx(0.8)
-    assert reporter.record.seq == 6 and store.records[-1] == reporter.record
+    assert reporter.record.seq == 6 and store.written[-1] == reporter.record
 
 
 async def test_failed_write_raises_and_publishes_nothing(published) -> None:
@@ -79,7 +63,7 @@ async def test_failed_write_raises_and_publishes_nothing(published) -> None:
     async def publish(event):
         published.append(event)
 
-    reporter = JobReporter(new_record(), store, publish)
+    reporter = JobReporter(queued_record(), None, store, publish)
     store.fail = True
     with pytest.raises(ConnectionError):
         await reporter.update(status=JobStatus.RUNNING, phase=Phase.LOADING)

@@ -11,24 +11,18 @@ from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
 
 from common.settings import WorkerSettings
 from common.store import output_key
-from schemas.jobs import JobStatus
+from schemas.jobs import JobStatus, Phase
 from schemas.messages import JobMessage, decode, encode
 from schemas.registry import load_registry
-from tests.helpers import tiny_params
+from tests.helpers import FakeRecords, tiny_params
 from worker.pipelines import Generated
 from worker.worker import Worker, _record_from
 
 
-class FakeStore:
+class FakeStore(FakeRecords):
     def __init__(self) -> None:
-        self.records = {}
+        super().__init__()
         self.objects = {}
-
-    async def get_record(self, job_id):
-        return self.records.get(job_id)
-
-    async def put_record(self, record):
-        self.records[record.job_id] = record
 
     async def get_bytes(self, key):
         return self.objects.get(key)
@@ -163,6 +157,26 @@ async def test_malformed_or_unknown_version_goes_to_the_dead_letter_queue(worker
     assert message.settled == ["reject(requeue=False)"]
 
 
+async def test_a_job_cancelled_just_as_it_was_taken_is_acked_without_running(worker) -> None:
+    """The gateway cancelled it between this worker's read of the record and its first write."""
+    w, store, runner, published = worker
+    runner.calls = 1  # past the out-of-memory call
+    read = store.get_record_tagged
+
+    async def read_then_cancelled(job_id):
+        found = await read(job_id)
+        store.records[job_id] = found[0].advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED)
+        return found
+
+    store.get_record_tagged = read_then_cancelled
+    store.records["f"] = _record_from(job("f"))
+    message = FakeMessage(encode(job("f")))
+    await w.handle(message, w.run_job)
+    assert message.settled == ["ack"] and runner.calls == 1, "acked, never generated"
+    assert store.records["f"].status == JobStatus.CANCELLED and store.records["f"].seq == 1
+    assert published == [] and "jobs/f/video.mp4" not in store.objects
+
+
 async def test_store_trouble_longer_than_the_patience_hands_the_job_back(worker, monkeypatch) -> None:
     w, store, *_ = worker
     monkeypatch.setattr("worker.worker.REQUEUE_DELAY_S", 0.0)
@@ -171,7 +185,7 @@ async def test_store_trouble_longer_than_the_patience_hands_the_job_back(worker,
     async def down(job_id):
         raise ConnectionError("store down")
 
-    store.get_record = down
+    store.get_record_tagged = down
     message = FakeMessage(encode(job("d")))
     await asyncio.wait_for(w.handle(message, w.run_job), 5)
     assert message.settled == ["nack(requeue=True)"]
@@ -180,8 +194,8 @@ async def test_store_trouble_longer_than_the_patience_hands_the_job_back(worker,
 async def test_a_short_store_outage_is_waited_out_without_handing_the_job_back(worker) -> None:
     w, store, runner, _ = worker
     runner.calls = 1  # past the out-of-memory call
-    failures = {"put_record": 2, "put_file": 1}
-    real_put_record, real_put_file = store.put_record, store.put_file
+    failures = {"replace_record": 2, "put_file": 1}
+    real_replace_record, real_put_file = store.replace_record, store.put_file
 
     def flaky(name, real):
         async def op(*args):
@@ -192,7 +206,7 @@ async def test_a_short_store_outage_is_waited_out_without_handing_the_job_back(w
 
         return op
 
-    store.put_record = flaky("put_record", real_put_record)
+    store.replace_record = flaky("replace_record", real_replace_record)
     store.put_file = flaky("put_file", real_put_file)
     message = FakeMessage(encode(job("e")))
     await asyncio.wait_for(w.handle(message, w.run_job), 30)
