@@ -133,26 +133,30 @@ class GatewayBroker:
     def connected(self) -> bool:
         return self._connection is not None and not self._connection.is_closed and self._connection.connected.is_set()
 
-    async def publish_job(self, message: JobMessage, registry: Registry) -> None:
-        assert self._jobs is not None and self._channel is not None
+    async def publish_expiry_check(self, message: JobMessage, registry: Registry) -> None:
+        """The job's expiry check, confirmed: published before the job, at the same time as its
+        record is stored, so that a record left `queued` by a gateway that died before
+        publishing the job still ends (`expired`) when the check falls due. Downloads have none."""
+        assert self._channel is not None
+        if message.mode == "download":
+            return
+        model = message.params.model
+        limit = registry.models[model].max_queue_s
+        check = ExpiryCheck(job_id=message.job_id, model=model, max_queue_s=limit)
+        await self._channel.default_exchange.publish(
+            to_amqp(check, persistent=True, expiration=limit),
+            routing_key=self._topology.expiry_queue(model),
+            mandatory=True,
+        )
+
+    async def publish_job(self, message: JobMessage) -> None:
+        assert self._jobs is not None
         if message.mode == "download":
             await self._jobs.publish(to_amqp(message, persistent=True), routing_key=DOWNLOAD_KEY, mandatory=True)
             return
         model, priority = message.params.model, message.params.priority
-        limit = registry.models[model].max_queue_s
-        check = ExpiryCheck(job_id=message.job_id, model=model, max_queue_s=limit)
-        # The job and its expiry check, both confirmed, at once. If only the check fails, the
-        # publish fails and the gateway marks the job failed; a worker that takes it anyway finds
-        # it ended and drops it. If only the job fails, its check finds it ended and does nothing.
-        await asyncio.gather(
-            self._channel.default_exchange.publish(
-                to_amqp(check, persistent=True, expiration=limit),
-                routing_key=self._topology.expiry_queue(model),
-                mandatory=True,
-            ),
-            self._jobs.publish(
-                to_amqp(message, persistent=True), routing_key=Topology.job_key(model, priority), mandatory=True
-            ),
+        await self._jobs.publish(
+            to_amqp(message, persistent=True), routing_key=Topology.job_key(model, priority), mandatory=True
         )
         counts = self._queued.setdefault(model, dict.fromkeys(PRIORITIES, 0))
         counts[priority] += 1

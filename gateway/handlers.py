@@ -425,23 +425,31 @@ async def _enqueue(
     )
     record.events = [record.last_event()]
     # Inputs, index entry and record are stored (all at once) before the job is published, so a
-    # worker always finds them; listings skip index entries without a record. The quota marker is
-    # written after the record (a marker without a record is then always a leftover, which
-    # gateway/quota.py sweeps), at the same time as the job is published.
+    # worker always finds them; listings skip index entries without a record. The job's expiry
+    # check goes out at the same time: a record that a gateway dying before the publish leaves
+    # `queued` then still ends when the check falls due. The quota marker is written after the
+    # record (a marker without a record is then always a leftover, which gateway/quota.py
+    # sweeps), at the same time as the job is published.
     writes = [store.put_bytes(message.inputs[item.name], item.data, item.content_type) for item in inputs]
     writes += [
         store.put_bytes(index_key(job_id, params.model, now, owner), b"", "application/octet-stream"),
         store.put_record(record),
     ]
-    results = await asyncio.gather(*writes, return_exceptions=True)  # each write settles before any error
+    # Each settles before any error is looked at.
+    *results, checked = await asyncio.gather(
+        *writes, broker.publish_expiry_check(message, app[REGISTRY]), return_exceptions=True
+    )
     if failed := [r for r in results if isinstance(r, BaseException)]:
         log.error("store_write_failed", job_id=job_id, error=str(failed[0]))
         if not isinstance(results[-1], BaseException):  # the record says queued: it must not
             await _mark_unpublished(request, record, "the object store failed while the job was being queued")
         raise store_unavailable() from failed[0]
-    held, published = await asyncio.gather(
-        quota.hold(request, mode, job_id), broker.publish_job(message, app[REGISTRY]), return_exceptions=True
-    )
+    published: BaseException | None = checked if isinstance(checked, BaseException) else None
+    held = None
+    if published is None:
+        held, published = await asyncio.gather(
+            quota.hold(request, mode, job_id), broker.publish_job(message), return_exceptions=True
+        )
     if isinstance(published, BaseException):
         log.error("publish_failed", job_id=job_id, error=str(published))
         await _mark_unpublished(request, record)

@@ -76,8 +76,8 @@ async def test_concurrent_submissions_share_one_read_and_count_their_own_jobs() 
     figures = await asyncio.gather(*(broker.queue_stats(job()) for _ in range(20)))
     assert queues.reads == 1 and {f.messages for f in figures} == {5}
     # Jobs this gateway queues are added to the figures it read, by priority.
-    await broker.publish_job(job("high"), REGISTRY)
-    await broker.publish_job(job(), REGISTRY)
+    await broker.publish_job(job("high"))
+    await broker.publish_job(job())
     stats = await broker.queue_stats(job())
     assert queues.reads == 1
     assert stats.waiting == {"high": 1, "normal": 6, "low": 0} and stats.ahead_of("normal") == 7
@@ -87,7 +87,7 @@ async def test_figures_are_read_again_when_old_or_when_asked_fresh(monkeypatch: 
     queues = Queues()
     broker, _ = make_broker(queues)
     await broker.queue_stats(job())
-    await broker.publish_job(job(), REGISTRY)
+    await broker.publish_job(job())
     queues.waiting["normal"] = 1  # the broker now holds the job this gateway queued
     stats = await broker.queue_stats(job(), fresh=True)
     assert queues.reads == 2 and stats.messages == 1  # counted once, not twice
@@ -114,9 +114,11 @@ async def test_a_failed_read_reaches_every_waiter_and_the_next_one_reads_again()
 
 async def test_job_available_notices_are_coalesced_but_none_is_lost() -> None:
     broker, control = make_broker(Queues())
-    control.release.clear()  # the first notice is on its way
-    for _ in range(10):
-        await broker.publish_job(job(), REGISTRY)
+    control.release.clear()  # notices wait for their confirm
+    await broker.publish_job(job())
+    await asyncio.sleep(0)  # the first notice is on its way
+    for _ in range(9):
+        await broker.publish_job(job())
     await asyncio.sleep(0)
     assert len(control.sent) == 1
     control.release.set()
@@ -125,13 +127,15 @@ async def test_job_available_notices_are_coalesced_but_none_is_lost() -> None:
         await asyncio.gather(*broker._tasks)
     assert len(control.sent) == 2
     assert all(isinstance(decode(body), JobAvailable) for _, body in control.sent)
-    await broker.publish_job(job(), REGISTRY)  # idle again: a new job sends at once
+    await broker.publish_job(job())  # idle again: a new job sends at once
     await asyncio.gather(*broker._tasks)
     assert len(control.sent) == 3
 
 
 async def test_job_and_expiry_check_are_both_published() -> None:
     broker, _ = make_broker(Queues())
-    await broker.publish_job(job("low"), REGISTRY)
+    await broker.publish_expiry_check(job("low"), REGISTRY)
+    assert broker._jobs.sent == []  # type: ignore[union-attr]
+    await broker.publish_job(job("low"))
     assert [key for key, _ in broker._jobs.sent] == [Topology.job_key(MODEL, "low")]  # type: ignore[union-attr]
     assert [key for key, _ in broker._channel.default_exchange.sent] == [Topology("unit").expiry_queue(MODEL)]  # type: ignore[union-attr]
