@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,8 +19,16 @@ class DownloadFailed(Exception):
         self.code, self.message = code, message
 
 
-def download(spec: ModelSpec, models_dir: Path, on_progress: Progress) -> str:
-    """Make the model's weights available to workers; return a sentence saying where they are."""
+class DownloadStopped(Exception):
+    """The worker is stopping: the download ended early, its finished files kept in the cache."""
+
+
+def download(spec: ModelSpec, models_dir: Path, on_progress: Progress, stop: threading.Event | None = None) -> str:
+    """Make the model's weights available to workers; return a sentence saying where they are.
+
+    `stop` ends a download at its next progress update (huggingface_hub updates the bars of the
+    file count and of each file's bytes as data arrives): it raises DownloadStopped, and a later
+    download of the same model resumes from what the cache holds."""
     if spec.path is not None:
         folder = Path(spec.source(models_dir))
         if not (folder / "model_index.json").is_file():
@@ -36,6 +45,8 @@ def download(spec: ModelSpec, models_dir: Path, on_progress: Progress) -> str:
         """huggingface_hub counts finished files through this bar; pass the count on."""
 
         def update(self, n: float | None = 1) -> bool | None:
+            if stop is not None and stop.is_set():
+                raise DownloadStopped()
             shown = super().update(n)
             if self.total and self.unit != "B":  # the files bar, not a per-file bytes bar
                 on_progress(int(self.n), int(self.total))
@@ -44,6 +55,8 @@ def download(spec: ModelSpec, models_dir: Path, on_progress: Progress) -> str:
     try:
         path = snapshot_download(spec.repo, revision=spec.revision, tqdm_class=Reporting)
     except Exception as exc:
+        if stop is not None and stop.is_set():
+            raise DownloadStopped() from exc
         raise DownloadFailed(
             "download_failed", f"could not download {spec.repo!r}: {type(exc).__name__}: {exc}"
         ) from exc

@@ -18,7 +18,7 @@ from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import torch
@@ -57,6 +57,8 @@ from worker.metrics import BUSY, RUNNING, job_ended
 from worker.pipelines import Generated, Inputs, ModelRunner
 from worker.reporter import DeliveryLost, EndedElsewhere, JobReporter
 from worker.retry import patiently
+
+T = TypeVar("T")
 
 log = structlog.get_logger("worker")
 
@@ -98,6 +100,8 @@ class Worker:
         # One thread owns the GPU; encoding and uploads run elsewhere so it is free sooner.
         self._gpu = ThreadPoolExecutor(max_workers=1, thread_name_prefix="gpu")
         self._in_hand: set[asyncio.Task[None]] = set()  # generation jobs taken and not yet settled
+        self._downloading: set[asyncio.Task[None]] = set()  # download jobs being handled
+        self._stop_downloads = threading.Event()  # set when the worker stops: downloads end early
         self._handling: dict[str, asyncio.Event] = {}  # job id → set when its handling ends (downloads too)
         self._cancelled: OrderedDict[str, None] = OrderedDict()
         self._running: dict[str, threading.Event] = {}
@@ -172,10 +176,13 @@ class Worker:
                 # Bounded: during a broker outage a cancel would wait for the connection.
                 await asyncio.wait_for(queue.cancel(tag), 5.0)
         self._consumers.clear()
+        # A download may take hours: it stops at its next progress update and goes back to its
+        # queue; another worker resumes it from the files already in the cache.
+        self._stop_downloads.set()
         # The connection stays open meanwhile so heartbeats keep flowing.
         unfinished: set[asyncio.Task[None]] = set()
-        if self._in_hand:
-            _, unfinished = await asyncio.wait(set(self._in_hand), timeout=grace_s)
+        if self._in_hand or self._downloading:
+            _, unfinished = await asyncio.wait(self._in_hand | self._downloading, timeout=grace_s)
         finished = not unfinished
         for task in [self._dispatcher, *unfinished]:
             if task is not None:
@@ -232,10 +239,15 @@ class Worker:
             finishing = current
 
     async def _handle_job(self, message: AbstractIncomingMessage, gpu_free: asyncio.Event) -> None:
-        BUSY.set(1)
-
         async def run(job: JobMessage, reporter: JobReporter) -> None:
-            await self.run_job(job, reporter, on_gpu_free)
+            # Busy while the job runs until its frames are generated: not while a copy of a job
+            # in hand waits for it, nor in the pause before an interrupted job is handed back.
+            BUSY.set(1)
+            try:
+                await self.run_job(job, reporter, on_gpu_free)
+            finally:
+                if not gpu_free.is_set():
+                    BUSY.set(0)
 
         def on_gpu_free() -> None:
             if not gpu_free.is_set():
@@ -278,7 +290,13 @@ class Worker:
 
     async def _on_download(self, message: AbstractIncomingMessage) -> None:
         # Downloads use the network and disk, not the GPU: they do not wait for the current job.
-        await self.handle(message, self.run_download)
+        task = asyncio.current_task()
+        assert task is not None
+        self._downloading.add(task)
+        try:
+            await self.handle(message, self.run_download)
+        finally:
+            self._downloading.discard(task)
 
     async def handle(self, message: AbstractIncomingMessage, run: Runner) -> None:
         """Decode, skip what already ended, run, then settle the message: exceptions decide how."""
@@ -362,11 +380,16 @@ class Worker:
                         await reporter.flush()
                 log.warning("job_left_to_its_redelivery", status=reporter and reporter.record.status)
                 return
+            if reporter is not None:
+                await reporter.flush()
+            if self._stopping:  # the worker is stopping (a download ended early): hand it back now
+                log.info("job_handed_back", status=reporter and reporter.record.status)
+                with contextlib.suppress(Exception):
+                    await message.nack(requeue=True)
+                return
             # Infrastructure trouble (store or broker): give the job back for another try.
             # The queue's delivery limit dead-letters a job that keeps failing this way.
             log.exception("job_interrupted")
-            if reporter is not None:
-                await reporter.flush()
             await asyncio.sleep(REQUEUE_DELAY_S)
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)
@@ -585,7 +608,9 @@ class Worker:
             reporter.update_threadsafe(progress=0.99 * done / total, message=f"{done} of {total} files")
 
         try:
-            summary = await asyncio.to_thread(download, spec, self.settings.models_dir, on_progress)
+            summary = await in_daemon_thread(
+                download, spec, self.settings.models_dir, on_progress, self._stop_downloads
+            )
         except DownloadFailed as exc:
             raise JobFailed(JobError(code=exc.code, message=exc.message)) from exc
         await reporter.flush()
@@ -599,6 +624,31 @@ class Worker:
     async def _publish_event(self, event: JobEvent) -> None:
         assert self._events is not None
         await self._events.publish(to_amqp(event), routing_key=Topology.event_key(event.job_id, event.status))
+
+
+async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn` on a thread of its own that does not hold up the process's exit (a download stuck
+    in a network read, say), unlike asyncio.to_thread's pool, which Python waits for at exit."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if not done.done():
+            if error is None:
+                done.set_result(result)
+            else:
+                done.set_exception(error)
+
+    def run() -> None:
+        try:
+            result, error = fn(*args), None
+        except BaseException as exc:  # handed to the awaiting task
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=run, name=f"{getattr(fn, '__name__', 'task')}-thread", daemon=True).start()
+    return await done
 
 
 async def _ignore(message: AbstractIncomingMessage) -> None:

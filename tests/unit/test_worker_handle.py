@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 
 import pytest
 import torch
 from aio_pika.exceptions import ChannelInvalidStateError, MessageProcessError
+from prometheus_client import REGISTRY
 
 from common.settings import WorkerSettings
 from common.store import output_key
-from schemas.jobs import JobStatus, Phase
+from schemas.jobs import DownloadParams, JobStatus, Phase
 from schemas.messages import JobMessage, decode, encode
 from schemas.registry import load_registry
 from tests.helpers import FakeRecords, tiny_params
@@ -429,3 +431,60 @@ async def test_a_job_lost_while_uploading_leaves_its_end_to_the_worker_that_took
     await asyncio.wait_for(run, 10)
     assert store.records["a"].worker == "worker-other" and store.records["a"].status == JobStatus.RUNNING
     assert not [e for e in published if e.status.is_terminal] and messages["a"].settled == []
+
+
+async def test_stopping_ends_a_download_at_its_next_progress_and_hands_it_back(worker, monkeypatch) -> None:
+    """A download may take hours: a stopping worker does not wait for it, nor leave its thread behind."""
+    w, store, _, _ = worker
+    receiving, ended = threading.Event(), threading.Event()
+
+    def snapshot_download(repo_id, revision=None, tqdm_class=None):
+        """Like huggingface_hub's: a bar counting files, and a bar per file counting bytes as they come."""
+        try:
+            files = tqdm_class(total=2, unit="it", disable=True)
+            for _ in range(2):
+                received = tqdm_class(total=10**12, unit="B", disable=True)
+                deadline = time.monotonic() + 30  # a big file; bounded, should stopping not work
+                while time.monotonic() < deadline:
+                    receiving.set()
+                    time.sleep(0.01)  # the network
+                    received.update(64 * 1024)
+                files.update(1)
+            return "/cache/snapshot"
+        finally:
+            ended.set()
+
+    monkeypatch.setattr("huggingface_hub.snapshot_download", snapshot_download)
+    spec = load_registry().models["wan2-1-t2v-1-3b"]
+    message = FakeMessage(
+        encode(JobMessage(job_id="dl", mode="download", params=DownloadParams(model=spec.id, repo=spec.repo)))
+    )
+    handling = asyncio.create_task(w._on_download(message))
+    assert await asyncio.to_thread(receiving.wait, 10), "the download started"
+    assert await asyncio.wait_for(w.stop(grace_s=30), 10), "stopped without abandoning the download"
+    assert ended.is_set() and handling.done()
+    assert message.settled == ["nack(requeue=True)"]  # back in its queue, for another worker to resume
+    record = store.records["dl"]
+    assert record.status == JobStatus.RUNNING and record.phase == Phase.DOWNLOADING
+
+
+async def test_the_busy_gauge_is_0_while_an_interrupted_job_waits_to_be_handed_back(worker, monkeypatch) -> None:
+    w, store, _, _ = worker
+    monkeypatch.setattr("worker.worker.REQUEUE_DELAY_S", 0.0)
+    w.settings.store_patience_s = 0.0
+
+    async def down(record, etag):
+        raise ConnectionError("store down")
+
+    store.replace_record = down  # the job's `running` write fails: it never reaches the GPU
+    message = FakeMessage(encode(job("g")))
+    busy_when_handed_back = []
+    nack = message.nack
+
+    async def noting_nack(requeue=True):
+        busy_when_handed_back.append(REGISTRY.get_sample_value("videogen_worker_busy"))
+        await nack(requeue)
+
+    message.nack = noting_nack
+    await w._handle_job(message, asyncio.Event())
+    assert message.settled == ["nack(requeue=True)"] and busy_when_handed_back == [0.0]
