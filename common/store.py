@@ -16,8 +16,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import urllib3
+import urllib3.exceptions
 from minio import Minio
-from minio.error import S3Error
+from minio.error import MinioException, S3Error
 
 from common.settings import CommonSettings
 from schemas.jobs import JobRecord
@@ -79,8 +80,9 @@ def input_key(job_id: str, name: str, ext: str) -> str:
 STORE_THREADS = 32
 
 
-class StoreUnavailable(RuntimeError):
-    """The store could not be reached or answered with a server error."""
+# What the store client raises when the store cannot be reached, times out or answers with an
+# error: urllib3's connection and protocol errors, and minio's S3 and server errors.
+STORE_ERRORS: tuple[type[Exception], ...] = (urllib3.exceptions.HTTPError, MinioException)
 
 
 class RecordChanged(Exception):

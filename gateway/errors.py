@@ -11,6 +11,8 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
+from common.store import STORE_ERRORS
+
 log = structlog.get_logger("gateway")
 
 
@@ -107,6 +109,9 @@ async def error_middleware(
         message = exc.text if exc.status == 413 and exc.text else exc.reason
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         return respond(request, ApiError(exc.status, code, message, headers=headers))
+    except STORE_ERRORS as exc:  # wherever a request reads or writes the store
+        log.error("store_call_failed", path=request.path, method=request.method, error=str(exc))
+        return respond(request, store_unavailable())
     except Exception:
         log.exception("unhandled_error", path=request.path, method=request.method)
         return respond(request, ApiError(500, "internal_error", "internal error; see the gateway log"))

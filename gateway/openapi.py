@@ -208,7 +208,7 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
             "parameters": stream_params,
             "responses": {
                 "101": {"description": "Switching to WebSocket; one JSON frame per event."},
-                **errors("400", "404", "422"),
+                **errors("400", "404", "422", "503"),
             },
         }
     }
@@ -225,7 +225,7 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                     "description": "`text/event-stream`: `event: job.event`, `id: <job_id>:<seq>`.",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}},
                 },
-                **errors("400", "404", "422"),
+                **errors("400", "404", "422", "503"),
             },
         }
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 from pathlib import Path
 
 import pytest
@@ -155,6 +156,20 @@ async def test_ready_is_503_when_the_store_is_unreachable(stack, http) -> None:
     async with http.post(f"{gateway}/api/v1/generate/text-to-video", json={"prompt": "x"}) as response:
         assert response.status == 503 and (await response.json())["error"]["code"] == "store_unavailable"
         assert response.headers["Retry-After"]
+    # Every route that reads the store answers the same way, never 500.
+    job_id = str(uuid.uuid4())
+    for method, path in [
+        ("GET", f"/api/v1/jobs/{job_id}"),
+        ("GET", "/api/v1/jobs"),
+        ("POST", f"/api/v1/jobs/{job_id}/cancel"),
+        ("GET", f"/api/v1/events?job_id={job_id}"),
+        ("GET", f"/v1/videos/{job_id}"),
+    ]:
+        async with http.request(method, f"{gateway}{path}") as response:
+            body = await response.json()
+            assert response.status == 503 and response.headers["Retry-After"], (path, body)
+            code = body["error"]["code"]
+            assert code == "store_unavailable", (path, body)
 
 
 async def test_idempotency_key_returns_the_original_job(stack, http) -> None:
