@@ -86,7 +86,8 @@ STORE_ERRORS: tuple[type[Exception], ...] = (urllib3.exceptions.HTTPError, Minio
 
 
 class RecordChanged(Exception):
-    """A conditional write found the job record no longer as it was read: somebody else wrote it."""
+    """A conditional write found the object (a job record, an idempotency record) no longer as it
+    was read: somebody else wrote it."""
 
 
 # What S3 stores answer when a write's precondition fails (AWS may also answer 409 to a write that
@@ -185,7 +186,7 @@ class ObjectStore:
             response.release_conn()
 
     async def get_bytes(self, key: str) -> bytes | None:
-        found = await self._run(self._read, key)
+        found = await self.get_tagged(key)
         return None if found is None else found[0]
 
     async def list_keys(self, prefix: str, start_after: str | None, limit: int) -> list[str]:
@@ -213,25 +214,31 @@ class ObjectStore:
 
     async def get_record_tagged(self, job_id: str) -> tuple[JobRecord, str] | None:
         """The record and its ETag, which `replace_record` takes to write only over this version."""
-        found = await self._run(self._read, record_key(job_id))
+        found = await self.get_tagged(record_key(job_id))
         return None if found is None else (JobRecord.model_validate_json(found[0]), found[1])
 
     async def replace_record(self, record: JobRecord, etag: str | None) -> str:
-        """Write the record only over the version with this ETag (None: only where there is none
+        """Write the record only over the version with this ETag (see `put_if`)."""
+        return await self.put_if(record_key(record.job_id), record.model_dump_json().encode(), etag)
+
+    async def get_tagged(self, key: str) -> tuple[bytes, str] | None:
+        """An object's bytes and ETag, which `put_if` takes to write only over this version."""
+        return await self._run(self._read, key)
+
+    async def put_if(self, key: str, data: bytes, etag: str | None, content_type: str = "application/json") -> str:
+        """Write the object only over the version with this ETag (None: only where there is none
         yet), as one conditional PUT (`If-Match`, `If-None-Match`); returns the new ETag.
 
-        Raises RecordChanged if somebody else wrote the record since. A write that found its own
+        Raises RecordChanged if somebody else wrote the object since. A write that found its own
         bytes already there (the store took it, then the answer was lost and the write retried)
         counts as done.
         """
-        data = record.model_dump_json().encode()
-        key = record_key(record.job_id)
         condition = {"If-None-Match": "*"} if etag is None else {"If-Match": f'"{etag}"'}
 
         def run() -> str:
             # minio's put_object would send these as user metadata (X-Amz-Meta-…); _put_object is
             # the single PUT it makes underneath, sending headers as given.
-            headers = {"Content-Type": "application/json", **condition}
+            headers = {"Content-Type": content_type, **condition}
             try:
                 return self._client._put_object(self.bucket, key, data, headers=headers).etag
             except S3Error as exc:
@@ -240,7 +247,7 @@ class ObjectStore:
             stored = self._read(key)
             if stored is not None and stored[0] == data:
                 return stored[1]
-            raise RecordChanged(record.job_id)
+            raise RecordChanged(key)
 
         return await self._run(run)
 

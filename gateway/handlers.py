@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import re
 import uuid
@@ -214,11 +215,24 @@ async def _submit_once(
     # One submission per key at a time, across gateways: a second concurrent first use waits,
     # then finds the job the first one made.
     async with idempotency.claim(request, key):
-        if (job_id := await store_call(idempotency.earlier_job(request, key, print_))) is not None:
+        job_id, etag = await store_call(idempotency.earlier_job(request, key, print_))
+        if job_id is not None:
             return await _replay(request, job_id)
         accepted = await accept(request, mode, req, data, file_field)
         try:
-            await idempotency.remember(request, key, print_, accepted.job_id)
+            await idempotency.remember(request, key, print_, accepted.job_id, etag)
+        except idempotency.KeyTaken:
+            # Another gateway made a job for this key meanwhile (this one's hold on the key was
+            # lost): that job stands, and this duplicate is cancelled before it runs.
+            from gateway.jobs import cancel  # gateway.jobs imports this module
+
+            log.warning("idempotency_key_raced", job_id=accepted.job_id)
+            with contextlib.suppress(ApiError):  # 409: a worker was quicker and it already ended
+                await cancel(request, request[QUEUED_RECORD])
+            job_id, _ = await store_call(idempotency.earlier_job(request, key, print_))
+            if job_id is None:  # the other job's record is gone again: let the client retry
+                raise idempotency.busy() from None
+            return await _replay(request, job_id)
         except Exception as exc:  # the job is queued; only a retry with this key would not find it
             log.warning("idempotency_key_not_saved", job_id=accepted.job_id, error=str(exc))
     return _accepted_response(accepted)

@@ -3,7 +3,10 @@ job; the same key with another body is refused. Keys live in the object store, h
 the API key that sent them (two callers' keys never meet).
 
 Concurrent first uses of one key are made one at a time (`claim`): within a gateway by a lock,
-across gateways by an exclusive queue on the broker, which only one connection can hold."""
+across gateways by an exclusive queue on the broker, which only one connection can hold. Should
+that fail (a gateway whose broker connection dropped while it held the queue), the key's record
+is still written only over the version the submission read (`remember`): of two submissions
+that both made a job, one remembers its job and the other finds the key taken (`KeyTaken`)."""
 
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import structlog
 from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
+from common.store import RecordChanged
 from gateway.auth import owner_of
 from gateway.errors import ApiError
 from gateway.keys import BROKER, SETTINGS, STORE
@@ -77,13 +81,13 @@ async def claim(request: web.Request, key: str) -> AsyncIterator[None]:
         async with asyncio.timeout(CLAIM_TIMEOUT_S):
             await lock.acquire()
     except TimeoutError as exc:
-        raise _busy() from exc
+        raise busy() from exc
     try:
         try:
             held = request.app[BROKER].exclusive(f"idempotency.{digest}", CLAIM_TIMEOUT_S)
             await held.__aenter__()
         except TimeoutError as exc:
-            raise _busy() from exc
+            raise busy() from exc
         except Exception as exc:
             raise ApiError(
                 503, "broker_unavailable", "the broker is unavailable; retry later", headers={"Retry-After": "5"}
@@ -96,7 +100,7 @@ async def claim(request: web.Request, key: str) -> AsyncIterator[None]:
         lock.release()
 
 
-def _busy() -> ApiError:
+def busy() -> ApiError:
     return ApiError(
         409,
         "idempotency_key_in_use",
@@ -105,18 +109,24 @@ def _busy() -> ApiError:
     )
 
 
-async def earlier_job(request: web.Request, key: str, print_: str) -> str | None:
-    """The job an earlier submission with this key made, if within the window and the same body."""
-    raw = await request.app[STORE].get_bytes(_object_key(request, key))
-    if raw is None:
-        return None
+class KeyTaken(Exception):
+    """Another submission remembered a job under the key after this one looked it up."""
+
+
+async def earlier_job(request: web.Request, key: str, print_: str) -> tuple[str | None, str | None]:
+    """(The job an earlier submission with this key made, if within the window and the same
+    body; the ETag of the key's record, for `remember`, None if there is none)."""
+    found = await request.app[STORE].get_tagged(_object_key(request, key))
+    if found is None:
+        return None, None
+    raw, etag = found
     try:
         remembered = Remembered.model_validate_json(raw)
     except ValidationError:  # not written by a gateway of this version: the key is free again
         log.error("idempotency_record_unreadable", key=_object_key(request, key))
-        return None
+        return None, etag
     if utcnow() - remembered.created_at > timedelta(seconds=request.app[SETTINGS].idempotency_window_s):
-        return None
+        return None, etag
     if remembered.fingerprint != print_:
         message = (
             f"{HEADER}: this key was used for a different request (job {remembered.job_id}); "
@@ -128,9 +138,14 @@ async def earlier_job(request: web.Request, key: str, print_: str) -> str | None
             message,
             [{"field": HEADER, "rule": "reused_with_different_body", "message": message}],
         )
-    return remembered.job_id
+    return remembered.job_id, etag
 
 
-async def remember(request: web.Request, key: str, print_: str, job_id: str) -> None:
+async def remember(request: web.Request, key: str, print_: str, job_id: str, etag: str | None) -> None:
+    """Remember the job under the key, over the version `earlier_job` read; KeyTaken if another
+    submission wrote the key's record since."""
     body: dict[str, Any] = Remembered(fingerprint=print_, job_id=job_id, created_at=utcnow()).model_dump(mode="json")
-    await request.app[STORE].put_bytes(_object_key(request, key), json.dumps(body).encode(), "application/json")
+    try:
+        await request.app[STORE].put_if(_object_key(request, key), json.dumps(body).encode(), etag)
+    except RecordChanged as exc:
+        raise KeyTaken() from exc

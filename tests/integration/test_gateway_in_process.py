@@ -1,0 +1,124 @@
+"""A gateway in this process, on the real broker and store, with one step of a submission held
+or raced: what a gateway that dies mid-submission, or two gateways that both lost their hold on
+an Idempotency-Key, leave behind."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+
+from common.settings import GatewaySettings
+from common.store import ObjectStore, job_id_of_index
+from gateway import idempotency
+from gateway.app import create_app
+from gateway.broker import GatewayBroker
+from schemas.jobs import JobStatus
+from scripts import devstack
+from tests.conftest import delete_test_namespace
+from tests.helpers import until
+
+
+@pytest.fixture
+async def settings(s3_store, amqp_url, tmp_path, monkeypatch) -> AsyncIterator[GatewaySettings]:
+    """Settings of a gateway with a broker namespace and a bucket of its own, no API keys, and
+    `ltx-tiny` jobs that expire after a second in the queue."""
+    ns = f"test-inproc-{uuid.uuid4().hex[:8]}"
+    env = devstack.service_env(
+        s3_store,
+        amqp_url,
+        ns,
+        tmp_path,
+        VIDEOGEN_S3_BUCKET=f"inproc-{uuid.uuid4().hex[:8]}",
+        VIDEOGEN_AUTH_DISABLED="true",
+        VIDEOGEN_REQUEST_TIMEOUT_S="1",
+        VIDEOGEN_MODEL_OVERRIDES=json.dumps({"ltx-tiny": {"max_queue_s": 1}}),
+    )
+    for name, value in env.items():
+        if name.startswith("VIDEOGEN_"):
+            monkeypatch.setenv(name, value)
+    try:
+        yield GatewaySettings()
+    finally:
+        await delete_test_namespace(amqp_url, ns)
+
+
+async def stored_jobs(store: ObjectStore) -> list[str]:
+    return [job_id_of_index(key) for key in await store.list_keys("index/jobs/", None, 10)]
+
+
+async def test_a_job_stored_but_never_published_ends_expired(settings, monkeypatch) -> None:
+    """The gateway dies after storing the job's record, before publishing the job: its expiry check
+    went out with the record, so the job still ends when the check falls due."""
+    never, reached = asyncio.Event(), asyncio.Event()
+
+    async def dies_here(*args, **kwargs) -> None:
+        reached.set()
+        await never.wait()
+        raise ConnectionError("the gateway died before the job was published")
+
+    monkeypatch.setattr(GatewayBroker, "publish_job", dies_here)
+    store = ObjectStore(settings)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        response = await client.post("/api/v1/generate/text-to-video", json={"prompt": "never", "model": "ltx-tiny"})
+        assert response.status == 504 and reached.is_set()
+        [job_id] = await stored_jobs(store)
+
+        async def ended() -> bool:
+            record = await store.get_record(job_id)
+            return record is not None and record.status.is_terminal
+
+        await until(ended, 30, "the stored job to end")
+        record = await store.get_record(job_id)
+        assert record.status == JobStatus.FAILED and record.error.code == "expired"
+        assert record.attempts == 0 and record.seq == 1
+        never.set()  # let the held submission end before the app stops
+
+
+async def test_two_first_uses_of_a_key_that_both_made_a_job_end_with_one(settings, monkeypatch) -> None:
+    """Neither submission held the key (as when a gateway's broker connection drops while it holds
+    it): both look the key up, find nothing and queue a job. One remembers its job; the other
+    finds the key taken, cancels its own job and answers with the first."""
+
+    @asynccontextmanager
+    async def not_held(request, key) -> AsyncIterator[None]:
+        yield
+
+    both_queued, arrived = asyncio.Event(), []
+    remember = idempotency.remember
+
+    async def remember_once_both_queued(*args, **kwargs) -> None:
+        arrived.append(1)
+        if len(arrived) == 2:
+            both_queued.set()
+        await both_queued.wait()
+        await remember(*args, **kwargs)
+
+    monkeypatch.setattr(idempotency, "claim", not_held)
+    monkeypatch.setattr(idempotency, "remember", remember_once_both_queued)
+    settings = settings.model_copy(update={"request_timeout_s": 30.0, "model_overrides": {}})
+    store = ObjectStore(settings)
+    async with TestClient(TestServer(create_app(settings))) as client:
+
+        async def submit():
+            response = await client.post(
+                "/api/v1/generate/text-to-video",
+                json={"prompt": "once", "model": "ltx-tiny"},
+                headers={"Idempotency-Key": "raced-key"},
+            )
+            return response.status, response.headers.get("Idempotent-Replayed"), await response.json()
+
+        answers = await asyncio.gather(submit(), submit())
+        assert [status for status, _, _ in answers] == [202, 202]
+        assert answers[0][2]["job_id"] == answers[1][2]["job_id"], "both answers name the same job"
+        assert sorted(str(replayed) for _, replayed, _ in answers) == ["None", "true"]
+        jobs = await stored_jobs(store)
+        statuses = {job_id: (await store.get_record(job_id)).status for job_id in jobs}
+        kept = answers[0][2]["job_id"]
+        assert len(jobs) == 2 and statuses.pop(kept) == JobStatus.QUEUED
+        assert list(statuses.values()) == [JobStatus.CANCELLED], "the duplicate was cancelled"
