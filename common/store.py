@@ -90,9 +90,12 @@ class RecordChanged(Exception):
     was read: somebody else wrote it."""
 
 
-# What S3 stores answer when a write's precondition fails (AWS may also answer 409 to a write that
-# raced another conditional write of the same key).
-_CONFLICTS = ("PreconditionFailed", "ConditionalRequestConflict")
+# What S3 stores answer when a write's precondition fails; and AWS's answer to a conditional write
+# that raced another write of the same key, which is to be sent again (it then succeeds or fails
+# its precondition).
+_PRECONDITION_FAILED = "PreconditionFailed"
+_RACED = "ConditionalRequestConflict"
+_RACED_TRIES = 5
 
 # How often `update_record` reads again after losing a race before it gives up.
 UPDATE_TRIES = 10
@@ -239,11 +242,15 @@ class ObjectStore:
             # minio's put_object would send these as user metadata (X-Amz-Meta-…); _put_object is
             # the single PUT it makes underneath, sending headers as given.
             headers = {"Content-Type": content_type, **condition}
-            try:
-                return self._client._put_object(self.bucket, key, data, headers=headers).etag
-            except S3Error as exc:
-                if exc.code not in _CONFLICTS:
-                    raise
+            for _ in range(_RACED_TRIES):
+                try:
+                    return self._client._put_object(self.bucket, key, data, headers=headers).etag
+                except S3Error as exc:
+                    if exc.code == _PRECONDITION_FAILED:
+                        break
+                    if exc.code != _RACED:
+                        raise
+            # Refused (or raced every time): unless the bytes there are these, somebody else wrote.
             stored = self._read(key)
             if stored is not None and stored[0] == data:
                 return stored[1]

@@ -466,10 +466,12 @@ async def _enqueue(
         )
     if isinstance(published, BaseException):
         log.error("publish_failed", job_id=job_id, error=str(published))
-        await _mark_unpublished(request, record)
-        raise ApiError(
-            503, "broker_unavailable", "the job could not be queued; retry later", headers={"Retry-After": "5"}
-        ) from published
+        if not await _mark_unpublished(request, record):
+            raise ApiError(
+                503, "broker_unavailable", "the job could not be queued; retry later", headers={"Retry-After": "5"}
+            ) from published
+        # The broker took the job after all (only its confirm was lost): a worker has it.
+        log.warning("publish_confirm_lost", job_id=job_id)
     if isinstance(held, BaseException):  # the job is queued: it only goes uncounted by other gateways
         log.warning("quota_marker_not_saved", job_id=job_id, error=str(held))
     await announce(request, record)
@@ -510,7 +512,10 @@ async def announce(request: web.Request, record: JobRecord) -> None:
 
 async def _mark_unpublished(
     request: web.Request, record: JobRecord, reason: str = "the broker did not accept the job"
-) -> None:
+) -> bool:
+    """Move a job that was not queued on to `failed` (`not_queued`) and free its quota slot.
+    Returns True, changing nothing, if a worker has taken the job: the publish reached the broker
+    and only its confirm was lost."""
     error = JobError(code="not_queued", message=reason)
 
     def fail(now: JobRecord) -> JobRecord | None:
@@ -520,16 +525,19 @@ async def _mark_unpublished(
             return None
         return now.advance(status=JobStatus.FAILED, phase=Phase.FAILED, error=error)
 
+    taken = False
     try:
-        now, _ = await request.app[STORE].update_record(record.job_id, fail)
-        if now is not None and not now.status.is_terminal:
-            return  # a worker runs it, and it counts until it ends
+        now, failed = await request.app[STORE].update_record(record.job_id, fail)
+        taken = now is not None and not failed and now.attempts > 0
+        if taken and not now.status.is_terminal:
+            return True  # the job runs, and counts against its key until it ends
     except Exception as exc:
         log.error("store_write_failed", job_id=record.job_id, error=str(exc))
     try:  # on its own: a marker left behind would hold one of the key's slots for good
         await quota.release(request.app[STORE], record)
     except Exception as exc:
         log.error("quota_marker_not_released", job_id=record.job_id, error=str(exc))
+    return taken
 
 
 async def health(request: web.Request) -> web.Response:

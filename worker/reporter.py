@@ -69,23 +69,37 @@ class JobReporter:
             lost = self._lost()
             if lost and not changes.get("status", self.record.status).is_terminal:
                 raise DeliveryLost()
-            record = self.record.advance(**changes)
-            try:
-                self.etag = await patiently(
-                    lambda: self._store.replace_record(record, self.etag),
-                    self._patience_s if patient else 0.0,
-                    "write_record",
-                )
-            except RecordChanged:
-                if lost or self._lost():
-                    raise DeliveryLost() from None
-                stored = await self._store.get_record(record.job_id)
-                if stored is not None and stored.status.is_terminal:
-                    raise EndedElsewhere(stored) from None
-                raise
+            while True:
+                record = self.record.advance(**changes)
+                try:
+                    self.etag = await patiently(
+                        lambda: self._store.replace_record(record, self.etag),  # noqa: B023 - awaited here
+                        self._patience_s if patient else 0.0,
+                        "write_record",
+                    )
+                    break
+                except RecordChanged:
+                    if lost or self._lost():
+                        raise DeliveryLost() from None
+                    found = await self._store.get_record_tagged(record.job_id)
+                    if found is not None and self._written_by_this_run(found[0], record):
+                        # A progress write the store took though its answer was lost (it is not
+                        # tried again): go on from it.
+                        self.record, self.etag = found
+                        continue
+                    if found is not None and found[0].status.is_terminal:
+                        raise EndedElsewhere(found[0]) from None
+                    raise
             self.record = record
             await self._publish(JobEvent.from_record(record))
             return record
+
+    def _written_by_this_run(self, stored: JobRecord, attempted: JobRecord) -> bool:
+        return (
+            stored.seq > self.record.seq
+            and attempted.worker is not None
+            and (stored.worker, stored.attempts) == (attempted.worker, attempted.attempts)
+        )
 
     def update_threadsafe(self, **changes: Any) -> None:
         """From the generation thread: schedule an update without waiting for it."""

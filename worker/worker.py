@@ -373,7 +373,7 @@ class Worker:
             await message.ack()
             self.jobs_done += 1
             _summarise(reporter.record)
-        except Exception:
+        except Exception as exc:
             if job.job_id in self._lost:  # whatever this run was doing, the job is queued again
                 with contextlib.suppress(Exception):
                     if reporter is not None:
@@ -383,7 +383,7 @@ class Worker:
             if reporter is not None:
                 await reporter.flush()
             if self._stopping:  # the worker is stopping (a download ended early): hand it back now
-                log.info("job_handed_back", status=reporter and reporter.record.status)
+                log.info("job_handed_back", status=reporter and reporter.record.status, error=repr(exc))
                 with contextlib.suppress(Exception):
                     await message.nack(requeue=True)
                 return

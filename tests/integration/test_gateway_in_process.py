@@ -27,7 +27,7 @@ from tests.helpers import until
 @pytest.fixture
 async def settings(s3_store, amqp_url, tmp_path, monkeypatch) -> AsyncIterator[GatewaySettings]:
     """Settings of a gateway with a broker namespace and a bucket of its own, no API keys, and
-    `ltx-tiny` jobs that expire after a second in the queue."""
+    `ltx-tiny` jobs that expire after two seconds in the queue."""
     ns = f"test-inproc-{uuid.uuid4().hex[:8]}"
     env = devstack.service_env(
         s3_store,
@@ -37,7 +37,7 @@ async def settings(s3_store, amqp_url, tmp_path, monkeypatch) -> AsyncIterator[G
         VIDEOGEN_S3_BUCKET=f"inproc-{uuid.uuid4().hex[:8]}",
         VIDEOGEN_AUTH_DISABLED="true",
         VIDEOGEN_REQUEST_TIMEOUT_S="1",
-        VIDEOGEN_MODEL_OVERRIDES=json.dumps({"ltx-tiny": {"max_queue_s": 1}}),
+        VIDEOGEN_MODEL_OVERRIDES=json.dumps({"ltx-tiny": {"max_queue_s": 2}}),
     )
     for name, value in env.items():
         if name.startswith("VIDEOGEN_"):
@@ -122,3 +122,57 @@ async def test_two_first_uses_of_a_key_that_both_made_a_job_end_with_one(setting
         kept = answers[0][2]["job_id"]
         assert len(jobs) == 2 and statuses.pop(kept) == JobStatus.QUEUED
         assert list(statuses.values()) == [JobStatus.CANCELLED], "the duplicate was cancelled"
+
+
+@pytest.mark.parametrize("taken", [False, True])
+async def test_a_publish_whose_confirm_is_lost_is_accepted_only_if_a_worker_took_the_job(
+    settings, monkeypatch, taken
+) -> None:
+    """The broker gave no confirm for the job message: 503 and the job `failed` (`not_queued`), unless
+    it reached the broker after all and a worker has started it: then it stands, and the answer is 202."""
+    store = ObjectStore(settings)
+
+    async def confirm_lost(self, message) -> None:
+        if taken:  # a worker took the job from its queue and wrote `running`
+            record = await store.get_record(message.job_id)
+            await store.put_record(record.advance(status=JobStatus.RUNNING, attempts=1, worker="worker-x"))
+        raise ConnectionError("connection lost before the confirm")
+
+    monkeypatch.setattr(GatewayBroker, "publish_job", confirm_lost)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        response = await client.post("/api/v1/generate/text-to-video", json={"prompt": "lost", "model": "ltx-tiny"})
+        body = await response.json()
+        [job_id] = await stored_jobs(store)
+        record = await store.get_record(job_id)
+    if taken:
+        assert response.status == 202 and body["job_id"] == job_id
+        assert record.status == JobStatus.RUNNING and record.worker == "worker-x"
+    else:
+        assert response.status == 503 and body["error"]["code"] == "broker_unavailable"
+        assert record.status == JobStatus.FAILED and record.error.code == "not_queued"
+
+
+async def test_a_cancel_leaves_a_job_a_worker_started_meanwhile_to_that_worker(settings, monkeypatch) -> None:
+    """A worker writes `running` between the gateway's read of the queued record and its write of
+    `cancelled`: the gateway's write is refused, it reads again, and answers 202 with the running job."""
+    store = ObjectStore(settings)
+    read = ObjectStore.get_record_tagged
+    reads: list[str] = []
+
+    async def read_then_a_worker_starts(self, job_id):
+        found = await read(self, job_id)
+        reads.append(found[0].status)
+        if len(reads) == 2:  # the cancel's second read, for its conditional write
+            await store.put_record(found[0].advance(status=JobStatus.RUNNING, attempts=1, worker="worker-x"))
+        return found
+
+    async with TestClient(TestServer(create_app(settings))) as client:
+        response = await client.post("/api/v1/generate/text-to-video", json={"prompt": "race", "model": "ltx-tiny"})
+        job_id = (await response.json())["job_id"]
+        monkeypatch.setattr(ObjectStore, "get_record_tagged", read_then_a_worker_starts)
+        response = await client.post(f"/api/v1/jobs/{job_id}/cancel")
+        body = await response.json()
+        record = await store.get_record(job_id)
+    assert response.status == 202 and body["status"] == "running"
+    assert reads[:3] == [JobStatus.QUEUED, JobStatus.QUEUED, JobStatus.RUNNING], "read, raced, read again"
+    assert record.status == JobStatus.RUNNING and record.worker == "worker-x" and record.seq == 1

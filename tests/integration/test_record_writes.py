@@ -1,6 +1,7 @@
 """Job records are written conditionally (S3 `If-Match`), against the real store: whoever writes
-second over the same version loses and reads again, so the gateway's expiry, dead-letter and
-cancel writes never overwrite a worker that took the job meanwhile."""
+second over the same version loses and reads again, so the gateway's expiry and dead-letter
+writes never overwrite a worker that took the job meanwhile. (The cancel's race is in
+test_gateway_in_process.py, the worker's side in tests/unit/test_worker_handle.py.)"""
 
 from __future__ import annotations
 

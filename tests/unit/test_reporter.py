@@ -7,7 +7,7 @@ import pytest
 
 from schemas.jobs import JobRecord, JobStatus, Phase
 from tests.helpers import FakeRecords, queued_record
-from worker.reporter import JobReporter
+from worker.reporter import DeliveryLost, EndedElsewhere, JobReporter
 
 
 class FakeStore(FakeRecords):
@@ -72,3 +72,66 @@ async def test_failed_write_raises_and_publishes_nothing(published) -> None:
     await asyncio.sleep(0)
     await reporter.flush()
     assert published == []
+
+
+async def started(store: FakeStore, published: list, lost=lambda: False) -> JobReporter:
+    """A reporter whose run has written `running` over the gateway's queued record."""
+    queued = queued_record()
+    await store.put_record(queued)
+
+    async def publish(event):
+        published.append(event)
+
+    reporter = JobReporter(queued, store.etag(queued), store, publish, lost=lost)
+    await reporter.update(status=JobStatus.RUNNING, phase=Phase.LOADING, attempts=1, worker="worker-a")
+    return reporter
+
+
+async def test_a_progress_write_the_store_took_though_its_answer_was_lost_is_built_on(published) -> None:
+    store = FakeStore()
+    reporter = await started(store, published)
+    replace = store.replace_record
+
+    async def answer_lost(record, etag):
+        await replace(record, etag)
+        raise ConnectionError("read timed out")
+
+    store.replace_record = answer_lost
+    with pytest.raises(ConnectionError):
+        await reporter.update(patient=False, phase=Phase.DENOISING, step=1)
+    store.replace_record = replace
+    await reporter.update(phase=Phase.DENOISING, step=2)  # not refused as somebody else's change
+    assert [r.step for r in store.written] == [None, 1, 2] and store.records["j"].seq == 3
+    assert reporter.record == store.records["j"] and [e.seq for e in published] == [1, 3]
+
+
+async def test_a_job_ended_by_the_gateway_meanwhile_stops_the_run_without_a_write(published) -> None:
+    store = FakeStore()
+    queued = queued_record()
+    await store.put_record(queued)
+
+    async def publish(event):
+        published.append(event)
+
+    reporter = JobReporter(queued, store.etag(queued), store, publish)
+    cancelled = queued.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED)
+    await store.put_record(cancelled)  # the gateway's cancel, between the run's read and its first write
+    with pytest.raises(EndedElsewhere) as ended:
+        await reporter.update(status=JobStatus.RUNNING, phase=Phase.LOADING, attempts=1, worker="worker-a")
+    assert ended.value.record == cancelled and store.records["j"] == cancelled and published == []
+
+
+async def test_after_a_lost_delivery_only_an_end_over_this_runs_own_record_is_written(published) -> None:
+    store, lost = FakeStore(), threading.Event()
+    reporter = await started(store, published, lost=lost.is_set)
+    lost.set()
+    with pytest.raises(DeliveryLost):  # no more progress
+        await reporter.update(phase=Phase.DENOISING, step=1)
+    mine = store.records["j"]
+    store.records["j"] = mine.advance(attempts=2, worker="worker-b")  # another worker took it over
+    with pytest.raises(DeliveryLost):
+        await reporter.update(status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED)
+    assert store.records["j"].worker == "worker-b"
+    store.records["j"] = mine  # nobody took it over: this run's end is written
+    await reporter.update(status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED)
+    assert store.records["j"].status == JobStatus.SUCCEEDED and store.records["j"].worker == "worker-a"

@@ -167,7 +167,8 @@ async def test_a_job_cancelled_just_as_it_was_taken_is_acked_without_running(wor
 
     async def read_then_cancelled(job_id):
         found = await read(job_id)
-        store.records[job_id] = found[0].advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED)
+        if not found[0].status.is_terminal:  # once
+            store.records[job_id] = found[0].advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED)
         return found
 
     store.get_record_tagged = read_then_cancelled
