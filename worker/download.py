@@ -6,11 +6,14 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
+import structlog
 from tqdm.auto import tqdm
 
 from schemas.registry import ModelSpec
 
 Progress = Callable[[int, int], None]
+
+log = structlog.get_logger("worker.download")
 
 
 class DownloadFailed(Exception):
@@ -21,6 +24,20 @@ class DownloadFailed(Exception):
 
 class DownloadStopped(Exception):
     """The worker is stopping: the download ended early, its finished files kept in the cache."""
+
+
+def abort_transfers() -> None:
+    """Cancel the Xet transfers huggingface_hub has in flight in this process (the worker is
+    stopping). Files stored with Xet report their bytes from hf_xet's own threads, where raising
+    DownloadStopped stops nothing; aborting the session makes their download call raise."""
+    try:
+        from huggingface_hub.utils._xet import abort_xet_session
+    except ImportError:  # a huggingface_hub without Xet support: every download is HTTP
+        return
+    try:
+        abort_xet_session()
+    except Exception as exc:  # best effort: the grace period still ends the download
+        log.warning("xet_abort_failed", error=str(exc))
 
 
 def download(spec: ModelSpec, models_dir: Path, on_progress: Progress, stop: threading.Event | None = None) -> str:

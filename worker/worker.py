@@ -49,7 +49,7 @@ from schemas.jobs import (
 )
 from schemas.messages import CancelMessage, DecodeError, JobAvailable, JobEvent, JobMessage, decode
 from schemas.registry import ModelSpec, Registry
-from worker.download import DownloadFailed, download
+from worker.download import DownloadFailed, abort_transfers, download
 from worker.encode import encode_mp4
 from worker.eta import EtaEstimator, FinishTimes
 from worker.inputs import load_image, load_video
@@ -179,6 +179,8 @@ class Worker:
         # A download may take hours: it stops at its next progress update and goes back to its
         # queue; another worker resumes it from the files already in the cache.
         self._stop_downloads.set()
+        if self._downloading:  # on a thread of its own: it reaches into hf_xet's runtime
+            threading.Thread(target=abort_transfers, name="xet-abort", daemon=True).start()
         # The connection stays open meanwhile so heartbeats keep flowing.
         unfinished: set[asyncio.Task[None]] = set()
         if self._in_hand or self._downloading:
