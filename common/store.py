@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -242,7 +243,7 @@ class ObjectStore:
             # minio's put_object would send these as user metadata (X-Amz-Meta-…); _put_object is
             # the single PUT it makes underneath, sending headers as given.
             headers = {"Content-Type": content_type, **condition}
-            for _ in range(_RACED_TRIES):
+            for attempt in range(_RACED_TRIES):
                 try:
                     return self._client._put_object(self.bucket, key, data, headers=headers).etag
                 except S3Error as exc:
@@ -250,6 +251,7 @@ class ObjectStore:
                         break
                     if exc.code != _RACED:
                         raise
+                time.sleep(0.05 * 2**attempt)  # on a pool thread: let the other write land
             # Refused (or raced every time): unless the bytes there are these, somebody else wrote.
             stored = self._read(key)
             if stored is not None and stored[0] == data:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import contextlib
 import json
 import re
 import uuid
@@ -224,18 +223,39 @@ async def _submit_once(
         except idempotency.KeyTaken:
             # Another gateway made a job for this key meanwhile (this one's hold on the key was
             # lost): that job stands, and this duplicate is cancelled before it runs.
-            from gateway.jobs import cancel  # gateway.jobs imports this module
-
             log.warning("idempotency_key_raced", job_id=accepted.job_id)
-            with contextlib.suppress(ApiError):  # 409: a worker was quicker and it already ended
-                await cancel(request, request[QUEUED_RECORD])
+            await _drop_duplicate(request, accepted.job_id)
             job_id, _ = await store_call(idempotency.earlier_job(request, key, print_))
-            if job_id is None:  # the other job's record is gone again: let the client retry
+            if job_id is None:  # the key's object is unreadable or gone again: let the client retry
                 raise idempotency.busy() from None
             return await _replay(request, job_id)
         except Exception as exc:  # the job is queued; only a retry with this key would not find it
             log.warning("idempotency_key_not_saved", job_id=accepted.job_id, error=str(exc))
     return _accepted_response(accepted)
+
+
+async def _drop_duplicate(request: web.Request, job_id: str) -> None:
+    """Cancel a job that this submission queued although another one with the same
+    Idempotency-Key made the key's job: the record first (a worker that receives the job then
+    drops it; without its webhook, since the client never saw this job), then, best effort, the
+    cancel to the workers, which stops it should a worker have started it."""
+    from gateway.jobs import cancelled_if_queued  # gateway.jobs imports this module
+
+    def drop(now: JobRecord) -> JobRecord | None:
+        return cancelled_if_queued(
+            now, "cancelled: another submission with its Idempotency-Key made the job", webhook=None
+        )
+
+    try:
+        now, cancelled = await request.app[STORE].update_record(job_id, drop)
+        if cancelled and now is not None:
+            await announce(request, now)
+    except Exception as exc:
+        log.error("duplicate_not_cancelled", job_id=job_id, error=str(exc))
+    try:
+        await request.app[BROKER].publish_cancel(job_id)
+    except Exception as exc:
+        log.warning("cancel_not_sent", job_id=job_id, error=str(exc))
 
 
 async def accept(
@@ -466,15 +486,19 @@ async def _enqueue(
         )
     if isinstance(published, BaseException):
         log.error("publish_failed", job_id=job_id, error=str(published))
-        if not await _mark_unpublished(request, record):
+        taken = await _mark_unpublished(request, record)
+        if taken is None:
             raise ApiError(
                 503, "broker_unavailable", "the job could not be queued; retry later", headers={"Retry-After": "5"}
             ) from published
-        # The broker took the job after all (only its confirm was lost): a worker has it.
+        # The broker took the job after all (only its confirm was lost): a worker has it, and
+        # has announced it.
         log.warning("publish_confirm_lost", job_id=job_id)
+        record = taken
     if isinstance(held, BaseException):  # the job is queued: it only goes uncounted by other gateways
         log.warning("quota_marker_not_saved", job_id=job_id, error=str(held))
-    await announce(request, record)
+    if record.seq == 0:
+        await announce(request, record)
     SUBMITTED.labels(params.model, mode, _priority(params)).inc()
     workers = None if stats is None else stats.consumers
     log.info("job_accepted", job_id=job_id, model=params.model, mode=mode, workers=workers)
@@ -512,10 +536,10 @@ async def announce(request: web.Request, record: JobRecord) -> None:
 
 async def _mark_unpublished(
     request: web.Request, record: JobRecord, reason: str = "the broker did not accept the job"
-) -> bool:
+) -> JobRecord | None:
     """Move a job that was not queued on to `failed` (`not_queued`) and free its quota slot.
-    Returns True, changing nothing, if a worker has taken the job: the publish reached the broker
-    and only its confirm was lost."""
+    If a worker has taken the job (the publish reached the broker and only its confirm was
+    lost), change nothing and return the job as the worker has it."""
     error = JobError(code="not_queued", message=reason)
 
     def fail(now: JobRecord) -> JobRecord | None:
@@ -525,12 +549,12 @@ async def _mark_unpublished(
             return None
         return now.advance(status=JobStatus.FAILED, phase=Phase.FAILED, error=error)
 
-    taken = False
+    taken: JobRecord | None = None
     try:
         now, failed = await request.app[STORE].update_record(record.job_id, fail)
-        taken = now is not None and not failed and now.attempts > 0
-        if taken and not now.status.is_terminal:
-            return True  # the job runs, and counts against its key until it ends
+        taken = now if now is not None and not failed and now.attempts > 0 else None
+        if taken is not None and not taken.status.is_terminal:
+            return taken  # the job runs, and counts against its key until it ends
     except Exception as exc:
         log.error("store_write_failed", job_id=record.job_id, error=str(exc))
     try:  # on its own: a marker left behind would hold one of the key's slots for good

@@ -52,6 +52,17 @@ async def cancel_job(request: web.Request) -> web.Response:
     return web.json_response(_view(request, record), status=status)
 
 
+def cancelled_if_queued(
+    record: JobRecord, message: str = "cancelled before it started", **changes: Any
+) -> JobRecord | None:
+    """The record moved on to `cancelled`, or None if a worker has started the job or it ended.
+    For `update_record`: a worker that starts the job meanwhile wins, and then it is the
+    worker's to end."""
+    if record.status.is_terminal or record.status == JobStatus.RUNNING:
+        return None
+    return record.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED, message=message, **changes)
+
+
 async def cancel(request: web.Request, record: JobRecord) -> tuple[JobRecord, int]:
     """Cancel a job: (the job now, 200) if it ended or had not started, (the job, 202) while a running
     job stops; 409 if it had already ended."""
@@ -61,15 +72,7 @@ async def cancel(request: web.Request, record: JobRecord) -> tuple[JobRecord, in
         raise ApiError(409, "not_cancellable", "a model download cannot be stopped once it runs")
     # Every worker hears it: the one running the job stops it; one that receives it later drops it.
     await request.app[BROKER].publish_cancel(record.job_id)
-
-    def cancel_queued(now: JobRecord) -> JobRecord | None:
-        # Conditional on the record as read: a worker that starts the job meanwhile wins, and
-        # then it is the worker's to end.
-        if now.status.is_terminal or now.status == JobStatus.RUNNING:
-            return None
-        return now.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED, message="cancelled before it started")
-
-    now, cancelled = await request.app[STORE].update_record(record.job_id, cancel_queued)
+    now, cancelled = await request.app[STORE].update_record(record.job_id, cancelled_if_queued)
     if now is None:
         raise ApiError(404, "job_not_found", f"no job with id {record.job_id!r}")
     if not cancelled:

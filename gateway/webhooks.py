@@ -119,7 +119,8 @@ class WebhookDeliverer:
             await message.ack()
             return
         try:
-            hook = await self._webhook_of(event.job_id)
+            # A terminal event carries the record as it ended; others are looked up (and remembered).
+            hook = event.job.webhook if event.job is not None else await self._webhook_of(event.job_id)
         except Exception as exc:  # store trouble: try again later
             log.warning("webhook_lookup_failed", job_id=event.job_id, error=str(exc))
             await asyncio.sleep(2.0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import structlog
 from tqdm.auto import tqdm
@@ -26,18 +27,22 @@ class DownloadStopped(Exception):
     """The worker is stopping: the download ended early, its finished files kept in the cache."""
 
 
-def abort_transfers() -> None:
+def abort_transfers() -> bool:
     """Cancel the Xet transfers huggingface_hub has in flight in this process (the worker is
     stopping). Files stored with Xet report their bytes from hf_xet's own threads, where raising
-    DownloadStopped stops nothing; aborting the session makes their download call raise."""
+    DownloadStopped stops nothing; aborting the session makes their download call raise. Returns
+    False where this huggingface_hub cannot abort them (before 1.19: the grace period ends them)."""
     try:
         from huggingface_hub.utils._xet import abort_xet_session
-    except ImportError:  # a huggingface_hub without Xet support: every download is HTTP
-        return
+    except ImportError:
+        log.warning("xet_abort_unavailable", detail="this huggingface_hub cannot abort Xet transfers")
+        return False
     try:
         abort_xet_session()
     except Exception as exc:  # best effort: the grace period still ends the download
         log.warning("xet_abort_failed", error=str(exc))
+        return False
+    return True
 
 
 def download(spec: ModelSpec, models_dir: Path, on_progress: Progress, stop: threading.Event | None = None) -> str:
@@ -59,7 +64,14 @@ def download(spec: ModelSpec, models_dir: Path, on_progress: Progress, stop: thr
     from huggingface_hub import snapshot_download
 
     class Reporting(tqdm):
-        """huggingface_hub counts finished files through this bar; pass the count on."""
+        """huggingface_hub counts finished files through this bar; pass the count on. It makes a
+        bar for each file before downloading it: once stopped, no file starts."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            if stop is not None and stop.is_set():
+                self.disable = True  # what tqdm's __del__ looks at first
+                raise DownloadStopped()
+            super().__init__(*args, **kwargs)
 
         def update(self, n: float | None = 1) -> bool | None:
             if stop is not None and stop.is_set():

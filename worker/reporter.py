@@ -59,6 +59,9 @@ class JobReporter:
         self._lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._pending: set[asyncio.Task[None]] = set()
+        # The last record whose write failed without an answer: the store may have taken it all the
+        # same (if it did, the next write is refused, and finds it there).
+        self._unconfirmed: str | None = None
 
     async def update(self, patient: bool = True, **changes: Any) -> JobRecord:
         """Apply a change now; raises if the record cannot be written (within the store patience),
@@ -82,24 +85,22 @@ class JobReporter:
                     if lost or self._lost():
                         raise DeliveryLost() from None
                     found = await self._store.get_record_tagged(record.job_id)
-                    if found is not None and self._written_by_this_run(found[0], record):
-                        # A progress write the store took though its answer was lost (it is not
-                        # tried again): go on from it.
+                    if found is not None and found[0].model_dump_json() == self._unconfirmed:
+                        # A write of this run that failed without an answer, though the store
+                        # took it (progress writes are not tried again): go on from it.
                         self.record, self.etag = found
+                        self._unconfirmed = None
                         continue
                     if found is not None and found[0].status.is_terminal:
                         raise EndedElsewhere(found[0]) from None
                     raise
+                except Exception:
+                    self._unconfirmed = record.model_dump_json()
+                    raise
+            self._unconfirmed = None
             self.record = record
             await self._publish(JobEvent.from_record(record))
             return record
-
-    def _written_by_this_run(self, stored: JobRecord, attempted: JobRecord) -> bool:
-        return (
-            stored.seq > self.record.seq
-            and attempted.worker is not None
-            and (stored.worker, stored.attempts) == (attempted.worker, attempted.attempts)
-        )
 
     def update_threadsafe(self, **changes: Any) -> None:
         """From the generation thread: schedule an update without waiting for it."""

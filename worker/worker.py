@@ -180,7 +180,7 @@ class Worker:
         # queue; another worker resumes it from the files already in the cache.
         self._stop_downloads.set()
         if self._downloading:  # on a thread of its own: it reaches into hf_xet's runtime
-            threading.Thread(target=abort_transfers, name="xet-abort", daemon=True).start()
+            threading.Thread(target=self._abort_xet, args=(grace_s,), name="xet-abort", daemon=True).start()
         # The connection stays open meanwhile so heartbeats keep flowing.
         unfinished: set[asyncio.Task[None]] = set()
         if self._in_hand or self._downloading:
@@ -196,6 +196,13 @@ class Worker:
         self._gpu.shutdown(wait=finished, cancel_futures=True)
         log.info("worker_stopped", worker=self.worker_id, jobs_done=self.jobs_done, jobs_handed_back=len(unfinished))
         return finished
+
+    def _abort_xet(self, grace_s: float) -> None:
+        """Abort Xet transfers until the downloads have ended (or the grace period has): an abort
+        clears huggingface_hub's Xet session, and a file that starts after it gets a new one."""
+        deadline = time.monotonic() + grace_s
+        while self._downloading and time.monotonic() < deadline and abort_transfers():
+            time.sleep(0.5)
 
     async def _dispatch(self) -> None:
         """Take jobs from the highest priority that has one, models in turn within it, one on the GPU at a time.

@@ -5,6 +5,7 @@ import threading
 
 import pytest
 
+from schemas.errors import worker_crashed
 from schemas.jobs import JobRecord, JobStatus, Phase
 from tests.helpers import FakeRecords, queued_record
 from worker.reporter import DeliveryLost, EndedElsewhere, JobReporter
@@ -135,3 +136,14 @@ async def test_after_a_lost_delivery_only_an_end_over_this_runs_own_record_is_wr
     store.records["j"] = mine  # nobody took it over: this run's end is written
     await reporter.update(status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED)
     assert store.records["j"].status == JobStatus.SUCCEEDED and store.records["j"].worker == "worker-a"
+
+
+async def test_a_job_the_gateway_failed_while_it_ran_is_not_taken_for_this_runs_own_write(published) -> None:
+    """The dead-letter handler ends a running record as it is (same worker and attempt, next seq)."""
+    store = FakeStore()
+    reporter = await started(store, published)
+    failed = store.records["j"].advance(status=JobStatus.FAILED, phase=Phase.FAILED, error=worker_crashed())
+    store.records["j"] = failed
+    with pytest.raises(EndedElsewhere):
+        await reporter.update(phase=Phase.DENOISING, step=1)
+    assert store.records["j"] == failed
