@@ -244,6 +244,8 @@ class ObjectStore:
             # the single PUT it makes underneath, sending headers as given.
             headers = {"Content-Type": content_type, **condition}
             for attempt in range(_RACED_TRIES):
+                if attempt:
+                    time.sleep(0.05 * 2**attempt)  # on a pool thread: let the other write land
                 try:
                     return self._client._put_object(self.bucket, key, data, headers=headers).etag
                 except S3Error as exc:
@@ -251,7 +253,6 @@ class ObjectStore:
                         break
                     if exc.code != _RACED:
                         raise
-                time.sleep(0.05 * 2**attempt)  # on a pool thread: let the other write land
             # Refused (or raced every time): unless the bytes there are these, somebody else wrote.
             stored = self._read(key)
             if stored is not None and stored[0] == data:
