@@ -60,6 +60,11 @@ class GatewaySettings(CommonSettings):
     cors_allow_origins: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["*"], description="Origins browsers may call the API from; '*' any, empty none."
     )
+    download_max_queue_s: int = Field(
+        default=24 * 3600,
+        ge=1,
+        description="A model download that no worker has started after this many seconds fails with code `expired`.",
+    )
     idempotency_window_s: int = Field(
         default=24 * 3600, ge=1, description="How long an Idempotency-Key returns its original job."
     )

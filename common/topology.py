@@ -11,7 +11,8 @@
 - `<ns>.workers.<model>` one queue per model that never holds a message: each worker serving the
                 model keeps a consumer on it, so its consumer count is the number of such workers.
 - `<ns>.expiry.<model>` one delay queue per model: an `ExpiryCheck` per job, with a per-message TTL
-                of the model's `max_queue_s`, dead-lettered on expiry through the fanout exchange
+                of the model's `max_queue_s` (downloads: `<ns>.expiry._download`, with the
+                gateway's `download_max_queue_s`), dead-lettered on expiry through the fanout exchange
                 `<ns>.expiry.due` to the queue `<ns>.expiry.due`, which gateways consume: a job still
                 queued then fails with code `expired`.
 - `<ns>.events` topic exchange; routing key `job.<job_id>.<status>`. Messages: `JobEvent`
@@ -115,6 +116,7 @@ class Topology:
             self.expiry_due,
             self.webhooks_queue,
             self.downloads_queue,
+            self.expiry_queue(DOWNLOAD_KEY),
         ]
         for model_id in model_ids:
             names += [self.job_queue(model_id, p) for p in PRIORITIES]
@@ -156,12 +158,13 @@ class Topology:
         due_queue = await channel.declare_queue(self.expiry_due, durable=True, arguments={"x-queue-type": "quorum"})
         await due_queue.bind(due)
         queues = {}
-        for model_id in model_ids:
+        for name in [*model_ids, DOWNLOAD_KEY]:
             await channel.declare_queue(
-                self.expiry_queue(model_id),
+                self.expiry_queue(name),
                 durable=True,
                 arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": self.expiry_due},
             )
+        for model_id in model_ids:
             presence = self.workers_queue(model_id)
             queues[presence] = await channel.declare_queue(presence, durable=True, arguments={"x-queue-type": "quorum"})
         jobs = await channel.declare_exchange(self.jobs_exchange, aio_pika.ExchangeType.DIRECT, durable=True)

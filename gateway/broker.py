@@ -18,7 +18,6 @@ from common.topology import DOWNLOAD_KEY, Topology, connect, to_amqp
 from gateway.events import EventHub
 from schemas.jobs import PRIORITIES, Priority
 from schemas.messages import CancelMessage, DecodeError, ExpiryCheck, JobAvailable, JobEvent, JobMessage, decode
-from schemas.registry import Registry
 
 log = structlog.get_logger("gateway.broker")
 
@@ -133,19 +132,19 @@ class GatewayBroker:
     def connected(self) -> bool:
         return self._connection is not None and not self._connection.is_closed and self._connection.connected.is_set()
 
-    async def publish_expiry_check(self, message: JobMessage, registry: Registry) -> None:
+    async def publish_expiry_check(self, message: JobMessage, max_queue_s: int) -> None:
         """The job's expiry check, confirmed: published before the job, at the same time as its
         record is stored, so that a record left `queued` by a gateway that died before
-        publishing the job still ends (`expired`) when the check falls due. Downloads have none."""
+        publishing the job still ends (`expired`) when the check falls due. A model's checks
+        share one delay queue, and downloads have their own, so that every check in a queue
+        has the same TTL (RabbitMQ expires messages only from a queue's head)."""
         assert self._channel is not None
-        if message.mode == "download":
-            return
+        download = message.mode == "download"
         model = message.params.model
-        limit = registry.models[model].max_queue_s
-        check = ExpiryCheck(job_id=message.job_id, model=model, max_queue_s=limit)
+        check = ExpiryCheck(job_id=message.job_id, model=model, max_queue_s=max_queue_s, download=download)
         await self._channel.default_exchange.publish(
-            to_amqp(check, persistent=True, expiration=limit),
-            routing_key=self._topology.expiry_queue(model),
+            to_amqp(check, persistent=True, expiration=max_queue_s),
+            routing_key=self._topology.expiry_queue(DOWNLOAD_KEY if download else model),
             mandatory=True,
         )
 

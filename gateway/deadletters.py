@@ -53,7 +53,11 @@ def dead_letter_handler(store: ObjectStore, broker: GatewayBroker, registry: Reg
 
 def expiry_handler(store: ObjectStore, broker: GatewayBroker) -> ExpiryHandler:
     async def handle(check: ExpiryCheck) -> None:
-        error = errors.expired(check.model, check.max_queue_s)
+        error = (
+            errors.download_expired(check.model, check.max_queue_s)
+            if check.download
+            else errors.expired(check.model, check.max_queue_s)
+        )
 
         def expire(record: JobRecord) -> JobRecord | None:
             # Only a job that never started expires; a running or handed-back one runs to its end.

@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 from pydantic import ValidationError
 
-from common.store import STORE_ERRORS
+from common.store import STORE_ERRORS, RecordChanged
 
 log = structlog.get_logger("gateway")
 
@@ -109,6 +109,17 @@ async def error_middleware(
         message = exc.text if exc.status == 413 and exc.text else exc.reason
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         return respond(request, ApiError(exc.status, code, message, headers=headers))
+    except RecordChanged as exc:  # a record others kept writing while this request changed it
+        log.warning("record_contended", path=request.path, method=request.method, key=str(exc))
+        return respond(
+            request,
+            ApiError(
+                503,
+                "record_busy",
+                "the job's record kept changing while this request was updating it; retry",
+                headers={"Retry-After": "1"},
+            ),
+        )
     except STORE_ERRORS as exc:  # wherever a request reads or writes the store
         log.error("store_call_failed", path=request.path, method=request.method, error=str(exc))
         return respond(request, store_unavailable())

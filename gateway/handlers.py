@@ -471,7 +471,7 @@ async def _enqueue(
     ]
     # Each settles before any error is looked at.
     *results, checked = await asyncio.gather(
-        *writes, broker.publish_expiry_check(message, app[REGISTRY]), return_exceptions=True
+        *writes, broker.publish_expiry_check(message, _max_queue_s(app, params, mode)), return_exceptions=True
     )
     if failed := [r for r in results if isinstance(r, BaseException)]:
         log.error("store_write_failed", job_id=job_id, error=str(failed[0]))
@@ -504,6 +504,12 @@ async def _enqueue(
     log.info("job_accepted", job_id=job_id, model=params.model, mode=mode, workers=workers)
     request[QUEUED_RECORD] = record
     return _accepted(record, stats)
+
+
+def _max_queue_s(app: web.Application, params: GenerationParams | DownloadParams, mode: Mode) -> int:
+    if mode == "download":
+        return int(app[SETTINGS].download_max_queue_s)
+    return int(app[REGISTRY].models[params.model].max_queue_s)
 
 
 def _priority(params: GenerationParams | DownloadParams) -> Priority:

@@ -13,6 +13,14 @@ def expired(model_id: str, max_queue_s: int) -> JobError:
     )
 
 
+def download_expired(model_id: str, max_queue_s: int) -> JobError:
+    return JobError(
+        code="expired",
+        message=f"no worker took the download of {model_id!r} within the gateway's maximum queue "
+        f"time for downloads ({max_queue_s} s); no worker may be running",
+    )
+
+
 def worker_crashed() -> JobError:
     return JobError(
         code="worker_crashed",

@@ -78,12 +78,14 @@ class JobAvailable(EnvelopeHeader):
 
 
 class ExpiryCheck(EnvelopeHeader):
-    """Gateway → itself, delayed by the model's max_queue_s: fail the job if it still has not started."""
+    """Gateway → itself, delayed by the model's max_queue_s (a download's: the gateway's
+    download_max_queue_s): fail the job if it still has not started."""
 
     type: Literal["job.expiry_check"] = "job.expiry_check"
     job_id: str
     model: str
     max_queue_s: int
+    download: bool = False
 
 
 Message = JobMessage | JobEvent | CancelMessage | JobAvailable | ExpiryCheck

@@ -48,9 +48,18 @@ async def stored_jobs(store: ObjectStore) -> list[str]:
     return [job_id_of_index(key) for key in await store.list_keys("index/jobs/", None, 10)]
 
 
-async def test_a_job_stored_but_never_published_ends_expired(settings, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/api/v1/generate/text-to-video", {"prompt": "never", "model": "ltx-tiny"}),
+        ("/api/v1/models/download", {"model": "ltx-tiny"}),
+    ],
+    ids=["generation", "download"],
+)
+async def test_a_job_stored_but_never_published_ends_expired(settings, monkeypatch, path, body) -> None:
     """The gateway dies after storing the job's record, before publishing the job: its expiry check
-    went out with the record, so the job still ends when the check falls due."""
+    went out with the record, so the job still ends when the check falls due. A model download's
+    check waits the gateway's download_max_queue_s."""
     never, reached = asyncio.Event(), asyncio.Event()
 
     async def dies_here(*args, **kwargs) -> None:
@@ -61,11 +70,15 @@ async def test_a_job_stored_but_never_published_ends_expired(settings, monkeypat
     monkeypatch.setattr(GatewayBroker, "publish_job", dies_here)
     # The held submission gets its 504 after a second; its job expires two seconds after it was stored.
     settings = settings.model_copy(
-        update={"request_timeout_s": 1.0, "model_overrides": {"ltx-tiny": {"max_queue_s": 2}}}
+        update={
+            "request_timeout_s": 1.0,
+            "model_overrides": {"ltx-tiny": {"max_queue_s": 2}},
+            "download_max_queue_s": 2,
+        }
     )
     store = ObjectStore(settings)
     async with TestClient(TestServer(create_app(settings))) as client:
-        response = await client.post("/api/v1/generate/text-to-video", json={"prompt": "never", "model": "ltx-tiny"})
+        response = await client.post(path, json=body)
         assert response.status == 504 and reached.is_set()
         [job_id] = await stored_jobs(store)
 
@@ -77,6 +90,8 @@ async def test_a_job_stored_but_never_published_ends_expired(settings, monkeypat
         record = await store.get_record(job_id)
         assert record.status == JobStatus.FAILED and record.error.code == "expired"
         assert record.attempts == 0 and record.seq == 1
+        assert "(2 s)" in record.error.message
+        assert ("download" in record.error.message) == (record.mode == "download")
         never.set()  # let the held submission end before the app stops
 
 

@@ -11,11 +11,12 @@ import asyncio
 
 import pytest
 
-from common.topology import Topology
+from common.topology import DOWNLOAD_KEY, Topology
 from gateway import broker as broker_module
 from gateway.broker import GatewayBroker, QueueStats
 from gateway.events import EventHub
-from schemas.messages import JobAvailable, JobMessage, decode
+from schemas.jobs import DownloadParams
+from schemas.messages import ExpiryCheck, JobAvailable, JobMessage, decode
 from schemas.registry import load_registry
 from tests.helpers import tiny_params
 
@@ -28,11 +29,13 @@ class FakeExchange:
 
     def __init__(self) -> None:
         self.sent: list[tuple[str, bytes]] = []
+        self.messages: list = []  # the aio-pika messages, for their properties
         self.release = asyncio.Event()
         self.release.set()
 
     async def publish(self, message, routing_key: str, **_: object) -> None:
         self.sent.append((routing_key, message.body))
+        self.messages.append(message)
         await self.release.wait()
 
 
@@ -134,8 +137,26 @@ async def test_job_available_notices_are_coalesced_but_none_is_lost() -> None:
 
 async def test_job_and_expiry_check_are_both_published() -> None:
     broker, _ = make_broker(Queues())
-    await broker.publish_expiry_check(job("low"), REGISTRY)
+    await broker.publish_expiry_check(job("low"), REGISTRY.models[MODEL].max_queue_s)
     assert broker._jobs.sent == []  # type: ignore[union-attr]
     await broker.publish_job(job("low"))
     assert [key for key, _ in broker._jobs.sent] == [Topology.job_key(MODEL, "low")]  # type: ignore[union-attr]
     assert [key for key, _ in broker._channel.default_exchange.sent] == [Topology("unit").expiry_queue(MODEL)]  # type: ignore[union-attr]
+
+
+async def test_checks_of_one_ttl_share_a_delay_queue_and_downloads_have_their_own() -> None:
+    """RabbitMQ expires a message only at its queue's head, so a queue must hold checks of one
+    time-to-live: a model's jobs share one, and downloads (another limit) have their own."""
+    broker, _ = make_broker(Queues())
+    download = JobMessage(
+        job_id="5d0c8a57-9f7e-4d8a-b1b1-0c2e6f0a7d21", mode="download", params=DownloadParams(model=MODEL, repo=None)
+    )
+    await broker.publish_expiry_check(job(), 600)
+    await broker.publish_expiry_check(download, 86400)
+    exchange = broker._channel.default_exchange  # type: ignore[union-attr]
+    topology = Topology("unit")
+    assert [key for key, _ in exchange.sent] == [topology.expiry_queue(MODEL), topology.expiry_queue(DOWNLOAD_KEY)]
+    checks = [decode(body) for _, body in exchange.sent]
+    assert all(isinstance(check, ExpiryCheck) for check in checks)
+    assert [(c.download, c.max_queue_s, c.model) for c in checks] == [(False, 600, MODEL), (True, 86400, MODEL)]
+    assert [m.expiration for m in exchange.messages] == [600, 86400]
