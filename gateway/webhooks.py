@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 import aiohttp
 import structlog
 from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import ThreadedResolver
 from standardwebhooks import Webhook as Signer
 
 from common.settings import GatewaySettings
@@ -48,15 +50,54 @@ async def destination_problem(url: str, allow: list[str]) -> str | None:
     except OSError as exc:
         return f"the host {host!r} does not resolve ({exc.strerror or exc})"
     for *_, sockaddr in infos:
-        address = ipaddress.ip_address(sockaddr[0])
-        if _allowed(address, allow):
-            continue
-        if not address.is_global:
-            return (
-                f"{host} resolves to {address}, a private, loopback or reserved address; such hosts must be "
-                "listed in VIDEOGEN_WEBHOOK_ALLOW_HOSTS"
-            )
+        if problem := _address_problem(host, sockaddr[0], allow):
+            return problem
     return None
+
+
+def _address_problem(host: str, address: str, allow: list[str]) -> str | None:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])  # without an IPv6 zone
+    if ip.is_global or _allowed(ip, allow):
+        return None
+    return (
+        f"{host} resolves to {ip}, a private, loopback or reserved address; such hosts must be "
+        "listed in VIDEOGEN_WEBHOOK_ALLOW_HOSTS"
+    )
+
+
+class DestinationRefused(OSError):
+    """The addresses a webhook's host resolved to when its delivery connected include one it may
+    not reach."""
+
+
+class CheckedResolver(AbstractResolver):
+    """The webhook client's resolver: it checks the very addresses a delivery then connects to, so
+    a host whose DNS answer changes after `destination_problem` looked (DNS rebinding) still
+    cannot reach a private or loopback address. (URLs with an IP address connect without a
+    resolver; `destination_problem` checks those, and their address cannot change.)"""
+
+    def __init__(self, allow: list[str], inner: AbstractResolver | None = None) -> None:
+        self._allow = allow
+        self._inner = inner or ThreadedResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        if host.lower() not in self._allow:
+            for result in results:
+                if problem := _address_problem(host, result["host"], self._allow):
+                    raise DestinationRefused(problem)
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+def webhook_client(settings: GatewaySettings, resolver: AbstractResolver | None = None) -> aiohttp.ClientSession:
+    """The HTTP client deliveries go through: its connections reach only checked addresses."""
+    connector = aiohttp.TCPConnector(resolver=CheckedResolver(settings.webhook_allow_hosts, resolver))
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=settings.webhook_timeout_s))
 
 
 def _allowed(address: ipaddress.IPv4Address | ipaddress.IPv6Address, allow: list[str]) -> bool:
@@ -85,7 +126,7 @@ class WebhookDeliverer:
         self._http: aiohttp.ClientSession | None = None
 
     async def start(self, connection: AbstractRobustConnection) -> None:
-        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self._settings.webhook_timeout_s))
+        self._http = webhook_client(self._settings)
         channel = await connection.channel()
         await channel.set_qos(prefetch_count=MAX_IN_FLIGHT)
         queue = await channel.declare_queue(
@@ -167,6 +208,11 @@ class WebhookDeliverer:
                             log.info("webhook_delivered", attempt=attempt, status=reply.status)
                             break
                         log.warning("webhook_rejected", attempt=attempt, status=reply.status)
+                except aiohttp.ClientConnectorError as exc:
+                    if isinstance(exc.os_error, DestinationRefused):  # the host's DNS answer changed
+                        log.warning("webhook_refused", reason=str(exc.os_error))
+                        break
+                    log.warning("webhook_unreachable", attempt=attempt, error=str(exc) or type(exc).__name__)
                 except (aiohttp.ClientError, TimeoutError) as exc:
                     log.warning("webhook_unreachable", attempt=attempt, error=str(exc) or type(exc).__name__)
                 if attempt == self._settings.webhook_max_attempts:
