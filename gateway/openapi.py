@@ -225,6 +225,10 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
                     "description": "`text/event-stream`: `event: job.event`, `id: <job_id>:<seq>`.",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}},
                 },
+                "204": {
+                    "description": "Resumed (`since` or `Last-Event-ID`) at or after the terminal event of "
+                    "the job: nothing more will come. An EventSource stops reconnecting."
+                },
                 **errors("400", "404", "422", "503"),
             },
         }

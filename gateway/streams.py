@@ -80,6 +80,13 @@ class JobStream:
     _sub: Any
     _last: dict[str, int] = field(default_factory=dict)
 
+    @property
+    def already_over(self) -> bool:
+        """Resumed at or after the terminal event of every job it lists: nothing will come."""
+        return self.request.job_ids is not None and all(
+            record.status.is_terminal and self.request.since >= record.seq for record in self.records.values()
+        )
+
     async def frames(self) -> AsyncIterator[dict[str, Any]]:
         store, expiry = self.app[STORE], self.app[SETTINGS].presign_expiry_s
         open_jobs = set(self.records)

@@ -32,6 +32,10 @@ async def job_events(request: web.Request) -> web.WebSocketResponse:
 async def job_events_sse(request: web.Request) -> web.StreamResponse:
     stream_request = StreamRequest.parse(request, request.headers.get("Last-Event-ID"))
     async with open_stream(request.app, stream_request) as stream:
+        if stream.already_over:
+            # What an EventSource sends when it reconnects after its job's stream ended: 204 is
+            # how a server tells it to stop reconnecting (it closes, readyState CLOSED).
+            return web.Response(status=204)
         async with sse_response(request, ping_interval=15) as sse:
 
             async def send(frame: dict) -> None:

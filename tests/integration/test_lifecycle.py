@@ -126,6 +126,9 @@ async def test_server_sent_events_and_last_event_id(stack, http) -> None:
     async with http.get(url, params={"job_id": job_id}, headers={"Last-Event-ID": resume_from}) as response:
         later = [json.loads(d) async for _, _, d in sse_events(response)]
     assert [d["seq"] for d in later] == [d["seq"] for _, _, d in events[4:]]
+    # Resumed after the terminal event: nothing more will come, and 204 tells an EventSource so.
+    async with http.get(url, params={"job_id": job_id}, headers={"Last-Event-ID": events[-1][0]}) as response:
+        assert response.status == 204 and await response.read() == b""
 
 
 async def test_cancel_a_running_job_stops_within_a_step_and_leaves_no_video(stack, http) -> None:

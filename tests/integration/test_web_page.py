@@ -111,3 +111,44 @@ def test_errors_are_shown_and_a_job_can_be_cancelled_from_the_list(page: Page) -
     page.click(f"#jobs tr[data-job-id='{job_id}'] button.cancel")
     expect(page.locator("#status")).to_have_text("cancelled", timeout=30_000)
     shot(page, "cancelled")
+
+
+# Submit a small job, wait until it has ended, then follow it with an EventSource, as a page would.
+FOLLOW_AN_ENDED_JOB = """
+async ([key, deadlineMs]) => {
+  const auth = {"Authorization": `Bearer ${key}`, "Content-Type": "application/json"};
+  const body = {prompt: "over already", model: "ltx-tiny", width: 32, height: 32, num_frames: 9,
+                num_inference_steps: 2};
+  const accepted = await (await fetch("/api/v1/generate/text-to-video",
+                                      {method: "POST", headers: auth, body: JSON.stringify(body)})).json();
+  const deadline = Date.now() + deadlineMs;
+  for (;;) {
+    const job = await (await fetch(`/api/v1/jobs/${accepted.job_id}`, {headers: auth})).json();
+    if (["succeeded", "failed", "cancelled"].includes(job.status)) break;
+    if (Date.now() > deadline) return {error: "the job did not end"};
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  return await new Promise((resolve) => {
+    const source = new EventSource(`/api/v1/events?job_id=${accepted.job_id}&access_token=${key}`);
+    const seen = {opens: 0, events: [], states: []};
+    source.onopen = () => seen.opens++;
+    source.addEventListener("job.event", (e) => seen.events.push(JSON.parse(e.data).status));
+    source.onerror = () => {
+      seen.states.push(source.readyState);
+      if (source.readyState === EventSource.CLOSED) resolve(seen);
+    };
+    setTimeout(() => { source.close(); resolve({...seen, error: "still reconnecting"}); },
+               deadline - Date.now());
+  });
+}
+"""
+
+
+def test_an_event_source_stops_once_its_job_has_ended(page: Page) -> None:
+    """The stream of an ended job replays it and ends; the EventSource reconnects with the terminal
+    event's id as Last-Event-ID and gets 204, which closes it for good instead of a reconnect loop."""
+    seen = page.evaluate(FOLLOW_AN_ENDED_JOB, [TOKENS["tester"], 60_000])
+    assert "error" not in seen, seen
+    assert seen["opens"] == 1 and seen["events"][-1] == "succeeded" and seen["events"][0] == "queued"
+    # First the end of the stream (the EventSource goes to reconnect), then the 204 that closes it.
+    assert seen["states"] == [0, 2]
