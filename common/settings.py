@@ -91,6 +91,9 @@ class GatewaySettings(CommonSettings):
     rate_limit: str = Field(default="20/second", description="Requests per key, e.g. '20/second', '600/minute'.")
     max_concurrent_jobs: int = Field(default=8, ge=1, description="Queued plus running jobs per key.")
     webhook_max_attempts: int = Field(default=8, ge=1)
+    webhook_concurrency: int = Field(
+        default=50, ge=1, le=1000, description="Webhook attempts one gateway makes at the same time."
+    )
     webhook_timeout_s: float = Field(default=10.0, gt=0)
 
     @field_validator("rate_limit")

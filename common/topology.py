@@ -25,6 +25,9 @@
                 it; idle workers look at once instead of at their next poll).
 - `<ns>.webhooks` quorum queue bound to `<ns>.events` with `job.#`, shared by the gateways that
                 deliver webhooks (declared only where a signing secret is set).
+- `<ns>.webhooks.wait.<n>s` one delay queue per pause between webhook attempts (1, 2, 4, 8, 16,
+                32 and 60 s): a failed attempt's event waits there, holding no gateway's slot, and
+                is dead-lettered back into `<ns>.webhooks` for its next attempt.
 - `<ns>.dlx`    fanout exchange for dead letters (expired, delivery limit reached, rejected), bound
                 to `<ns>.dead` (kept for operators) and `<ns>.dead.notify` (gateways consume it and
                 mark those jobs failed).
@@ -46,6 +49,8 @@ log = structlog.get_logger("broker")
 
 # A message that has been delivered this many times without an ack goes to the dead-letter queue.
 DELIVERY_LIMIT = 5
+# Pauses between webhook attempts: after attempt n, the n-th (the last one for every later attempt).
+WEBHOOK_PAUSES_S = (1, 2, 4, 8, 16, 32, 60)
 # Routing key of model download jobs; model ids cannot contain "_", so it never names a model.
 DOWNLOAD_KEY = "_download"
 
@@ -90,6 +95,9 @@ class Topology:
     def webhooks_queue(self) -> str:
         return f"{self.namespace}.webhooks"
 
+    def webhook_wait_queue(self, pause_s: int) -> str:
+        return f"{self.namespace}.webhooks.wait.{pause_s}s"
+
     @property
     def downloads_queue(self) -> str:
         return f"{self.namespace}.downloads"
@@ -117,6 +125,7 @@ class Topology:
             self.webhooks_queue,
             self.downloads_queue,
             self.expiry_queue(DOWNLOAD_KEY),
+            *(self.webhook_wait_queue(pause) for pause in WEBHOOK_PAUSES_S),
         ]
         for model_id in model_ids:
             names += [self.job_queue(model_id, p) for p in PRIORITIES]

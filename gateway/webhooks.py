@@ -16,16 +16,17 @@ from collections import OrderedDict
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
+import aio_pika
 import aiohttp
 import structlog
-from aio_pika.abc import AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from standardwebhooks import Webhook as Signer
 
 from common.settings import GatewaySettings
 from common.store import ObjectStore
-from common.topology import Topology
+from common.topology import WEBHOOK_PAUSES_S, Topology
 from gateway.views import event_frame
 from schemas.jobs import Webhook
 from schemas.messages import DecodeError, JobEvent, decode
@@ -34,7 +35,12 @@ log = structlog.get_logger("gateway.webhooks")
 
 # Jobs whose webhook (or the lack of one) this gateway remembers, to avoid reading the record per event.
 KNOWN_JOBS = 10_000
-MAX_IN_FLIGHT = 50
+# Most events <ns>.webhooks, and each delay queue, holds.
+MAX_WAITING = 100_000
+# The attempt a message in <ns>.webhooks is for, when it is not the first (set on its way back from a delay queue).
+ATTEMPT_HEADER = "x-videogen-webhook-attempt"
+# Pause before an event whose next attempt the broker did not take is tried again.
+RETRY_NOT_QUEUED_PAUSE_S = 2.0
 
 
 async def destination_problem(url: str, allow: list[str]) -> str | None:
@@ -124,21 +130,37 @@ class WebhookDeliverer:
         self._known: OrderedDict[str, Webhook | None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
+        self._channel: AbstractChannel | None = None
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         self._http = webhook_client(self._settings)
-        channel = await connection.channel()
-        await channel.set_qos(prefetch_count=MAX_IN_FLIGHT)
+        channel = self._channel = await connection.channel()  # with publisher confirms
+        await channel.set_qos(prefetch_count=self._settings.webhook_concurrency)
         queue = await channel.declare_queue(
             self._topology.webhooks_queue,
             durable=True,
             arguments={
                 "x-queue-type": "quorum",
                 # Bounded: if no gateway delivers for a long time, the oldest events go first.
-                "x-max-length": 100_000,
+                "x-max-length": MAX_WAITING,
                 "x-overflow": "drop-head",
             },
         )
+        for pause in WEBHOOK_PAUSES_S:
+            await channel.declare_queue(
+                self._topology.webhook_wait_queue(pause),
+                durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-message-ttl": pause * 1000,
+                    "x-dead-letter-exchange": "",  # the default exchange: straight back into <ns>.webhooks
+                    "x-dead-letter-routing-key": self._topology.webhooks_queue,
+                    # Kept until <ns>.webhooks has it (at-least-once dead-lettering needs reject-publish).
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
+                    "x-max-length": MAX_WAITING,
+                },
+            )
         await queue.bind(self._topology.events_exchange, routing_key="job.#")
         await queue.consume(self._on_event)
 
@@ -170,7 +192,7 @@ class WebhookDeliverer:
         if hook is None or event_type(event) not in hook.events:
             await message.ack()
             return
-        task = asyncio.create_task(self._deliver(message, event, hook))
+        task = asyncio.create_task(self._deliver(message, event, hook, attempt_of(message)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -182,42 +204,78 @@ class WebhookDeliverer:
                 self._known.popitem(last=False)
         return self._known[job_id]
 
-    async def _deliver(self, message: AbstractIncomingMessage, event: JobEvent, hook: Webhook) -> None:
+    async def _deliver(self, message: AbstractIncomingMessage, event: JobEvent, hook: Webhook, attempt: int) -> None:
+        """One attempt. If it fails and attempts are left, the event goes to the delay queue of
+        the pause that follows this attempt, and comes back for the next one: the pause holds
+        none of this gateway's `webhook_concurrency` slots."""
+        with structlog.contextvars.bound_contextvars(job_id=event.job_id, seq=event.seq, url=hook.url):
+            if await self._attempt(event, hook, attempt):
+                pass
+            elif attempt >= self._settings.webhook_max_attempts:
+                log.error("webhook_given_up", attempts=attempt)
+            else:
+                try:
+                    await self._send_later(message, attempt + 1)
+                except Exception as exc:  # the broker refused it: try this attempt's event again
+                    log.warning("webhook_retry_not_queued", attempt=attempt, error=str(exc) or type(exc).__name__)
+                    await asyncio.sleep(RETRY_NOT_QUEUED_PAUSE_S)
+                    await message.nack(requeue=True)
+                    return
+        await message.ack()
+
+    async def _attempt(self, event: JobEvent, hook: Webhook, attempt: int) -> bool:
+        """POST the event once: whether the delivery is over (delivered, or refused for good)."""
         assert self._http is not None
+        problem = await destination_problem(hook.url, self._settings.webhook_allow_hosts)
+        if problem is not None:  # checked again now: DNS may have changed since submission
+            log.warning("webhook_refused", reason=problem)
+            return True
         delivery_id = f"{event.job_id}:{event.seq}"  # stable across retries: receivers deduplicate on it
+        # Made per attempt: a terminal event's presigned link is fresh each time.
         frame = event_frame(event, self._store, self._settings.presign_expiry_s)
         body = json.dumps({"type": event_type(event), "timestamp": event.timestamp.isoformat(), "data": frame})
-        delay = 1.0
-        with structlog.contextvars.bound_contextvars(job_id=event.job_id, seq=event.seq, url=hook.url):
-            for attempt in range(1, self._settings.webhook_max_attempts + 1):
-                problem = await destination_problem(hook.url, self._settings.webhook_allow_hosts)
-                if problem is not None:  # checked again now: DNS may have changed since submission
-                    log.warning("webhook_refused", reason=problem)
-                    break
-                sent_at = datetime.now(UTC)
-                headers = {
-                    "Content-Type": "application/json",
-                    "User-Agent": "videogen-webhooks",
-                    "webhook-id": delivery_id,
-                    "webhook-timestamp": str(int(sent_at.timestamp())),
-                    "webhook-signature": self._signer.sign(delivery_id, sent_at, body),
-                }
-                try:
-                    async with self._http.post(hook.url, data=body, headers=headers, allow_redirects=False) as reply:
-                        if 200 <= reply.status < 300:
-                            log.info("webhook_delivered", attempt=attempt, status=reply.status)
-                            break
-                        log.warning("webhook_rejected", attempt=attempt, status=reply.status)
-                except aiohttp.ClientConnectorError as exc:
-                    if isinstance(exc.os_error, DestinationRefused):  # the host's DNS answer changed
-                        log.warning("webhook_refused", reason=str(exc.os_error))
-                        break
-                    log.warning("webhook_unreachable", attempt=attempt, error=str(exc) or type(exc).__name__)
-                except (aiohttp.ClientError, TimeoutError) as exc:
-                    log.warning("webhook_unreachable", attempt=attempt, error=str(exc) or type(exc).__name__)
-                if attempt == self._settings.webhook_max_attempts:
-                    log.error("webhook_given_up", attempts=attempt)
-                    break
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 60.0)
-        await message.ack()
+        sent_at = datetime.now(UTC)
+        headers = {
+            "Content-Type": "application/json",
+            "User-Agent": "videogen-webhooks",
+            "webhook-id": delivery_id,
+            "webhook-timestamp": str(int(sent_at.timestamp())),
+            "webhook-signature": self._signer.sign(delivery_id, sent_at, body),
+        }
+        try:
+            async with self._http.post(hook.url, data=body, headers=headers, allow_redirects=False) as reply:
+                if 200 <= reply.status < 300:
+                    log.info("webhook_delivered", attempt=attempt, status=reply.status)
+                    return True
+                log.warning("webhook_rejected", attempt=attempt, status=reply.status)
+        except aiohttp.ClientConnectorError as exc:
+            if isinstance(exc.os_error, DestinationRefused):  # the host's DNS answer changed
+                log.warning("webhook_refused", reason=str(exc.os_error))
+                return True
+            log.warning("webhook_unreachable", attempt=attempt, error=str(exc) or type(exc).__name__)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            log.warning("webhook_unreachable", attempt=attempt, error=str(exc) or type(exc).__name__)
+        return False
+
+    async def _send_later(self, message: AbstractIncomingMessage, attempt: int) -> None:
+        """A copy of the event, numbered for its next attempt, into the delay queue of the pause
+        before it (confirmed, before the original is acknowledged: at least once)."""
+        assert self._channel is not None
+        pause = WEBHOOK_PAUSES_S[min(attempt - 1, len(WEBHOOK_PAUSES_S)) - 1]
+        later = aio_pika.Message(
+            message.body,
+            content_type=message.content_type,
+            type=message.type,
+            message_id=message.message_id,
+            headers={ATTEMPT_HEADER: attempt},
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        await self._channel.default_exchange.publish(
+            later, routing_key=self._topology.webhook_wait_queue(pause), mandatory=True
+        )
+
+
+def attempt_of(message: AbstractIncomingMessage) -> int:
+    """Which attempt this message is for: 1 for an event from <ns>.events, else as numbered."""
+    value = (message.headers or {}).get(ATTEMPT_HEADER, 1)
+    return value if isinstance(value, int) and value >= 1 else 1

@@ -6,13 +6,14 @@ import asyncio
 import base64
 import json
 import os
+from contextlib import asynccontextmanager
 
 import pytest
 from aiohttp import web
 from standardwebhooks import Webhook
 from standardwebhooks.webhooks import WebhookVerificationError
 
-from scripts.devstack import free_port_block
+from scripts.devstack import free_port_block, stop_pids
 from tests.helpers import client, submit, watch
 
 SECRET = "whsec_" + base64.b64encode(os.urandom(24)).decode()
@@ -27,15 +28,16 @@ async def http():
 class Receiver:
     """A webhook endpoint in the test process; answers 500 to the first try of chosen event types."""
 
-    def __init__(self, fail_first: set[str]) -> None:
+    def __init__(self, fail_first: set[str], fail_always: bool = False) -> None:
         self.fail_first = set(fail_first)
+        self.fail_always = fail_always
         self.calls: list[tuple[int, dict, str]] = []  # (status answered, headers, body)
         self.changed = asyncio.Event()
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.text()
         kind = json.loads(body)["type"]
-        status = 500 if kind in self.fail_first else 200
+        status = 500 if kind in self.fail_first or self.fail_always else 200
         self.fail_first.discard(kind)
         self.calls.append((status, dict(request.headers), body))
         self.changed.set()
@@ -50,9 +52,8 @@ class Receiver:
         await asyncio.wait_for(loop(), timeout)
 
 
-@pytest.fixture
-async def receiver():
-    hook = Receiver(fail_first={"job.succeeded"})
+@asynccontextmanager
+async def serving(hook: Receiver):
     app = web.Application()
     app.router.add_post("/hook", hook.handle)
     runner = web.AppRunner(app)
@@ -60,8 +61,16 @@ async def receiver():
     port = free_port_block(1)
     await web.TCPSite(runner, "127.0.0.1", port).start()
     hook.url = f"http://127.0.0.1:{port}/hook"
-    yield hook
-    await runner.cleanup()
+    try:
+        yield hook
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def receiver():
+    async with serving(Receiver(fail_first={"job.succeeded"})) as hook:
+        yield hook
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +152,52 @@ async def test_webhooks_need_a_configured_secret(stack, http) -> None:
     ) as response:
         body = await response.json()
     assert response.status == 422 and body["error"]["details"][0]["rule"] == "webhooks_disabled"
+
+
+async def test_a_dead_receiver_does_not_hold_up_other_jobs_webhooks(stack, http, amqp_url, namespace) -> None:
+    """One delivery slot, and a receiver that answers 500 to every attempt of one job's events:
+    the pauses between those attempts wait in the broker's delay queues, not in the slot, so
+    another job's webhook gets through while they are still being retried."""
+    from tests.conftest import delete_test_namespace
+
+    ns = f"{namespace}-hooks"
+    gateway, gw = stack.start_gateway(
+        "gateway-one-webhook-slot",
+        VIDEOGEN_BROKER_NAMESPACE=ns,
+        VIDEOGEN_WEBHOOK_SECRET=SECRET,
+        VIDEOGEN_WEBHOOK_ALLOW_HOSTS="127.0.0.1",
+        VIDEOGEN_WEBHOOK_CONCURRENCY="1",
+        VIDEOGEN_WEBHOOK_MAX_ATTEMPTS="6",  # pauses 1, 2, 4, 8 and 16 s: the last try 31 s after the first
+    )
+    _, worker = stack.start_worker("worker-one-webhook-slot", ["ltx-tiny"], VIDEOGEN_BROKER_NAMESPACE=ns)
+    try:
+        async with serving(Receiver(set(), fail_always=True)) as dead, serving(Receiver(set())) as alive:
+            noisy = await submit(
+                http,
+                gateway,
+                {
+                    "prompt": "nobody home",
+                    "num_inference_steps": 4,
+                    "webhook_url": dead.url,
+                    "webhook_events": ["job.running", "job.succeeded"],
+                },
+            )
+            await watch(http, gateway, noisy["job_id"])
+            quiet = await submit(http, gateway, {"prompt": "someone home", "webhook_url": alive.url})
+            await watch(http, gateway, quiet["job_id"])
+            await alive.wait_for(lambda: any(status == 200 for status, _, _ in alive.calls), timeout=30)
+
+            def tries() -> dict[str, int]:
+                counts: dict[str, int] = {}
+                for _, headers, _ in dead.calls:
+                    counts[headers["webhook-id"]] = counts.get(headers["webhook-id"], 0) + 1
+                return counts
+
+            # When the quiet job's webhook got through, the noisy job's events were not all given up
+            # (behind them, in the one slot, it would have waited for all of their six tries)...
+            assert len(tries()) >= 3 and min(tries().values()) < 6, tries()
+            # ...and they are still being retried.
+            await dead.wait_for(lambda: max(tries().values()) >= 3, timeout=30)
+    finally:
+        stop_pids([gw.pid, worker.pid])
+        await delete_test_namespace(amqp_url, ns)

@@ -1,0 +1,236 @@
+"""Webhook delivery: a delivery connects only to addresses that were checked, even when the host's
+DNS answer changes after the check (DNS rebinding); a failed attempt sends the event to the delay
+queue of the pause that follows it and lets go of its message, so pauses hold no delivery slot."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import socket
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+
+import aiohttp
+import pytest
+from aiohttp import web
+from aiohttp.abc import AbstractResolver, ResolveResult
+
+from common.settings import GatewaySettings
+from common.topology import Topology
+from gateway import webhooks
+from gateway.webhooks import ATTEMPT_HEADER, DestinationRefused, WebhookDeliverer, attempt_of, webhook_client
+from schemas.jobs import JobStatus, Phase, Webhook
+from schemas.messages import JobEvent, encode
+
+JOB_ID = "0f3c2b9e-7a51-4c8e-9f0d-2e6b1a4d5c37"
+
+
+class Rebinding(AbstractResolver):
+    """A DNS server under an attacker's control: every name resolves to 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.asked: list[str] = []
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        self.asked.append(host)
+        return [{"hostname": host, "host": "127.0.0.1", "port": port, "family": socket.AF_INET, "proto": 0, "flags": 0}]
+
+    async def close(self) -> None:
+        pass
+
+
+@asynccontextmanager
+async def receiving(status: int):
+    """An HTTP server on the loopback address answering `status`: (its port, the webhook-ids it got)."""
+    calls: list[str] = []
+
+    async def handle(request: web.Request) -> web.Response:
+        calls.append(request.headers.get("webhook-id", ""))
+        return web.Response(status=status)
+
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    try:
+        yield port, calls
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def local_receiver():
+    async with receiving(200) as receiver:
+        yield receiver
+
+
+def settings(allow: list[str]) -> GatewaySettings:
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    return GatewaySettings(webhook_secret=secret, webhook_allow_hosts=allow, webhook_max_attempts=3)
+
+
+@pytest.mark.parametrize("allow", [[], ["10.0.0.0/8", "hooks.internal"]])
+async def test_a_name_that_resolves_to_loopback_at_connection_is_refused(local_receiver, allow) -> None:
+    port, hits = local_receiver
+    resolver = Rebinding()
+    async with webhook_client(settings(allow), resolver) as http:
+        with pytest.raises(aiohttp.ClientConnectorError) as raised:
+            await http.post(f"http://hooks.example:{port}/hook", data=b"{}")
+    assert isinstance(raised.value.os_error, DestinationRefused)
+    assert "127.0.0.1" in str(raised.value.os_error) and "VIDEOGEN_WEBHOOK_ALLOW_HOSTS" in str(raised.value.os_error)
+    assert resolver.asked == ["hooks.example"] and hits == []
+
+
+@pytest.mark.parametrize("allow", [["hooks.example"], ["127.0.0.0/8"]])
+async def test_an_allowed_host_or_network_is_reached(local_receiver, allow) -> None:
+    port, hits = local_receiver
+    async with webhook_client(settings(allow), Rebinding()) as http:
+        async with http.post(f"http://hooks.example:{port}/hook", data=b"{}") as reply:
+            assert reply.status == 200
+    assert len(hits) == 1
+
+
+class Settled:
+    """An incoming message as aio-pika hands it over, settled once."""
+
+    def __init__(self, body: bytes, headers: dict | None = None) -> None:
+        self.body, self.headers = body, headers
+        self.content_type, self.type, self.message_id = "application/json", "job.event", "m-1"
+        self.settled: str | None = None
+
+    async def ack(self) -> None:
+        assert self.settled is None
+        self.settled = "ack"
+
+    async def nack(self, requeue: bool = True) -> None:
+        assert self.settled is None
+        self.settled = f"nack(requeue={requeue})"
+
+
+async def test_a_delivery_whose_host_rebinds_after_the_check_is_refused_not_retried(
+    local_receiver, monkeypatch
+) -> None:
+    """The check before each attempt saw a public address; the connection's own lookup gets
+    127.0.0.1. Nothing reaches the loopback receiver, and the delivery ends at once."""
+    port, hits = local_receiver
+    checked: list[str] = []
+
+    async def public_when_checked(url: str, allow: list[str]) -> None:
+        checked.append(url)
+        return None
+
+    monkeypatch.setattr(webhooks, "destination_problem", public_when_checked)
+    config = settings([])
+    deliverer = WebhookDeliverer(config, store=None, topology=None)  # type: ignore[arg-type]
+    deliverer._http = webhook_client(config, Rebinding())
+    now = datetime.now(UTC)
+    event = JobEvent(job_id=JOB_ID, seq=1, status=JobStatus.RUNNING, phase=Phase.LOADING, progress=0.0, timestamp=now)
+    hook = Webhook(url=f"http://hooks.example:{port}/hook", events=["job.running"])
+    message = Settled(b"", None)
+    logged: list[str] = []
+    monkeypatch.setattr(webhooks.log, "warning", lambda name, **_: logged.append(name))
+    try:
+        await asyncio.wait_for(deliverer._deliver(message, event, hook, 1), 10)  # type: ignore[arg-type]
+    finally:
+        await deliverer._http.close()
+    assert message.settled == "ack" and hits == []
+    assert len(checked) == 1 and logged == ["webhook_refused"]
+
+
+TOPOLOGY = Topology("unit")
+RETRY_JOB_ID = "6a0f7c1d-2b3e-4f50-8a9b-0c1d2e3f4a5b"
+
+
+class Exchange:
+    def __init__(self, fails: bool = False) -> None:
+        self.sent: list[tuple[str, object]] = []
+        self.fails = fails
+
+    async def publish(self, message, routing_key: str, **_: object) -> None:
+        if self.fails:
+            raise ConnectionError("the broker refused the publish")
+        self.sent.append((routing_key, message))
+
+
+class Channel:
+    def __init__(self, fails: bool = False) -> None:
+        self.default_exchange = Exchange(fails)
+
+
+@pytest.fixture
+async def failing_receiver():
+    async with receiving(500) as (port, calls):
+        yield f"http://127.0.0.1:{port}/hook", calls
+
+
+def deliverer(channel: Channel, max_attempts: int = 4) -> WebhookDeliverer:
+    secret = "whsec_" + base64.b64encode(os.urandom(24)).decode()
+    settings = GatewaySettings(
+        webhook_secret=secret, webhook_allow_hosts=["127.0.0.1"], webhook_max_attempts=max_attempts
+    )
+    made = WebhookDeliverer(settings, store=None, topology=TOPOLOGY)  # type: ignore[arg-type]
+    made._http = webhooks.webhook_client(settings)
+    made._channel = channel  # type: ignore[assignment]
+    return made
+
+
+def event() -> JobEvent:
+    now = datetime.now(UTC)
+    return JobEvent(
+        job_id=RETRY_JOB_ID, seq=3, status=JobStatus.RUNNING, phase=Phase.DENOISING, progress=0.5, timestamp=now
+    )
+
+
+async def attempt(made: WebhookDeliverer, url: str, number: int) -> Settled:
+    headers = None if number == 1 else {ATTEMPT_HEADER: number}
+    message = Settled(encode(event()), headers)
+    hook = Webhook(url=url, events=["job.running"])
+    try:
+        await asyncio.wait_for(made._deliver(message, event(), hook, attempt_of(message)), 10)  # type: ignore[arg-type]
+    finally:
+        await made._http.close()  # type: ignore[union-attr]
+    return message
+
+
+@pytest.mark.parametrize(("number", "pause"), [(1, 1), (2, 2), (3, 4)])
+async def test_a_failed_attempt_waits_in_the_delay_queue_of_its_pause(failing_receiver, number, pause) -> None:
+    url, calls = failing_receiver
+    channel = Channel()
+    message = await attempt(deliverer(channel), url, number)
+    assert calls == [f"{RETRY_JOB_ID}:3"] and message.settled == "ack"
+    [(queue, later)] = channel.default_exchange.sent
+    assert queue == TOPOLOGY.webhook_wait_queue(pause) == f"unit.webhooks.wait.{pause}s"
+    assert later.headers[ATTEMPT_HEADER] == number + 1 and later.body == message.body  # type: ignore[attr-defined]
+
+
+async def test_pauses_stop_doubling_at_a_minute(failing_receiver) -> None:
+    url, _ = failing_receiver
+    channel = Channel()
+    await attempt(deliverer(channel, max_attempts=20), url, 12)
+    assert [queue for queue, _ in channel.default_exchange.sent] == [TOPOLOGY.webhook_wait_queue(60)]
+
+
+async def test_the_last_attempt_gives_up(failing_receiver) -> None:
+    url, calls = failing_receiver
+    channel = Channel()
+    message = await attempt(deliverer(channel, max_attempts=4), url, 4)
+    assert calls and channel.default_exchange.sent == [] and message.settled == "ack"
+
+
+async def test_an_event_whose_next_attempt_the_broker_refuses_is_handed_back(failing_receiver, monkeypatch) -> None:
+    monkeypatch.setattr(webhooks, "RETRY_NOT_QUEUED_PAUSE_S", 0.0)
+    url, _ = failing_receiver
+    message = await attempt(deliverer(Channel(fails=True)), url, 2)
+    assert message.settled == "nack(requeue=True)"  # comes back as attempt 2 again: never lost
+
+
+def test_the_attempt_number_comes_from_the_header_and_defaults_to_one() -> None:
+    assert attempt_of(Settled(b"", None)) == 1  # type: ignore[arg-type]
+    assert attempt_of(Settled(b"", {ATTEMPT_HEADER: 5})) == 5  # type: ignore[arg-type]
+    assert attempt_of(Settled(b"", {ATTEMPT_HEADER: "x"})) == 1  # type: ignore[arg-type]
