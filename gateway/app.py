@@ -118,6 +118,7 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/jobs", jobs.list_jobs)
     app.router.add_get("/api/v1/jobs/{job_id}", jobs.get_job)
     app.router.add_get("/api/v1/job/{job_id}", jobs.get_job)  # the seed's path
+    app.router.add_get("/outputs/{job_id}.mp4", jobs.job_output)  # the seed's static-file path
     app.router.add_post("/api/v1/jobs/{job_id}/cancel", jobs.cancel_job)
     app.router.add_delete("/api/v1/jobs/{job_id}", jobs.cancel_job)
     app.router.add_get("/api/v1/ws", ws.job_events)

@@ -45,6 +45,23 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(_view(request, await _load(request)))
 
 
+async def job_output(request: web.Request) -> web.Response:
+    """`GET /outputs/<job_id>.mp4`: a `302` to the job's video, through a fresh presigned link."""
+    record = await _load(request)
+    if record.mode == "download":
+        raise ApiError(404, "job_not_found", f"job {record.job_id} is a model download: it has no video")
+    raise video_redirect(request, record, f"job {record.job_id} has no video ({record.status.value})")
+
+
+def video_redirect(request: web.Request, record: JobRecord, not_ready: str) -> web.HTTPFound:
+    """The redirect to the job's video, through a fresh presigned link; while the job has none,
+    404 `video_not_ready` with the message `not_ready`."""
+    if record.output is None:
+        raise ApiError(404, "video_not_ready", not_ready)
+    url, _ = request.app[STORE].presign(record.output.key, request.app[SETTINGS].presign_expiry_s)
+    return web.HTTPFound(url)
+
+
 async def cancel_job(request: web.Request) -> web.Response:
     """200 with the cancelled job if it had not started; 202 while a running job stops at its next
     denoising step; 409 if it already ended."""

@@ -20,7 +20,7 @@ from common.store import index_key, index_prefix, job_id_of_index, output_key
 from gateway.auth import owner_of, visible
 from gateway.errors import ApiError, bad_field, store_call, validation_error
 from gateway.handlers import QUEUED_RECORD, accept, read_json, read_multipart
-from gateway.jobs import cancel, load_visible
+from gateway.jobs import cancel, load_visible, video_redirect
 from gateway.keys import REGISTRY, SETTINGS, STORE
 from schemas.jobs import JobRecord, JobStatus, utcnow
 from schemas.requests import ImageToVideoRequest, TextToVideoRequest
@@ -175,10 +175,7 @@ async def video_content(request: web.Request) -> web.Response:
     variant = request.query.get("variant", "video")
     if variant != "video":
         raise bad_field("variant", "supported", f"variant: only 'video' is available, not {variant!r}")
-    if record.output is None:
-        raise ApiError(404, "video_not_ready", f"video {record.job_id} has no content ({STATUS[record.status]})")
-    url, _ = request.app[STORE].presign(record.output.key, request.app[SETTINGS].presign_expiry_s)
-    raise web.HTTPFound(url)
+    raise video_redirect(request, record, f"video {record.job_id} has no content ({STATUS[record.status]})")
 
 
 async def list_videos(request: web.Request) -> web.Response:

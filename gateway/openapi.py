@@ -181,6 +181,20 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
         "delete": {"operationId": "delete_job", "summary": "Cancel a job (as POST .../cancel)", **cancel},
     }
     paths["/api/v1/job/{job_id}"] = {"get": {**get_job, "operationId": "get_job_legacy", "deprecated": True}}
+    paths["/outputs/{job_id}.mp4"] = {
+        "get": {
+            "operationId": "job_output",
+            "summary": "The job's MP4: a redirect to a fresh presigned link",
+            "parameters": [job_id],
+            "responses": {
+                "302": {
+                    "description": "`Location`: the MP4 in the object store, presigned.",
+                    "headers": {"Location": {"schema": {"type": "string", "format": "uri"}}},
+                },
+                **errors("404", "503"),
+            },
+        }
+    }
     paths["/api/v1/jobs/{job_id}/cancel"] = {"post": {"operationId": "cancel_job", "summary": "Cancel a job", **cancel}}
     stream_params = [
         {

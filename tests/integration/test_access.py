@@ -106,6 +106,23 @@ async def test_a_stream_of_all_jobs_carries_only_the_callers_jobs(stack, http, o
     assert {f["job_id"] for f in seen} == {their_job["job_id"]}
 
 
+async def test_outputs_path_is_the_owners_and_only_once_the_video_exists(stack, http, other, anonymous) -> None:
+    accepted = await submit(http, stack.gateway_url, SLOW | {"num_inference_steps": 30})
+    outputs = f"{stack.gateway_url}/outputs/{accepted['job_id']}.mp4"
+    async with http.get(outputs, allow_redirects=False) as response:
+        body = await response.json()
+        assert response.status == 404 and body["error"]["code"] == "video_not_ready", body
+        assert accepted["job_id"] in body["error"]["message"]
+    async with other.get(outputs, allow_redirects=False) as response:
+        assert response.status == 404 and (await response.json())["error"]["code"] == "job_not_found"
+    async with anonymous.get(outputs, allow_redirects=False) as response:
+        assert response.status == 401
+    async with http.get(f"{stack.gateway_url}/outputs/{uuid.uuid4()}.mp4", allow_redirects=False) as response:
+        assert response.status == 404 and (await response.json())["error"]["code"] == "job_not_found"
+    async with http.post(f"{stack.gateway_url}/api/v1/jobs/{accepted['job_id']}/cancel") as response:
+        assert response.status in (200, 202)
+
+
 async def test_browsers_may_pass_the_key_as_access_token_on_streams(stack, http, anonymous) -> None:
     accepted = await submit(http, stack.gateway_url, SHORT)
     params = {"job_id": accepted["job_id"], "access_token": TOKENS["tester"]}

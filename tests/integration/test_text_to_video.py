@@ -76,6 +76,12 @@ async def test_job_runs_end_to_end(stack, http, tmp_path: Path) -> None:
     info = probe_mp4(video)
     assert (info.num_frames, info.width, info.height, info.fps) == (17, 64, 32, 12)
     assert (info.codec, info.pix_fmt) == ("h264", "yuv420p")
+    # The seed's static-file path: a redirect to the same video, through a fresh presigned link.
+    outputs = f"{stack.gateway_url}/outputs/{accepted['job_id']}.mp4"
+    async with http.get(outputs, allow_redirects=False) as response:
+        assert response.status == 302, await response.text()
+        location = response.headers["Location"]
+    assert (await download(location, tmp_path / "again.mp4")).read_bytes() == video.read_bytes()
     head = video.read_bytes()[:4096]
     assert head.find(b"moov") != -1 and head.find(b"moov") < max(head.find(b"mdat"), 4096), "faststart"
 
