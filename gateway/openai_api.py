@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.store import index_key, index_prefix, job_id_of_index, output_key
 from gateway.auth import owner_of, visible
 from gateway.errors import ApiError, bad_field, store_call, validation_error
-from gateway.handlers import QUEUED_RECORD, accept, read_json, read_multipart
+from gateway.handlers import QUEUED_RECORD, accept, parse_job_id, read_json, read_multipart
 from gateway.jobs import cancel, load_visible, video_redirect
 from gateway.keys import REGISTRY, SETTINGS, STORE
 from schemas.jobs import JobRecord, JobStatus, utcnow
@@ -189,25 +189,11 @@ async def list_videos(request: web.Request) -> web.Response:
     order = query.get("order", "desc")
     if order not in ("asc", "desc"):
         raise bad_field("order", "enum", "order: asc or desc")
-    store, owner = request.app[STORE], owner_of(request)
-    keys = await store.list_keys(index_prefix(owner), None, LIST_SCAN_MAX)  # newest first
-    ids = [job_id_of_index(k) for k in keys]
-    if order == "asc":
-        ids.reverse()
     after = query.get("after")
-    if after is not None:
-        if after not in ids:
-            raise bad_field("after", "known_video", f"after: no video {after!r} in this listing")
-        ids = ids[ids.index(after) + 1 :]
-    data: list[dict[str, Any]] = []
-    # Records are read a batch at a time, at once, until the page (and one more, for has_more) is full.
-    for start in range(0, len(ids), limit + 1):
-        batch = await asyncio.gather(*(store.get_record(job_id) for job_id in ids[start : start + limit + 1]))
-        for record in batch:
-            if record is not None and visible(record, owner) and record.mode != "download":
-                data.append(video_object(request, record))
-        if len(data) > limit:
-            break
+    if order == "desc":
+        data = await _newest_first(request, limit, after)
+    else:
+        data = await _oldest_first(request, limit, after)
     more = len(data) > limit
     data = data[:limit]
     return web.json_response(
@@ -219,6 +205,65 @@ async def list_videos(request: web.Request) -> web.Response:
             "has_more": more,
         }
     )
+
+
+async def _newest_first(request: web.Request, limit: int, after: str | None) -> list[dict[str, Any]]:
+    """A page of the key's videos, newest first, and one more if there is one: the index is listed
+    from just after `after`'s entry (named by its time, id and model, which its record holds), so
+    every video of the key can be reached, a page at a time."""
+    store, owner = request.app[STORE], owner_of(request)
+    start = None
+    if after is not None:
+        anchor = await _after_record(request, after)
+        start = index_key(anchor.job_id, anchor.model, anchor.created_at, anchor.owner)
+    data: list[dict[str, Any]] = []
+    while len(data) <= limit:
+        keys = await store.list_keys(index_prefix(owner), start, limit + 1 - len(data))
+        if not keys:
+            break
+        await _add_videos(request, [job_id_of_index(k) for k in keys], data, limit + 1)
+        start = keys[-1]
+    return data
+
+
+async def _oldest_first(request: web.Request, limit: int, after: str | None) -> list[dict[str, Any]]:
+    """A page oldest first, of the key's newest LIST_SCAN_MAX jobs (an index listed newest first
+    cannot be read from its end)."""
+    store, owner = request.app[STORE], owner_of(request)
+    keys = await store.list_keys(index_prefix(owner), None, LIST_SCAN_MAX)
+    ids = [job_id_of_index(k) for k in reversed(keys)]
+    if after is not None:
+        if after not in ids:
+            raise bad_field("after", "known_video", f"after: no video {after!r} in this listing")
+        ids = ids[ids.index(after) + 1 :]
+    data: list[dict[str, Any]] = []
+    # Records are read a batch at a time, at once, until the page (and one more, for has_more) is full.
+    for begin in range(0, len(ids), limit + 1):
+        await _add_videos(request, ids[begin : begin + limit + 1], data, limit + 1)
+        if len(data) > limit:
+            break
+    return data
+
+
+async def _after_record(request: web.Request, after: str) -> JobRecord:
+    """The video a page starts after: one of the caller's, deleted ones included (a client that
+    deletes each video of a page goes on after the last one it deleted)."""
+    owner = owner_of(request)
+    try:
+        record = await request.app[STORE].get_record(parse_job_id(after))
+    except ApiError:  # not a job id at all
+        record = None
+    if record is None or record.mode == "download" or (owner is not None and record.owner != owner):
+        raise bad_field("after", "known_video", f"after: no video {after!r}")
+    return record
+
+
+async def _add_videos(request: web.Request, ids: list[str], data: list[dict[str, Any]], most: int) -> None:
+    """Read these jobs' records at once and add the caller's videos among them, in order, up to `most`."""
+    store, owner = request.app[STORE], owner_of(request)
+    for record in await asyncio.gather(*(store.get_record(job_id) for job_id in ids)):
+        if len(data) < most and record is not None and visible(record, owner) and record.mode != "download":
+            data.append(video_object(request, record))
 
 
 def add_routes(app: web.Application) -> None:

@@ -8,19 +8,20 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import timedelta
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from common.settings import GatewaySettings
-from common.store import ObjectStore, job_id_of_index
-from gateway import idempotency
+from common.store import ObjectStore, index_key, job_id_of_index
+from gateway import idempotency, openai_api
 from gateway.app import create_app
 from gateway.broker import GatewayBroker
-from schemas.jobs import JobStatus
+from schemas.jobs import JobStatus, utcnow
 from scripts import devstack
 from tests.conftest import delete_test_namespace
-from tests.helpers import until
+from tests.helpers import queued_record, until
 
 
 @pytest.fixture
@@ -197,3 +198,40 @@ async def test_a_cancel_leaves_a_job_a_worker_started_meanwhile_to_that_worker(s
     assert response.status == 202 and body["status"] == "running"
     assert reads[:3] == [JobStatus.QUEUED, JobStatus.QUEUED, JobStatus.RUNNING], "read, raced, read again"
     assert record.status == JobStatus.RUNNING and record.worker == "worker-x" and record.seq == 1
+
+
+async def test_the_openai_listing_reaches_every_video_newest_first(settings, monkeypatch) -> None:
+    """A page goes on after the entry of `after`, found through its record, not within a bounded
+    scan of the newest entries: a key's older videos can be listed too. A deleted `after` (a
+    client deleting each video of the page it read) works as well."""
+    monkeypatch.setattr(openai_api, "LIST_SCAN_MAX", 4)  # what the listing of oldest first scans
+    store = ObjectStore(settings)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        start = utcnow()
+        records = []  # newest first
+        for age in range(7):
+            at = start - timedelta(seconds=age)
+            records.append(queued_record(str(uuid.uuid4()), created_at=at, updated_at=at))
+        writes = [store.put_record(r) for r in records]
+        writes += [store.put_bytes(index_key(r.job_id, r.model, r.created_at, None), b"", "") for r in records]
+        await asyncio.gather(*writes)
+
+        async def listed(after: str | None) -> list[str]:
+            seen: list[str] = []
+            while True:
+                params = {"limit": "3", "order": "desc"} | ({"after": after} if after else {})
+                response = await client.get("/v1/videos", params=params)
+                page = await response.json()
+                assert response.status == 200, page
+                seen += [video["id"] for video in page["data"]]
+                if not page["has_more"]:
+                    return seen
+                after = page["last_id"]
+
+        assert await listed(None) == [r.job_id for r in records]
+        gone = records[2]
+        await store.put_record(gone.model_copy(update={"deleted_at": utcnow()}))
+        await store.delete(index_key(gone.job_id, gone.model, gone.created_at, None))
+        assert await listed(gone.job_id) == [r.job_id for r in records[3:]]
+        response = await client.get("/v1/videos", params={"after": str(uuid.uuid4())})
+        assert response.status == 400 and (await response.json())["error"]["param"] == "after"
