@@ -72,7 +72,9 @@ class KeyFile(BaseModel):
 
 
 def hash_token(token: str) -> str:
-    return hashlib.sha256(token.encode()).hexdigest()
+    # A header's bytes that are not UTF-8 reach us as surrogates (aiohttp decodes with
+    # surrogateescape): hashed as they came, they match no key.
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def new_token() -> str:
@@ -144,7 +146,12 @@ def auth_middleware(keys: Keys | None) -> Callable:
         token = _presented_token(request)
         key = keys.find(token) if token else None
         if key is None:
-            reason = "no API key: send `Authorization: Bearer <key>`" if token is None else "unknown API key"
+            if token is None:
+                reason = "no API key: send `Authorization: Bearer <key>`"
+            elif token == "":
+                reason = "the Authorization header must be `Bearer <key>`"
+            else:
+                reason = "unknown API key"
             raise ApiError(401, "unauthorized", reason, headers={"WWW-Authenticate": 'Bearer realm="videogen"'})
         wait = await keys.retry_after(key)
         if wait is not None:

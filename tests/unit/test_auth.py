@@ -69,3 +69,35 @@ def test_new_prints_a_token_and_its_entry(capsys: pytest.CaptureFixture[str], tm
     keys = Keys(load_keys(write(tmp_path, captured.out)), "1/second", 1)
     assert keys.find(token).id == "ci-bot"
     assert main(["new", "Not Valid"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("raw", "reason"),
+    [
+        (b"Authorization: Bearer \xe9\xff", "unknown API key"),  # not UTF-8: hashed as sent, matches no key
+        (b"Authorization: Basic YWxpY2U6cHc=", "the Authorization header must be `Bearer <key>`"),
+        (b"X-Nothing: 1", "no API key: send `Authorization: Bearer <key>`"),
+    ],
+)
+async def test_a_bad_authorization_header_is_401_naming_the_problem(tmp_path: Path, raw: bytes, reason: str) -> None:
+    import asyncio
+    import json
+
+    from aiohttp import web
+    from aiohttp.test_utils import TestServer
+
+    from gateway.auth import auth_middleware
+    from gateway.errors import error_middleware
+
+    path = write(tmp_path, f'[[keys]]\nid = "alice"\nsha256 = "{hash_token(new_token())}"\n')
+    app = web.Application(middlewares=[error_middleware, auth_middleware(Keys(load_keys(path), "10/second", 8))])
+    app.router.add_get("/api/v1/models", lambda request: web.json_response({}))
+    async with TestServer(app) as server:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        # Raw bytes: an HTTP client library would not send a header that is not UTF-8.
+        writer.write(b"GET /api/v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n" + raw + b"\r\n\r\n")
+        answer = await reader.read()
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 401"), answer
+    assert json.loads(body)["error"] == {"code": "unauthorized", "message": reason}
