@@ -98,10 +98,11 @@ class JobStream:
                 open_jobs.discard(record.job_id)  # the client saw the end already: nothing more will come
         while True:
             for event in pending:
-                if event.seq <= self._last.get(event.job_id, -1):
-                    continue  # already sent: never a duplicate or a step backwards
-                self._last[event.job_id] = event.seq
-                yield event_frame(event, store, expiry)
+                # Already sent (or before `since`): never a duplicate or a step backwards.
+                if event.seq > self._last.get(event.job_id, -1):
+                    self._last[event.job_id] = event.seq
+                    yield event_frame(event, store, expiry)
+                # The job's end ends its part of the stream, also when `since` was past it.
                 if event.status.is_terminal and self.request.job_ids is not None:
                     open_jobs.discard(event.job_id)
                     if not open_jobs:

@@ -1,0 +1,43 @@
+"""A job stream's frames: history after `since`, then live events, and its end."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from common.settings import GatewaySettings
+from gateway.events import EventHub
+from gateway.keys import SETTINGS, STORE
+from gateway.streams import JobStream, StreamRequest
+from schemas.jobs import JobStatus, Phase
+from schemas.messages import JobEvent
+from tests.helpers import queued_record
+
+JOB = "3c1e0b7a-9d2f-4e6a-8b5c-1f2e3d4c5b6a"
+
+
+async def frames_until_the_end(since: int) -> list[int]:
+    """Follow a queued job (seq 0) resumed after `since`; it is then cancelled (seq 1)."""
+    record = queued_record(JOB)
+    record.events = [record.last_event()]
+    app = {STORE: None, SETTINGS: GatewaySettings()}
+    hub = EventHub()
+    with hub.subscribe([JOB]) as sub:
+        stream = JobStream(app, StreamRequest([JOB], since), {JOB: record}, sub)  # type: ignore[arg-type]
+
+        async def collect() -> list[int]:
+            return [frame["seq"] async for frame in stream.frames()]
+
+        following = asyncio.ensure_future(collect())
+        await asyncio.sleep(0)  # the history is sent; the stream waits for live events
+        ended = record.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED)
+        hub.publish(JobEvent.from_record(ended))
+        return await asyncio.wait_for(following, 5)
+
+
+@pytest.mark.parametrize(("since", "seqs"), [(-1, [0, 1]), (0, [1]), (5, [])])
+async def test_a_stream_ends_on_its_jobs_terminal_event_whatever_its_since(since: int, seqs: list[int]) -> None:
+    """Even resumed past every event the job has (a stale or wrong `since`), the stream ends once
+    the job has ended, instead of waiting for ever."""
+    assert await frames_until_the_end(since) == seqs
