@@ -24,6 +24,9 @@ class CommonSettings(BaseSettings):
     s3_access_key: str = "videogen"
     s3_secret_key: SecretStr = SecretStr("videogen-secret")
     s3_bucket: str = "videogen"
+    s3_timeout_s: float = Field(
+        default=10.0, gt=0, description="How long a store call waits for the store to answer before it fails."
+    )
     models_file: Path | None = None
     model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     default_model: str | None = None

@@ -106,8 +106,11 @@ class ObjectStore:
     def __init__(self, settings: CommonSettings, public_endpoint: str | None = None) -> None:
         self.bucket = settings.s3_bucket
         http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=3.0, read=60.0),
-            retries=urllib3.Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+            # A store that accepts connections but does not answer (hung, overloaded) fails a call
+            # after s3_timeout_s, once: a read that timed out is not tried again here (the gateway
+            # answers 503; workers retry with their own patience).
+            timeout=urllib3.Timeout(connect=3.0, read=settings.s3_timeout_s),
+            retries=urllib3.Retry(total=2, read=0, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
             maxsize=STORE_THREADS,
         )
         self._threads = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")
