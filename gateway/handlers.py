@@ -6,7 +6,9 @@ import asyncio
 import base64
 import binascii
 import json
+import math
 import re
+import typing
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
@@ -81,18 +83,31 @@ def _too_large(limit: int) -> ApiError:
     return ApiError(413, "body_too_large", f"request body is larger than the limit of {limit} bytes")
 
 
+def _upload_too_large(field: str, limit: int) -> ApiError:
+    message = f"{field}: larger than the limit of {limit} bytes"
+    return ApiError(413, "body_too_large", message, [{"field": field, "rule": "max_bytes", "message": message}])
+
+
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
-async def read_json(request: web.Request, limit: int) -> dict[str, Any]:
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: no JSON number a field could take
+        raise ValueError(f"{text} is too large a number")
+    return value
+
+
+async def read_json(request: web.Request, limit: int, or_multipart: bool = False) -> dict[str, Any]:
+    """The JSON object of the body; `or_multipart`: the route also takes multipart/form-data (the
+    415 says so)."""
     if request.content_type != "application/json":
-        raise ApiError(
-            415, "unsupported_media_type", f"expected Content-Type application/json, got {request.content_type!r}"
-        )
+        expected = "application/json or multipart/form-data" if or_multipart else "application/json"
+        raise ApiError(415, "unsupported_media_type", f"expected Content-Type {expected}, got {request.content_type!r}")
     body = await read_body(request, limit)
     try:
-        payload = json.loads(body, parse_constant=_not_json)
+        payload = json.loads(body, parse_constant=_not_json, parse_float=_finite)
     except ValueError as exc:  # not JSON, not UTF-8, or an integer beyond Python's digit limit
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
@@ -148,10 +163,7 @@ async def _read_part(part: BodyPartReader, limit: int) -> bytes:
     while chunk := await part.read_chunk():
         size += len(chunk)
         if size > limit:
-            message = f"{part.name}: larger than the limit of {limit} bytes"
-            raise ApiError(
-                413, "body_too_large", message, [{"field": part.name, "rule": "max_bytes", "message": message}]
-            )
+            raise _upload_too_large(str(part.name), limit)
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -185,7 +197,7 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
     else:
         # Base64 inflates by 4/3; leave room for the other fields.
         limit = settings.max_body_bytes if file_field is None else settings.max_upload_bytes * 4 // 3 + 65536
-        payload = await read_json(request, limit)
+        payload = await read_json(request, limit, or_multipart=file_field is not None)
     req = _validate(request_model, payload, strict=not form)
     if file_field is not None and data is None:
         encoded = getattr(req, file_field)
@@ -197,9 +209,7 @@ async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
             )
         data = _decode_base64(file_field, encoded)
         if len(data) > settings.max_upload_bytes:
-            raise ApiError(
-                413, "body_too_large", f"{file_field}: larger than the limit of {settings.max_upload_bytes} bytes"
-            )
+            raise _upload_too_large(file_field, settings.max_upload_bytes)
 
     if key is None:
         return _accepted_response(await accept(request, mode, req, data, file_field))
@@ -342,11 +352,42 @@ async def _check_webhook(req: TextToVideoRequest, settings: Any) -> Webhook | No
 def _validate(model: type[BaseModel], payload: dict[str, Any], strict: bool = True) -> Any:
     """Check a body against its model. A JSON body is checked strictly: an integer field takes a
     JSON integer, not "32", true or 32.0, and a number field no string. Form fields arrive as text
-    (strict=False) and are parsed."""
+    (strict=False): a number field's text is read as a plain decimal number (`_form_numbers`), and
+    the result is checked as strictly."""
     try:
-        return model.model_validate(payload, strict=strict)
+        if not strict:
+            payload = _form_numbers(model, payload)
+        return model.model_validate(payload, strict=True)
     except ValidationError as exc:
         raise validation_error(exc) from exc
+
+
+_ASCII_INT = re.compile(r"-?[0-9]+")
+_ASCII_NUMBER = re.compile(r"-?[0-9]+(\.[0-9]+)?([eE][-+]?[0-9]+)?")
+
+
+def ascii_int(text: str) -> int:
+    """An integer written in ASCII digits, nothing else ("+5", " 5", "0_5", "٥" and "5.0" are not)."""
+    if not _ASCII_INT.fullmatch(text):
+        raise ValueError(f"not an integer: {text!r}")
+    return int(text)
+
+
+def _form_numbers(model: type[BaseModel], fields: dict[str, Any]) -> dict[str, Any]:
+    """Form fields as the model's types: the text of an integer field becomes an int if it is one
+    (`ascii_int`), of a number field a finite float; any other text stays text, which the strict
+    check then refuses as no integer or number."""
+    typed = dict(fields)
+    for name, value in fields.items():
+        field = model.model_fields.get(name)
+        if field is None or not isinstance(value, str):
+            continue
+        kinds = set(typing.get_args(field.annotation)) or {field.annotation}
+        if int in kinds and _ASCII_INT.fullmatch(value):
+            typed[name] = int(value)
+        elif float in kinds and _ASCII_NUMBER.fullmatch(value) and math.isfinite(float(value)):
+            typed[name] = float(value)
+    return typed
 
 
 def _check_input(field: str | None, data: bytes, params: GenerationParams, settings: Any) -> CheckedInput:

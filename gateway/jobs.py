@@ -12,7 +12,7 @@ from aiohttp import web
 from common.store import index_prefix, job_id_of_index, model_of_index
 from gateway.auth import owner_of, visible
 from gateway.errors import ApiError
-from gateway.handlers import announce, parse_job_id
+from gateway.handlers import announce, ascii_int, parse_job_id
 from gateway.keys import BROKER, REGISTRY, SETTINGS, STORE
 from gateway.views import job_view
 from schemas.api import JobList
@@ -112,7 +112,7 @@ def _list_problems(request: web.Request) -> tuple[list[tuple[str, str, str]], di
         problems.append(("model", "known_model", f"unknown model {model!r}"))
     limit = 20
     try:
-        limit = int(query.get("limit", "20"))
+        limit = ascii_int(query.get("limit", "20"))
         if not 1 <= limit <= LIST_LIMIT_MAX:
             raise ValueError
     except ValueError:

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.store import index_key, index_prefix, job_id_of_index, output_key
 from gateway.auth import owner_of, visible
 from gateway.errors import ApiError, bad_field, store_call, validation_error
-from gateway.handlers import QUEUED_RECORD, accept, parse_job_id, read_json, read_multipart
+from gateway.handlers import QUEUED_RECORD, accept, ascii_int, parse_job_id, read_json, read_multipart
 from gateway.jobs import cancel, load_visible, video_redirect
 from gateway.keys import REGISTRY, SETTINGS, STORE
 from schemas.jobs import JobRecord, JobStatus, utcnow
@@ -45,8 +45,8 @@ class CreateVideo(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=4000)
     model: str | None = Field(default=None, min_length=1, max_length=100)
-    seconds: str | None = Field(default=None, pattern=r"^\d{1,3}(\.\d+)?$", description='Duration, e.g. "4".')
-    size: str | None = Field(default=None, pattern=r"^\d{2,5}x\d{2,5}$", description='"WIDTHxHEIGHT".')
+    seconds: str | None = Field(default=None, pattern=r"^[0-9]{1,3}(\.[0-9]+)?$", description='Duration, e.g. "4".')
+    size: str | None = Field(default=None, pattern=r"^[0-9]{2,5}x[0-9]{2,5}$", description='"WIDTHxHEIGHT".')
 
 
 def video_object(request: web.Request, record: JobRecord) -> dict[str, Any]:
@@ -89,7 +89,7 @@ async def create_video(request: web.Request) -> web.Response:
         fields, data = await read_multipart(request, "input_reference", settings.max_upload_bytes)
         payload: dict[str, Any] = dict(fields)
     else:
-        payload = await read_json(request, settings.max_body_bytes)
+        payload = await read_json(request, settings.max_body_bytes, or_multipart=True)
     try:
         create = CreateVideo.model_validate(payload)
     except ValidationError as exc:
@@ -181,7 +181,7 @@ async def video_content(request: web.Request) -> web.Response:
 async def list_videos(request: web.Request) -> web.Response:
     query = request.query
     try:
-        limit = int(query.get("limit", "20"))
+        limit = ascii_int(query.get("limit", "20"))
         if not 1 <= limit <= LIST_LIMIT_MAX:
             raise ValueError
     except ValueError as exc:

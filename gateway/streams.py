@@ -18,7 +18,7 @@ from aiohttp import web
 
 from gateway.auth import owner_of, visible
 from gateway.errors import ApiError
-from gateway.handlers import parse_job_id
+from gateway.handlers import ascii_int, parse_job_id
 from gateway.keys import HUB, SETTINGS, STORE
 from gateway.views import event_frame
 from schemas.jobs import JobRecord
@@ -60,7 +60,7 @@ class StreamRequest:
         if job_part and job_part != job_ids[0]:
             raise ApiError(400, "bad_parameter", f"since/Last-Event-ID names job {job_part!r}, not {job_ids[0]!r}")
         try:
-            since = int(seq_part)
+            since = ascii_int(seq_part)
         except ValueError as exc:
             raise ApiError(
                 400, "bad_parameter", f"since must be an event seq (an integer), got {since_text!r}"

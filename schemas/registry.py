@@ -224,7 +224,7 @@ def check_rules(spec: ModelSpec, v: dict[str, Any]) -> list[FieldProblem]:
                     f"nearest valid values: {_nearest(lower, higher)}",
                 )
             )
-        elif not lim.min_size <= value <= upper:
+        if not lim.min_size <= value <= upper:  # both rules are named when both are broken
             problems.append(
                 FieldProblem(
                     field=field,
@@ -245,7 +245,7 @@ def check_rules(spec: ModelSpec, v: dict[str, Any]) -> list[FieldProblem]:
                 f"got {frames}; nearest valid values: {_nearest(lower, higher)}",
             )
         )
-    elif frames > lim.max_frames:
+    if frames > lim.max_frames:
         problems.append(
             FieldProblem(
                 field="num_frames",

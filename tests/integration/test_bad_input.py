@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 
 import pytest
@@ -84,6 +85,7 @@ MALFORMED_JSON = {
     "integer-past-python-digit-limit": b'{"prompt": "x", "seed": ' + b"1" * 5000 + b"}",
     "nested-too-deep": b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     "nan": b'{"prompt": "x", "guidance_scale": NaN}',
+    "number-past-a-double": b'{"prompt": "x", "guidance_scale": 1e400}',
 }
 
 
@@ -123,16 +125,39 @@ async def test_wrong_content_type_is_415(stack, http) -> None:
     ) as response:
         assert response.status == 415
         assert (await response.json())["error"]["code"] == "unsupported_media_type"
+    # A route that also takes uploads says so.
+    async with http.post(
+        stack.gateway_url + "/api/v1/generate/image-to-video", data="x", headers={"Content-Type": "text/plain"}
+    ) as response:
+        payload = await response.json()
+    assert response.status == 415 and "multipart/form-data" in payload["error"]["message"], payload
 
 
 async def test_oversized_body_is_413(stack, http) -> None:
-    gateway, _ = stack.start_gateway("gateway-small-body", VIDEOGEN_MAX_BODY_BYTES="4096")
+    gateway, _ = stack.start_gateway(
+        "gateway-small-body", VIDEOGEN_MAX_BODY_BYTES="4096", VIDEOGEN_MAX_UPLOAD_BYTES="4096"
+    )
     body = json.dumps({"prompt": "x" * 5000}).encode()
     async with http.post(gateway + URL, data=body, headers={"Content-Type": "application/json"}) as response:
         assert response.status == 413
         assert (await response.json())["error"]["code"] == "body_too_large"
     async with http.post(gateway + URL, json={"prompt": "fits"}) as response:
         assert response.status == 202
+    # An upload past its limit names the field and the rule, sent as a file or as base64.
+    image = b"\x89PNG" + bytes(5000)
+    upload = gateway + "/api/v1/generate/image-to-video"
+    as_form = form(("prompt", b"p")).replace(b"--b--\r\n", b"") + (
+        b'--b\r\nContent-Disposition: form-data; name="image"; filename="i.png"\r\n\r\n' + image + b"\r\n--b--\r\n"
+    )
+    sent = [
+        http.post(upload, data=as_form, headers={"Content-Type": "multipart/form-data; boundary=b"}),
+        http.post(upload, json={"prompt": "p", "image": base64.b64encode(image).decode()}),
+    ]
+    for request in sent:
+        async with request as response:
+            payload = await response.json()
+        assert response.status == 413 and payload["error"]["code"] == "body_too_large", payload
+        assert [(d["field"], d["rule"]) for d in payload["error"]["details"]] == [("image", "max_bytes")]
 
 
 async def test_refused_requests_leave_no_job_behind(stack, http, s3_store) -> None:
@@ -167,6 +192,12 @@ FORM_CASES = {
     # (the parts, the field, the rule)
     "field-twice": ((("prompt", b"a"), ("prompt", b"b")), "prompt", "single_value"),
     "not-utf8": ((("prompt", b"\xff\xfe"),), "prompt", "utf8"),
+    # Numbers are read as plain ASCII decimals, never fixed up.
+    "integer-as-decimal": ((("prompt", b"p"), ("seed", b"7.0")), "seed", "int_type"),
+    "integer-with-a-sign": ((("prompt", b"p"), ("seed", b"+7")), "seed", "int_type"),
+    "integer-in-other-digits": ((("prompt", b"p"), ("seed", "\u0665".encode())), "seed", "int_type"),
+    "integer-with-spaces": ((("prompt", b"p"), ("num_frames", b" 9")), "num_frames", "int_type"),
+    "number-not-a-number": ((("prompt", b"p"), ("guidance_scale", b"nan")), "guidance_scale", "float_type"),
 }
 
 
@@ -190,6 +221,25 @@ async def test_a_query_parameter_given_twice_is_refused(stack, http) -> None:
 async def test_static_file_errors_are_json(stack, http) -> None:
     async with http.get(stack.gateway_url + "/static/nope.js") as response:
         assert response.status == 404 and (await response.json())["error"]["code"] == "not_found"
+
+
+@pytest.mark.parametrize("value", ["+5", " 5", "0_5", "\u0665", "5.0"])
+async def test_query_integers_are_plain_ascii_digits(stack, http, value) -> None:
+    async with http.get(stack.gateway_url + "/api/v1/jobs", params={"limit": value}) as response:
+        payload = await response.json()
+    assert response.status == 422 and payload["error"]["details"][0]["field"] == "limit", payload
+    job = "33e8a532-5095-4c26-82cb-3ee7a8c59e49"
+    async with http.get(stack.gateway_url + "/api/v1/events", params={"job_id": job, "since": value}) as response:
+        assert response.status == 400 and (await response.json())["error"]["code"] == "bad_parameter"
+    async with http.get(stack.gateway_url + "/v1/videos", params={"limit": value}) as response:
+        assert response.status == 400 and (await response.json())["error"]["param"] == "limit"
+
+
+@pytest.mark.parametrize(("field", "value"), [("seconds", "\u0665"), ("size", "\uff13\uff12x\uff13\uff12")])
+async def test_openai_seconds_and_size_are_ascii(stack, http, field, value) -> None:
+    async with http.post(stack.gateway_url + "/v1/videos", json={"prompt": "p", field: value}) as response:
+        payload = await response.json()
+    assert response.status == 400 and payload["error"]["param"] == field, payload
 
 
 async def test_a_negative_since_is_refused(stack, http) -> None:

@@ -29,23 +29,26 @@ def test_default_model_and_random_seed(registry) -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "fields", "field", "rule", "nearest"),
+    ("model", "fields", "field", "rule", "nearest", "also"),
     [
-        ("ltx-video", {"width": 500}, "width", "multiple_of_32", "480 or 512"),
-        ("ltx-video", {"height": 250}, "height", "multiple_of_32", "256"),  # below the minimum: only 256 is valid
-        ("ltx-video", {"width": 1300}, "width", "multiple_of_32", "1280"),
-        ("ltx-video", {"num_frames": 120}, "num_frames", "8k+1", "113 or 121"),
-        ("ltx-video", {"num_frames": 300}, "num_frames", "8k+1", "257"),
-        ("wan2-1-t2v-1-3b", {"width": 840}, "width", "multiple_of_16", "832 or 848"),
-        ("wan2-1-t2v-1-3b", {"num_frames": 80}, "num_frames", "4k+1", "77 or 81"),
+        ("ltx-video", {"width": 500}, "width", "multiple_of_32", "480 or 512", None),
+        # Below the minimum: only 256 is valid, and the range is named too.
+        ("ltx-video", {"height": 250}, "height", "multiple_of_32", "256", "range"),
+        ("ltx-video", {"width": 1300}, "width", "multiple_of_32", "1280", "range"),
+        ("ltx-video", {"num_frames": 120}, "num_frames", "8k+1", "113 or 121", None),
+        ("ltx-video", {"num_frames": 300}, "num_frames", "8k+1", "257", "maximum"),
+        ("wan2-1-t2v-1-3b", {"width": 840}, "width", "multiple_of_16", "832 or 848", None),
+        ("wan2-1-t2v-1-3b", {"num_frames": 80}, "num_frames", "4k+1", "77 or 81", None),
     ],
 )
-def test_rule_violations_name_the_nearest_valid_values(registry, model, fields, field, rule, nearest) -> None:
+def test_rule_violations_name_the_nearest_valid_values(registry, model, fields, field, rule, nearest, also) -> None:
     params, problems = resolve(registry, model=model, **fields)
     assert params is None
-    [problem] = problems
+    problem, *others = problems
     assert (problem.field, problem.rule) == (field, rule)
     assert problem.message.endswith(f"nearest valid values: {nearest}")
+    # A value that is also out of the model's limits breaks that rule as well: both are named.
+    assert [(other.field, other.rule) for other in others] == ([] if also is None else [(field, also)])
 
 
 def test_valid_wan_sizes_pass(registry) -> None:
