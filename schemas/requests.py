@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
+from pydantic_core import PydanticCustomError
 
 from schemas.cost import Estimate
 from schemas.jobs import DownloadParams, GenerationParams, JobStatus, Priority, Tier, WebhookEventType
@@ -50,6 +51,16 @@ class TextToVideoRequest(BaseModel):
     def _split_events(cls, value: Any) -> Any:
         """Multipart forms send lists comma-separated."""
         return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+
+    @field_validator("webhook_events")
+    @classmethod
+    def _each_event_once(cls, value: list[str] | None) -> list[str] | None:
+        if value is not None and len(set(value)) != len(value):
+            repeated = sorted({v for v in value if value.count(v) > 1})
+            raise PydanticCustomError(
+                "unique", "each event type at most once; repeated: {repeated}", {"repeated": ", ".join(repeated)}
+            )
+        return value
 
 
 class ImageToVideoRequest(TextToVideoRequest):

@@ -34,6 +34,14 @@ CASES = [
     ({"prompt": "x", "seed": -1}, 422, "validation_error", "seed", "greater_than_equal", "0"),
     ({"prompt": "x", "fps": 0}, 422, "validation_error", "fps", "greater_than_equal", "1"),
     (
+        {"prompt": "x", "webhook_url": "https://example.com/h", "webhook_events": "job.succeeded,job.succeeded"},
+        422,
+        "validation_error",
+        "webhook_events",
+        "unique",
+        "repeated: job.succeeded",
+    ),
+    (
         {"prompt": "x", "num_inference_steps": 0},
         422,
         "validation_error",
