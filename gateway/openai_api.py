@@ -135,8 +135,19 @@ def _in_openai_terms(exc: ApiError) -> ApiError:
     """Name OpenAI's fields in errors about ours: width/height → size, num_frames → seconds, image → input_reference."""
     names = {"width": "size", "height": "size", "num_frames": "seconds", "image": "input_reference"}
     if exc.details:
-        exc.details = [d | {"field": names.get(d["field"], d["field"])} for d in exc.details]
+        exc.details = [_renamed(d, names.get(d["field"])) for d in exc.details]
+        exc.message = "; ".join(d["message"] for d in exc.details)
     return exc
+
+
+def _renamed(detail: dict[str, Any], name: str | None) -> dict[str, Any]:
+    """The detail about one of our fields as one about OpenAI's `name`: "image: ..." becomes
+    "input_reference: ...", and "width must be ..." "size: width must be ..."."""
+    if name is None:
+        return detail
+    field, message = detail["field"], detail["message"]
+    text = message.removeprefix(f"{field}:").lstrip() if message.startswith(f"{field}:") else message
+    return detail | {"field": name, "message": f"{name}: {text}"}
 
 
 async def get_video(request: web.Request) -> web.Response:

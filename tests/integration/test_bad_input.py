@@ -154,9 +154,7 @@ async def test_oversized_body_is_413(stack, http) -> None:
     # An upload past its limit names the field and the rule, sent as a file or as base64.
     image = b"\x89PNG" + bytes(5000)
     upload = gateway + "/api/v1/generate/image-to-video"
-    as_form = form(("prompt", b"p")).replace(b"--b--\r\n", b"") + (
-        b'--b\r\nContent-Disposition: form-data; name="image"; filename="i.png"\r\n\r\n' + image + b"\r\n--b--\r\n"
-    )
+    as_form = form_with_file("image", "i.png", image, ("prompt", b"p"))
     sent = [
         http.post(upload, data=as_form, headers={"Content-Type": "multipart/form-data; boundary=b"}),
         http.post(upload, json={"prompt": "p", "image": base64.b64encode(image).decode()}),
@@ -194,6 +192,13 @@ def form(*parts: tuple[str, bytes]) -> bytes:
         for name, value in parts
     )
     return body + b"--b--\r\n"
+
+
+def form_with_file(name: str, filename: str, data: bytes, *parts: tuple[str, bytes]) -> bytes:
+    """A multipart body (boundary `b`) of text parts and one file part."""
+    head = form(*parts).removesuffix(b"--b--\r\n")
+    disposition = f'form-data; name="{name}"; filename="{filename}"'.encode()
+    return head + b"--b\r\nContent-Disposition: " + disposition + b"\r\n\r\n" + data + b"\r\n--b--\r\n"
 
 
 FORM_CASES = {
@@ -255,3 +260,18 @@ async def test_a_negative_since_is_refused(stack, http) -> None:
     async with http.get(url) as response:
         payload = await response.json()
     assert response.status == 400 and payload["error"]["code"] == "bad_parameter", payload
+
+
+async def test_openai_errors_speak_of_openai_fields(stack, http) -> None:
+    """Problems with our width, height or image are told as OpenAI's size and input_reference."""
+    async with http.post(stack.gateway_url + "/v1/videos", json={"prompt": "p", "size": "33x32"}) as response:
+        payload = await response.json()
+    assert response.status == 400 and payload["error"]["param"] == "size", payload
+    assert payload["error"]["message"].startswith("size: width must be a multiple of 32")
+    gif = b"GIF89a" + bytes(64)
+    parts = form_with_file("input_reference", "a.gif", gif, ("prompt", b"p"))
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+    async with http.post(stack.gateway_url + "/v1/videos", data=parts, headers=headers) as response:
+        payload = await response.json()
+    assert response.status == 400 and payload["error"]["param"] == "input_reference", payload
+    assert payload["error"]["message"].startswith("input_reference: ") and "image:" not in payload["error"]["message"]
