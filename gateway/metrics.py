@@ -29,11 +29,20 @@ STREAMS = Gauge("videogen_event_streams", "WebSocket and SSE clients connected t
 BROKER_UP = Gauge("videogen_broker_connected", "1 while the gateway's broker connection is up")
 
 
-def route_of(request: web.Request) -> str:
-    """The route's pattern (`/api/v1/jobs/{job_id}`), never the raw path: labels stay few."""
+async def route_of(request: web.Request) -> str:
+    """The route's pattern (`/api/v1/jobs/{job_id}`), never the raw path: labels stay few. A
+    method the path does not take (405) counts under the path's pattern too; only a path that no
+    route matches is "unmatched"."""
     info = request.match_info
     resource = info.route.resource if info is not None and info.route is not None else None
-    return resource.canonical if resource is not None else "unmatched"
+    if resource is not None:
+        return resource.canonical
+    if isinstance(getattr(info, "http_exception", None), web.HTTPMethodNotAllowed):
+        for candidate in request.app.router.resources():
+            found, methods = await candidate.resolve(request)
+            if found is None and methods:  # the path matched, the method did not
+                return candidate.canonical
+    return "unmatched"
 
 
 @web.middleware
@@ -50,7 +59,7 @@ async def metrics_middleware(
         status = exc.status
         raise
     finally:
-        route = route_of(request)
+        route = await route_of(request)
         REQUESTS.labels(request.method, route, str(status)).inc()
         LATENCY.labels(request.method, route).observe(time.perf_counter() - started)
 

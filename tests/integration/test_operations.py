@@ -40,11 +40,15 @@ async def test_gateway_and_worker_metrics(stack, http) -> None:
     await watch(http, stack.gateway_url, accepted["job_id"])
     async with http.get(f"{stack.gateway_url}/api/v1/jobs/{accepted['job_id']}") as response:
         assert response.status == 200
+    async with http.put(f"{stack.gateway_url}/api/v1/jobs/{accepted['job_id']}") as response:
+        assert response.status == 405
 
     text = await scrape(f"{stack.gateway_url}/metrics")
     assert sample(text, "videogen_jobs_submitted_total", model="ltx-tiny", mode="text-to-video", priority="normal") >= 1
     route = "/api/v1/jobs/{job_id}"
     assert sample(text, "videogen_http_requests_total", method="GET", route=route, status="200") >= 1
+    # A method the path does not take counts under the path's route, not as unmatched.
+    assert sample(text, "videogen_http_requests_total", method="PUT", route=route, status="405") >= 1
     assert sample(text, "videogen_http_request_seconds_count", method="GET", route=route) >= 1
     assert sample(text, "videogen_workers", model="ltx-tiny") >= 1
     for priority in ("high", "normal", "low"):
