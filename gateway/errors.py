@@ -106,7 +106,8 @@ async def error_middleware(
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
-        message = exc.text if exc.status == 413 and exc.text else exc.reason
+        # A body too large, and a CORS preflight refused (aiohttp_cors says why), carry their own text.
+        message = exc.text if exc.status in (403, 413) and exc.text else exc.reason
         headers = {k: v for k, v in exc.headers.items() if k.lower() in ("allow", "retry-after")}
         return respond(request, ApiError(exc.status, code, message, headers=headers))
     except RecordChanged as exc:  # a record others kept writing while this request changed it

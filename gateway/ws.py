@@ -12,12 +12,20 @@ import json
 from aiohttp import WSMsgType, web
 from aiohttp_sse import sse_response
 
+from gateway.errors import ApiError
 from gateway.streams import StreamRequest, open_stream, pump
 
 
 async def job_events(request: web.Request) -> web.WebSocketResponse:
     async with open_stream(request.app, StreamRequest.parse(request)) as stream:
         ws = web.WebSocketResponse(heartbeat=20.0)
+        if not ws.can_prepare(request).ok:
+            raise ApiError(
+                400,
+                "bad_request",
+                "GET /api/v1/ws takes WebSocket upgrades only (Connection: Upgrade, Upgrade: websocket); "
+                "for events over plain HTTP use GET /api/v1/events",
+            )
         await ws.prepare(request)
         reader = asyncio.ensure_future(_drain_client(ws))
         try:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from tests.helpers import client, object_names
+from tests.helpers import client, object_names, submit
 
 URL = "/api/v1/generate/text-to-video"
 
@@ -275,3 +275,11 @@ async def test_openai_errors_speak_of_openai_fields(stack, http) -> None:
         payload = await response.json()
     assert response.status == 400 and payload["error"]["param"] == "input_reference", payload
     assert payload["error"]["message"].startswith("input_reference: ") and "image:" not in payload["error"]["message"]
+
+
+async def test_a_plain_get_of_a_jobs_websocket_says_what_it_needs(stack, http) -> None:
+    accepted = await submit(http, stack.gateway_url, {"prompt": "p", "num_inference_steps": 2})
+    async with http.get(f"{stack.gateway_url}/api/v1/ws", params={"job_id": accepted["job_id"]}) as response:
+        body = await response.json()
+    assert response.status == 400 and body["error"]["code"] == "bad_request", body
+    assert "WebSocket upgrade" in body["error"]["message"] and "/api/v1/events" in body["error"]["message"]

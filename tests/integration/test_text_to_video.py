@@ -219,6 +219,13 @@ async def test_cors_preflight_and_headers(stack, http) -> None:
     only, _ = stack.start_gateway("gateway-cors", VIDEOGEN_CORS_ALLOW_ORIGINS="https://app.example")
     async with http.get(f"{only}/api/v1/models", headers={"Origin": "https://evil.example"}) as response:
         assert response.status == 200 and "Access-Control-Allow-Origin" not in response.headers
+    # A refused preflight says why.
+    async with http.options(
+        url.replace(stack.gateway_url, only), headers=preflight | {"Origin": "https://evil.example"}
+    ) as response:
+        body = await response.json()
+    assert response.status == 403 and body["error"]["code"] == "forbidden", body
+    assert "origin 'https://evil.example' is not allowed" in body["error"]["message"]
 
 
 async def test_presigned_links_expire(stack, http, tmp_path) -> None:
