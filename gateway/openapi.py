@@ -236,7 +236,8 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
             ],
             "responses": {
                 "200": {
-                    "description": "`text/event-stream`: `event: job.event`, `id: <job_id>:<seq>`.",
+                    "description": "`text/event-stream`: `event: job.event`, `id: <job_id>:<seq>` (several jobs: "
+                    "`seqs:<s1>,<s2>,...`, each job's last seq sent).",
                     "content": {"text/event-stream": {"schema": {"type": "string"}}},
                 },
                 "204": {

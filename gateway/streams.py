@@ -27,11 +27,20 @@ from schemas.messages import JobEvent
 MAX_JOBS_PER_STREAM = 100
 
 
+# Prefix of the SSE id of a stream of several jobs: `seqs:<s1>,<s2>,...`, the last seq sent of each
+# listed job in the order of the request's job_id parameters (-1: none yet).
+POSITIONS = "seqs:"
+
+
 @dataclass
 class StreamRequest:
     job_ids: list[str] | None  # None: every job of the caller
-    since: int = -1
+    since: int = -1  # for every listed job, unless `after` names its own
     owner: str | None = None  # the caller's API key id (None: auth disabled)
+    after: dict[str, int] = field(default_factory=dict)  # job id -> the last seq the client has
+
+    def since_of(self, job_id: str) -> int:
+        return self.after.get(job_id, self.since)
 
     @classmethod
     def parse(cls, request: web.Request, last_event_id: str | None = None) -> StreamRequest:
@@ -51,23 +60,49 @@ class StreamRequest:
             )
         if len(set(job_ids)) > MAX_JOBS_PER_STREAM:
             raise ApiError(400, "bad_parameter", f"at most {MAX_JOBS_PER_STREAM} job_id values per stream")
+        job_ids = list(dict.fromkeys(job_ids))
         since_text = query.get("since", last_event_id)
         if since_text is None:
-            return cls(list(dict.fromkeys(job_ids)), owner=owner)
-        if len(set(job_ids)) != 1:
-            raise ApiError(400, "bad_parameter", "since applies to one job: give exactly one job_id with it")
+            return cls(job_ids, owner=owner)
+        if "since" not in query and since_text.startswith(POSITIONS):
+            return cls(job_ids, owner=owner, after=_positions(since_text, job_ids))
+        if len(job_ids) != 1:
+            raise ApiError(
+                400,
+                "bad_parameter",
+                "since applies to one job: give exactly one job_id with it (a stream of several jobs "
+                f"resumes by the Last-Event-ID of its events, {POSITIONS}...)",
+            )
         job_part, _, seq_part = since_text.rpartition(":")
         if job_part and job_part != job_ids[0]:
             raise ApiError(400, "bad_parameter", f"since/Last-Event-ID names job {job_part!r}, not {job_ids[0]!r}")
-        try:
-            since = ascii_int(seq_part)
-        except ValueError as exc:
-            raise ApiError(
-                400, "bad_parameter", f"since must be an event seq (an integer), got {since_text!r}"
-            ) from exc
-        if since < 0:
-            raise ApiError(400, "bad_parameter", f"since must be an event seq (0 or more), got {since_text!r}")
-        return cls(job_ids[:1], since, owner)
+        return cls(job_ids, _seq(seq_part, since_text), owner)
+
+
+def _seq(text: str, whole: str) -> int:
+    try:
+        seq = ascii_int(text)
+    except ValueError as exc:
+        raise ApiError(400, "bad_parameter", f"since must be an event seq (an integer), got {whole!r}") from exc
+    if seq < 0:
+        raise ApiError(400, "bad_parameter", f"since must be an event seq (0 or more), got {whole!r}")
+    return seq
+
+
+def _positions(text: str, job_ids: list[str]) -> dict[str, int]:
+    """A Last-Event-ID of a stream of several jobs: one seq per job, in the order of its job_ids."""
+    seqs = text.removeprefix(POSITIONS).split(",")
+    if len(seqs) != len(job_ids):
+        raise ApiError(
+            400,
+            "bad_parameter",
+            f"Last-Event-ID {text!r} holds {len(seqs)} positions; this stream lists {len(job_ids)} jobs",
+        )
+    after = {}
+    for job_id, seq in zip(job_ids, seqs, strict=True):
+        if seq != "-1":
+            after[job_id] = _seq(seq, text)
+    return after
 
 
 @dataclass
@@ -84,17 +119,26 @@ class JobStream:
     def already_over(self) -> bool:
         """Resumed at or after the terminal event of every job it lists: nothing will come."""
         return self.request.job_ids is not None and all(
-            record.status.is_terminal and self.request.since >= record.seq for record in self.records.values()
+            record.status.is_terminal and self.request.since_of(record.job_id) >= record.seq
+            for record in self.records.values()
         )
+
+    def event_id(self, frame: dict[str, Any]) -> str:
+        """The SSE id of a frame just sent: `<job_id>:<seq>`, or on a stream of several listed jobs
+        the position of each (`seqs:...`), which resumes all of them as a Last-Event-ID."""
+        job_ids = self.request.job_ids
+        if job_ids is None or len(job_ids) == 1:
+            return f"{frame['job_id']}:{frame['seq']}"
+        return POSITIONS + ",".join(str(self._last.get(job_id, -1)) for job_id in job_ids)
 
     async def frames(self) -> AsyncIterator[dict[str, Any]]:
         store, expiry = self.app[STORE], self.app[SETTINGS].presign_expiry_s
         open_jobs = set(self.records)
         pending: list[JobEvent] = []
         for record in self.records.values():
-            self._last[record.job_id] = self.request.since
+            self._last[record.job_id] = self.request.since_of(record.job_id)
             pending += [JobEvent.from_entry(record.job_id, entry, record) for entry in record.events]
-            if record.status.is_terminal and self.request.since >= record.seq:
+            if record.status.is_terminal and self.request.since_of(record.job_id) >= record.seq:
                 open_jobs.discard(record.job_id)  # the client saw the end already: nothing more will come
         while True:
             for event in pending:

@@ -47,8 +47,8 @@ async def job_events_sse(request: web.Request) -> web.StreamResponse:
         async with sse_response(request, ping_interval=15) as sse:
 
             async def send(frame: dict) -> None:
-                # The id lets EventSource resume with Last-Event-ID (`<job_id>:<seq>`).
-                await sse.send(json.dumps(frame), id=f"{frame['job_id']}:{frame['seq']}", event="job.event")
+                # The id lets EventSource resume with Last-Event-ID.
+                await sse.send(json.dumps(frame), id=stream.event_id(frame), event="job.event")
 
             await pump(stream.frames(), send, asyncio.ensure_future(sse.wait()))
         return sse

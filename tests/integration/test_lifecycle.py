@@ -131,6 +131,32 @@ async def test_server_sent_events_and_last_event_id(stack, http) -> None:
         assert response.status == 204 and await response.read() == b""
 
 
+async def test_server_sent_events_over_several_jobs_resume_by_last_event_id(stack, http) -> None:
+    """On a stream of several jobs each event's id holds every job's position, so the id of the
+    last event received (what an EventSource sends back) resumes all of them: no gap, no repeat."""
+    jobs = [(await submit(http, stack.gateway_url, {"prompt": f"sse {n}"}))["job_id"] for n in range(2)]
+    url = f"{stack.gateway_url}/api/v1/events"
+    params = [("job_id", job_id) for job_id in jobs]
+    async with http.get(url, params=params) as response:
+        events = [(i, json.loads(d)) async for i, _, d in sse_events(response)]
+    last: dict[str, int] = {}
+    for event_id, data in events:  # each id: the last seq sent of each job, in the order listed
+        last[data["job_id"]] = data["seq"]
+        assert event_id == "seqs:" + ",".join(str(last.get(job_id, -1)) for job_id in jobs)
+    for cut in (1, len(events) // 2, len(events) - 3):
+        async with http.get(url, params=params, headers={"Last-Event-ID": events[cut - 1][0]}) as response:
+            later = [json.loads(d) async for _, _, d in sse_events(response)]
+        expected = [(d["job_id"], d["seq"]) for _, d in events[cut:]]
+        assert sorted((d["job_id"], d["seq"]) for d in later) == sorted(expected)
+        for job_id in jobs:  # in seq order per job
+            seqs = [d["seq"] for d in later if d["job_id"] == job_id]
+            assert seqs == sorted(seqs)
+    async with http.get(url, params=params, headers={"Last-Event-ID": events[-1][0]}) as response:
+        assert response.status == 204  # both ended, and the client has both ends
+    async with http.get(url, params=params, headers={"Last-Event-ID": "seqs:1"}) as response:
+        assert response.status == 400 and (await response.json())["error"]["code"] == "bad_parameter"
+
+
 async def test_cancel_a_running_job_stops_within_a_step_and_leaves_no_video(stack, http) -> None:
     accepted = await submit(http, stack.gateway_url, SLOW | {"num_inference_steps": 60})
     job_id = accepted["job_id"]
