@@ -17,6 +17,7 @@ import structlog
 from aiohttp import BodyPartReader, web
 from pydantic import BaseModel, ValidationError
 
+from common.retry import patiently
 from common.store import index_key, input_key
 from gateway import idempotency, quota
 from gateway.auth import owner_of, require_admin
@@ -47,6 +48,8 @@ from schemas.requests import DownloadRequest, ImageToVideoRequest, JobAccepted, 
 T = TypeVar("T")
 log = structlog.get_logger("gateway")
 
+# How long a submission keeps trying to store its Idempotency-Key's record through store errors.
+REMEMBER_PATIENCE_S = 5.0
 _JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 # Mode → (request model, name of its file input or None).
@@ -229,7 +232,13 @@ async def _submit_once(
             return await _replay(request, job_id)
         accepted = await accept(request, mode, req, data, file_field)
         try:
-            await idempotency.remember(request, key, print_, accepted.job_id, etag)
+            # A store error is tried again for a few seconds: forgotten, the key would let a
+            # retry of this request make a second job.
+            await patiently(
+                lambda: idempotency.remember(request, key, print_, accepted.job_id, etag),
+                REMEMBER_PATIENCE_S,
+                "remember_idempotency_key",
+            )
         except idempotency.KeyTaken:
             # Another gateway made a job for this key meanwhile (this one's hold on the key was
             # lost): that job stands, and this duplicate is cancelled before it runs.

@@ -109,7 +109,7 @@ def busy() -> ApiError:
     )
 
 
-class KeyTaken(Exception):
+class KeyTaken(RecordChanged):
     """Another submission remembered a job under the key after this one looked it up."""
 
 

@@ -8,10 +8,10 @@ from typing import Any
 
 import structlog
 
+from common.retry import patiently
 from common.store import ObjectStore, RecordChanged
 from schemas.jobs import JobRecord
 from schemas.messages import JobEvent
-from worker.retry import patiently
 
 log = structlog.get_logger("worker.reporter")
 

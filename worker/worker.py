@@ -30,6 +30,7 @@ from aio_pika.abc import (
 )
 from aio_pika.exceptions import ChannelInvalidStateError
 
+from common.retry import patiently
 from common.settings import WorkerSettings
 from common.store import ObjectStore, output_key
 from common.topology import DOWNLOAD_KEY, Topology, connect, to_amqp
@@ -56,7 +57,6 @@ from worker.inputs import load_image, load_video
 from worker.metrics import BUSY, RUNNING, job_ended
 from worker.pipelines import Generated, Inputs, ModelRunner
 from worker.reporter import DeliveryLost, EndedElsewhere, JobReporter
-from worker.retry import patiently
 
 T = TypeVar("T")
 

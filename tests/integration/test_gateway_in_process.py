@@ -235,3 +235,28 @@ async def test_the_openai_listing_reaches_every_video_newest_first(settings, mon
         assert await listed(gone.job_id) == [r.job_id for r in records[3:]]
         response = await client.get("/v1/videos", params={"after": str(uuid.uuid4())})
         assert response.status == 400 and (await response.json())["error"]["param"] == "after"
+
+
+async def test_an_idempotency_key_is_remembered_through_a_passing_store_error(settings, monkeypatch) -> None:
+    """The first write of the key's record fails (a dropped connection): it is tried again, so a
+    retry of the request finds the job instead of making a second one."""
+    real, failed = ObjectStore.put_if, []
+
+    async def flaky(self, key, data, etag, content_type="application/json"):
+        if key.startswith("idempotency/") and not failed:
+            failed.append(key)
+            raise ConnectionResetError("the store dropped the connection")
+        return await real(self, key, data, etag, content_type)
+
+    monkeypatch.setattr(ObjectStore, "put_if", flaky)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        answers = []
+        for _ in range(2):
+            response = await client.post(
+                "/api/v1/generate/text-to-video",
+                json={"prompt": "once", "model": "ltx-tiny"},
+                headers={"Idempotency-Key": "flaky-store"},
+            )
+            answers.append((response.status, (await response.json())["job_id"], response.headers))
+    assert failed and [status for status, _, _ in answers] == [202, 202]
+    assert answers[0][1] == answers[1][1] and answers[1][2].get("Idempotent-Replayed") == "true"

@@ -1,5 +1,6 @@
 """Patience with the object store: a worker holding a job waits out a store outage (its broker
-connection, and so its claim on the job, stays alive) instead of handing the job back."""
+connection, and so its claim on the job, stays alive) instead of handing the job back; a gateway
+waits a few seconds before it gives up remembering an Idempotency-Key."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import structlog
 
 from common.store import RecordChanged
 
-log = structlog.get_logger("worker.store")
+log = structlog.get_logger("store")
 
 T = TypeVar("T")
 
