@@ -102,15 +102,26 @@ _RACED_TRIES = 5
 UPDATE_TRIES = 10
 
 
+class _Retry(urllib3.Retry):
+    """urllib3's retries, except after a read that timed out: a store that does not answer one
+    call in s3_timeout_s fails it at once. (A connection the store closed just as it was reused,
+    also a read error to urllib3, is still tried again.)"""
+
+    def increment(self, method=None, url=None, response=None, error=None, _pool=None, _stacktrace=None):  # type: ignore[no-untyped-def]
+        if isinstance(error, urllib3.exceptions.ReadTimeoutError):
+            raise urllib3.exceptions.MaxRetryError(_pool, url, error) from error
+        return super().increment(method, url, response, error, _pool, _stacktrace)
+
+
 class ObjectStore:
     def __init__(self, settings: CommonSettings, public_endpoint: str | None = None) -> None:
         self.bucket = settings.s3_bucket
         http = urllib3.PoolManager(
             # A store that accepts connections but does not answer (hung, overloaded) fails a call
             # after s3_timeout_s, once: a read that timed out is not tried again here (the gateway
-            # answers 503; workers retry with their own patience).
+            # answers 503; workers retry with their own patience). Other errors are (_Retry).
             timeout=urllib3.Timeout(connect=3.0, read=settings.s3_timeout_s),
-            retries=urllib3.Retry(total=2, read=0, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
+            retries=_Retry(total=2, backoff_factor=0.2, status_forcelist=(500, 502, 503, 504)),
             maxsize=STORE_THREADS,
         )
         self._threads = ThreadPoolExecutor(max_workers=STORE_THREADS, thread_name_prefix="store")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import math
 import re
@@ -392,10 +393,11 @@ def _form_numbers(model: type[BaseModel], fields: dict[str, Any]) -> dict[str, A
         if field is None or not isinstance(value, str):
             continue
         kinds = set(typing.get_args(field.annotation)) or {field.annotation}
-        if int in kinds and _ASCII_INT.fullmatch(value):
-            typed[name] = int(value)
-        elif float in kinds and _ASCII_NUMBER.fullmatch(value) and math.isfinite(float(value)):
-            typed[name] = float(value)
+        with contextlib.suppress(ValueError):  # past Python's digit limit, say: stays text
+            if int in kinds and _ASCII_INT.fullmatch(value):
+                typed[name] = int(value)
+            elif float in kinds and _ASCII_NUMBER.fullmatch(value) and math.isfinite(float(value)):
+                typed[name] = float(value)
     return typed
 
 

@@ -26,8 +26,12 @@ from schemas.jobs import JobRecord, JobStatus, utcnow
 from schemas.requests import ImageToVideoRequest, TextToVideoRequest
 
 LIST_LIMIT_MAX = 100
-# How far back `order=asc` and `after` look, in jobs.
+# How far back `order=asc` looks, in jobs.
 LIST_SCAN_MAX = 1000
+# Most index entries one page newest first reads (skipping downloads and entries without a record).
+PAGE_SCAN_MAX = 10_000
+# Index entries a listing reads per store LIST (and records per batch of reads).
+LIST_BATCH = 100
 
 STATUS = {
     JobStatus.QUEUED: "queued",
@@ -201,11 +205,12 @@ async def list_videos(request: web.Request) -> web.Response:
     if order not in ("asc", "desc"):
         raise bad_field("order", "enum", "order: asc or desc")
     after = query.get("after")
+    truncated = False
     if order == "desc":
-        data = await _newest_first(request, limit, after)
+        data, truncated = await _newest_first(request, limit, after)
     else:
         data = await _oldest_first(request, limit, after)
-    more = len(data) > limit
+    more = len(data) > limit or truncated
     data = data[:limit]
     return web.json_response(
         {
@@ -218,23 +223,31 @@ async def list_videos(request: web.Request) -> web.Response:
     )
 
 
-async def _newest_first(request: web.Request, limit: int, after: str | None) -> list[dict[str, Any]]:
+async def _newest_first(request: web.Request, limit: int, after: str | None) -> tuple[list[dict[str, Any]], bool]:
     """A page of the key's videos, newest first, and one more if there is one: the index is listed
     from just after `after`'s entry (named by its time, id and model, which its record holds), so
-    every video of the key can be reached, a page at a time."""
+    every video of the key can be reached, a page at a time. Also whether the page stopped at
+    PAGE_SCAN_MAX entries with more to read (then it has more, though it may hold fewer videos)."""
     store, owner = request.app[STORE], owner_of(request)
     start = None
     if after is not None:
         anchor = await _after_record(request, after)
-        start = index_key(anchor.job_id, anchor.model, anchor.created_at, anchor.owner)
+        # Named as in the listing's own prefix (that of the caller's key; index/jobs/ without auth).
+        start = index_key(anchor.job_id, anchor.model, anchor.created_at, owner)
     data: list[dict[str, Any]] = []
-    while len(data) <= limit:
-        keys = await store.list_keys(index_prefix(owner), start, limit + 1 - len(data))
+    scanned = 0
+    # Entries are read a batch at a time; entries that are no video of the caller (downloads,
+    # entries without a record) are skipped, up to PAGE_SCAN_MAX entries per page.
+    while len(data) <= limit and scanned < PAGE_SCAN_MAX:
+        keys = await store.list_keys(index_prefix(owner), start, max(limit + 1, LIST_BATCH))
         if not keys:
             break
         await _add_videos(request, [job_id_of_index(k) for k in keys], data, limit + 1)
-        start = keys[-1]
-    return data
+        start, scanned = keys[-1], scanned + len(keys)
+    truncated = (
+        len(data) <= limit and scanned >= PAGE_SCAN_MAX and bool(await store.list_keys(index_prefix(owner), start, 1))
+    )
+    return data, truncated
 
 
 async def _oldest_first(request: web.Request, limit: int, after: str | None) -> list[dict[str, Any]]:

@@ -2,13 +2,16 @@
 way, retried with backoff, at least once, and never on the job's own path.
 
 Gateways with a signing secret share the queue `<ns>.webhooks` (bound to every job event); each
-event is delivered by one of them, and its message is acked only once the delivery succeeded or
-was given up, so a gateway that dies mid-delivery leaves it to another.
+message is one attempt at one event, made by one of them, and acked only once the attempt
+succeeded, was the last, or its event was put, for the next attempt, into the delay queue of the
+pause before it (`<ns>.webhooks.wait.<n>s`, which dead-letters it back): a gateway that dies
+mid-attempt leaves it to another, and the pauses hold no gateway's slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import socket
@@ -19,7 +22,7 @@ from urllib.parse import urlsplit
 import aio_pika
 import aiohttp
 import structlog
-from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.abc import AbstractChannel, AbstractIncomingMessage, AbstractQueue, AbstractRobustConnection
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import ThreadedResolver
 from standardwebhooks import Webhook as Signer
@@ -43,8 +46,10 @@ ATTEMPT_HEADER = "x-videogen-webhook-attempt"
 RETRY_NOT_QUEUED_PAUSE_S = 2.0
 
 
-async def destination_problem(url: str, allow: list[str]) -> str | None:
-    """Why `url` may not receive webhooks (private, loopback, unresolvable...), or None if it may."""
+async def destination_problem(url: str, allow: list[str], delivering: bool = False) -> str | None:
+    """Why `url` may not receive webhooks (private, loopback, unresolvable...), or None if it may.
+    `delivering`: a lookup that failed without saying the name does not exist (a DNS time-out,
+    SERVFAIL) raises OSError instead, so the attempt is tried again later."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "the URL must be http or https with a host"
@@ -54,11 +59,18 @@ async def destination_problem(url: str, allow: list[str]) -> str | None:
     try:
         infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
     except OSError as exc:
+        if delivering and not _no_such_host(exc):  # the resolver failed, for now: not an answer
+            raise
         return f"the host {host!r} does not resolve ({exc.strerror or exc})"
     for *_, sockaddr in infos:
         if problem := _address_problem(host, sockaddr[0], allow):
             return problem
     return None
+
+
+def _no_such_host(exc: OSError) -> bool:
+    gone = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
+    return isinstance(exc, socket.gaierror) and exc.errno in gone
 
 
 def _address_problem(host: str, address: str, allow: list[str]) -> str | None:
@@ -131,6 +143,9 @@ class WebhookDeliverer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._http: aiohttp.ClientSession | None = None
         self._channel: AbstractChannel | None = None
+        self._queue: AbstractQueue | None = None
+        self._consumer_tag: str | None = None
+        self._closing = False
 
     async def start(self, connection: AbstractRobustConnection) -> None:
         self._http = webhook_client(self._settings)
@@ -162,10 +177,16 @@ class WebhookDeliverer:
                 },
             )
         await queue.bind(self._topology.events_exchange, routing_key="job.#")
-        await queue.consume(self._on_event)
+        self._queue = queue
+        self._consumer_tag = await queue.consume(self._on_event)
 
     async def close(self) -> None:
-        # Unfinished deliveries stay unacked; the broker hands them to another gateway.
+        # First no more messages, then the attempts under way end (their messages stay unacked,
+        # and the broker hands them to another gateway), then the HTTP client.
+        self._closing = True
+        if self._queue is not None and self._consumer_tag is not None:
+            with contextlib.suppress(Exception):
+                await self._queue.cancel(self._consumer_tag)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -173,6 +194,8 @@ class WebhookDeliverer:
             await self._http.close()
 
     async def _on_event(self, message: AbstractIncomingMessage) -> None:
+        if self._closing:  # delivered as the consumer was being cancelled: left to the broker
+            return
         try:
             event = decode(message.body)
         except DecodeError:
@@ -214,19 +237,31 @@ class WebhookDeliverer:
             elif attempt >= self._settings.webhook_max_attempts:
                 log.error("webhook_given_up", attempts=attempt)
             else:
-                try:
-                    await self._send_later(message, attempt + 1)
-                except Exception as exc:  # the broker refused it: try this attempt's event again
-                    log.warning("webhook_retry_not_queued", attempt=attempt, error=str(exc) or type(exc).__name__)
-                    await asyncio.sleep(RETRY_NOT_QUEUED_PAUSE_S)
-                    await message.nack(requeue=True)
-                    return
+                await self._send_later_patiently(message, attempt + 1)
         await message.ack()
+
+    async def _send_later_patiently(self, message: AbstractIncomingMessage, attempt: int) -> None:
+        """Put the event in its delay queue; while the broker refuses (a delay queue full, say),
+        keep the message, and its slot, and try again after 2 s, doubling to a minute. Handing the
+        message back instead would make the same attempt again at once, without a pause."""
+        pause = RETRY_NOT_QUEUED_PAUSE_S
+        while True:
+            try:
+                await self._send_later(message, attempt)
+                return
+            except Exception as exc:
+                log.warning("webhook_retry_not_queued", attempt=attempt - 1, error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 60.0)
 
     async def _attempt(self, event: JobEvent, hook: Webhook, attempt: int) -> bool:
         """POST the event once: whether the delivery is over (delivered, or refused for good)."""
         assert self._http is not None
-        problem = await destination_problem(hook.url, self._settings.webhook_allow_hosts)
+        try:
+            problem = await destination_problem(hook.url, self._settings.webhook_allow_hosts, delivering=True)
+        except OSError as exc:  # no answer from DNS now: a failed attempt, tried again later
+            log.warning("webhook_unreachable", attempt=attempt, error=f"DNS lookup failed: {exc}")
+            return False
         if problem is not None:  # checked again now: DNS may have changed since submission
             log.warning("webhook_refused", reason=problem)
             return True

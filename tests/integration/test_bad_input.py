@@ -211,6 +211,8 @@ FORM_CASES = {
     "integer-in-other-digits": ((("prompt", b"p"), ("seed", "\u0665".encode())), "seed", "int_type"),
     "integer-with-spaces": ((("prompt", b"p"), ("num_frames", b" 9")), "num_frames", "int_type"),
     "number-not-a-number": ((("prompt", b"p"), ("guidance_scale", b"nan")), "guidance_scale", "float_type"),
+    "integer-past-python-digit-limit": ((("prompt", b"p"), ("seed", b"1" * 5000)), "seed", "int_type"),
+    "number-without-a-leading-digit": ((("prompt", b"p"), ("guidance_scale", b".5")), "guidance_scale", "float_type"),
 }
 
 

@@ -121,7 +121,7 @@ async def test_a_delivery_whose_host_rebinds_after_the_check_is_refused_not_retr
     port, hits = local_receiver
     checked: list[str] = []
 
-    async def public_when_checked(url: str, allow: list[str]) -> None:
+    async def public_when_checked(url: str, allow: list[str], delivering: bool = False) -> None:
         checked.append(url)
         return None
 
@@ -148,18 +148,21 @@ RETRY_JOB_ID = "6a0f7c1d-2b3e-4f50-8a9b-0c1d2e3f4a5b"
 
 
 class Exchange:
-    def __init__(self, fails: bool = False) -> None:
+    """Publishes are recorded; the first `fails` are refused, as by a delay queue that is full."""
+
+    def __init__(self, fails: int = 0) -> None:
         self.sent: list[tuple[str, object]] = []
         self.fails = fails
 
     async def publish(self, message, routing_key: str, **_: object) -> None:
         if self.fails:
+            self.fails -= 1
             raise ConnectionError("the broker refused the publish")
         self.sent.append((routing_key, message))
 
 
 class Channel:
-    def __init__(self, fails: bool = False) -> None:
+    def __init__(self, fails: int = 0) -> None:
         self.default_exchange = Exchange(fails)
 
 
@@ -223,14 +226,68 @@ async def test_the_last_attempt_gives_up(failing_receiver) -> None:
     assert calls and channel.default_exchange.sent == [] and message.settled == "ack"
 
 
-async def test_an_event_whose_next_attempt_the_broker_refuses_is_handed_back(failing_receiver, monkeypatch) -> None:
+async def test_an_event_whose_next_attempt_the_broker_refuses_is_kept_until_it_takes_it(
+    failing_receiver, monkeypatch
+) -> None:
+    """Handed back, the message would make the same attempt again at once: it is kept instead,
+    and its copy offered again after a pause, without another request to the receiver."""
     monkeypatch.setattr(webhooks, "RETRY_NOT_QUEUED_PAUSE_S", 0.0)
-    url, _ = failing_receiver
-    message = await attempt(deliverer(Channel(fails=True)), url, 2)
-    assert message.settled == "nack(requeue=True)"  # comes back as attempt 2 again: never lost
+    url, calls = failing_receiver
+    channel = Channel(fails=2)
+    message = await attempt(deliverer(channel), url, 2)
+    assert len(calls) == 1 and message.settled == "ack"
+    assert [queue for queue, _ in channel.default_exchange.sent] == [TOPOLOGY.webhook_wait_queue(2)]
+
+
+def failing_lookup(errno: int):
+    def getaddrinfo(host, *args, **kwargs):
+        raise socket.gaierror(errno, "the lookup failed")
+
+    return getaddrinfo
+
+
+async def test_a_dns_lookup_that_fails_for_now_is_a_failed_attempt_not_a_refusal(monkeypatch) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", failing_lookup(socket.EAI_AGAIN))
+    url = "http://hooks.example/hook"
+    # At submission any failed lookup is a problem; when delivering, only "no such name" is.
+    assert "does not resolve" in (await webhooks.destination_problem(url, []) or "")
+    with pytest.raises(OSError):
+        await webhooks.destination_problem(url, [], delivering=True)
+    channel = Channel()
+    message = await attempt(deliverer(channel), url, 1)
+    assert message.settled == "ack" and [q for q, _ in channel.default_exchange.sent] == [
+        TOPOLOGY.webhook_wait_queue(1)
+    ]
+
+
+async def test_a_name_that_does_not_exist_is_refused_when_delivering(monkeypatch) -> None:
+    monkeypatch.setattr(socket, "getaddrinfo", failing_lookup(socket.EAI_NONAME))
+    assert "does not resolve" in (
+        await webhooks.destination_problem("http://gone.example/h", [], delivering=True) or ""
+    )
+    channel = Channel()
+    message = await attempt(deliverer(channel), "http://gone.example/h", 1)
+    assert message.settled == "ack" and channel.default_exchange.sent == []  # dropped, not retried
 
 
 def test_the_attempt_number_comes_from_the_header_and_defaults_to_one() -> None:
     assert attempt_of(Settled(b"", None)) == 1  # type: ignore[arg-type]
     assert attempt_of(Settled(b"", {ATTEMPT_HEADER: 5})) == 5  # type: ignore[arg-type]
     assert attempt_of(Settled(b"", {ATTEMPT_HEADER: "x"})) == 1  # type: ignore[arg-type]
+
+
+async def test_closing_stops_taking_messages_before_it_ends_the_attempts() -> None:
+    class Queue:
+        def __init__(self) -> None:
+            self.cancelled: list[str] = []
+
+        async def cancel(self, tag: str) -> None:
+            self.cancelled.append(tag)
+
+    made = deliverer(Channel())
+    made._queue, made._consumer_tag = Queue(), "ctag-1"  # type: ignore[assignment]
+    await made.close()
+    assert made._queue.cancelled == ["ctag-1"] and made._http.closed  # type: ignore[union-attr]
+    late = Settled(encode(event()), None)  # delivered while the consumer was being cancelled
+    await made._on_event(late)  # type: ignore[arg-type]
+    assert late.settled is None and not made._tasks  # left unacked, to the broker; no attempt
