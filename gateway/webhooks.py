@@ -238,7 +238,10 @@ class WebhookDeliverer:
                 log.error("webhook_given_up", attempts=attempt)
             else:
                 await self._send_later_patiently(message, attempt + 1)
-        await message.ack()
+        # On a channel that closed meanwhile (the connection dropped) the ack fails; the broker has
+        # put the message back, and that attempt is made again: at least once.
+        with contextlib.suppress(Exception):
+            await message.ack()
 
     async def _send_later_patiently(self, message: AbstractIncomingMessage, attempt: int) -> None:
         """Put the event in its delay queue; while the broker refuses (a delay queue full, say),
