@@ -30,7 +30,7 @@ LIST_LIMIT_MAX = 100
 LIST_SCAN_MAX = 1000
 # Most index entries one page newest first reads (skipping downloads and entries without a record).
 PAGE_SCAN_MAX = 10_000
-# Index entries a listing reads per store LIST (and records per batch of reads).
+# Index entries a newest-first listing reads per store LIST.
 LIST_BATCH = 100
 
 STATUS = {
@@ -239,11 +239,13 @@ async def _newest_first(request: web.Request, limit: int, after: str | None) -> 
     # Entries are read a batch at a time; entries that are no video of the caller (downloads,
     # entries without a record) are skipped, up to PAGE_SCAN_MAX entries per page.
     while len(data) <= limit and scanned < PAGE_SCAN_MAX:
-        keys = await store.list_keys(index_prefix(owner), start, max(limit + 1, LIST_BATCH))
+        keys = await store.list_keys(index_prefix(owner), start, LIST_BATCH)
         if not keys:
             break
-        await _add_videos(request, [job_id_of_index(k) for k in keys], data, limit + 1)
-        start, scanned = keys[-1], scanned + len(keys)
+        while keys and len(data) <= limit:  # records read only as far as the page needs them
+            chunk, keys = keys[: limit + 1 - len(data)], keys[limit + 1 - len(data) :]
+            await _add_videos(request, [job_id_of_index(k) for k in chunk], data, limit + 1)
+            start, scanned = chunk[-1], scanned + len(chunk)
     truncated = (
         len(data) <= limit and scanned >= PAGE_SCAN_MAX and bool(await store.list_keys(index_prefix(owner), start, 1))
     )
