@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.registry import Registry, load_registry
@@ -154,3 +155,18 @@ def _split_commas(value: Any) -> Any:
     if isinstance(value, str):
         return [part.strip() for part in value.split(",") if part.strip()]
     return value
+
+
+S = TypeVar("S", bound=CommonSettings)
+
+
+def settings_or_exit(cls: type[S], program: str) -> S:
+    """The process's settings from the environment; a bad one ends the process with one line per
+    problem, naming the variable (`videogen-gateway: VIDEOGEN_PORT: ...`), and exit status 2."""
+    try:
+        return cls()
+    except ValidationError as exc:
+        for error in exc.errors(include_url=False):
+            name = "VIDEOGEN_" + "_".join(str(part) for part in error["loc"]).upper()
+            print(f"{program}: {name}: {error['msg']} (got {error.get('input')!r})", file=sys.stderr)
+        sys.exit(2)

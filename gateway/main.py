@@ -7,12 +7,12 @@ import sys
 from aiohttp import web
 
 from common.logs import configure_logging
-from common.settings import GatewaySettings
+from common.settings import GatewaySettings, settings_or_exit
 from gateway.app import ConfigError, create_app
 
 
 def main() -> None:
-    settings = GatewaySettings()
+    settings = settings_or_exit(GatewaySettings, "videogen-gateway")
     configure_logging(settings.log_level, settings.log_format)
     try:
         app = create_app(settings)

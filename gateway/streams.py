@@ -64,28 +64,30 @@ class StreamRequest:
         since_text = query.get("since", last_event_id)
         if since_text is None:
             return cls(job_ids, owner=owner)
-        if "since" not in query and since_text.startswith(POSITIONS):
+        source = "since" if "since" in query else "Last-Event-ID"
+        if source == "Last-Event-ID" and since_text.startswith(POSITIONS):
             return cls(job_ids, owner=owner, after=_positions(since_text, job_ids))
         if len(job_ids) != 1:
             raise ApiError(
                 400,
                 "bad_parameter",
-                "since applies to one job: give exactly one job_id with it (a stream of several jobs "
-                f"resumes by the Last-Event-ID of its events, {POSITIONS}...)",
+                f"{source} {since_text!r} applies to one job: give exactly one job_id with it (a stream of "
+                f"several jobs resumes by the Last-Event-ID of its events, {POSITIONS}...)",
             )
         job_part, _, seq_part = since_text.rpartition(":")
         if job_part and job_part != job_ids[0]:
-            raise ApiError(400, "bad_parameter", f"since/Last-Event-ID names job {job_part!r}, not {job_ids[0]!r}")
-        return cls(job_ids, _seq(seq_part, since_text), owner)
+            raise ApiError(400, "bad_parameter", f"{source} names job {job_part!r}, not {job_ids[0]!r}")
+        return cls(job_ids, _seq(seq_part, since_text, source), owner)
 
 
-def _seq(text: str, whole: str) -> int:
+def _seq(text: str, whole: str, source: str) -> int:
+    """The seq in `text`, part of the value `whole` of `since` or `Last-Event-ID` (`source`)."""
     try:
         seq = ascii_int(text)
     except ValueError as exc:
-        raise ApiError(400, "bad_parameter", f"since must be an event seq (an integer), got {whole!r}") from exc
+        raise ApiError(400, "bad_parameter", f"{source} must hold event seqs (integers), got {whole!r}") from exc
     if seq < 0:
-        raise ApiError(400, "bad_parameter", f"since must be an event seq (0 or more), got {whole!r}")
+        raise ApiError(400, "bad_parameter", f"{source} must hold event seqs (0 or more), got {whole!r}")
     return seq
 
 
@@ -101,7 +103,7 @@ def _positions(text: str, job_ids: list[str]) -> dict[str, int]:
     after = {}
     for job_id, seq in zip(job_ids, seqs, strict=True):
         if seq != "-1":
-            after[job_id] = _seq(seq, text)
+            after[job_id] = _seq(seq, text, "Last-Event-ID")
     return after
 
 

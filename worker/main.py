@@ -10,7 +10,7 @@ import sys
 import structlog
 
 from common.logs import configure_logging
-from common.settings import WorkerSettings
+from common.settings import WorkerSettings, settings_or_exit
 from common.store import ObjectStore
 from worker.health import serve_health
 from worker.pipelines import ModelRunner, pick_device, pick_dtype
@@ -49,7 +49,7 @@ async def run(settings: WorkerSettings) -> bool:
 
 
 def main() -> None:
-    settings = WorkerSettings()
+    settings = settings_or_exit(WorkerSettings, "videogen-worker")
     configure_logging(settings.log_level, settings.log_format)
     try:
         clean = asyncio.run(run(settings))

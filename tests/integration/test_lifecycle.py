@@ -153,8 +153,10 @@ async def test_server_sent_events_over_several_jobs_resume_by_last_event_id(stac
             assert seqs == sorted(seqs)
     async with http.get(url, params=params, headers={"Last-Event-ID": events[-1][0]}) as response:
         assert response.status == 204  # both ended, and the client has both ends
-    async with http.get(url, params=params, headers={"Last-Event-ID": "seqs:1"}) as response:
-        assert response.status == 400 and (await response.json())["error"]["code"] == "bad_parameter"
+    for header in ("seqs:1", f"{jobs[0]}:3"):  # a count that is not the stream's; one job's id
+        async with http.get(url, params=params, headers={"Last-Event-ID": header}) as response:
+            error = (await response.json())["error"]
+        assert response.status == 400 and error["code"] == "bad_parameter" and "Last-Event-ID" in error["message"]
 
 
 async def test_cancel_a_running_job_stops_within_a_step_and_leaves_no_video(stack, http) -> None:

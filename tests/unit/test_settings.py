@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from common.settings import GatewaySettings, WorkerSettings
 
 
@@ -18,3 +20,23 @@ def test_gateway_defaults(monkeypatch) -> None:
     settings = GatewaySettings()
     assert (settings.host, settings.port) == ("127.0.0.1", 8080)
     assert settings.registry().default_model == "ltx-tiny"
+
+
+@pytest.mark.parametrize(
+    ("module", "program", "variable", "value"),
+    [
+        ("gateway.main", "videogen-gateway", "VIDEOGEN_DOWNLOAD_MAX_QUEUE_S", "0"),
+        ("gateway.main", "videogen-gateway", "VIDEOGEN_PORT", "abc"),
+        ("worker.main", "videogen-worker", "VIDEOGEN_IDLE_POLL_S", "0"),
+    ],
+)
+def test_a_bad_setting_stops_the_process_with_one_line_naming_it(module, program, variable, value) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VIDEOGEN_")} | {variable: value}
+    done = subprocess.run([sys.executable, "-m", module], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()  # no traceback
+    assert line.startswith(f"{program}: {variable}: ") and repr(value) in line
