@@ -168,5 +168,6 @@ def settings_or_exit(cls: type[S], program: str) -> S:
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             name = "VIDEOGEN_" + "_".join(str(part) for part in error["loc"]).upper()
-            print(f"{program}: {name}: {error['msg']} (got {error.get('input')!r})", file=sys.stderr)
+            given = "a value, not shown" if "SECRET" in name else repr(error.get("input"))
+            print(f"{program}: {name}: {error['msg']} (got {given})", file=sys.stderr)
         sys.exit(2)
