@@ -393,11 +393,11 @@ def _form_numbers(model: type[BaseModel], fields: dict[str, Any]) -> dict[str, A
         if field is None or not isinstance(value, str):
             continue
         kinds = set(typing.get_args(field.annotation)) or {field.annotation}
-        with contextlib.suppress(ValueError):  # past Python's digit limit, say: stays text
-            if int in kinds and _ASCII_INT.fullmatch(value):
-                typed[name] = int(value)
-            elif float in kinds and _ASCII_NUMBER.fullmatch(value) and math.isfinite(float(value)):
-                typed[name] = float(value)
+        with contextlib.suppress(ValueError):  # not such a number (or past Python's digit limit): stays text
+            if int in kinds:
+                typed[name] = ascii_int(value)
+            elif float in kinds and _ASCII_NUMBER.fullmatch(value):
+                typed[name] = _finite(value)
     return typed
 
 

@@ -45,11 +45,17 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(_view(request, await _load(request)))
 
 
+async def load_video(request: web.Request, job_id: str) -> JobRecord:
+    """The job behind a video: as `load_visible`, generation jobs only (a model download is no video)."""
+    record = await load_visible(request, job_id)
+    if record.mode == "download":
+        raise ApiError(404, "job_not_found", f"no video with id {record.job_id!r}")
+    return record
+
+
 async def job_output(request: web.Request) -> web.Response:
     """`GET /outputs/<job_id>.mp4`: a `302` to the job's video, through a fresh presigned link."""
-    record = await _load(request)
-    if record.mode == "download":
-        raise ApiError(404, "job_not_found", f"job {record.job_id} is a model download: it has no video")
+    record = await load_video(request, request.match_info["job_id"])
     raise video_redirect(request, record, f"job {record.job_id} has no video ({record.status.value})")
 
 

@@ -20,7 +20,7 @@ from common.store import index_key, index_prefix, job_id_of_index, output_key
 from gateway.auth import owner_of, visible
 from gateway.errors import ApiError, bad_field, store_call, validation_error
 from gateway.handlers import QUEUED_RECORD, accept, ascii_int, parse_job_id, read_json, read_multipart
-from gateway.jobs import cancel, load_visible, video_redirect
+from gateway.jobs import cancel, load_video, video_redirect
 from gateway.keys import REGISTRY, SETTINGS, STORE
 from schemas.jobs import JobRecord, JobStatus, utcnow
 from schemas.requests import ImageToVideoRequest, TextToVideoRequest
@@ -159,11 +159,7 @@ async def get_video(request: web.Request) -> web.Response:
 
 
 async def _load_video(request: web.Request) -> JobRecord:
-    """The job behind a video id: generation jobs only (a model download is no video)."""
-    record = await load_visible(request, request.match_info["video_id"])
-    if record.mode == "download":
-        raise ApiError(404, "job_not_found", f"no video with id {record.job_id!r}")
-    return record
+    return await load_video(request, request.match_info["video_id"])
 
 
 async def delete_video(request: web.Request) -> web.Response:
