@@ -16,8 +16,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 # Benchmark 5's runs on one kind of GPU, drawn together.
-GPU_RESULTS = ("gpu-pipeline-h100-ltx.json", "gpu-pipeline-h100-wan-256.json", "gpu-pipeline-h100-wan-512.json")
-CONFIG_COLOURS = {"eager": "tab:grey", "compile": "tab:blue", "fast": "tab:purple", "fast-schedule": "tab:green"}
+# The latest GPU run, then the step-distilled schedule from the earlier one. In the latest run's files
+# `fast` is PyramidAttentionBroadcast and `fast-taylorseer` TaylorSeer lite, the fast tier since.
+GPU_RESULTS = (
+    ("gpu-pipeline-h100-ltx-taylorseer.json", None),
+    ("gpu-pipeline-h100-wan-taylorseer.json", None),
+    ("gpu-pipeline-h100-wan-large.json", None),
+    ("gpu-pipeline-h100-ltx.json", {"fast-schedule"}),
+    ("gpu-pipeline-h100-wan-256.json", {"fast-schedule"}),
+    ("gpu-pipeline-h100-wan-512.json", {"fast-schedule"}),
+)
+CONFIG_COLOURS = {
+    "eager": "tab:grey",
+    "compile": "tab:blue",
+    "fast": "tab:purple",
+    "fast-taylorseer": "tab:red",
+    "fast-schedule": "tab:green",
+}
+CONFIG_LABELS = {"fast": "fast-pab", "fast-taylorseer": "fast (TaylorSeer lite)"}
 
 
 def load(results: Path, name: str) -> dict | None:
@@ -81,11 +97,11 @@ def main() -> None:
 
     gpu_rows = [
         row
-        for name in GPU_RESULTS
+        for name, configs in GPU_RESULTS
         for row in (load(args.results, name) or {"rows": []})["rows"]
-        if row.get("config", "eager") in CONFIG_COLOURS
+        if row.get("config", "eager") in CONFIG_COLOURS and (configs is None or row.get("config") in configs)
     ]
-    device = next((d["device"] for n in GPU_RESULTS if (d := load(args.results, n))), "GPU")
+    device = next((d["device"] for n, _ in GPU_RESULTS if (d := load(args.results, n))), "GPU")
     device = device.removeprefix("NVIDIA ").split()[0]  # "NVIDIA H100 80GB HBM3" -> "H100"
     sizes = list(dict.fromkeys(f"{r['family']} {r['width']}x{r['height']}x{r['num_frames']}" for r in gpu_rows))
     panels = (
@@ -104,7 +120,13 @@ def main() -> None:
                 if r.get("config") == config
             }
             ys = [k + i * height for k, size in enumerate(sizes) if values.get(size)]
-            ax.barh(ys, [values[s] for s in sizes if values.get(s)], height, color=CONFIG_COLOURS[config], label=config)
+            ax.barh(
+                ys,
+                [values[s] for s in sizes if values.get(s)],
+                height,
+                color=CONFIG_COLOURS[config],
+                label=CONFIG_LABELS.get(config, config),
+            )
         ax.set_yticks([k + 0.4 - height / 2 for k in range(len(sizes))], sizes)
         ax.invert_yaxis()
         ax.axvline(goal, ls="--", color="grey", label=goal_label)

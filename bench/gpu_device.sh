@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run benchmark 5 on a GPU machine, within a time budget, writing JSON and logs to $OUT (or gpu-out/).
 #   bash bench/gpu_device.sh [all|wan-large|tiny] [seconds]
-# all (default): LTX 2B at the four sizes, every configuration, then Wan2.1 1.3B at 256x256x17 and
+# all (default): LTX 2B at the four sizes (eager, compile, fast, after-fast, fast-pab, fast-schedule,
+# and the overlap of generation and encoding at 768x512x121), then Wan2.1 1.3B at 256x256x17 and
 # 512x512x65 with what time is left. wan-large: Wan at 768x512x121 and 768x768x129, 10 steps, once.
 # tiny: the tiny models, to try this script on a machine without a GPU.
 # Wheels found in .whl/ (bench/gpu_wheels.sh) are installed first when diffusers is missing.
@@ -33,22 +34,23 @@ run() {  # name, seconds allowed (at most what is left of the budget), arguments
     >"$out/$name.log" 2>&1
   rc=$?
   echo "$name: exit $rc after ${SECONDS}s"
-  grep -h '"config"\|"attention_backend"\|"skipped"' "$out/$name.log" | cut -c1-400
+  grep -h '"config"\|"attention_backend"\|"skipped"' "$out/$name.log" | cut -c1-700
   if ((rc != 0)); then status=$rc; fi
 }
 case $plan in
   all)
-    run gpu-pipeline-ltx $((budget * 2 / 3)) --families ltx --steps 20 \
-      --attention-backends native,_native_cudnn,_native_efficient
-    run gpu-pipeline-wan "$budget" --families wan --steps 20 --sizes 256x256x17,512x512x65 \
-      --configs eager,compile,fast,fast-taylorseer,fast-schedule
+    run gpu-pipeline-ltx $((budget * 55 / 100)) --families ltx --steps 20 --repeats 1 --overlap 3 \
+      --configs eager,compile,fast,after-fast,fast-pab,fast-schedule
+    run gpu-pipeline-wan "$budget" --families wan --steps 20 --repeats 1 --sizes 256x256x17,512x512x65 \
+      --configs eager,compile,fast,after-fast,fast-schedule
     ;;
   wan-large)
     run gpu-pipeline-wan-large "$budget" --families wan --steps 10 --repeats 1 \
-      --sizes 768x512x121,768x768x129 --configs eager,compile,fast,fast-taylorseer
+      --sizes 768x512x121,768x768x129 --configs eager,compile,fast,after-fast
     ;;
   tiny)
-    run gpu-pipeline-tiny "$budget" --tiny --steps 2 --repeats 1 --attention-backends native
+    run gpu-pipeline-tiny "$budget" --tiny --steps 2 --repeats 1 --attention-backends native --overlap 2 \
+      --configs eager,compile,fast,after-fast,fast-pab,fast-schedule
     ;;
   *)
     echo "unknown plan: $plan" >&2

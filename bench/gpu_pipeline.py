@@ -44,17 +44,15 @@ def sync(device: torch.device) -> None:
 
 # The registry's model of each family, whose fast tier the `fast` configuration runs.
 REGISTRY_MODEL = {"ltx": "ltx-video", "wan": "wan2-1-t2v-1-3b"}
-# A wider variant (more blocks and more of the schedule skipped), measured beside it.
+# The fast tier before TaylorSeer: PyramidAttentionBroadcast, measured beside it (`fast-pab`), and a
+# wider variant of it (more blocks and more of the schedule skipped, `fast-wide`).
+PAB_FAST = {
+    "cache": "pyramid_attention_broadcast",
+    "options": {"spatial_attention_block_skip_range": 2, "spatial_attention_timestep_skip_range": [100, 800]},
+}
 WIDE_FAST = {
     "cache": "pyramid_attention_broadcast",
     "options": {"spatial_attention_block_skip_range": 3, "spatial_attention_timestep_skip_range": [100, 950]},
-}
-
-# TaylorSeer in its lite mode: on most steps every transformer block is skipped and the output
-# projection is extrapolated from the last full steps (3 full steps first, then one in 5).
-TAYLORSEER_LITE = {
-    "cache": "taylorseer",
-    "options": {"use_lite_mode": True, "cache_interval": 5, "disable_cache_before_step": 3},
 }
 
 
@@ -202,8 +200,8 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
             runner.compile_blocks()
         served_runner = runner
         config_sizes = sizes
-        if config == "fast-taylorseer":
-            served_runner = ModelRunner(spec_for(family, TAYLORSEER_LITE), pipe, device)
+        if config == "fast-pab":
+            served_runner = ModelRunner(spec_for(family, PAB_FAST), pipe, device)
             served_runner.compile_blocks(like=runner)
         if config == "fast-wide":
             served_runner = ModelRunner(spec_for(family, WIDE_FAST), pipe, device)
@@ -220,11 +218,15 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
                 "compile": p,
                 "fast": p.model_copy(update={"tier": "fast"}),
                 "fast-wide": p.model_copy(update={"tier": "fast"}),
-                "fast-taylorseer": p.model_copy(update={"tier": "fast"}),
+                "fast-pab": p.model_copy(update={"tier": "fast"}),
+                "after-fast": p,
                 # What a step-distilled checkpoint runs: 8 steps without classifier-free guidance.
                 "fast-schedule": p.model_copy(update={"num_inference_steps": 8, "guidance_scale": 1.0}),
             }[config]
             try:
+                if config == "after-fast":  # standard jobs once a fast job has run at this size
+                    fast_p = p.model_copy(update={"tier": "fast"})
+                    runner.generate("text-to-video", fast_p, Inputs(), lambda k, n: None)
                 row = measure(family, config, pipe, served_runner, p, served_p, args, device)
             except Exception as exc:  # one failing configuration must not cost the others' numbers
                 import traceback
@@ -242,6 +244,9 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
             results["rows"].append(row)
             Path(args.out).write_text(json.dumps(results, indent=1))
             print(json.dumps(row), flush=True)
+        if config == "compile" and args.overlap:
+            size = (768, 512, 121) if (768, 512, 121) in sizes else sizes[-1]
+            probe_overlap(family, runner, size, args, device, results)
         if config == "eager" and args.attention_backends:
             probe_attention(
                 family, runner, pipe, sizes[-1] if family == "wan" or args.tiny else (768, 512, 121), args, results
@@ -279,6 +284,53 @@ def probe_attention(
     Path(args.out).write_text(json.dumps(results, indent=1))
 
 
+def probe_overlap(
+    family: str,
+    runner: ModelRunner,
+    size: tuple[int, int, int],
+    args: argparse.Namespace,
+    device: torch.device,
+    results: dict,
+) -> None:
+    """A run of standard jobs, each generated then encoded on one thread, against the worker's order:
+    generation on one thread while the previous job's frames are encoded on another."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    p = job_params(family, size, args.steps)
+    jobs = args.overlap
+
+    def serial(tmp: Path) -> None:
+        for index in range(jobs):
+            out = runner.generate("text-to-video", p, Inputs(), lambda k, n: None)
+            encode_mp4(out.frames, p.fps, tmp / f"{index}.mp4")
+
+    def overlapped(tmp: Path) -> None:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode") as encoder:
+            pending = []
+            for index in range(jobs):
+                out = runner.generate("text-to-video", p, Inputs(), lambda k, n: None)
+                pending.append(encoder.submit(encode_mp4, out.frames, p.fps, tmp / f"{index}.mp4"))
+            for future in pending:
+                future.result()
+
+    row: dict[str, Any] = {"family": family, "overlap_jobs": jobs, "width": size[0], "height": size[1]}
+    row |= {"num_frames": size[2], "steps": args.steps}
+    if args.deadline and time.monotonic() > args.deadline:
+        results["skipped"].append(f"{family} overlap: out of time")
+        return
+    times: dict[str, list[float]] = {"serial": [], "overlapped": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.repeats):
+            for name, fn in (("serial", serial), ("overlapped", overlapped)):
+                times[name].append(timed(functools.partial(fn, Path(tmp)), device))
+    for name, values in times.items():
+        row[f"{name}_jobs_per_s"] = round(jobs / statistics.median(values), 4)
+    row["gain"] = round(statistics.median(times["serial"]) / statistics.median(times["overlapped"]), 4)
+    results["overlap"].append(row)
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(json.dumps(row), flush=True)
+
+
 def measure(
     family: str,
     config: str,
@@ -311,6 +363,8 @@ def measure(
         with tempfile.TemporaryDirectory() as tmp:
             encode.append(timed(functools.partial(encode_mp4, out.frames, p.fps, Path(tmp) / "v.mp4"), device))
     bare_s, served_s, encode_s = statistics.median(bare), statistics.median(served), statistics.median(encode)
+    # How many compiled frames a bare (standard) call runs through now: 0 means it ran eagerly.
+    short = functools.partial(bare_call, pipe, family, p.model_copy(update={"num_inference_steps": 2}))
     return {
         "family": family,
         "config": config,
@@ -328,7 +382,16 @@ def measure(
         "step_callbacks": len(steps_seen) // args.repeats,
         "frames_out": list(out.frames.shape),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
+        "bare_compiled_frames": compiled_frames(short),
     }
+
+
+def compiled_frames(fn) -> int:
+    """Distinct torch.compile frames (by compile id) that one call of `fn` ran through."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    prefix = "Torch-Compiled Region:"
+    return len({e.name[len(prefix) :].strip() for e in profile.events() if e.name.startswith(prefix)})
 
 
 def main() -> int:
@@ -341,11 +404,12 @@ def main() -> int:
     parser.add_argument("--wan-sizes", type=int, default=2, help="how many of the sizes to run for Wan (slow)")
     parser.add_argument(
         "--configs",
-        default="eager,compile,fast,fast-taylorseer,fast-schedule",
-        help="eager: both eager; compile: both with compiled repeated blocks; fast: served with the fast tier "
-        "(PyramidAttentionBroadcast) on the compiled pipeline; fast-schedule: served with a distilled "
-        "checkpoint's 8 steps without guidance; fast-taylorseer: served with TaylorSeer in lite mode (blocks skipped "
-        "on 4 steps in 5 after the first 3); fast-wide: the fast tier with more skipped, at 768x512x121 only. "
+        default="eager,compile,fast,after-fast,fast-schedule",
+        help="eager: both eager; compile: both with compiled repeated blocks; fast: served with the registry's "
+        "fast tier (TaylorSeer in lite mode: blocks skipped on 4 steps in 5 after the first 3) on the compiled "
+        "pipeline; after-fast: both standard and compiled, once a fast job has run; fast-schedule: served with a "
+        "distilled checkpoint's 8 steps without guidance; fast-pab: served with PyramidAttentionBroadcast, the "
+        "fast tier before; fast-wide: PyramidAttentionBroadcast skipping more, at 768x512x121 only. "
         "Each row also gives the speed-up over bare eager.",
     )
     parser.add_argument("--sizes", default="", help="WxHxF,...: these sizes instead of the defaults (both families)")
@@ -354,6 +418,13 @@ def main() -> int:
         default="",
         help="after the eager rows, seconds per step with each of these diffusers attention backends "
         "(e.g. native,_native_cudnn,_native_flash)",
+    )
+    parser.add_argument(
+        "--overlap",
+        type=int,
+        default=0,
+        help="after the compile rows, time this many standard jobs at the last size, generated and encoded one "
+        "after the other, against encoding each on a second thread while the next generates (the worker's order)",
     )
     parser.add_argument(
         "--budget-s", type=float, default=0, help="skip the measurements not started within this many seconds"
@@ -375,6 +446,7 @@ def main() -> int:
         "repeats": args.repeats,
         "rows": [],
         "attention": [],
+        "overlap": [],
         "skipped": [],
         "errors": [],
     }
