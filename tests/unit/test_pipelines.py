@@ -201,3 +201,23 @@ def test_standard_jobs_after_a_fast_one_run_the_same_whole_block_graphs(model_ro
     after = compiled_regions(runner, p)
     assert len(before) == 1 and after == before
     assert fast_regions - before, "the fast tier ran graphs of its own"
+
+
+def test_after_the_warm_up_a_taylorseer_job_compiles_nothing(model_root) -> None:
+    """TaylorSeer (lite) as the fast tier: its two-step warm-up compiles every graph its jobs run,
+    skipped steps included, and standard jobs between fast ones compile nothing either."""
+    from torch._dynamo.utils import counters
+
+    options = {"use_lite_mode": True, "cache_interval": 5, "disable_cache_before_step": 3}
+    patch = {
+        "modes": ["text-to-video"],
+        "speed": {"compile": True, "warmup": [[64, 32, 17]], "fast": {"cache": "taylorseer", "options": options}},
+    }
+    spec = load_registry(overrides={"ltx-tiny": patch}).get("ltx-tiny")
+    runner = ModelRunner.load(spec, model_root, torch.device("cpu"), torch.float32)  # its own weights
+    runner.prepare()
+    compiled = counters["stats"]["unique_graphs"]
+    p = params("ltx-tiny", guidance_scale=runner.spec.defaults.guidance_scale, num_inference_steps=12)
+    for tier in ("fast", "standard", "fast"):
+        runner.generate("text-to-video", p.model_copy(update={"tier": tier}), Inputs(), lambda k, n: None)
+    assert counters["stats"]["unique_graphs"] == compiled
