@@ -251,6 +251,11 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
             probe_attention(
                 family, runner, pipe, sizes[-1] if family == "wan" or args.tiny else (768, 512, 121), args, results
             )
+    from torch._dynamo.utils import counters
+
+    # torch.compile's own tally (graphs, frames compiled), for telling recompilation from eager fallback.
+    results["dynamo"][family] = {kind: dict(counters[kind]) for kind in ("stats", "frames") if kind in counters}
+    Path(args.out).write_text(json.dumps(results, indent=1))
     del runner, pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -447,6 +452,7 @@ def main() -> int:
         "rows": [],
         "attention": [],
         "overlap": [],
+        "dynamo": {},
         "skipped": [],
         "errors": [],
     }
