@@ -191,6 +191,7 @@ def stack(
             },
             "other": {"token": TOKENS["other"]},
             "limited": {"token": TOKENS["limited"], "rate_limit": "5/second"},
+            "limited-openai": {"token": TOKENS["limited-openai"], "rate_limit": "5/second"},
             "quota2": {"token": TOKENS["quota2"], "rate_limit": "1000/second", "max_concurrent_jobs": 2},
         },
     )

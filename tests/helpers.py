@@ -18,6 +18,7 @@ TOKENS = {
     "tester": "vg_test-tester-0123456789",
     "other": "vg_test-other-0123456789",
     "limited": "vg_test-limited-0123456789",
+    "limited-openai": "vg_test-limited-openai-0123456789",  # its own window: tests of one key's limit don't meet
     "quota2": "vg_test-quota2-0123456789",
 }
 

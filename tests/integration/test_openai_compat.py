@@ -138,7 +138,7 @@ def test_every_answer_under_v1_is_in_openais_shape(stack) -> None:
     import requests
 
     url = f"{stack.gateway_url}/v1/videos"
-    mine, limited = ({"Authorization": f"Bearer {TOKENS[key]}"} for key in ("tester", "limited"))
+    mine, limited = ({"Authorization": f"Bearer {TOKENS[key]}"} for key in ("tester", "limited-openai"))
     answers = [requests.get(url, timeout=30)]  # no key
     answers.append(requests.get(f"{stack.gateway_url}/v1/nothing-here", headers=mine, timeout=30))
     answers.append(requests.put(url, headers=mine, timeout=30))
