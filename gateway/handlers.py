@@ -300,7 +300,7 @@ def _preflight(request: web.Request, params: GenerationParams) -> Estimate | Non
     if spec.cost is None:
         return None
     try:
-        return estimate_job(spec.cost, params, request.app[SETTINGS].gpu_memory_gib, spec.uses_fast_cache(params))
+        return estimate_job(spec, params, request.app[SETTINGS].gpu_memory_gib)
     except DoesNotFit as exc:
         message = f"{params.width}x{params.height}x{params.num_frames} {exc}"
         raise ApiError(

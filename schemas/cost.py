@@ -104,7 +104,8 @@ def peaks(cost: CostModel, width: int, height: int, frames: int, fast_cache: boo
 
 
 def seconds(cost: CostModel, width: int, height: int, frames: int, steps: int, guidance_scale: float) -> float:
-    """Denoise plus decode seconds on the reference GPU, with every component resident."""
+    """Denoise plus decode seconds on the reference GPU, with every component resident. `steps`: the
+    denoising steps that run the transformer (a fast tier's cached steps cost next to nothing)."""
     t = latent_tokens(cost, width, height, frames)
     c0, c1, c2 = cost.step_s
     per_step = c0 + c1 * t + c2 * t * t
@@ -123,7 +124,8 @@ def estimate(
     gpu_memory_gib: float,
     fast_cache: bool = False,
 ) -> Estimate:
-    """The fastest plan that fits `gpu_memory_gib`; DoesNotFit when none does."""
+    """The fastest plan that fits `gpu_memory_gib`; DoesNotFit when none does. `steps`: those that
+    run the transformer."""
     by_plan = peaks(cost, width, height, frames, fast_cache)
     for plan in PLANS:
         if by_plan[plan] <= gpu_memory_gib:
@@ -140,15 +142,16 @@ def estimate(
     )
 
 
-def estimate_job(cost: CostModel, params: Any, gpu_memory_gib: float, fast_cache: bool = False) -> Estimate:
-    """`estimate` for a job's resolved parameters (GenerationParams)."""
+def estimate_job(spec: Any, params: Any, gpu_memory_gib: float) -> Estimate:
+    """`estimate` for a job's resolved parameters (GenerationParams) on its model (ModelSpec, with a
+    cost model): with the fast tier's cache and steps exactly when the worker will run them."""
     return estimate(
-        cost,
+        spec.cost,
         params.width,
         params.height,
         params.num_frames,
-        params.num_inference_steps,
+        spec.transformer_steps(params),
         params.guidance_scale,
         gpu_memory_gib,
-        fast_cache,
+        spec.uses_fast_cache(params),
     )

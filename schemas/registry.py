@@ -48,6 +48,22 @@ class FastTier(BaseModel):
         "where it measured slower than the compiled blocks alone, the fast tier runs as the standard one.",
     )
 
+    def transformer_steps(self, steps: int) -> int:
+        """Of `steps` denoising steps, how many run the transformer blocks. TaylorSeer in lite mode
+        skips them all on its cached steps, by diffusers' rule: every step before
+        `disable_cache_before_step`, then one in `cache_interval`, and every step from
+        `disable_cache_after_step` on. Other caches skip part of a step's work only: all count."""
+        if self.cache != "taylorseer" or not self.options.get("use_lite_mode", False):
+            return steps
+        before = int(self.options.get("disable_cache_before_step", 3))
+        interval = int(self.options.get("cache_interval", 5))
+        after = self.options.get("disable_cache_after_step")
+        return sum(
+            1
+            for step in range(steps)
+            if step < before or (step - before - 1) % interval == 0 or (after is not None and step >= int(after))
+        )
+
 
 class SpeedConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -116,6 +132,11 @@ class ModelSpec(BaseModel):
         if params.tier != "fast" or fast is None:
             return False
         return params.width * params.height * params.num_frames / 1e6 >= fast.min_video_mpx
+
+    def transformer_steps(self, params: Any) -> int:
+        """How many of a job's denoising steps run the transformer blocks (all but a fast job's cached ones)."""
+        steps = params.num_inference_steps
+        return self.speed.fast.transformer_steps(steps) if self.uses_fast_cache(params) else steps
 
     def source(self, models_dir: Path) -> str:
         """What `from_pretrained` takes: a hub id or a local folder."""

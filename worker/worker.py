@@ -562,7 +562,7 @@ class Worker:
         plan: MemoryPlan = "resident"
         if budget is not None:
             try:
-                plan = estimate_job(spec.cost, params, budget, spec.uses_fast_cache(params)).plan
+                plan = estimate_job(spec, params, budget).plan
             except DoesNotFit as exc:
                 raise JobFailed(errors.does_not_fit(str(exc))) from exc
         loop = asyncio.get_running_loop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from schemas.cost import OVERHEAD_GIB, PLANS, DoesNotFit, estimate, peaks, seconds
+from schemas.cost import OVERHEAD_GIB, PLANS, DoesNotFit, estimate, estimate_job, peaks, seconds
 from schemas.registry import load_registry
 from tests.helpers import tiny_params
 from worker.pipelines import ModelRunner
@@ -83,6 +83,38 @@ def test_a_fast_job_that_only_fits_without_its_cache_gets_a_leaner_plan() -> Non
     assert not spec.uses_fast_cache(job("standard", 768, 768, 129))
     assert spec.uses_fast_cache(job("fast", 256, 256, 17))  # TaylorSeer gains at every size: no minimum
     assert not REGISTRY.models["ltx-video-distilled"].uses_fast_cache(job("fast", 768, 768, 129))
+
+
+def test_taylorseer_lite_runs_the_blocks_on_the_steps_diffusers_does() -> None:
+    """7 of 20 steps, as counted on the tiny model (tests/unit/test_pipelines.py); 13 of 50."""
+    fast = REGISTRY.models["ltx-video"].speed.fast
+    assert [fast.transformer_steps(n) for n in (1, 3, 4, 5, 20, 50)] == [1, 3, 3, 4, 7, 13]
+    stops = fast.model_copy(update={"options": fast.options | {"disable_cache_after_step": 15}})
+    assert stops.transformer_steps(20) == 3 + 3 + 5  # steps 4, 9 and 14, then 15 to 19
+    pab = fast.model_copy(update={"cache": "pyramid_attention_broadcast"})
+    assert pab.transformer_steps(20) == 20  # reuses some attention per step: every step still runs the blocks
+
+
+# The fast tier's time over the standard tier's, compiled both, 20 steps, in the same H100 run
+# (fast-taylorseer and compile rows of bench/results/gpu-pipeline-h100-{ltx,wan}-taylorseer.json).
+FAST_SECONDS = [
+    ("ltx-video", 512, 512, 65, 0.448 / 0.946),
+    ("ltx-video", 768, 512, 121, 1.236 / 2.79),
+    ("ltx-video", 768, 768, 129, 2.249 / 5.475),
+    ("wan2-1-t2v-1-3b", 512, 512, 65, 4.639 / 9.527),
+]
+
+
+@pytest.mark.parametrize("model, width, height, frames, measured", FAST_SECONDS)
+def test_a_fast_jobs_estimate_counts_only_the_steps_that_run_the_blocks(model, width, height, frames, measured):
+    spec = REGISTRY.models[model]
+
+    def job(tier: str):
+        p = tiny_params(model=model, tier=tier, width=width, height=height, num_frames=frames)
+        return p.model_copy(update={"num_inference_steps": 20, "guidance_scale": 3.0})
+
+    fast, standard = (estimate_job(spec, job(tier), 80.0).seconds for tier in ("fast", "standard"))
+    assert fast / standard == pytest.approx(measured, rel=0.15)
 
 
 def test_less_memory_means_a_leaner_plan_then_a_refusal() -> None:
