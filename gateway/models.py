@@ -23,6 +23,9 @@ def describe(spec: ModelSpec, stats: QueueStats | None) -> dict[str, Any]:
         "description": spec.description,
         "source": source,
         "modes": spec.modes,
+        "fast_tier_modes": [
+            mode for mode in spec.modes if spec.speed.fast is not None and spec.speed.fast.covers(mode)
+        ],
         "native_fps": spec.native_fps,
         "defaults": spec.defaults.model_dump() | {"fps": spec.defaults.fps or spec.native_fps},
         "limits": spec.limits.model_dump(),

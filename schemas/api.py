@@ -44,6 +44,9 @@ class ModelDescription(BaseModel):
     description: str
     source: dict[str, str | None] = Field(description="`repo` and `revision` (a hub model) or `path` (a local one).")
     modes: list[str]
+    fast_tier_modes: list[str] = Field(
+        description='The modes in which a job may ask for `"tier": "fast"`; empty when the model has no fast tier.'
+    )
     native_fps: int
     defaults: dict[str, Any]
     limits: dict[str, Any]

@@ -47,6 +47,15 @@ class FastTier(BaseModel):
         description="Videos smaller than this (width x height x frames, in millions) run without the cache: "
         "where it measured slower than the compiled blocks alone, the fast tier runs as the standard one.",
     )
+    modes: list[GenerationMode] | None = Field(
+        default=None,
+        description="The modes it serves (default: all the model's). A cache that keeps state per "
+        "classifier-free-guidance branch (TaylorSeer) needs a pipeline that names them with diffusers' "
+        "cache contexts; the others' fast jobs are refused.",
+    )
+
+    def covers(self, mode: str) -> bool:
+        return self.modes is None or mode in self.modes
 
     def transformer_steps(self, steps: int) -> int:
         """Of `steps` denoising steps, how many run the transformer blocks. TaylorSeer in lite mode
@@ -121,15 +130,19 @@ class ModelSpec(BaseModel):
     def _check(self) -> ModelSpec:
         if (self.repo is None) == (self.path is None):
             raise ValueError(f"model {self.id!r}: set exactly one of `repo` or `path`")
+        fast = self.speed.fast
+        if fast is not None and fast.modes is not None and not set(fast.modes) <= set(self.modes):
+            raise ValueError(f"model {self.id!r}: the fast tier's `modes` must be among the model's {self.modes}")
         multiple, step = FAMILY_RULES[self.family]
         self.size_multiple = self.size_multiple or multiple
         self.frame_step = self.frame_step or step
         return self
 
-    def uses_fast_cache(self, params: Any) -> bool:
-        """Whether a job (GenerationParams) runs with the fast tier's cache: asked for, and large enough."""
+    def uses_fast_cache(self, params: Any, mode: str | None = None) -> bool:
+        """Whether a job (GenerationParams) runs with the fast tier's cache: asked for, in a mode the
+        tier serves (when `mode` is given), and large enough."""
         fast = self.speed.fast
-        if params.tier != "fast" or fast is None:
+        if params.tier != "fast" or fast is None or (mode is not None and not fast.covers(mode)):
             return False
         return params.width * params.height * params.num_frames / 1e6 >= fast.min_video_mpx
 
@@ -213,12 +226,12 @@ class Registry(BaseModel):
                     )
                 ]
             values["num_inference_steps"] = len(fixed)
-        if values["tier"] == "fast" and spec.speed.fast is None:
-            return None, [
-                FieldProblem(
-                    field="tier", rule="fast_tier_available", message=f"tier: model {model_id!r} has no fast tier"
-                )
-            ]
+        if values["tier"] == "fast" and (spec.speed.fast is None or not spec.speed.fast.covers(mode)):
+            modes = spec.speed.fast.modes if spec.speed.fast is not None else None
+            message = f"tier: model {model_id!r} has no fast tier" + (
+                f" for {mode} (only for {', '.join(modes)})" if modes is not None else ""
+            )
+            return None, [FieldProblem(field="tier", rule="fast_tier_available", message=message)]
         problems = check_rules(spec, values)
         if problems:
             return None, problems

@@ -37,7 +37,7 @@ EXTRA_MODELS = {
         "limits": {"min_size": 32, "max_width": 256, "max_height": 256, "max_frames": 65, "max_steps": 200},
     },
     # The tiny LTX weights with every speed feature on: compiled blocks warmed up at start, an
-    # attention backend, and a fast tier (PyramidAttentionBroadcast).
+    # attention backend, and a fast tier (TaylorSeer lite).
     "ltx-fast": {
         "family": "ltx",
         "path": "ltx-tiny",
@@ -50,7 +50,11 @@ EXTRA_MODELS = {
             "compile": True,
             "warmup": [[32, 32, 9]],
             "attention_backend": "native",
-            "fast": {"cache": "pyramid_attention_broadcast", "options": {"spatial_attention_block_skip_range": 2}},
+            # TaylorSeer lite as the real models have it: a 4-step job skips the blocks on its last step.
+            "fast": {
+                "cache": "taylorseer",
+                "options": {"use_lite_mode": True, "cache_interval": 5, "disable_cache_before_step": 3},
+            },
         },
     },
     # The tiny LTX weights run as a step-distilled checkpoint: a fixed schedule through LTXConditionPipeline.

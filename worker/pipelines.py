@@ -216,7 +216,7 @@ class ModelRunner:
             callback_on_step_end=step_end,
         )
         started = time.perf_counter()
-        cached = self.uses_cache(params)
+        cached = self.uses_cache(params, mode)
         if cached:
             self._use_compiled_calls(fast=True)
             pipe.transformer.enable_cache(self._cache_config(pipe))
@@ -242,12 +242,19 @@ class ModelRunner:
         for block, calls in self._compiled_calls.items():
             block._compiled_call_impl = calls[fast]
 
-    def uses_cache(self, params: GenerationParams) -> bool:
-        """Whether a job runs with the fast tier's cache: asked for, and the video is large enough to gain."""
-        if self.spec.uses_fast_cache(params):
+    def uses_cache(self, params: GenerationParams, mode: str | None = None) -> bool:
+        """Whether a job runs with the fast tier's cache: asked for, in a mode the tier serves, and
+        the video is large enough to gain."""
+        if self.spec.uses_fast_cache(params, mode or self.spec.modes[0]):
             return True
         if params.tier == "fast" and (fast := self.spec.speed.fast) is not None:
-            log.info("fast_cache_skipped", model=self.spec.id, min_video_mpx=fast.min_video_mpx)
+            log.info(
+                "fast_cache_skipped",
+                model=self.spec.id,
+                mode=mode or self.spec.modes[0],
+                min_video_mpx=fast.min_video_mpx,
+                fast_modes=fast.modes,
+            )
         return False
 
     def apply_plan(self, plan: MemoryPlan) -> MemoryPlan:

@@ -170,6 +170,10 @@ async def test_models_list_live_workers(stack, http) -> None:
     assert models["ltx-tiny"]["workers"] == 1 and models["wan-tiny"]["workers"] == 1
     assert models["ltx-video"]["workers"] == 0
     assert models["ltx-video"]["source"] == {"repo": "Lightricks/LTX-Video", "revision": None}
+    # Where a client may ask for the fast tier: every mode, one mode, none.
+    assert models["ltx-video"]["fast_tier_modes"] == models["ltx-video"]["modes"]
+    assert models["wan2-1-t2v-1-3b"]["fast_tier_modes"] == ["text-to-video"]
+    assert models["ltx-tiny"]["fast_tier_modes"] == []
 
 
 async def test_model_info(stack, http) -> None:

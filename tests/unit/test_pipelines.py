@@ -178,6 +178,44 @@ def test_taylorseer_lite_skips_the_blocks_on_most_steps_and_starts_afresh_each_j
     assert counted == [7, 20, 7]  # steps 0, 1, 2, 4, 9, 14, 19 run the blocks
 
 
+@pytest.mark.parametrize(
+    ("model", "registry_model", "mode", "strength", "cached"),
+    [
+        ("ltx-tiny", "ltx-video", "text-to-video", None, True),
+        ("ltx-tiny", "ltx-video", "image-to-video", None, True),
+        ("ltx-tiny", "ltx-video", "video-to-video", 0.8, True),
+        ("wan-tiny", "wan2-1-t2v-1-3b", "text-to-video", None, True),
+        # WanVideoToVideoPipeline sets no cache contexts, which TaylorSeer needs: the tier leaves it out.
+        ("wan-tiny", "wan2-1-t2v-1-3b", "video-to-video", 0.8, False),
+    ],
+)
+def test_the_registrys_fast_tier_skips_the_blocks_in_the_modes_it_serves(
+    runners, model, registry_model, mode, strength, cached
+) -> None:
+    """TaylorSeer lite, as the registry sets it for the real models, on each mode of the tiny model
+    of the family: where it serves the mode the blocks run on fewer steps than the job has."""
+    fast = load_registry().get(registry_model).speed.fast.model_dump()
+    spec = load_registry(overrides={model: {"speed": {"fast": fast}}}).get(model)
+    base = runners[model]
+    runner = ModelRunner(spec, base.pipelines["text-to-video"], base.device)
+    transformer = runner.pipelines[mode].transformer
+    first_block = (transformer.transformer_blocks if model.startswith("ltx") else transformer.blocks)[0]
+    runs = []  # the block's own hook decides whether it runs: count inside it
+    hook = first_block.attn1.register_forward_pre_hook(lambda *_: runs.append(1))
+    size = (64, 32)
+    inputs = Inputs(image=picture(*size), video=[picture(*size, seed=i) for i in range(17)])
+    steps = []
+    try:
+        p = params(model, strength=strength, tier="fast", num_inference_steps=12, guidance_scale=1.0)
+        out = runner.generate(mode, p, inputs, lambda k, n: steps.append(k))
+    finally:
+        hook.remove()
+    assert out.frames.shape == (17, 32, 64, 3)
+    assert runner.uses_cache(p, mode) is cached
+    assert (0 < len(runs) < len(steps)) if cached else len(runs) == len(steps), (len(runs), len(steps))
+    assert [name for name, m in transformer.named_modules() if "forward" in m.__dict__] == []
+
+
 def compiled_regions(runner: ModelRunner, p: GenerationParams) -> set[str]:
     """The torch.compile frames (by id) one generation ran through: one per whole-block graph, more
     when graphs were broken into pieces."""

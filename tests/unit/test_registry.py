@@ -76,3 +76,29 @@ def test_registry_file_is_checked(tmp_path) -> None:
     )
     with pytest.raises(ValueError, match="exactly one of `repo` or `path`"):
         load_registry(bad)
+
+
+def test_a_fast_tier_limited_to_some_modes_refuses_the_others(registry) -> None:
+    """wan2-1-t2v-1-3b's fast tier serves text-to-video only: a fast video-to-video job is refused,
+    naming the mode, and a standard one is not."""
+    from schemas.requests import VideoToVideoRequest
+
+    request = VideoToVideoRequest(prompt="p", model="wan2-1-t2v-1-3b", tier="fast")
+    params, problems = registry.resolve(request, "video-to-video")
+    assert params is None
+    assert [(p.field, p.rule) for p in problems] == [("tier", "fast_tier_available")]
+    assert problems[0].message == (
+        "tier: model 'wan2-1-t2v-1-3b' has no fast tier for video-to-video (only for text-to-video)"
+    )
+    params, problems = registry.resolve(request.model_copy(update={"tier": "standard"}), "video-to-video")
+    assert problems == [] and params.tier == "standard"
+    params, problems = resolve(registry, model="wan2-1-t2v-1-3b", tier="fast")
+    assert problems == [] and params.tier == "fast"
+    params, problems = registry.resolve(request.model_copy(update={"model": "ltx-video"}), "video-to-video")
+    assert problems == [] and params.tier == "fast"
+
+
+def test_a_fast_tiers_modes_must_be_the_models(tmp_path) -> None:
+    fast = {"cache": "taylorseer", "modes": ["image-to-video"]}
+    with pytest.raises(ValueError, match="fast tier's `modes` must be among"):
+        load_registry(overrides={"wan2-1-t2v-1-3b": {"speed": {"fast": fast}}})
