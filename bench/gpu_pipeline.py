@@ -174,6 +174,9 @@ def timed(fn, device: torch.device) -> float:
 
 
 def run_family(family: str, args: argparse.Namespace, device: torch.device, results: dict) -> None:
+    from torch._dynamo.utils import counters
+
+    counters.clear()  # torch.compile's tally, per family
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
     pipe = (tiny_pipeline if args.tiny else real_pipeline)(family, device, dtype)
@@ -242,6 +245,8 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
             if (width, height, frames) in eager_bare:
                 row["speedup_vs_eager_bare"] = round(eager_bare[(width, height, frames)] / row["served_s"], 3)
             results["rows"].append(row)
+            # torch.compile's own tally so far (graphs, frames traced): recompilation or eager fallback.
+            results["dynamo"][family] = {kind: dict(counters[kind]) for kind in ("stats", "frames")}
             Path(args.out).write_text(json.dumps(results, indent=1))
             print(json.dumps(row), flush=True)
         if config == "compile" and args.overlap:
@@ -251,11 +256,6 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
             probe_attention(
                 family, runner, pipe, sizes[-1] if family == "wan" or args.tiny else (768, 512, 121), args, results
             )
-    from torch._dynamo.utils import counters
-
-    # torch.compile's own tally (graphs, frames compiled), for telling recompilation from eager fallback.
-    results["dynamo"][family] = {kind: dict(counters[kind]) for kind in ("stats", "frames") if kind in counters}
-    Path(args.out).write_text(json.dumps(results, indent=1))
     del runner, pipe
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -370,6 +370,7 @@ def measure(
     bare_s, served_s, encode_s = statistics.median(bare), statistics.median(served), statistics.median(encode)
     # How many compiled frames a bare (standard) call runs through now: 0 means it ran eagerly.
     short = functools.partial(bare_call, pipe, family, p.model_copy(update={"num_inference_steps": 2}))
+    bare_frames = None if config == "eager" else compiled_frames(short)
     return {
         "family": family,
         "config": config,
@@ -378,7 +379,7 @@ def measure(
         "num_frames": p.num_frames,
         "steps": served_p.num_inference_steps,
         "guidance_scale": served_p.guidance_scale,
-        "cache_used": runner.uses_cache(served_p),
+        "cache_used": runner.uses_cache("text-to-video", served_p),
         "bare_s": round(bare_s, 3),
         "served_s": round(served_s, 3),
         "encode_s": round(encode_s, 3),
@@ -387,7 +388,7 @@ def measure(
         "step_callbacks": len(steps_seen) // args.repeats,
         "frames_out": list(out.frames.shape),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-        "bare_compiled_frames": compiled_frames(short),
+        "bare_compiled_frames": bare_frames,
     }
 
 
@@ -428,8 +429,9 @@ def main() -> int:
         "--overlap",
         type=int,
         default=0,
-        help="after the compile rows, time this many standard jobs at the last size, generated and encoded one "
-        "after the other, against encoding each on a second thread while the next generates (the worker's order)",
+        help="after the compile rows, time this many standard jobs at 768x512x121 (else the last size), generated "
+        "and encoded one after the other, against encoding each on a second thread while the next generates "
+        "(the worker's order)",
     )
     parser.add_argument(
         "--budget-s", type=float, default=0, help="skip the measurements not started within this many seconds"

@@ -291,16 +291,18 @@ async def accept(
     assert params is not None
     webhook = await _check_webhook(req, settings)
     checked = None if data is None else await asyncio.to_thread(_check_input, file_field, data, params, settings)
-    return await enqueue(request, mode, params, [checked] if checked else [], webhook, _preflight(request, params))
+    return await enqueue(
+        request, mode, params, [checked] if checked else [], webhook, _preflight(request, mode, params)
+    )
 
 
-def _preflight(request: web.Request, params: GenerationParams) -> Estimate | None:
+def _preflight(request: web.Request, mode: GenerationMode, params: GenerationParams) -> Estimate | None:
     """Peak memory and seconds, and the plan that fits the workers' GPUs; 422 when nothing fits."""
     spec = request.app[REGISTRY].models[params.model]
     if spec.cost is None:
         return None
     try:
-        return estimate_job(spec, params, request.app[SETTINGS].gpu_memory_gib)
+        return estimate_job(spec, mode, params, request.app[SETTINGS].gpu_memory_gib)
     except DoesNotFit as exc:
         message = f"{params.width}x{params.height}x{params.num_frames} {exc}"
         raise ApiError(

@@ -142,16 +142,16 @@ def estimate(
     )
 
 
-def estimate_job(spec: Any, params: Any, gpu_memory_gib: float) -> Estimate:
-    """`estimate` for a job's resolved parameters (GenerationParams) on its model (ModelSpec, with a
-    cost model): with the fast tier's cache and steps exactly when the worker will run them."""
+def estimate_job(spec: Any, mode: str, params: Any, gpu_memory_gib: float) -> Estimate:
+    """`estimate` for a job's mode and resolved parameters (GenerationParams) on its model (ModelSpec,
+    with a cost model): with the fast tier's cache and steps exactly when the worker will run them."""
     return estimate(
         spec.cost,
         params.width,
         params.height,
         params.num_frames,
-        spec.transformer_steps(params),
+        spec.transformer_steps(mode, params),
         params.guidance_scale,
         gpu_memory_gib,
-        spec.uses_fast_cache(params),
+        spec.uses_fast_cache(mode, params),
     )

@@ -49,13 +49,32 @@ class FastTier(BaseModel):
     )
     modes: list[GenerationMode] | None = Field(
         default=None,
+        min_length=1,
         description="The modes it serves (default: all the model's). A cache that keeps state per "
         "classifier-free-guidance branch (TaylorSeer) needs a pipeline that names them with diffusers' "
         "cache contexts; the others' fast jobs are refused.",
     )
 
+    @model_validator(mode="after")
+    def _check_options(self) -> FastTier:
+        if self.cache == "taylorseer":
+            # Step 0 must run the blocks (there is nothing to extrapolate from yet), and an interval
+            # below 1 has no next full step.
+            for name, default in (("disable_cache_before_step", 3), ("cache_interval", 5)):
+                value = self.options.get(name, default)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                    raise ValueError(f"fast tier: TaylorSeer's `{name}` must be an integer of at least 1")
+        return self
+
     def covers(self, mode: str) -> bool:
         return self.modes is None or mode in self.modes
+
+    def warmup_steps(self) -> int:
+        """Steps a warm-up job needs to take each of the cache's paths, so that no job compiles one:
+        TaylorSeer's full steps, its first cached step and the full one after it; else 2."""
+        if self.cache == "taylorseer":
+            return int(self.options.get("disable_cache_before_step", 3)) + 2
+        return 2
 
     def transformer_steps(self, steps: int) -> int:
         """Of `steps` denoising steps, how many run the transformer blocks. TaylorSeer in lite mode
@@ -138,18 +157,22 @@ class ModelSpec(BaseModel):
         self.frame_step = self.frame_step or step
         return self
 
-    def uses_fast_cache(self, params: Any, mode: str | None = None) -> bool:
-        """Whether a job (GenerationParams) runs with the fast tier's cache: asked for, in a mode the
-        tier serves (when `mode` is given), and large enough."""
+    def uses_fast_cache(self, mode: str, params: Any) -> bool:
+        """Whether a job (its mode and GenerationParams) runs with the fast tier's cache: asked for,
+        in a mode the tier serves, and large enough."""
         fast = self.speed.fast
-        if params.tier != "fast" or fast is None or (mode is not None and not fast.covers(mode)):
+        if params.tier != "fast" or fast is None or not fast.covers(mode):
             return False
         return params.width * params.height * params.num_frames / 1e6 >= fast.min_video_mpx
 
-    def transformer_steps(self, params: Any) -> int:
-        """How many of a job's denoising steps run the transformer blocks (all but a fast job's cached ones)."""
+    def transformer_steps(self, mode: str, params: Any) -> int:
+        """How many denoising steps of a job run the transformer blocks: those the pipeline runs
+        (video-to-video: `int(steps x strength)`, as both families' pipelines do), but a fast job's
+        cached ones."""
         steps = params.num_inference_steps
-        return self.speed.fast.transformer_steps(steps) if self.uses_fast_cache(params) else steps
+        if params.strength is not None:  # set for video-to-video only
+            steps = min(steps, int(steps * params.strength))
+        return self.speed.fast.transformer_steps(steps) if self.uses_fast_cache(mode, params) else steps
 
     def source(self, models_dir: Path) -> str:
         """What `from_pretrained` takes: a hub id or a local folder."""

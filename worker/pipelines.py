@@ -143,18 +143,21 @@ class ModelRunner:
     def prepare(self, compile_blocks: bool = True) -> None:
         """Speed settings from the registry: attention backend, then compile and warm-up.
 
-        The warm-up runs each configured (width, height, frames) for two steps, in every tier,
-        so that no job pays for the compilation of its shape.
+        The warm-up runs each configured (width, height, frames) in the model's first mode, in
+        every tier that serves it, for as many steps as the tier needs to take each of its paths
+        (2; TaylorSeer: to its first cached step and the full one after), so that no job pays
+        for the compilation of its shape.
         """
-        speed = self.spec.speed
-        pipe = self.pipelines[self.spec.modes[0]]
+        speed, fast = self.spec.speed, self.spec.speed.fast
+        mode = self.spec.modes[0]  # the one that needs no input image or video
+        pipe = self.pipelines[mode]
         if speed.attention_backend:
             pipe.transformer.set_attention_backend(speed.attention_backend)
         if not (speed.compile and compile_blocks):
             return
         self.compile_blocks()
         started = time.perf_counter()
-        tiers = ["standard", "fast"] if speed.fast else ["standard"]
+        tiers = ["standard", "fast"] if fast is not None and fast.covers(mode) else ["standard"]
         for width, height, frames in speed.warmup:
             for tier in tiers:
                 params = GenerationParams(
@@ -164,12 +167,12 @@ class ModelRunner:
                     height=height,
                     num_frames=frames,
                     fps=self.spec.native_fps,
-                    num_inference_steps=2,
+                    num_inference_steps=fast.warmup_steps() if tier == "fast" else 2,
                     guidance_scale=self.spec.defaults.guidance_scale,
                     seed=0,
                     tier=tier,
                 )
-                self.generate(self.spec.modes[0], params, Inputs(), lambda k, n: None)
+                self.generate(mode, params, Inputs(), lambda k, n: None)
         log.info(
             "warmup_done",
             model=self.spec.id,
@@ -216,7 +219,7 @@ class ModelRunner:
             callback_on_step_end=step_end,
         )
         started = time.perf_counter()
-        cached = self.uses_cache(params, mode)
+        cached = self.uses_cache(mode, params)
         if cached:
             self._use_compiled_calls(fast=True)
             pipe.transformer.enable_cache(self._cache_config(pipe))
@@ -242,16 +245,16 @@ class ModelRunner:
         for block, calls in self._compiled_calls.items():
             block._compiled_call_impl = calls[fast]
 
-    def uses_cache(self, params: GenerationParams, mode: str | None = None) -> bool:
+    def uses_cache(self, mode: str, params: GenerationParams) -> bool:
         """Whether a job runs with the fast tier's cache: asked for, in a mode the tier serves, and
         the video is large enough to gain."""
-        if self.spec.uses_fast_cache(params, mode or self.spec.modes[0]):
+        if self.spec.uses_fast_cache(mode, params):
             return True
         if params.tier == "fast" and (fast := self.spec.speed.fast) is not None:
             log.info(
                 "fast_cache_skipped",
                 model=self.spec.id,
-                mode=mode or self.spec.modes[0],
+                mode=mode,
                 min_video_mpx=fast.min_video_mpx,
                 fast_modes=fast.modes,
             )

@@ -440,7 +440,7 @@ class Worker:
         if reporter.record.attempts == 0 and queued_s > spec.max_queue_s:
             raise JobFailed(errors.expired(spec.id, spec.max_queue_s))
         started = time.perf_counter()
-        plan = await self._memory_plan(spec, params)
+        plan = await self._memory_plan(spec, job.mode, params)
         await reporter.update(
             status=JobStatus.RUNNING,
             phase=Phase.LOADING,
@@ -553,7 +553,7 @@ class Worker:
             timings=timings,
         )
 
-    async def _memory_plan(self, spec: ModelSpec, params: GenerationParams) -> MemoryPlan | None:
+    async def _memory_plan(self, spec: ModelSpec, mode: str, params: GenerationParams) -> MemoryPlan | None:
         """The preflight again, for this worker's GPU: pick the plan, arrange the pipeline for it."""
         if spec.cost is None:
             return None
@@ -562,7 +562,7 @@ class Worker:
         plan: MemoryPlan = "resident"
         if budget is not None:
             try:
-                plan = estimate_job(spec, params, budget).plan
+                plan = estimate_job(spec, mode, params, budget).plan
             except DoesNotFit as exc:
                 raise JobFailed(errors.does_not_fit(str(exc))) from exc
         loop = asyncio.get_running_loop()

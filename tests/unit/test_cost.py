@@ -79,10 +79,12 @@ def test_a_fast_job_that_only_fits_without_its_cache_gets_a_leaner_plan() -> Non
     def job(tier: str, width: int, height: int, frames: int):
         return tiny_params(model="ltx-video", tier=tier, width=width, height=height, num_frames=frames)
 
-    assert spec.uses_fast_cache(job("fast", 768, 768, 129))
-    assert not spec.uses_fast_cache(job("standard", 768, 768, 129))
-    assert spec.uses_fast_cache(job("fast", 256, 256, 17))  # TaylorSeer gains at every size: no minimum
-    assert not REGISTRY.models["ltx-video-distilled"].uses_fast_cache(job("fast", 768, 768, 129))
+    assert spec.uses_fast_cache("text-to-video", job("fast", 768, 768, 129))
+    assert not spec.uses_fast_cache("text-to-video", job("standard", 768, 768, 129))
+    assert spec.uses_fast_cache(
+        "text-to-video", job("fast", 256, 256, 17)
+    )  # TaylorSeer gains at every size: no minimum
+    assert not REGISTRY.models["ltx-video-distilled"].uses_fast_cache("text-to-video", job("fast", 768, 768, 129))
 
 
 def test_taylorseer_lite_runs_the_blocks_on_the_steps_diffusers_does() -> None:
@@ -93,6 +95,16 @@ def test_taylorseer_lite_runs_the_blocks_on_the_steps_diffusers_does() -> None:
     assert stops.transformer_steps(20) == 3 + 3 + 5  # steps 4, 9 and 14, then 15 to 19
     pab = fast.model_copy(update={"cache": "pyramid_attention_broadcast"})
     assert pab.transformer_steps(20) == 20  # reuses some attention per step: every step still runs the blocks
+
+
+def test_video_to_video_counts_the_steps_its_strength_leaves() -> None:
+    """Both families' video-to-video pipelines run int(steps x strength) steps."""
+    spec = REGISTRY.models["ltx-video"]
+    p = tiny_params(model="ltx-video", num_inference_steps=50, strength=0.8)
+    assert spec.transformer_steps("video-to-video", p) == 40
+    fast = p.model_copy(update={"tier": "fast"})
+    assert spec.transformer_steps("video-to-video", fast) == 11  # steps 0, 1, 2, 4, 9, ..., 39
+    assert spec.transformer_steps("text-to-video", fast.model_copy(update={"strength": None})) == 13
 
 
 # The fast tier's time over the standard tier's, compiled both, 20 steps, in the same H100 run
@@ -113,7 +125,7 @@ def test_a_fast_jobs_estimate_counts_only_the_steps_that_run_the_blocks(model, w
         p = tiny_params(model=model, tier=tier, width=width, height=height, num_frames=frames)
         return p.model_copy(update={"num_inference_steps": 20, "guidance_scale": 3.0})
 
-    fast, standard = (estimate_job(spec, job(tier), 80.0).seconds for tier in ("fast", "standard"))
+    fast, standard = (estimate_job(spec, "text-to-video", job(tier), 80.0).seconds for tier in ("fast", "standard"))
     assert fast / standard == pytest.approx(measured, rel=0.15)
 
 

@@ -211,7 +211,7 @@ def test_the_registrys_fast_tier_skips_the_blocks_in_the_modes_it_serves(
     finally:
         hook.remove()
     assert out.frames.shape == (17, 32, 64, 3)
-    assert runner.uses_cache(p, mode) is cached
+    assert runner.uses_cache(mode, p) is cached
     assert (0 < len(runs) < len(steps)) if cached else len(runs) == len(steps), (len(runs), len(steps))
     assert [name for name, m in transformer.named_modules() if "forward" in m.__dict__] == []
 
@@ -225,10 +225,20 @@ def compiled_regions(runner: ModelRunner, p: GenerationParams) -> set[str]:
     return {e.name[len(prefix) :].split("/")[0].strip() for e in profile.events() if e.name.startswith(prefix)}
 
 
-def test_standard_jobs_after_a_fast_one_run_the_same_whole_block_graphs(model_root) -> None:
+@pytest.mark.parametrize(
+    "fast",
+    [
+        {"cache": "pyramid_attention_broadcast", "options": {"spatial_attention_block_skip_range": 2}},
+        {
+            "cache": "taylorseer",
+            "options": {"use_lite_mode": True, "cache_interval": 5, "disable_cache_before_step": 3},
+        },
+    ],
+    ids=["pyramid_attention_broadcast", "taylorseer_lite"],
+)
+def test_standard_jobs_after_a_fast_one_run_the_same_whole_block_graphs(model_root, fast) -> None:
     """Each tier has its own compiled calls: the graphs traced around the cache's hooks (in pieces)
     never serve a standard job, which before ran on them after any fast job."""
-    fast = {"cache": "pyramid_attention_broadcast", "options": {"spatial_attention_block_skip_range": 2}}
     patch = {"modes": ["text-to-video"], "speed": {"compile": True, "fast": fast}}
     spec = load_registry(overrides={"ltx-tiny": patch}).get("ltx-tiny")
     runner = ModelRunner.load(spec, model_root, torch.device("cpu"), torch.float32)  # its own weights
@@ -242,8 +252,9 @@ def test_standard_jobs_after_a_fast_one_run_the_same_whole_block_graphs(model_ro
 
 
 def test_after_the_warm_up_a_taylorseer_job_compiles_nothing(model_root) -> None:
-    """TaylorSeer (lite) as the fast tier: its two-step warm-up compiles every graph its jobs run,
-    skipped steps included, and standard jobs between fast ones compile nothing either."""
+    """TaylorSeer (lite) as the fast tier: its warm-up (to the first cached step and the full one
+    after it) compiles every graph and traces every frame its jobs run, cached steps included, and
+    standard jobs between fast ones compile nothing either."""
     from torch._dynamo.utils import counters
 
     options = {"use_lite_mode": True, "cache_interval": 5, "disable_cache_before_step": 3}
@@ -254,8 +265,8 @@ def test_after_the_warm_up_a_taylorseer_job_compiles_nothing(model_root) -> None
     spec = load_registry(overrides={"ltx-tiny": patch}).get("ltx-tiny")
     runner = ModelRunner.load(spec, model_root, torch.device("cpu"), torch.float32)  # its own weights
     runner.prepare()
-    compiled = counters["stats"]["unique_graphs"]
+    compiled, traced = counters["stats"]["unique_graphs"], counters["frames"]["total"]
     p = params("ltx-tiny", guidance_scale=runner.spec.defaults.guidance_scale, num_inference_steps=12)
     for tier in ("fast", "standard", "fast"):
         runner.generate("text-to-video", p.model_copy(update={"tier": tier}), Inputs(), lambda k, n: None)
-    assert counters["stats"]["unique_graphs"] == compiled
+    assert (counters["stats"]["unique_graphs"], counters["frames"]["total"]) == (compiled, traced)

@@ -102,3 +102,18 @@ def test_a_fast_tiers_modes_must_be_the_models(tmp_path) -> None:
     fast = {"cache": "taylorseer", "modes": ["image-to-video"]}
     with pytest.raises(ValueError, match="fast tier's `modes` must be among"):
         load_registry(overrides={"wan2-1-t2v-1-3b": {"speed": {"fast": fast}}})
+
+
+@pytest.mark.parametrize(
+    "fast",
+    [
+        {"cache": "taylorseer", "modes": []},
+        {"cache": "taylorseer", "options": {"cache_interval": 0}},
+        {"cache": "taylorseer", "options": {"disable_cache_before_step": 0}},
+        {"cache": "taylorseer", "options": {"cache_interval": "5"}},
+    ],
+)
+def test_a_fast_tier_that_cannot_run_is_refused_at_load(fast) -> None:
+    """Each would fail every fast job (no mode, a division by zero, nothing to extrapolate from)."""
+    with pytest.raises(ValueError, match="fast tier|modes"):
+        load_registry(overrides={"ltx-video": {"speed": {"fast": fast}}})
