@@ -207,10 +207,14 @@ class ObjectStore:
         found = await self.get_tagged(key)
         return None if found is None else found[0]
 
-    async def list_keys(self, prefix: str, start_after: str | None, limit: int) -> list[str]:
+    async def list_keys(self, prefix: str, start_after: str | None, limit: int, before: str | None = None) -> list[str]:
+        """Up to `limit` keys under `prefix`, in name order, after `start_after` and before `before`."""
+
         def run() -> list[str]:
             keys = []
             for item in self._client.list_objects(self.bucket, prefix=prefix, recursive=True, start_after=start_after):
+                if before is not None and item.object_name >= before:
+                    break
                 keys.append(item.object_name)
                 if len(keys) >= limit:
                     break

@@ -26,8 +26,9 @@ from schemas.jobs import JobRecord, JobStatus, utcnow
 from schemas.requests import ImageToVideoRequest, TextToVideoRequest
 
 LIST_LIMIT_MAX = 100
-# How far back `order=asc` looks, in jobs.
-LIST_SCAN_MAX = 1000
+# How many index entries `order=asc` reads at most: the index lists newest first, so a listing
+# oldest first reads it from the newest entry to the oldest (or to `after`'s entry).
+ASC_SCAN_MAX = 100_000
 # Most index entries one page newest first reads (skipping downloads and entries without a record).
 PAGE_SCAN_MAX = 10_000
 # Index entries a newest-first listing reads per store LIST.
@@ -249,15 +250,16 @@ async def _newest_first(request: web.Request, limit: int, after: str | None) -> 
 
 
 async def _oldest_first(request: web.Request, limit: int, after: str | None) -> list[dict[str, Any]]:
-    """A page oldest first, of the key's newest LIST_SCAN_MAX jobs (an index listed newest first
-    cannot be read from its end)."""
+    """A page oldest first, and one more if there is one: the index, which lists newest first, is
+    read from its start to `after`'s entry (named by its time, id and model, which its record
+    holds; a deleted `after` too), or to its end, at most ASC_SCAN_MAX entries, and taken backwards."""
     store, owner = request.app[STORE], owner_of(request)
-    keys = await store.list_keys(index_prefix(owner), None, LIST_SCAN_MAX)
-    ids = [job_id_of_index(k) for k in reversed(keys)]
+    stop = None
     if after is not None:
-        if after not in ids:
-            raise bad_field("after", "known_video", f"after: no video {after!r} in this listing")
-        ids = ids[ids.index(after) + 1 :]
+        anchor = await _after_record(request, after)
+        stop = index_key(anchor.job_id, anchor.model, anchor.created_at, owner)
+    keys = await store.list_keys(index_prefix(owner), None, ASC_SCAN_MAX, before=stop)
+    ids = [job_id_of_index(k) for k in reversed(keys)]
     data: list[dict[str, Any]] = []
     # Records are read a batch at a time, at once, until the page (and one more, for has_more) is full.
     for begin in range(0, len(ids), limit + 1):

@@ -8,7 +8,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -204,7 +204,7 @@ async def test_the_openai_listing_reaches_every_video_newest_first(settings, mon
     """A page goes on after the entry of `after`, found through its record, not within a bounded
     scan of the newest entries: a key's older videos can be listed too. A deleted `after` (a
     client deleting each video of the page it read) works as well."""
-    monkeypatch.setattr(openai_api, "LIST_SCAN_MAX", 4)  # what the listing of oldest first scans
+    monkeypatch.setattr(openai_api, "ASC_SCAN_MAX", 4)  # what the listing of oldest first reads at most
     store = ObjectStore(settings)
     async with TestClient(TestServer(create_app(settings))) as client:
         start = utcnow()
@@ -239,6 +239,42 @@ async def test_the_openai_listing_reaches_every_video_newest_first(settings, mon
         await store.put_record(owned)
         assert await listed(owned.job_id) == [r.job_id for r in records[5:]]
         response = await client.get("/v1/videos", params={"after": str(uuid.uuid4())})
+        assert response.status == 400 and (await response.json())["error"]["param"] == "after"
+
+
+async def test_the_openai_listing_reaches_every_video_oldest_first(settings) -> None:
+    """Oldest first, the listing starts at the oldest video of the index, not at the oldest of its
+    newest entries, and goes on after any `after`, a deleted one too."""
+    store = ObjectStore(settings)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        # Older than anything else in the index: the first videos oldest first.
+        start = datetime(2001, 1, 1, tzinfo=UTC)
+        records = []  # oldest first
+        for age in range(7):
+            at = start + timedelta(seconds=age)
+            records.append(queued_record(str(uuid.uuid4()), created_at=at, updated_at=at))
+        writes = [store.put_record(r) for r in records]
+        writes += [store.put_bytes(index_key(r.job_id, r.model, r.created_at, None), b"", "") for r in records]
+        await asyncio.gather(*writes)
+
+        async def first_pages(after: str | None, pages: int) -> list[str]:
+            seen: list[str] = []
+            for _ in range(pages):
+                params = {"limit": "3", "order": "asc"} | ({"after": after} if after else {})
+                response = await client.get("/v1/videos", params=params)
+                page = await response.json()
+                assert response.status == 200, page
+                seen += [video["id"] for video in page["data"]]
+                after = page["last_id"]
+            return seen
+
+        ours = [r.job_id for r in records]
+        assert (await first_pages(None, 3))[:7] == ours
+        gone = records[2]
+        await store.put_record(gone.model_copy(update={"deleted_at": utcnow()}))
+        await store.delete(index_key(gone.job_id, gone.model, gone.created_at, None))
+        assert (await first_pages(gone.job_id, 2))[:4] == ours[3:]
+        response = await client.get("/v1/videos", params={"order": "asc", "after": str(uuid.uuid4())})
         assert response.status == 400 and (await response.json())["error"]["param"] == "after"
 
 
