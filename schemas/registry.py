@@ -20,6 +20,21 @@ Family = Literal["ltx", "wan"]
 # (size multiple, frame step): LTX needs /32 and 8k+1 frames, Wan /16 and 4k+1 frames.
 FAMILY_RULES: dict[str, tuple[int, int]] = {"ltx": (32, 8), "wan": (16, 4)}
 
+# The diffusers pipeline class of each family and mode (a model's `pipeline` may replace its first mode's).
+PIPELINE_CLASSES: dict[tuple[str, str], str] = {
+    ("ltx", "text-to-video"): "LTXPipeline",
+    ("ltx", "image-to-video"): "LTXImageToVideoPipeline",
+    ("ltx", "video-to-video"): "LTXConditionPipeline",
+    ("wan", "text-to-video"): "WanPipeline",
+    ("wan", "image-to-video"): "WanImageToVideoPipeline",
+    ("wan", "video-to-video"): "WanVideoToVideoPipeline",
+}
+# Caches that keep their state per diffusers cache context (one per classifier-free-guidance branch),
+# and the pipelines above that call the transformer without naming one: those caches fail there on
+# every job. tests/unit/test_pipelines.py checks this set against diffusers' sources.
+CONTEXT_CACHES = frozenset({"first_block", "taylorseer"})
+PIPELINES_WITHOUT_CACHE_CONTEXTS = frozenset({"WanVideoToVideoPipeline"})
+
 
 class ModelDefaults(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -152,6 +167,14 @@ class ModelSpec(BaseModel):
         fast = self.speed.fast
         if fast is not None and fast.modes is not None and not set(fast.modes) <= set(self.modes):
             raise ValueError(f"model {self.id!r}: the fast tier's `modes` must be among the model's {self.modes}")
+        if fast is not None and fast.cache in CONTEXT_CACHES:
+            for mode in self.modes:
+                pipeline = (self.pipeline if mode == self.modes[0] else None) or PIPELINE_CLASSES[(self.family, mode)]
+                if fast.covers(mode) and pipeline in PIPELINES_WITHOUT_CACHE_CONTEXTS:
+                    raise ValueError(
+                        f"model {self.id!r}: the fast tier's cache {fast.cache!r} needs diffusers' cache contexts, "
+                        f"which {pipeline} ({mode}) does not set; list the modes it serves in the fast tier's `modes`"
+                    )
         multiple, step = FAMILY_RULES[self.family]
         self.size_multiple = self.size_multiple or multiple
         self.frame_step = self.frame_step or step

@@ -16,19 +16,11 @@ from PIL import Image
 
 from schemas.cost import MemoryPlan
 from schemas.jobs import GenerationMode, GenerationParams
-from schemas.registry import ModelSpec
+from schemas.registry import PIPELINE_CLASSES, ModelSpec
 
 log = structlog.get_logger("worker.pipelines")
 
 # The diffusers class that serves each (family, mode).
-PIPELINE_CLASSES: dict[tuple[str, str], str] = {
-    ("ltx", "text-to-video"): "LTXPipeline",
-    ("ltx", "image-to-video"): "LTXImageToVideoPipeline",
-    ("ltx", "video-to-video"): "LTXConditionPipeline",
-    ("wan", "text-to-video"): "WanPipeline",
-    ("wan", "image-to-video"): "WanImageToVideoPipeline",
-    ("wan", "video-to-video"): "WanVideoToVideoPipeline",
-}
 
 StepCallback = Callable[[int, int], None]
 

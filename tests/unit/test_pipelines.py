@@ -76,6 +76,20 @@ def test_every_mode_reports_each_step_and_returns_the_requested_video(
     assert out.frames.shape == (17, 32, 64, 3) and out.frames.dtype.name == "uint8"
 
 
+def test_the_pipelines_without_cache_contexts_are_those_the_registry_names() -> None:
+    """schemas/registry.py refuses context-keeping caches (TaylorSeer, First-Block-Cache) for the
+    pipelines that call the transformer without diffusers' cache contexts: read from diffusers."""
+    import inspect
+
+    import diffusers
+
+    from schemas.registry import PIPELINE_CLASSES, PIPELINES_WITHOUT_CACHE_CONTEXTS
+
+    classes = set(PIPELINE_CLASSES.values()) | {"LTXConditionPipeline"}
+    without = {name for name in classes if "cache_context" not in inspect.getsource(getattr(diffusers, name))}
+    assert without == PIPELINES_WITHOUT_CACHE_CONTEXTS
+
+
 def test_modes_share_one_set_of_weights(runners) -> None:
     runner = runners["ltx-tiny"]
     pipes = list(runner.pipelines.values())

@@ -117,3 +117,20 @@ def test_a_fast_tier_that_cannot_run_is_refused_at_load(fast) -> None:
     """Each would fail every fast job (no mode, a division by zero, nothing to extrapolate from)."""
     with pytest.raises(ValueError, match="fast tier|modes"):
         load_registry(overrides={"ltx-video": {"speed": {"fast": fast}}})
+
+
+def test_a_cache_that_needs_contexts_is_refused_for_a_pipeline_without_them() -> None:
+    """TaylorSeer keeps its state per diffusers cache context, which WanVideoToVideoPipeline does not
+    name: left to serve every mode, a Wan fast tier would fail each fast video-to-video job."""
+    lite = {"use_lite_mode": True, "cache_interval": 5, "disable_cache_before_step": 3}
+    with pytest.raises(ValueError, match="WanVideoToVideoPipeline \\(video-to-video\\) does not set"):
+        load_registry(overrides={"wan-tiny": {"speed": {"fast": {"cache": "taylorseer", "options": lite}}}})
+    fast = {"cache": "taylorseer", "options": lite, "modes": ["text-to-video"]}
+    assert load_registry(overrides={"wan-tiny": {"speed": {"fast": fast}}}).get("wan-tiny").speed.fast.modes
+    # PyramidAttentionBroadcast keeps no per-context state: it may serve every mode.
+    pab = {"cache": "pyramid_attention_broadcast"}
+    assert (
+        load_registry(overrides={"wan-tiny": {"speed": {"fast": pab}}})
+        .get("wan-tiny")
+        .speed.fast.covers("video-to-video")
+    )
