@@ -203,6 +203,12 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
             runner.compile_blocks()
         served_runner = runner
         config_sizes = sizes
+        if config in ("fast-eager", "after-fast-eager"):  # the registry's tier on eager blocks
+            tier = load_registry().get(REGISTRY_MODEL[family]).speed.fast
+            assert tier is not None
+            eager_fast = ModelRunner(spec_for(family, tier.model_dump() | {"compiled": False}), pipe, device)
+            eager_fast.compile_blocks(like=runner)
+            served_runner = eager_fast if config == "fast-eager" else runner
         if config == "fast-pab":
             served_runner = ModelRunner(spec_for(family, PAB_FAST), pipe, device)
             served_runner.compile_blocks(like=runner)
@@ -222,14 +228,18 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
                 "fast": p.model_copy(update={"tier": "fast"}),
                 "fast-wide": p.model_copy(update={"tier": "fast"}),
                 "fast-pab": p.model_copy(update={"tier": "fast"}),
+                "fast-eager": p.model_copy(update={"tier": "fast"}),
                 "after-fast": p,
+                "after-fast-eager": p,
                 # What a step-distilled checkpoint runs: 8 steps without classifier-free guidance.
                 "fast-schedule": p.model_copy(update={"num_inference_steps": 8, "guidance_scale": 1.0}),
             }[config]
             try:
-                if config == "after-fast":  # standard jobs once a fast job has run at this size
+                if config in ("after-fast", "after-fast-eager"):  # standard jobs once a fast job has run
                     fast_p = p.model_copy(update={"tier": "fast"})
-                    runner.generate("text-to-video", fast_p, Inputs(), lambda k, n: None)
+                    (eager_fast if config == "after-fast-eager" else runner).generate(
+                        "text-to-video", fast_p, Inputs(), lambda k, n: None
+                    )
                 row = measure(family, config, pipe, served_runner, p, served_p, args, device)
             except Exception as exc:  # one failing configuration must not cost the others' numbers
                 import traceback
@@ -415,7 +425,8 @@ def main() -> int:
         "fast tier (TaylorSeer in lite mode: blocks skipped on 4 steps in 5 after the first 3) on the compiled "
         "pipeline; after-fast: both standard and compiled, once a fast job has run; fast-schedule: served with a "
         "distilled checkpoint's 8 steps without guidance; fast-pab: served with PyramidAttentionBroadcast, the "
-        "fast tier before; fast-wide: PyramidAttentionBroadcast skipping more, at 768x512x121 only. "
+        "fast tier before; fast-wide: PyramidAttentionBroadcast skipping more, at 768x512x121 only; fast-eager "
+        "and after-fast-eager: as fast and after-fast with the fast tier on eager blocks (`compiled = false`). "
         "Each row also gives the speed-up over bare eager.",
     )
     parser.add_argument("--sizes", default="", help="WxHxF,...: these sizes instead of the defaults (both families)")

@@ -62,6 +62,11 @@ class FastTier(BaseModel):
         description="Videos smaller than this (width x height x frames, in millions) run without the cache: "
         "where it measured slower than the compiled blocks alone, the fast tier runs as the standard one.",
     )
+    compiled: bool = Field(
+        default=True,
+        description="With the model's `compile`: run fast jobs on compiled blocks (a compiled call of "
+        "their own); false: on eager blocks, so that no graph traced around the cache's hooks exists.",
+    )
     modes: list[GenerationMode] | None = Field(
         default=None,
         min_length=1,

@@ -68,8 +68,9 @@ def restore_forwards(model: torch.nn.Module) -> None:
             del module.forward
 
 
-def _compile_for_the_fast_tier(model: torch.nn.Module) -> dict[torch.nn.Module, tuple[Any, Any]]:
-    """A second compiled call for each compiled block, used while a fast-tier cache is on.
+def _compile_for_the_fast_tier(model: torch.nn.Module, compiled: bool) -> dict[torch.nn.Module, tuple[Any, Any]]:
+    """A second compiled call for each compiled block, used while a fast-tier cache is on (None, for
+    eager blocks, when the tier is not `compiled`).
 
     torch.compile keeps the graphs it traces per compiled callable. With one callable for both
     tiers, the graphs traced around the cache's hooks (broken into pieces at each hooked
@@ -79,7 +80,10 @@ def _compile_for_the_fast_tier(model: torch.nn.Module) -> dict[torch.nn.Module, 
     tier keeps whole-block graphs (fullgraph).
     """
     blocks = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
-    return {block: (block._compiled_call_impl, torch.compile(block._call_impl, fullgraph=False)) for block in blocks}
+    return {
+        block: (block._compiled_call_impl, torch.compile(block._call_impl, fullgraph=False) if compiled else None)
+        for block in blocks
+    }
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -175,15 +179,21 @@ class ModelRunner:
 
     def compile_blocks(self, like: ModelRunner | None = None) -> None:
         """Compile the transformer's repeated blocks into whole-block graphs for standard jobs and,
-        with a fast tier, a second compiled call per block for fast jobs. `like`: a runner of the
-        same pipeline whose blocks are compiled already, whose calls this one then shares."""
+        with a fast tier, a second compiled call per block for fast jobs (none: eager blocks, for a
+        tier that is not `compiled`). `like`: a runner of the same pipeline whose blocks are
+        compiled already, whose calls this one then shares."""
+        fast = self.spec.speed.fast
         if like is not None:
-            self._compiled_calls = like._compiled_calls
+            compiled = fast is not None and fast.compiled
+            self._compiled_calls = {
+                block: (standard, (fast_call or torch.compile(block._call_impl, fullgraph=False)) if compiled else None)
+                for block, (standard, fast_call) in like._compiled_calls.items()
+            }
             return
         transformer = self.pipelines[self.spec.modes[0]].transformer
         transformer.compile_repeated_blocks(fullgraph=True)
-        if self.spec.speed.fast:
-            self._compiled_calls = _compile_for_the_fast_tier(transformer)
+        if fast:
+            self._compiled_calls = _compile_for_the_fast_tier(transformer, fast.compiled)
 
     def generate(
         self, mode: GenerationMode, params: GenerationParams, inputs: Inputs, on_step: StepCallback
