@@ -84,6 +84,9 @@ class FastTier(BaseModel):
                 value = self.options.get(name, default)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                     raise ValueError(f"fast tier: TaylorSeer's `{name}` must be an integer of at least 1")
+            after = self.options.get("disable_cache_after_step")
+            if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
+                raise ValueError("fast tier: TaylorSeer's `disable_cache_after_step` must be null or an integer")
         return self
 
     def covers(self, mode: str) -> bool:

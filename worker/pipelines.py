@@ -20,8 +20,6 @@ from schemas.registry import PIPELINE_CLASSES, ModelSpec
 
 log = structlog.get_logger("worker.pipelines")
 
-# The diffusers class that serves each (family, mode).
-
 StepCallback = Callable[[int, int], None]
 
 

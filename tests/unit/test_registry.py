@@ -111,6 +111,7 @@ def test_a_fast_tiers_modes_must_be_the_models(tmp_path) -> None:
         {"cache": "taylorseer", "options": {"cache_interval": 0}},
         {"cache": "taylorseer", "options": {"disable_cache_before_step": 0}},
         {"cache": "taylorseer", "options": {"cache_interval": "5"}},
+        {"cache": "taylorseer", "options": {"disable_cache_after_step": "late"}},
     ],
 )
 def test_a_fast_tier_that_cannot_run_is_refused_at_load(fast) -> None:
