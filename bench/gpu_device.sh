@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Run benchmark 5 on a GPU machine, within a time budget, writing JSON and logs to $OUT (or gpu-out/).
-#   bash bench/gpu_device.sh [all|after-fast|wan-large|tiny] [seconds]
+#   bash bench/gpu_device.sh [all|after-fast|wan-large|wan-768x512|wan-768x768|tiny] [seconds]
 # all (default): LTX 2B at the four sizes (eager, compile, the fast tier on eager blocks and standard
 # jobs after it, the fast tier compiled and standard jobs after it, fast-schedule, and the overlap of
 # generation and encoding at 768x512x121), then Wan2.1 1.3B at 256x256x17 and 512x512x65 with what
 # time is left. after-fast: the same LTX configurations but fast-schedule, at 256x256x17 and
 # 768x512x121 only (whether standard jobs keep their compiled speed after fast ones, and which way
-# of running the fast tier keeps it). wan-large: Wan at 768x512x121 and 768x768x129, 10 steps, once.
+# of running the fast tier keeps it). wan-large: Wan at 768x512x121 and 768x768x129, 10 steps, once;
+# wan-768x512 and wan-768x768: one of those sizes each (a few minutes each on an H100).
 # tiny: the tiny models, to try this script on a machine without a GPU.
 # Wheels found in .whl/ (bench/gpu_wheels.sh) are installed first when diffusers is missing.
 set -uo pipefail
@@ -51,9 +52,12 @@ case $plan in
     run gpu-pipeline-ltx-after-fast "$budget" --families ltx --steps 20 --repeats 1 \
       --sizes 256x256x17,768x512x121 --configs eager,compile,fast-eager,after-fast-eager,fast,after-fast
     ;;
-  wan-large)
-    run gpu-pipeline-wan-large "$budget" --families wan --steps 10 --repeats 1 \
-      --sizes 768x512x121,768x768x129 --configs eager,compile,fast,after-fast
+  wan-large | wan-768x512 | wan-768x768)
+    sizes=768x512x121,768x768x129
+    if [[ $plan == wan-768x512 ]]; then sizes=768x512x121; fi
+    if [[ $plan == wan-768x768 ]]; then sizes=768x768x129; fi
+    run "gpu-pipeline-$plan" "$budget" --families wan --steps 10 --repeats 1 \
+      --sizes "$sizes" --configs eager,compile,fast,after-fast
     ;;
   tiny)
     run gpu-pipeline-tiny "$budget" --tiny --steps 2 --repeats 1 --attention-backends native --overlap 2 \
