@@ -226,11 +226,7 @@ async def _newest_first(request: web.Request, limit: int, after: str | None) -> 
     every video of the key can be reached, a page at a time. Also whether the page stopped at
     PAGE_SCAN_MAX entries with more to read (then it has more, though it may hold fewer videos)."""
     store, owner = request.app[STORE], owner_of(request)
-    start = None
-    if after is not None:
-        anchor = await _after_record(request, after)
-        # Named as in the listing's own prefix (that of the caller's key; index/jobs/ without auth).
-        start = index_key(anchor.job_id, anchor.model, anchor.created_at, owner)
+    start = await _after_entry(request, after)
     data: list[dict[str, Any]] = []
     scanned = 0
     # Entries are read a batch at a time; entries that are no video of the caller (downloads,
@@ -254,10 +250,7 @@ async def _oldest_first(request: web.Request, limit: int, after: str | None) -> 
     read from its start to `after`'s entry (named by its time, id and model, which its record
     holds; a deleted `after` too), or to its end, at most ASC_SCAN_MAX entries, and taken backwards."""
     store, owner = request.app[STORE], owner_of(request)
-    stop = None
-    if after is not None:
-        anchor = await _after_record(request, after)
-        stop = index_key(anchor.job_id, anchor.model, anchor.created_at, owner)
+    stop = await _after_entry(request, after)
     keys = await store.list_keys(index_prefix(owner), None, ASC_SCAN_MAX, before=stop)
     ids = [job_id_of_index(k) for k in reversed(keys)]
     data: list[dict[str, Any]] = []
@@ -269,9 +262,13 @@ async def _oldest_first(request: web.Request, limit: int, after: str | None) -> 
     return data
 
 
-async def _after_record(request: web.Request, after: str) -> JobRecord:
-    """The video a page starts after: one of the caller's, deleted ones included (a client that
-    deletes each video of a page goes on after the last one it deleted)."""
+async def _after_entry(request: web.Request, after: str | None) -> str | None:
+    """The index entry of the video a page starts after, found through its record: one of the
+    caller's, deleted ones included (a client that deletes each video of a page goes on after the
+    last one it deleted). Named as in the listing's own prefix (that of the caller's key;
+    index/jobs/ without auth). None without `after`."""
+    if after is None:
+        return None
     owner = owner_of(request)
     try:
         record = await request.app[STORE].get_record(parse_job_id(after))
@@ -279,7 +276,7 @@ async def _after_record(request: web.Request, after: str) -> JobRecord:
         record = None
     if record is None or record.mode == "download" or (owner is not None and record.owner != owner):
         raise bad_field("after", "known_video", f"after: no video {after!r}")
-    return record
+    return index_key(record.job_id, record.model, record.created_at, owner)
 
 
 async def _add_videos(request: web.Request, ids: list[str], data: list[dict[str, Any]], most: int) -> None:

@@ -34,6 +34,8 @@ PIPELINE_CLASSES: dict[tuple[str, str], str] = {
 # every job. tests/unit/test_pipelines.py checks this set against diffusers' sources.
 CONTEXT_CACHES = frozenset({"first_block", "taylorseer"})
 PIPELINES_WITHOUT_CACHE_CONTEXTS = frozenset({"WanVideoToVideoPipeline"})
+# The step options of diffusers' TaylorSeerCacheConfig, with its defaults.
+TAYLORSEER_STEPS = {"disable_cache_before_step": 3, "cache_interval": 5, "disable_cache_after_step": None}
 
 
 class ModelDefaults(BaseModel):
@@ -80,14 +82,20 @@ class FastTier(BaseModel):
         if self.cache == "taylorseer":
             # Step 0 must run the blocks (there is nothing to extrapolate from yet), and an interval
             # below 1 has no next full step.
-            for name, default in (("disable_cache_before_step", 3), ("cache_interval", 5)):
-                value = self.options.get(name, default)
-                if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                    raise ValueError(f"fast tier: TaylorSeer's `{name}` must be an integer of at least 1")
-            after = self.options.get("disable_cache_after_step")
-            if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
-                raise ValueError("fast tier: TaylorSeer's `disable_cache_after_step` must be null or an integer")
+            for name, least in (
+                ("disable_cache_before_step", 1),
+                ("cache_interval", 1),
+                ("disable_cache_after_step", 0),
+            ):
+                value = self._step_option(name)
+                if name == "disable_cache_after_step" and value is None:
+                    continue
+                if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                    raise ValueError(f"fast tier: TaylorSeer's `{name}` must be an integer of at least {least}")
         return self
+
+    def _step_option(self, name: str) -> Any:
+        return self.options.get(name, TAYLORSEER_STEPS[name])
 
     def covers(self, mode: str) -> bool:
         return self.modes is None or mode in self.modes
@@ -96,7 +104,7 @@ class FastTier(BaseModel):
         """Steps a warm-up job needs to take each of the cache's paths, so that no job compiles one:
         TaylorSeer's full steps, its first cached step and the full one after it; else 2."""
         if self.cache == "taylorseer":
-            return int(self.options.get("disable_cache_before_step", 3)) + 2
+            return self._step_option("disable_cache_before_step") + 2
         return 2
 
     def transformer_steps(self, steps: int) -> int:
@@ -106,13 +114,11 @@ class FastTier(BaseModel):
         `disable_cache_after_step` on. Other caches skip part of a step's work only: all count."""
         if self.cache != "taylorseer" or not self.options.get("use_lite_mode", False):
             return steps
-        before = int(self.options.get("disable_cache_before_step", 3))
-        interval = int(self.options.get("cache_interval", 5))
-        after = self.options.get("disable_cache_after_step")
+        before, interval, after = (self._step_option(name) for name in TAYLORSEER_STEPS)
         return sum(
             1
             for step in range(steps)
-            if step < before or (step - before - 1) % interval == 0 or (after is not None and step >= int(after))
+            if step < before or (step - before - 1) % interval == 0 or (after is not None and step >= after)
         )
 
 

@@ -78,10 +78,12 @@ def _compile_for_the_fast_tier(model: torch.nn.Module, compiled: bool) -> dict[t
     tier keeps whole-block graphs (fullgraph).
     """
     blocks = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
-    return {
-        block: (block._compiled_call_impl, torch.compile(block._call_impl, fullgraph=False) if compiled else None)
-        for block in blocks
-    }
+    return {block: (block._compiled_call_impl, _fast_call(block) if compiled else None) for block in blocks}
+
+
+def _fast_call(block: torch.nn.Module) -> Any:
+    """A block's compiled call for fast jobs: without fullgraph, since the cache's hooks break graphs."""
+    return torch.compile(block._call_impl, fullgraph=False)
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
@@ -184,7 +186,7 @@ class ModelRunner:
         if like is not None:
             compiled = fast is not None and fast.compiled
             self._compiled_calls = {
-                block: (standard, (fast_call or torch.compile(block._call_impl, fullgraph=False)) if compiled else None)
+                block: (standard, (fast_call or _fast_call(block)) if compiled else None)
                 for block, (standard, fast_call) in like._compiled_calls.items()
             }
             return
