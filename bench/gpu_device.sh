@@ -18,6 +18,9 @@ budget=${2:-570}
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+# torch.compile's recompilations, each with its reason, go to the logs: whether standard jobs
+# recompile (or reach the recompile limit and run eagerly) after fast ones is read there.
+export TORCH_LOGS=${TORCH_LOGS:-recompiles}
 if ! "$py" -c "import diffusers" 2>/dev/null; then
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
@@ -39,6 +42,8 @@ run() {  # name, seconds allowed (at most what is left of the budget), arguments
   rc=$?
   echo "$name: exit $rc after ${SECONDS}s"
   grep -h '"config"\|"attention_backend"\|"skipped"' "$out/$name.log" | cut -c1-700
+  echo "$name: $(grep -c 'Recompiling function' "$out/$name.log") recompilations"
+  grep -h 'hit config\|triggered by the following guard failure' -A2 "$out/$name.log" | cut -c1-300 | head -40
   if ((rc != 0)); then status=$rc; fi
 }
 case $plan in
