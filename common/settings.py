@@ -143,11 +143,24 @@ class WorkerSettings(CommonSettings):
     shutdown_grace_s: float = Field(
         default=60.0, ge=0, description="On SIGTERM, how long the current job may run on before it is requeued."
     )
+    lower_priority_every: int = Field(
+        default=4,
+        ge=0,
+        description="Every N-th job a worker takes, it looks below `high` first, and every N²-th at `low` "
+        "first, so lower priorities are never starved; 0: always the highest priority first.",
+    )
 
     @field_validator("serve_models", mode="before")
     @classmethod
     def _split(cls, value: Any) -> Any:
         return _split_commas(value)
+
+    @field_validator("lower_priority_every")
+    @classmethod
+    def _not_one(cls, value: int) -> int:
+        if value == 1:  # every job would start at `low`: the priorities the wrong way round
+            raise ValueError("must be 0 (always the highest priority first) or at least 2")
+        return value
 
 
 def _split_commas(value: Any) -> Any:

@@ -216,8 +216,10 @@ def stack(
         running.wan_worker_health_url, _ = running.start_worker(
             "worker-wan", ["wan-tiny", "wan-i2v-tiny"], VIDEOGEN_WORKER_ID="worker-wan"
         )
+        # Strict priorities: the lifecycle tests' order of jobs must not depend on how many jobs
+        # this worker took before (test_lifecycle.py tests the lower priorities' turns apart).
         running.slow_worker_health_url, _ = running.start_worker(
-            "worker-slow", ["ltx-slow"], VIDEOGEN_WORKER_ID="worker-slow"
+            "worker-slow", ["ltx-slow"], VIDEOGEN_WORKER_ID="worker-slow", VIDEOGEN_LOWER_PRIORITY_EVERY="0"
         )
         yield running
     finally:

@@ -87,6 +87,22 @@ Runner = Callable[[JobMessage, JobReporter], Awaitable[None]]
 CANCELLED_MEMORY = 10_000
 
 
+def priority_order(taken: int, lower_every: int) -> list[int]:
+    """The order (indexes into PRIORITIES) in which a worker that has taken `taken` jobs looks at
+    the priorities for its next one.
+
+    Highest first, except on a turn of the lower priorities: every `lower_every`-th job starts at
+    `normal`, and every `lower_every`²-th at `low`; such a turn goes on down to `low`, then back
+    up to `high`. So while jobs of every priority wait, `normal` jobs get at least one job in
+    `lower_every` of a worker's (less the `low` turns) and `low` jobs one in `lower_every`²: none
+    waits for ever. 0: always the highest first.
+    """
+    start, n = 0, taken + 1
+    while lower_every and start < len(PRIORITIES) - 1 and n % lower_every ** (start + 1) == 0:
+        start += 1
+    return [*range(start, len(PRIORITIES)), *range(start - 1, -1, -1)]
+
+
 class Worker:
     def __init__(
         self, settings: WorkerSettings, store: ObjectStore, runners: dict[str, ModelRunner], registry: Registry
@@ -113,6 +129,7 @@ class Worker:
         self._events: AbstractExchange | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []  # downloads, and each model's presence queue
         self._job_queues: list[list[AbstractQueue]] = []  # by priority, highest first; models within
+        self._taken = 0  # generation job messages taken (for the lower priorities' turns)
         self._dispatcher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
         self._stopping = False
@@ -205,7 +222,8 @@ class Worker:
             time.sleep(0.5)
 
     async def _dispatch(self) -> None:
-        """Take jobs from the highest priority that has one, models in turn within it, one on the GPU at a time.
+        """Take jobs from the highest priority that has one (but on the lower priorities' turns,
+        `priority_order`), models in turn within it, one on the GPU at a time.
 
         The next job is taken once the current one has left the GPU (its frames generated), so its
         generation overlaps the current one's encode and upload; before that, the job finishing
@@ -271,12 +289,14 @@ class Worker:
             on_gpu_free()
 
     async def _next_job(self, turn: int) -> AbstractIncomingMessage | None:
-        for queues in self._job_queues:
+        for level in priority_order(self._taken, self.settings.lower_priority_every):
+            queues = self._job_queues[level]
             for i in range(len(queues)):
                 if self._stopping:
                     return None
                 message = await queues[(turn + i) % len(queues)].get(no_ack=False, fail=False)
                 if message is not None:
+                    self._taken += 1
                     return message
         return None
 

@@ -203,8 +203,20 @@ async def test_cancel_a_queued_job_means_it_never_runs(stack, http) -> None:
     assert not await _video_exists(stack, queued["job_id"])
 
 
+async def by_start_time(http, gateway: str, accepted: list[dict]) -> list[dict]:
+    """The accepted jobs (`202` bodies) in the order they started; each must have succeeded."""
+    started = {}
+    for a in accepted:
+        status, job = await get_json(http, f"{gateway}/api/v1/jobs/{a['job_id']}")
+        assert job["status"] == "succeeded", job
+        started[a["job_id"]] = job["started_at"]
+    return sorted(accepted, key=lambda a: started[a["job_id"]])
+
+
 async def test_higher_priority_jobs_run_first(stack, http) -> None:
-    """While the one slow worker is busy, jobs queue as low, normal, high, low: they run high, normal, low, low."""
+    """While the one slow worker is busy, jobs queue as low, normal, high, low: they run high,
+    normal, low, low (the stack's slow worker always takes the highest priority first,
+    `VIDEOGEN_LOWER_PRIORITY_EVERY=0`)."""
     blocker = await submit(http, stack.gateway_url, SLOW | {"num_inference_steps": 30})
     await until_step(http, stack.gateway_url, blocker["job_id"], 1)
     short = SLOW | {"num_inference_steps": 1, "width": 64, "height": 64, "num_frames": 9}
@@ -217,15 +229,39 @@ async def test_higher_priority_jobs_run_first(stack, http) -> None:
     assert info["queue_depth_by_priority"] == {"high": 1, "normal": 1, "low": 2} and info["queue_depth"] == 4
     assert info["workers"] == 1
     await watch(http, stack.gateway_url, [blocker["job_id"]] + [a["job_id"] for a in accepted], timeout=120)
-    started = {}
-    for a in accepted:
-        status, job = await get_json(http, f"{stack.gateway_url}/api/v1/jobs/{a['job_id']}")
-        assert job["status"] == "succeeded", job
-        started[a["job_id"]] = job["started_at"]
-    by_start = sorted(accepted, key=lambda a: started[a["job_id"]])
+    by_start = await by_start_time(http, stack.gateway_url, accepted)
     assert [a["request"]["priority"] for a in by_start] == ["high", "normal", "low", "low"]
     # Within a priority, first in first out.
     assert by_start[2]["job_id"] == accepted[0]["job_id"]
+
+
+async def test_lower_priorities_get_turns_while_higher_ones_wait(stack, http, amqp_url, namespace) -> None:
+    """Jobs queued for a model no worker serves yet, low and normal first, then four high ones; a
+    worker that gives the lower priorities every 2nd job (`VIDEOGEN_LOWER_PRIORITY_EVERY=2`; its
+    4th starts at low) then runs them high, normal, high, low, high, high: neither waits for
+    every high job."""
+    from scripts.devstack import stop_pids
+    from tests.conftest import delete_test_namespace
+
+    ns = f"{namespace}-turns"
+    gateway, gw = stack.start_gateway("gateway-turns", VIDEOGEN_BROKER_NAMESPACE=ns)
+    worker = None
+    try:
+        order = ["low", "normal", "high", "high", "high", "high"]
+        accepted = [await submit(http, gateway, {"prompt": "turns", "priority": p}) for p in order]
+        assert {a["workers"] for a in accepted} == {0}
+        _, worker = stack.start_worker(
+            f"worker-turns-{ns}", ["ltx-tiny"], VIDEOGEN_BROKER_NAMESPACE=ns, VIDEOGEN_LOWER_PRIORITY_EVERY="2"
+        )
+        await watch(http, gateway, [a["job_id"] for a in accepted], timeout=120)
+        by_start = await by_start_time(http, gateway, accepted)
+        assert [a["request"]["priority"] for a in by_start] == ["high", "normal", "high", "low", "high", "high"]
+        assert [a["job_id"] for a in by_start if a["request"]["priority"] == "high"] == [
+            a["job_id"] for a in accepted[2:]
+        ]
+    finally:
+        stop_pids([gw.pid] + ([worker.pid] if worker else []))
+        await delete_test_namespace(amqp_url, ns)
 
 
 async def test_a_bad_priority_is_refused(stack, http) -> None:
