@@ -13,6 +13,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.devstack import StackState  # noqa: E402
 from worker.encode import probe_mp4  # noqa: E402
 
 
@@ -67,7 +68,9 @@ async def run(gateway: str, token: str, prompt: str, out_dir: Path) -> int:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("prompt", nargs="?", default="a red fox running through fresh snow, golden hour")
-    parser.add_argument("--gateway", default="http://127.0.0.1:8080")
+    parser.add_argument(
+        "--gateway", default=StackState.load().gateway_url, help="default: the gateway of scripts/stack up"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "outputs")
     parser.add_argument(
         "--api-key-file",

@@ -27,12 +27,16 @@ from urllib.parse import urlsplit
 ROOT = Path(__file__).resolve().parent.parent
 STATE_DIR = ROOT / ".stack"
 
-# The local stack's fixed addresses; the tests pick free ports instead.
+# The local stack's addresses (`scripts/stack up --port-offset N` adds N to each port); the tests
+# pick free ports instead.
 STACK_S3_PORT = 9000
-STACK_WEED_BASE = 19000
+STACK_WEED_BASE = 19000  # the store's internal servers: this port and the nine after it
 STACK_GATEWAY_PORT = 8080
 # Each worker: (name, health port, models it serves).
 STACK_WORKERS = [("worker-ltx", 8081, ["ltx-tiny"]), ("worker-wan", 8082, ["wan-tiny", "wan-i2v-tiny"])]
+STACK_NAMESPACE = "videogen"
+# The largest offset that keeps every port of the stack below 65536.
+MAX_PORT_OFFSET = 65535 - (STACK_WEED_BASE + 9)
 STACK_DEFAULT_MODEL = "ltx-tiny"
 DEV_ACCESS_KEY = "videogen"
 DEV_SECRET_KEY = "videogen-secret"
@@ -403,6 +407,41 @@ def build_tiny_models(models_dir: Path) -> None:
 @dataclass
 class StackState:
     started: dict[str, dict] = field(default_factory=dict)  # name -> {"pid": ..} or {"node": ..}
+    port_offset: int = 0  # added to every port of the stack
+    namespace: str = STACK_NAMESPACE  # the broker namespace of its gateway and workers
+
+    def port(self, base: int) -> int:
+        return base + self.port_offset
+
+    @property
+    def gateway_url(self) -> str:
+        return f"http://127.0.0.1:{self.port(STACK_GATEWAY_PORT)}"
+
+    def configure(self, port_offset: int | None, namespace: str | None) -> None:
+        """Take the ports and namespace `up` was asked for (None: those of the stack's running
+        parts, else the defaults); a stack with parts running keeps its own."""
+        recorded = StackState(port_offset=self.port_offset, namespace=self.namespace) if self.started else StackState()
+        wanted = {
+            "port_offset": recorded.port_offset if port_offset is None else port_offset,
+            "namespace": recorded.namespace if namespace is None else namespace,
+        }
+        if not 0 <= wanted["port_offset"] <= MAX_PORT_OFFSET:
+            raise SystemExit(f"--port-offset must be from 0 to {MAX_PORT_OFFSET}")
+        from pydantic import ValidationError
+
+        from common.settings import CommonSettings
+
+        try:  # the services' own rule for VIDEOGEN_BROKER_NAMESPACE
+            CommonSettings(broker_namespace=wanted["namespace"])
+        except ValidationError as exc:
+            raise SystemExit(f"--namespace: {exc.errors()[0]['msg']}") from None
+        now = {"port_offset": self.port_offset, "namespace": self.namespace}
+        if self.started and wanted != now:
+            raise SystemExit(
+                f"the stack is up with port offset {self.port_offset} and namespace {self.namespace!r}; "
+                "run scripts/stack down before changing them"
+            )
+        self.port_offset, self.namespace = wanted["port_offset"], wanted["namespace"]
 
     @classmethod
     def load(cls) -> StackState:
@@ -424,15 +463,17 @@ def _alive(entry: dict) -> bool:
         return False
 
 
-def stack_config() -> dict[str, object]:
+def stack_config(state: StackState) -> dict[str, object]:
     amqp_url = os.environ.get("VIDEOGEN_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
-    store = S3Store(f"127.0.0.1:{STACK_S3_PORT}", DEV_ACCESS_KEY, DEV_SECRET_KEY, DEV_BUCKET)
+    store = S3Store(f"127.0.0.1:{state.port(STACK_S3_PORT)}", DEV_ACCESS_KEY, DEV_SECRET_KEY, DEV_BUCKET)
     return {"amqp_url": amqp_url, "store": store, "models_dir": ROOT / "models"}
 
 
-def stack_up() -> None:
-    cfg = stack_config()
+def stack_up(port_offset: int | None = None, namespace: str | None = None) -> None:
     state = StackState.load()
+    state.configure(port_offset, namespace)
+    state.save()
+    cfg = stack_config(state)
     store: S3Store = cfg["store"]  # type: ignore[assignment]
     logs = STATE_DIR / "logs"
 
@@ -440,7 +481,12 @@ def stack_up() -> None:
         print(f"S3 store     already running   http://{store.endpoint}")
     else:
         proc, _ = start_weed(
-            STATE_DIR / "weed", STACK_S3_PORT, STACK_WEED_BASE, store.access_key, store.secret_key, store.bucket
+            STATE_DIR / "weed",
+            state.port(STACK_S3_PORT),
+            state.port(STACK_WEED_BASE),
+            store.access_key,
+            store.secret_key,
+            store.bucket,
         )
         state.started["s3"] = {"pid": proc.pid}
         state.save()
@@ -460,21 +506,22 @@ def stack_up() -> None:
     env = service_env(
         store,
         amqp_url,
-        "videogen",
+        state.namespace,
         cfg["models_dir"],  # type: ignore[arg-type]
         VIDEOGEN_DEFAULT_MODEL=STACK_DEFAULT_MODEL,
         VIDEOGEN_API_KEYS_FILE=str(STATE_DIR / "api-keys.toml"),
-        VIDEOGEN_S3_PUBLIC_ENDPOINT=f"http://127.0.0.1:{STACK_S3_PORT}",
+        VIDEOGEN_S3_PUBLIC_ENDPOINT=f"http://{store.endpoint}",
     )
-    gateway_url = f"http://127.0.0.1:{STACK_GATEWAY_PORT}"
+    gateway_url = state.gateway_url
     if http_ok(f"{gateway_url}/health"):
         print(f"gateway      already running   {gateway_url}")
     else:
-        proc = start_gateway(env, STACK_GATEWAY_PORT, logs / "gateway.log")
+        proc = start_gateway(env, state.port(STACK_GATEWAY_PORT), logs / "gateway.log")
         state.started["gateway"] = {"pid": proc.pid}
         state.save()
-        print(f"gateway      started           {gateway_url}")
-    for name, port, models in STACK_WORKERS:
+        print(f"gateway      started           {gateway_url}  (broker namespace {state.namespace})")
+    for name, base_port, models in STACK_WORKERS:
+        port = state.port(base_port)
         worker_url = f"http://127.0.0.1:{port}"
         if http_ok(f"{worker_url}/health"):
             print(f"{name:<12} already running   {worker_url}/ready")
@@ -503,17 +550,15 @@ def stack_down() -> None:
 
 
 def stack_status() -> int:
-    cfg = stack_config()
-    store: S3Store = cfg["store"]  # type: ignore[assignment]
     state = StackState.load()
+    cfg = stack_config(state)
+    store: S3Store = cfg["store"]  # type: ignore[assignment]
+    workers = [(name, f"http://127.0.0.1:{state.port(port)}", models) for name, port, models in STACK_WORKERS]
     checks = {
         "s3": (bucket_ready(store), f"http://{store.endpoint}"),
-        "rabbitmq": (amqp_answers(cfg["amqp_url"]), _redact(cfg["amqp_url"])),  # type: ignore[arg-type]
-        "gateway": (http_ok(f"http://127.0.0.1:{STACK_GATEWAY_PORT}/ready"), f"http://127.0.0.1:{STACK_GATEWAY_PORT}"),
-        **{
-            name: (http_ok(f"http://127.0.0.1:{port}/ready"), f"http://127.0.0.1:{port}  ({', '.join(models)})")
-            for name, port, models in STACK_WORKERS
-        },
+        "rabbitmq": (amqp_answers(cfg["amqp_url"]), f"{_redact(cfg['amqp_url'])}  namespace {state.namespace}"),  # type: ignore[arg-type]
+        "gateway": (http_ok(f"{state.gateway_url}/ready"), state.gateway_url),
+        **{name: (http_ok(f"{url}/ready"), f"{url}  ({', '.join(models)})") for name, url, models in workers},
     }
     for name, (ok, url) in checks.items():
         owner = "started by scripts/stack" if name in state.started and _alive(state.started[name]) else "external"
@@ -529,9 +574,22 @@ def _redact(url: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(prog="scripts/stack", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument(
+        "--port-offset",
+        type=int,
+        help="up: add this to every port of the stack (default 0, or what the running stack has), "
+        "to run beside another stack on this machine",
+    )
+    parser.add_argument(
+        "--namespace",
+        help=f"up: the broker namespace of the stack's gateway and workers (default {STACK_NAMESPACE}, "
+        "or what the running stack has), to share a broker with another stack",
+    )
     args = parser.parse_args()
+    if args.command != "up" and (args.port_offset is not None or args.namespace is not None):
+        parser.error("--port-offset and --namespace are for up; down and status use the stack's own")
     if args.command == "up":
-        stack_up()
+        stack_up(args.port_offset, args.namespace)
         return 0
     if args.command == "down":
         stack_down()
