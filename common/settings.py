@@ -99,6 +99,12 @@ class GatewaySettings(CommonSettings):
         default=50, ge=1, le=1000, description="Webhook attempts one gateway makes at the same time."
     )
     webhook_timeout_s: float = Field(default=10.0, gt=0)
+    webhook_per_receiver: int = Field(
+        default=10,
+        ge=1,
+        description="Of those attempts, at most this many to one receiver (host and port) at a time; "
+        "its other events wait in the broker meanwhile, so a slow receiver cannot hold every slot.",
+    )
 
     @field_validator("rate_limit")
     @classmethod

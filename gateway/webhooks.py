@@ -15,7 +15,7 @@ import contextlib
 import ipaddress
 import json
 import socket
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
@@ -44,6 +44,12 @@ MAX_WAITING = 100_000
 ATTEMPT_HEADER = "x-videogen-webhook-attempt"
 # Pause before an event whose next attempt the broker did not take is tried again.
 RETRY_NOT_QUEUED_PAUSE_S = 2.0
+
+
+def receiver_of(url: str) -> str:
+    """The receiver a webhook URL names, for its share of the attempts: scheme, host and port."""
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{(parts.hostname or '').lower()}:{parts.port or (443 if parts.scheme == 'https' else 80)}"
 
 
 async def destination_problem(url: str, allow: list[str], delivering: bool = False) -> str | None:
@@ -141,6 +147,7 @@ class WebhookDeliverer:
         self._topology = topology
         self._known: OrderedDict[str, Webhook | None] = OrderedDict()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._attempting: Counter[str] = Counter()  # attempts under way, by receiver
         self._http: aiohttp.ClientSession | None = None
         self._channel: AbstractChannel | None = None
         self._queue: AbstractQueue | None = None
@@ -215,9 +222,27 @@ class WebhookDeliverer:
         if hook is None or event_type(event) not in hook.events:
             await message.ack()
             return
-        task = asyncio.create_task(self._deliver(message, event, hook, attempt_of(message)))
+        receiver = receiver_of(hook.url)
+        if self._attempting[receiver] >= self._settings.webhook_per_receiver:
+            # The receiver has its share of the slots: the event waits the shortest pause in the
+            # broker, holding no slot, and comes back for the same attempt.
+            task = asyncio.create_task(self._postpone(message, attempt_of(message)))
+        else:
+            self._attempting[receiver] += 1
+            task = asyncio.create_task(self._deliver(message, event, hook, attempt_of(message)))
+            task.add_done_callback(lambda _: self._done_with(receiver))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _done_with(self, receiver: str) -> None:
+        self._attempting[receiver] -= 1
+        if self._attempting[receiver] <= 0:
+            del self._attempting[receiver]
+
+    async def _postpone(self, message: AbstractIncomingMessage, attempt: int) -> None:
+        await self._send_later_patiently(message, attempt, pause=WEBHOOK_PAUSES_S[0])
+        with contextlib.suppress(Exception):  # as in _deliver: the broker has it back if this fails
+            await message.ack()
 
     async def _webhook_of(self, job_id: str) -> Webhook | None:
         if job_id not in self._known:
@@ -243,19 +268,21 @@ class WebhookDeliverer:
         with contextlib.suppress(Exception):
             await message.ack()
 
-    async def _send_later_patiently(self, message: AbstractIncomingMessage, attempt: int) -> None:
+    async def _send_later_patiently(
+        self, message: AbstractIncomingMessage, attempt: int, pause: int | None = None
+    ) -> None:
         """Put the event in its delay queue; while the broker refuses (a delay queue full, say),
         keep the message, and its slot, and try again after 2 s, doubling to a minute. Handing the
         message back instead would make the same attempt again at once, without a pause."""
-        pause = RETRY_NOT_QUEUED_PAUSE_S
+        wait = RETRY_NOT_QUEUED_PAUSE_S
         while True:
             try:
-                await self._send_later(message, attempt)
+                await self._send_later(message, attempt, pause)
                 return
             except Exception as exc:
                 log.warning("webhook_retry_not_queued", attempt=attempt - 1, error=str(exc) or type(exc).__name__)
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 60.0)
+                await asyncio.sleep(wait)
+                wait = min(wait * 2, 60.0)
 
     async def _attempt(self, event: JobEvent, hook: Webhook, attempt: int) -> bool:
         """POST the event once: whether the delivery is over (delivered, or refused for good)."""
@@ -295,11 +322,12 @@ class WebhookDeliverer:
             log.warning("webhook_unreachable", attempt=attempt, error=str(exc) or type(exc).__name__)
         return False
 
-    async def _send_later(self, message: AbstractIncomingMessage, attempt: int) -> None:
+    async def _send_later(self, message: AbstractIncomingMessage, attempt: int, pause: int | None = None) -> None:
         """A copy of the event, numbered for its next attempt, into the delay queue of the pause
-        before it (confirmed, before the original is acknowledged: at least once)."""
+        before it (or of `pause`), confirmed, before the original is acknowledged: at least once."""
         assert self._channel is not None
-        pause = WEBHOOK_PAUSES_S[min(attempt - 1, len(WEBHOOK_PAUSES_S)) - 1]
+        if pause is None:
+            pause = WEBHOOK_PAUSES_S[min(attempt - 1, len(WEBHOOK_PAUSES_S)) - 1]
         later = aio_pika.Message(
             message.body,
             content_type=message.content_type,

@@ -43,12 +43,15 @@ class Rebinding(AbstractResolver):
 
 
 @asynccontextmanager
-async def receiving(status: int):
-    """An HTTP server on the loopback address answering `status`: (its port, the webhook-ids it got)."""
+async def receiving(status: int, hold: asyncio.Event | None = None):
+    """An HTTP server on the loopback address answering `status` (once `hold` is set, if given):
+    (its port, the webhook-ids it got)."""
     calls: list[str] = []
 
     async def handle(request: web.Request) -> web.Response:
         calls.append(request.headers.get("webhook-id", ""))
+        if hold is not None:
+            await hold.wait()
         return web.Response(status=status)
 
     app = web.Application()
@@ -291,3 +294,49 @@ async def test_closing_stops_taking_messages_before_it_ends_the_attempts() -> No
     late = Settled(encode(event()), None)  # delivered while the consumer was being cancelled
     await made._on_event(late)  # type: ignore[arg-type]
     assert late.settled is None and not made._tasks  # left unacked, to the broker; no attempt
+
+
+@asynccontextmanager
+async def hanging_receiver():
+    """A receiver that takes each request and answers only once released: (its URL, the webhook-ids
+    it got, the event that releases them)."""
+    release = asyncio.Event()
+    async with receiving(200, release) as (port, calls):
+        try:
+            yield f"http://127.0.0.1:{port}/hook", calls, release
+        finally:
+            release.set()  # before the server stops: it waits for the requests it holds
+
+
+async def test_a_receiver_gets_at_most_its_share_of_the_slots(local_receiver) -> None:
+    """`webhook_per_receiver` 2: of four events for a receiver that does not answer, two are
+    attempted and two wait the shortest pause in the broker, for the same attempt, holding no
+    slot; another receiver's event is attempted at once meanwhile."""
+    port, quick_calls = local_receiver
+    channel = Channel()
+    made = deliverer(channel)
+    made._settings = made._settings.model_copy(update={"webhook_per_receiver": 2})
+    async with hanging_receiver() as (slow_url, slow_calls, release):
+        jobs = [f"{RETRY_JOB_ID[:-1]}{i}" for i in range(5)]
+        for job_id in jobs[:4]:
+            made._known[job_id] = Webhook(url=slow_url, events=["job.running"])
+        made._known[jobs[4]] = Webhook(url=f"http://127.0.0.1:{port}/hook", events=["job.running"])
+        messages = []
+        for job_id in jobs:
+            message = Settled(encode(event().model_copy(update={"job_id": job_id})), None)
+            messages.append(message)
+            await made._on_event(message)  # type: ignore[arg-type]
+
+        async def settled(count: int) -> None:
+            while sum(m.settled is not None for m in messages) < count or len(slow_calls) < 2:
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(settled(3), 10)  # the two postponed, and the other receiver's
+        assert len(slow_calls) == 2 and quick_calls == [f"{jobs[4]}:3"]
+        assert [m.settled for m in messages] == [None, None, "ack", "ack", "ack"]
+        assert [queue for queue, _ in channel.default_exchange.sent] == [TOPOLOGY.webhook_wait_queue(1)] * 2
+        assert [later.headers[ATTEMPT_HEADER] for _, later in channel.default_exchange.sent] == [1, 1]  # type: ignore[attr-defined]
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*made._tasks), 10)
+    assert [m.settled for m in messages] == ["ack"] * 5 and not made._attempting
+    await made._http.close()  # type: ignore[union-attr]
