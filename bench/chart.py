@@ -55,12 +55,15 @@ def main() -> None:
     gateway = load(args.results, "gateway-throughput.json")
     ax = axes[0][0]
     if gateway:
-        clients = [r["clients"] for r in gateway["rows"]]
-        ax.bar([str(c) for c in clients], [r["per_s"] for r in gateway["rows"]], color="tab:blue")
+        # Rows of a key with a quota and of one without (results before that have only the former).
+        labels = [f"{r['clients']}{' no quota' if r.get('key') == 'unlimited' else ''}" for r in gateway["rows"]]
+        colors = ["tab:cyan" if r.get("key") == "unlimited" else "tab:blue" for r in gateway["rows"]]
+        ax.bar(labels, [r["per_s"] for r in gateway["rows"]], color=colors)
+        ax.tick_params(axis="x", labelsize=8)
         ax2 = ax.twinx()
-        ax2.plot([str(c) for c in clients], [r["p99_ms"] for r in gateway["rows"]], "o-", color="tab:red")
+        ax2.plot(labels, [r["p99_ms"] for r in gateway["rows"]], "o", color="tab:red")
         ax2.set_ylabel("p99 latency (ms)", color="tab:red")
-    ax.set(title="1. Gateway submissions/s (bars) and p99", xlabel="concurrent clients", ylabel="submissions/s")
+    ax.set(title="1. Gateway submissions/s (bars) and p99", xlabel="concurrent clients (key)", ylabel="submissions/s")
 
     events = load(args.results, "event-latency.json")
     ax = axes[0][1]

@@ -1,15 +1,19 @@
 """Benchmark 1: submissions per second and latency of one gateway process, against the real broker.
 
 Clients POST text-to-video jobs as fast as they can, 1, 16 and 64 at a time, for a fixed time
-each. Every 202 means the job's record, index entry and quota marker are in the object store and
-the broker has confirmed the job message and its expiry check (publisher confirms). No worker
-runs, so jobs only queue. Each row also gives the gateway process's CPU time per submission.
+each, with an API key that has a job quota (too large to matter, 10 million) and then with one
+that has none (`max_concurrent_jobs = "unlimited"`, as for a service that queues without limit),
+each on a stack of its own. Every 202 means the job's record, index entry and (with a quota) quota
+marker are in the object store and the broker has confirmed the job message and its expiry
+check (publisher confirms). No worker runs, so jobs only queue. Each row also gives the gateway
+process's CPU time per submission.
 
 The same run then measures what this machine allows at all, each alone and with the same 64-way
 concurrency: a no-op aiohttp handler driven by the same client, the store's small writes through
 the project's store client, and confirmed persistent publishes to a quorum queue. A submission
-costs one handler, three store writes and two confirmed publishes, so adding those costs gives
-the most this machine could accept with everything on it (`machine_ceiling_per_s`).
+costs one handler, three store writes (two without a quota) and two confirmed publishes, so
+adding those costs gives the most this machine could accept with everything on it
+(`machine_ceiling_per_s`, and `machine_ceiling_unlimited_per_s` for the key without a quota).
 
     python bench/gateway_throughput.py --out bench/results/gateway-throughput.json
 """
@@ -32,7 +36,8 @@ from harness import AUTH, bench_stack, machine, percentiles, write_result
 from scripts import devstack
 
 # What one submission does, for the machine ceiling.
-STORE_WRITES = 3  # record, index entry, quota marker
+STORE_WRITES = {"quota": 3, "unlimited": 2}  # record, index entry, and a quota marker for a key with a quota
+KEY_QUOTAS = {"quota": 10_000_000, "unlimited": "unlimited"}
 CONFIRMED_PUBLISHES = 2  # job message, expiry check
 CEILING_CLIENTS = 64
 
@@ -165,13 +170,22 @@ def ceilings(env: dict[str, str], seconds: float) -> dict:
     http = asyncio.run(noop_http(seconds))
     store = asyncio.run(store_writes(env, seconds))
     broker = asyncio.run(confirmed_publishes(env["VIDEOGEN_AMQP_URL"], seconds))
-    machine_s = 1 / http + STORE_WRITES / store + CONFIRMED_PUBLISHES / broker
+
+    def ceiling(writes: int) -> int:
+        return round(1 / (1 / http + writes / store + CONFIRMED_PUBLISHES / broker))
+
     return {
         "noop_http_per_s": round(http),
         "store_writes_per_s": round(store),
         "confirmed_publishes_per_s": round(broker),
-        "per_submission": {"store_writes": STORE_WRITES, "confirmed_publishes": CONFIRMED_PUBLISHES, "requests": 1},
-        "machine_ceiling_per_s": round(1 / machine_s),
+        "per_submission": {
+            "store_writes": STORE_WRITES["quota"],
+            "store_writes_unlimited": STORE_WRITES["unlimited"],
+            "confirmed_publishes": CONFIRMED_PUBLISHES,
+            "requests": 1,
+        },
+        "machine_ceiling_per_s": ceiling(STORE_WRITES["quota"]),
+        "machine_ceiling_unlimited_per_s": ceiling(STORE_WRITES["unlimited"]),
     }
 
 
@@ -183,17 +197,21 @@ def main() -> None:
     parser.add_argument(
         "--gateways", default="1", help="gateway processes to spread the clients over, e.g. 1,2 (one stack each)"
     )
+    parser.add_argument(
+        "--keys", default="quota,unlimited", help="the API keys to submit with: with a job quota, without one"
+    )
     parser.add_argument("--out", default="bench/results/gateway-throughput.json")
     args = parser.parse_args()
     rows, limits = [], None
-    for count in (int(g) for g in args.gateways.split(",")):
-        with bench_stack() as stack:
+    for kind, count in ((k, int(g)) for k in args.keys.split(",") for g in args.gateways.split(",")):
+        with bench_stack(quota=KEY_QUOTAS[kind]) as stack:
             gateways = [stack.gateway_url] + [stack.start_gateway(f"gateway-{n}") for n in range(1, count)]
             pids = [proc.pid for proc in stack.procs]
             asyncio.run(load(gateways, pids, 4, 2.0))  # warm-up: connections, first store writes
             for clients in (int(c) for c in args.clients.split(",")):
-                row = asyncio.run(load(gateways, pids, clients, args.seconds))
+                row = {"key": kind} | asyncio.run(load(gateways, pids, clients, args.seconds))
                 print(
+                    f"key with {'a quota' if kind == 'quota' else 'no quota'}, "
                     f"{count} gateway(s), {clients:>3} clients: {row['per_s']:>7.1f} submissions/s  "
                     f"p50 {row['p50_ms']} ms  p99 {row['p99_ms']} ms  gateway CPU "
                     f"{row['gateway_cpu_ms_per_submission']} ms/submission ({row['gateway_cpu_share']:.0%} of a core)  "
@@ -207,7 +225,8 @@ def main() -> None:
         print(
             f"this machine, each alone: no-op handler {limits['noop_http_per_s']}/s, store writes "
             f"{limits['store_writes_per_s']}/s, confirmed publishes {limits['confirmed_publishes_per_s']}/s; "
-            f"a submission's share of all three: at most {limits['machine_ceiling_per_s']} submissions/s",
+            f"a submission's share of all three: at most {limits['machine_ceiling_per_s']} submissions/s "
+            f"({limits['machine_ceiling_unlimited_per_s']}/s without a quota marker)",
             flush=True,
         )
     write_result(

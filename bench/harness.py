@@ -68,7 +68,8 @@ class BenchStack:
 
 
 @contextmanager
-def bench_stack(quota: int = 10_000_000, rate: str = "1000000/second") -> Iterator[BenchStack]:
+def bench_stack(quota: int | str = 10_000_000, rate: str = "1000000/second") -> Iterator[BenchStack]:
+    """A throwaway stack with one API key (`quota`: its max_concurrent_jobs, or "unlimited")."""
     amqp_url = os.environ.get("VIDEOGEN_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
     if not devstack.amqp_answers(amqp_url):
         raise SystemExit(f"RabbitMQ does not answer at {amqp_url}")

@@ -6,7 +6,7 @@ A key file (TOML, `VIDEOGEN_API_KEYS_FILE`) lists the keys:
     id = "alice"                          # who: recorded as the owner of the jobs the key creates
     sha256 = "<hex SHA-256 of the token>"
     rate_limit = "20/second"              # optional; else VIDEOGEN_RATE_LIMIT
-    max_concurrent_jobs = 4               # optional; else VIDEOGEN_MAX_CONCURRENT_JOBS
+    max_concurrent_jobs = 4               # optional; else VIDEOGEN_MAX_CONCURRENT_JOBS; "unlimited": none
     admin = false                         # optional; admins may start model downloads
 
 `python -m gateway.auth new <id> >> keys.toml` makes a token, appends its entry to the file and
@@ -25,6 +25,7 @@ import time
 import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Annotated, Literal
 
 from aiohttp import web
 from limits import RateLimitItem, parse
@@ -51,7 +52,8 @@ class ApiKey(BaseModel):
     id: str = Field(pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$")
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     rate_limit: str | None = None
-    max_concurrent_jobs: int | None = Field(default=None, ge=1)
+    # "unlimited": no job quota, and no quota marker per job (a service that queues without limit).
+    max_concurrent_jobs: Annotated[int, Field(ge=1)] | Literal["unlimited"] | None = None
     admin: bool = False
 
     @field_validator("rate_limit")
@@ -109,7 +111,10 @@ class Keys:
         # A lookup by hash leaks nothing useful through timing: callers do not choose the hash.
         return self._by_hash.get(hash_token(token))
 
-    def quota(self, key: ApiKey) -> int:
+    def quota(self, key: ApiKey) -> int | None:
+        """The key's job quota; None for a key without one (`unlimited`)."""
+        if key.max_concurrent_jobs == "unlimited":
+            return None
         return key.max_concurrent_jobs or self.default_quota
 
     async def retry_after(self, key: ApiKey) -> int | None:

@@ -1,12 +1,12 @@
 """The concurrent-job quota of an API key: how many of its generation jobs may be queued or running.
 
-Each such job has an empty marker object, `active/<key id>/<job id>`, written when the job is
-accepted (right after its record, so a marker without a record is always a leftover, which the
-next check at the limit sweeps) and removed when it ends: every gateway sees
-every terminal event and removes the marker (`release`). To check the quota, a gateway lists the
-key's markers; only when they reach the quota does it read their records, and it removes markers
-of jobs that have ended (one whose terminal event no gateway was up to see), so a stale marker
-never holds a slot for long.
+Each such job of a key with a quota (`unlimited` keys have none) has an empty marker object,
+`active/<key id>/<job id>`, written when the job is accepted (right after its record, so a marker
+without a record is always a leftover, which the next check at the limit sweeps) and removed when
+it ends: every gateway sees every terminal event and removes the marker (`release`). To check
+the quota, a gateway lists the key's markers; only when they reach the quota does it read their
+records, and it removes markers of jobs that have ended (one whose terminal event no gateway was
+up to see), so a stale marker never holds a slot for long.
 
 Each gateway keeps a count per key: it lists the key's markers when its count is older than
 REFRESH_S or a new job might not fit, so most submissions far below the limit list nothing.
@@ -61,7 +61,10 @@ COUNTS = web.AppKey("quota_counts", dict)  # key id -> _Count, per gateway proce
 
 
 def _counts(request: web.Request, mode: str) -> bool:
-    return mode != "download" and request.get(OWNER) is not None and request.app[KEYS] is not None
+    """Whether the job counts against a quota: a generation job of a key that has one."""
+    if mode == "download" or request.get(OWNER) is None or request.app[KEYS] is None:
+        return False
+    return request.app[KEYS].quota(request[API_KEY]) is not None
 
 
 @asynccontextmanager
@@ -77,6 +80,7 @@ async def slot(request: web.Request, mode: str) -> AsyncIterator[None]:
     owner = request[OWNER]
     count = request.app[COUNTS].setdefault(owner, _Count())
     limit = request.app[KEYS].quota(request[API_KEY])
+    assert limit is not None
     async with count.lock:
         now = time.monotonic()
         if now - count.at > REFRESH_S or count.used() + 1 > limit:

@@ -25,9 +25,19 @@ def test_a_key_file_is_read_and_tokens_are_found_by_hash(tmp_path: Path) -> None
     assert token not in path.read_text()
 
 
+def test_a_key_may_have_no_job_quota(tmp_path: Path) -> None:
+    token = new_token()
+    path = write(tmp_path, f'[[keys]]\nid = "svc"\nsha256 = "{hash_token(token)}"\nmax_concurrent_jobs = "unlimited"\n')
+    keys = Keys(load_keys(path), "10/second", 8)
+    key = keys.find(token)
+    assert key is not None and keys.quota(key) is None
+
+
 @pytest.mark.parametrize(
     "entry, complaint",
     [
+        ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nmax_concurrent_jobs = 0', "max_concurrent_jobs"),
+        ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nmax_concurrent_jobs = "lots"', "max_concurrent_jobs"),
         ('id = "alice"\nsha256 = "abc"', "sha256"),
         ('id = "Alice!"\nsha256 = "' + "0" * 64 + '"', "id"),
         ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nrate_limit = "fast"', "rate_limit"),

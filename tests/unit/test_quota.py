@@ -129,3 +129,22 @@ async def test_a_job_accepted_while_a_listing_runs_stays_counted() -> None:
     with pytest.raises(ApiError) as refused:
         await asyncio.wait_for(b, 5)
     assert refused.value.status == 429 and refused.value.code == "quota_exceeded"
+
+
+class NoQuotaKeys:
+    def quota(self, key: object) -> None:
+        return None
+
+
+async def test_a_key_without_a_quota_lists_and_writes_no_markers() -> None:
+    """An `unlimited` key: however many jobs it has, no listing, no marker, no refusal."""
+    store = PausedListing()  # a listing would wait here for ever: release is never set
+    app = {COUNTS: {}, KEYS: NoQuotaKeys(), STORE: store}
+
+    async def submit(n: int) -> None:
+        async with slot(FakeRequest(app), "text-to-video"):
+            await hold(FakeRequest(app), "text-to-video", f"job-{n}")
+
+    for n in range(20):
+        await asyncio.wait_for(submit(n), 5)
+    assert store.markers == set() and not store.listing.is_set() and app[COUNTS] == {}
