@@ -56,7 +56,9 @@ def main() -> None:
     ax = axes[0][0]
     if gateway:
         # Rows of a key with a quota and of one without (results before that have only the former).
-        labels = [f"{r['clients']}{' no quota' if r.get('key') == 'unlimited' else ''}" for r in gateway["rows"]]
+        labels = [
+            f"{r['clients']}\nno quota" if r.get("key") == "unlimited" else str(r["clients"]) for r in gateway["rows"]
+        ]
         colors = ["tab:cyan" if r.get("key") == "unlimited" else "tab:blue" for r in gateway["rows"]]
         ax.bar(labels, [r["per_s"] for r in gateway["rows"]], color=colors)
         ax.tick_params(axis="x", labelsize=8)
