@@ -24,6 +24,16 @@ from minio.error import MinioException, S3Error
 from common.settings import CommonSettings
 from schemas.jobs import JobRecord
 
+# The ids of the lifecycle rules the service sets (`ObjectStore.expire_after`); other rules are left alone.
+EXPIRY_RULE_PREFIX = "videogen-expire-"
+
+
+def _rule_terms(rule: Any) -> tuple[Any, ...]:
+    """What a lifecycle rule says, to compare a bucket's rules with the wanted ones."""
+    days = rule.expiration.days if rule.expiration is not None else None
+    prefix = rule.rule_filter.prefix if rule.rule_filter is not None else None
+    return (rule.rule_id, rule.status, prefix, days)
+
 
 def record_key(job_id: str) -> str:
     return f"jobs/{job_id}/job.json"
@@ -159,21 +169,38 @@ class ObjectStore:
 
         await self._run(run)
 
-    async def expire_after(self, prefixes: list[str], days: int) -> None:
-        """A bucket lifecycle rule per prefix: the store deletes those objects `days` after they were written."""
+    async def expire_after(self, prefixes: list[str], days: int | None) -> bool:
+        """A bucket lifecycle rule per prefix, `videogen-expire-<prefix>`: the store deletes those
+        objects `days` after they were written (None: no such rules). The bucket's other rules are
+        kept. Returns whether the configuration had to change."""
         from minio.commonconfig import ENABLED, Filter
         from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
-        rules = [
+        ours = [
             Rule(
                 ENABLED,
                 rule_filter=Filter(prefix=prefix),
-                rule_id=f"videogen-expire-{prefix.strip('/')}",
+                rule_id=f"{EXPIRY_RULE_PREFIX}{prefix.strip('/')}",
                 expiration=Expiration(days=days),
             )
             for prefix in prefixes
+            if days is not None
         ]
-        await self._run(self._client.set_bucket_lifecycle, self.bucket, LifecycleConfig(rules))
+
+        def run() -> bool:
+            current = self._client.get_bucket_lifecycle(self.bucket)
+            rules = list(current.rules) if current is not None else []
+            others = [r for r in rules if not (r.rule_id or "").startswith(EXPIRY_RULE_PREFIX)]
+            wanted = others + ours
+            if [_rule_terms(r) for r in rules] == [_rule_terms(r) for r in wanted]:
+                return False
+            if wanted:
+                self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig(wanted))
+            else:
+                self._client.delete_bucket_lifecycle(self.bucket)
+            return True
+
+        return await self._run(run)
 
     async def ping(self, timeout: float = 3.0) -> bool:
         try:

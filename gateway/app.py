@@ -146,13 +146,18 @@ def _enable_cors(app: web.Application, origins: list[str]) -> None:
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     store = ObjectStore(settings, public_endpoint=settings.s3_public_endpoint)
+    days = settings.output_retention_days
     try:
         await store.ensure_bucket()
-        if settings.output_retention_days is not None:
-            await store.expire_after(RETAINED_PREFIXES, settings.output_retention_days)
-            log.info("retention_set", days=settings.output_retention_days, prefixes=RETAINED_PREFIXES)
     except Exception as exc:  # /ready reports it; the gateway still starts and recovers when the store does
         log.warning("store_unreachable_at_start", error=str(exc))
+    else:
+        try:
+            # Set, the rules expire jobs after the days; unset, rules an earlier start set are removed.
+            if await store.expire_after(RETAINED_PREFIXES, days):
+                log.info("retention_set" if days else "retention_removed", days=days, prefixes=RETAINED_PREFIXES)
+        except Exception as exc:  # the rules as they were; tried again at the next start
+            log.warning("retention_not_applied", days=days, error=str(exc))
     app[STORE] = store
     yield
 

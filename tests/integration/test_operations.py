@@ -94,7 +94,37 @@ async def test_one_summary_line_per_job_with_its_id(stack, http) -> None:
     assert during and all(e["model"] == "ltx-tiny" for e in during)
 
 
-async def test_retention_sets_a_lifecycle_rule(stack, s3_store) -> None:
-    stack.start_gateway("gateway-retention", VIDEOGEN_OUTPUT_RETENTION_DAYS="7")
-    rules = s3_client(s3_store).get_bucket_lifecycle(s3_store.bucket).rules
-    assert {(r.rule_filter.prefix, r.expiration.days) for r in rules} == {("jobs/", 7), ("index/", 7)}
+async def test_retention_rules_keep_the_buckets_other_rules_and_go_when_unset(stack, s3_store) -> None:
+    """A gateway with VIDEOGEN_OUTPUT_RETENTION_DAYS adds its two rules beside a rule of the
+    store's owner; a gateway started without it removes them again, and keeps the owner's."""
+    from minio.commonconfig import ENABLED, Filter
+    from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
+
+    from scripts.devstack import stop_pids
+
+    s3 = s3_client(s3_store)
+
+    def rules() -> set[tuple]:
+        config = s3.get_bucket_lifecycle(s3_store.bucket)
+        return {(r.rule_id, r.rule_filter.prefix, r.expiration.days) for r in (config.rules if config else [])}
+
+    mine = ("mine", "scratch/", 1)
+    s3.set_bucket_lifecycle(
+        s3_store.bucket,
+        LifecycleConfig(
+            [Rule(ENABLED, rule_filter=Filter(prefix="scratch/"), rule_id="mine", expiration=Expiration(days=1))]
+        ),
+    )
+    started = []
+    try:
+        _, gateway = stack.start_gateway("gateway-retention", VIDEOGEN_OUTPUT_RETENTION_DAYS="7")
+        started.append(gateway)
+        assert rules() == {mine, ("videogen-expire-jobs", "jobs/", 7), ("videogen-expire-index", "index/", 7)}
+        _, gateway = stack.start_gateway("gateway-without-retention")
+        started.append(gateway)
+        assert rules() == {mine}
+        log = (stack.logs / "gateway-without-retention.log").read_text()
+        assert '"retention_removed"' in log
+    finally:
+        stop_pids([g.pid for g in started])
+        s3.delete_bucket_lifecycle(s3_store.bucket)
