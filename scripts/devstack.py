@@ -7,6 +7,7 @@ Used by `scripts/stack` (the developer's stack, state in `.stack/`) and by the t
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import os
@@ -340,20 +341,25 @@ def service_env(store: S3Store, amqp_url: str, namespace: str, models_dir: Path,
     return env
 
 
-async def delete_namespace(amqp_url: str, namespace: str, model_ids: list[str]) -> None:
-    """Delete every queue and exchange of a broker namespace (tests and benchmarks clean up after themselves)."""
+async def delete_namespace(amqp_url: str, namespace: str, model_ids: list[str], timeout: float = 120.0) -> None:
+    """Delete every queue and exchange of a broker namespace (tests and benchmarks clean up after
+    themselves). Raises TimeoutError after `timeout` seconds rather than wait for ever on a broker
+    that stopped answering (a clean-up in a test's teardown must not hang the whole run)."""
     import aio_pika
 
     from common.topology import Topology
 
-    connection = await aio_pika.connect(amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        topology = Topology(namespace)
-        for queue in topology.queue_names(model_ids):
-            await channel.queue_delete(queue)
-        for exchange in topology.exchange_names():
-            await channel.exchange_delete(exchange)
+    async def delete() -> None:
+        connection = await aio_pika.connect(amqp_url, timeout=30)
+        async with connection:
+            channel = await connection.channel()
+            topology = Topology(namespace)
+            for queue in topology.queue_names(model_ids):
+                await channel.queue_delete(queue)
+            for exchange in topology.exchange_names():
+                await channel.exchange_delete(exchange)
+
+    await asyncio.wait_for(delete(), timeout)
 
 
 def write_api_keys(path: Path, keys: dict[str, dict[str, object]]) -> None:
