@@ -25,13 +25,13 @@ import time
 import tomllib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Literal
 
 from aiohttp import web
 from limits import RateLimitItem, parse
 from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
 from gateway.errors import ApiError
 from schemas.jobs import JobRecord
@@ -53,8 +53,16 @@ class ApiKey(BaseModel):
     sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
     rate_limit: str | None = None
     # "unlimited": no job quota, and no quota marker per job (a service that queues without limit).
-    max_concurrent_jobs: Annotated[int, Field(ge=1)] | Literal["unlimited"] | None = None
-    admin: bool = False
+    max_concurrent_jobs: int | Literal["unlimited"] | None = None
+    admin: StrictBool = False
+
+    @field_validator("max_concurrent_jobs", mode="before")
+    @classmethod
+    def _quota(cls, value: object) -> object:
+        # One clear rule rather than an error per member of the union; no booleans or numeric strings.
+        if value is None or value == "unlimited" or (type(value) is int and value >= 1):
+            return value
+        raise ValueError('must be a whole number of at least 1, or "unlimited"')
 
     @field_validator("rate_limit")
     @classmethod
@@ -83,13 +91,34 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
+def _problems(data: dict, exc: ValidationError) -> str:
+    """Each problem of a key file on a line of its own, naming the entry by its id where it has one:
+    `[[keys]] 1 ("alice"): max_concurrent_jobs: must be ...`."""
+    entries = data.get("keys") if isinstance(data.get("keys"), list) else []
+    lines = []
+    for error in exc.errors(include_url=False):
+        loc = list(error["loc"])
+        where = ".".join(str(part) for part in loc) or "the file"
+        if len(loc) >= 2 and loc[0] == "keys" and isinstance(loc[1], int):
+            entry = entries[loc[1]] if loc[1] < len(entries) else None
+            key_id = entry.get("id") if isinstance(entry, dict) else None
+            name = f" ({key_id!r})" if isinstance(key_id, str) else ""
+            field = ".".join(str(part) for part in loc[2:]) or "the entry"
+            where = f"[[keys]] {loc[1] + 1}{name}: {field}"
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message} (got {error.get('input')!r})" if "input" in error else f"{where}: {message}")
+    return "; ".join(lines)
+
+
 def load_keys(path: Path) -> list[ApiKey]:
     """The keys of a key file; a clear error naming the file and the entry when it is wrong."""
     try:
         data = tomllib.loads(path.read_text())
         keys = KeyFile.model_validate(data).keys
-    except (OSError, tomllib.TOMLDecodeError, ValidationError) as exc:
+    except (OSError, tomllib.TOMLDecodeError) as exc:
         raise ValueError(f"API key file {path}: {exc}") from exc
+    except ValidationError as exc:
+        raise ValueError(f"API key file {path}: {_problems(data, exc)}") from exc
     ids = [k.id for k in keys]
     if len(ids) != len(set(ids)):
         raise ValueError(f"API key file {path}: key ids must be unique")

@@ -92,7 +92,8 @@ async def slot(request: web.Request, mode: str) -> AsyncIterator[None]:
             raise ApiError(
                 429,
                 "quota_exceeded",
-                f"this API key already has {count.used()} jobs queued or running (limit {limit}); retry when one ends",
+                f"this API key already has {count.used()} job{'s' if count.used() != 1 else ''} queued or running "
+                f"(limit {limit}); retry when one ends",
                 headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)},
             )
         count.in_flight += 1

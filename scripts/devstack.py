@@ -424,12 +424,12 @@ class StackState:
         return f"http://127.0.0.1:{self.port(STACK_GATEWAY_PORT)}"
 
     def configure(self, port_offset: int | None, namespace: str | None) -> None:
-        """Take the ports and namespace `up` was asked for (None: those of the stack's running
-        parts, else the defaults); a stack with parts running keeps its own."""
-        recorded = StackState(port_offset=self.port_offset, namespace=self.namespace) if self.started else StackState()
+        """Take the ports and namespace `up` was asked for (None: those this checkout's stack had
+        last, so a clone set up to run beside another stack stays beside it); a stack with parts
+        running keeps its own."""
         wanted = {
-            "port_offset": recorded.port_offset if port_offset is None else port_offset,
-            "namespace": recorded.namespace if namespace is None else namespace,
+            "port_offset": self.port_offset if port_offset is None else port_offset,
+            "namespace": self.namespace if namespace is None else namespace,
         }
         if not 0 <= wanted["port_offset"] <= MAX_PORT_OFFSET:
             raise SystemExit(f"--port-offset must be from 0 to {MAX_PORT_OFFSET}")
@@ -583,13 +583,13 @@ def main() -> int:
     parser.add_argument(
         "--port-offset",
         type=int,
-        help="up: add this to every port of the stack (default 0, or what the running stack has), "
-        "to run beside another stack on this machine",
+        help="up: add this to every port of the stack, to run beside another stack on this machine "
+        "(default: what this checkout's stack had last, else 0)",
     )
     parser.add_argument(
         "--namespace",
-        help=f"up: the broker namespace of the stack's gateway and workers (default {STACK_NAMESPACE}, "
-        "or what the running stack has), to share a broker with another stack",
+        help="up: the broker namespace of the stack's gateway and workers, to share a broker with another "
+        f"stack (default: what this checkout's stack had last, else {STACK_NAMESPACE})",
     )
     args = parser.parse_args()
     if args.command != "up" and (args.port_offset is not None or args.namespace is not None):

@@ -38,6 +38,10 @@ def test_a_key_may_have_no_job_quota(tmp_path: Path) -> None:
     [
         ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nmax_concurrent_jobs = 0', "max_concurrent_jobs"),
         ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nmax_concurrent_jobs = "lots"', "max_concurrent_jobs"),
+        # No silent coercion: a boolean or a number in a string is not a quota.
+        ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nmax_concurrent_jobs = true', "max_concurrent_jobs"),
+        ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nmax_concurrent_jobs = "8"', "max_concurrent_jobs"),
+        ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nadmin = "yes"', "admin"),
         ('id = "alice"\nsha256 = "abc"', "sha256"),
         ('id = "Alice!"\nsha256 = "' + "0" * 64 + '"', "id"),
         ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nrate_limit = "fast"', "rate_limit"),
@@ -48,6 +52,16 @@ def test_a_wrong_key_file_names_the_problem(tmp_path: Path, entry: str, complain
     with pytest.raises(ValueError) as error:
         load_keys(write(tmp_path, f"[[keys]]\n{entry}\n"))
     assert complaint in str(error.value) and "keys.toml" in str(error.value)
+
+
+def test_a_wrong_entry_is_named_by_its_place_and_id_one_line_per_problem(tmp_path: Path) -> None:
+    good = 'id = "bob"\nsha256 = "' + "0" * 64 + '"\n'
+    bad = 'id = "lim"\nsha256 = "' + "1" * 64 + '"\nmax_concurrent_jobs = 0\n'
+    with pytest.raises(ValueError) as error:
+        load_keys(write(tmp_path, f"[[keys]]\n{good}\n[[keys]]\n{bad}"))
+    assert str(error.value).endswith(
+        """[[keys]] 2 ('lim'): max_concurrent_jobs: must be a whole number of at least 1, or "unlimited" (got 0)"""
+    )
 
 
 def test_key_ids_are_unique(tmp_path: Path) -> None:

@@ -29,9 +29,13 @@ def test_a_running_stack_keeps_its_ports_and_namespace() -> None:
         state.configure(None, "third")
 
 
-def test_a_stopped_stack_starts_again_with_the_defaults() -> None:
+def test_a_stopped_stack_starts_again_where_it_was_unless_told_otherwise() -> None:
+    """A clone set up beside another stack stays beside it: after `down`, a plain `up` (or
+    `scripts/demo`) must not join the default ports and namespace."""
     state = StackState(port_offset=100, namespace="second")  # everything stopped
     state.configure(None, None)
+    assert (state.port_offset, state.namespace) == (100, "second")
+    state.configure(0, "videogen")
     assert (state.port_offset, state.namespace) == (0, "videogen")
 
 
