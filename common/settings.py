@@ -11,13 +11,16 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.registry import Registry, load_registry
 
+# What a broker namespace may be made of (VIDEOGEN_BROKER_NAMESPACE; `scripts/stack up --namespace`).
+NAMESPACE_PATTERN = r"^[A-Za-z0-9_.-]+$"
+
 
 class CommonSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="VIDEOGEN_", extra="ignore")
 
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     broker_namespace: str = Field(
-        default="videogen", pattern=r"^[A-Za-z0-9_.-]+$", description="Prefix of every exchange and queue name."
+        default="videogen", pattern=NAMESPACE_PATTERN, description="Prefix of every exchange and queue name."
     )
     s3_endpoint: str = Field(default="127.0.0.1:9000", description="host:port of the S3 API.")
     s3_secure: bool = False

@@ -28,6 +28,16 @@ from schemas.jobs import JobRecord
 EXPIRY_RULE_PREFIX = "videogen-expire-"
 
 
+class ForeignLifecycleRules(Exception):
+    """The bucket has lifecycle rules that are not the service's: the service does not rewrite them."""
+
+    def __init__(self, rule_ids: list[str | None]) -> None:
+        super().__init__(
+            f"the bucket has lifecycle rules of its own ({', '.join(repr(r) for r in rule_ids)}), which the "
+            "service does not rewrite: set the retention rules beside them by hand"
+        )
+
+
 def _rule_terms(rule: Any) -> tuple[Any, ...]:
     """What a lifecycle rule says, to compare a bucket's rules with the wanted ones."""
     days = rule.expiration.days if rule.expiration is not None else None
@@ -171,8 +181,9 @@ class ObjectStore:
 
     async def expire_after(self, prefixes: list[str], days: int | None) -> bool:
         """A bucket lifecycle rule per prefix, `videogen-expire-<prefix>`: the store deletes those
-        objects `days` after they were written (None: no such rules). The bucket's other rules are
-        kept. Returns whether the configuration had to change."""
+        objects `days` after they were written (None: no such rules). Returns whether the
+        configuration had to change; raises ForeignLifecycleRules, changing nothing, when it must
+        change and the bucket has rules of its own."""
         from minio.commonconfig import ENABLED, Filter
         from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
@@ -190,12 +201,17 @@ class ObjectStore:
         def run() -> bool:
             current = self._client.get_bucket_lifecycle(self.bucket)
             rules = list(current.rules) if current is not None else []
-            others = [r for r in rules if not (r.rule_id or "").startswith(EXPIRY_RULE_PREFIX)]
-            wanted = others + ours
-            if [_rule_terms(r) for r in rules] == [_rule_terms(r) for r in wanted]:
-                return False
-            if wanted:
-                self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig(wanted))
+            mine = [r for r in rules if (r.rule_id or "").startswith(EXPIRY_RULE_PREFIX)]
+            if sorted(map(_rule_terms, mine), key=repr) == sorted(map(_rule_terms, ours), key=repr):
+                return False  # as wanted (the bucket's other rules, if any, are not looked at)
+            others = [r.rule_id for r in rules if r not in mine]
+            if others:
+                # S3 writes a lifecycle configuration as a whole, and minio's parsed rules do not
+                # carry every element of every rule (older filters, size limits, store-specific
+                # actions): rewriting them could change what they delete. Left to the owner.
+                raise ForeignLifecycleRules(others)
+            if ours:
+                self._client.set_bucket_lifecycle(self.bucket, LifecycleConfig(ours))
             else:
                 self._client.delete_bucket_lifecycle(self.bucket)
             return True

@@ -11,7 +11,7 @@ import structlog
 from aiohttp import web
 
 from common.settings import GatewaySettings
-from common.store import ObjectStore
+from common.store import ForeignLifecycleRules, ObjectStore
 from common.topology import Topology
 from gateway import handlers, jobs, metrics, models, openai_api, quota, ws
 from gateway.auth import Keys, auth_middleware, load_keys
@@ -157,7 +157,11 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
             if await store.expire_after(RETAINED_PREFIXES, days):
                 log.info("retention_set" if days else "retention_removed", days=days, prefixes=RETAINED_PREFIXES)
         except Exception as exc:  # the rules as they were; tried again at the next start
-            log.warning("retention_not_applied", days=days, error=str(exc))
+            if days is None and not isinstance(exc, ForeignLifecycleRules):
+                # Unset, a store without lifecycle rules (or the right to read them) is no problem.
+                log.info("retention_not_applied", days=days, error=str(exc))
+            else:
+                log.warning("retention_not_applied", days=days, error=str(exc))
     app[STORE] = store
     yield
 

@@ -92,8 +92,8 @@ def new_token() -> str:
 
 
 def _problems(data: dict, exc: ValidationError) -> str:
-    """Each problem of a key file on a line of its own, naming the entry by its id where it has one:
-    `[[keys]] 1 ("alice"): max_concurrent_jobs: must be ...`."""
+    """Every problem of a key file, naming the entry by its place and id where it has one:
+    `[[keys]] 1 ('alice'): max_concurrent_jobs: must be ...`, joined with `; `."""
     entries = data.get("keys") if isinstance(data.get("keys"), list) else []
     lines = []
     for error in exc.errors(include_url=False):

@@ -280,7 +280,13 @@ class WebhookDeliverer:
                 await self._send_later(message, attempt, pause)
                 return
             except Exception as exc:
-                log.warning("webhook_retry_not_queued", attempt=attempt - 1, error=str(exc) or type(exc).__name__)
+                log.warning(
+                    "webhook_retry_not_queued",
+                    # The attempt that failed; a postponed event (`pause` given) has made none yet.
+                    attempt=attempt - 1 if pause is None else attempt,
+                    postponed=pause is not None,
+                    error=str(exc) or type(exc).__name__,
+                )
                 await asyncio.sleep(wait)
                 wait = min(wait * 2, 60.0)
 

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -36,8 +37,10 @@ STACK_GATEWAY_PORT = 8080
 # Each worker: (name, health port, models it serves).
 STACK_WORKERS = [("worker-ltx", 8081, ["ltx-tiny"]), ("worker-wan", 8082, ["wan-tiny", "wan-i2v-tiny"])]
 STACK_NAMESPACE = "videogen"
-# The largest offset that keeps every port of the stack below 65536.
+# The largest offset that keeps every port of the stack below 65536; the smallest other than 0 that
+# keeps them all clear of the ports of a stack without an offset (the store's ten internal ones).
 MAX_PORT_OFFSET = 65535 - (STACK_WEED_BASE + 9)
+STACK_PORT_SPAN = 10
 STACK_DEFAULT_MODEL = "ltx-tiny"
 DEV_ACCESS_KEY = "videogen"
 DEV_SECRET_KEY = "videogen-secret"
@@ -431,18 +434,18 @@ class StackState:
             "port_offset": self.port_offset if port_offset is None else port_offset,
             "namespace": self.namespace if namespace is None else namespace,
         }
-        if not 0 <= wanted["port_offset"] <= MAX_PORT_OFFSET:
-            raise SystemExit(f"--port-offset must be from 0 to {MAX_PORT_OFFSET}")
-        from pydantic import ValidationError
+        offset = wanted["port_offset"]
+        if not 0 <= offset <= MAX_PORT_OFFSET or 0 < offset < STACK_PORT_SPAN:
+            raise SystemExit(
+                f"--port-offset must be 0, or from {STACK_PORT_SPAN} to {MAX_PORT_OFFSET} "
+                f"(a smaller one overlaps the ports of a stack without an offset)"
+            )
+        from common.settings import NAMESPACE_PATTERN
 
-        from common.settings import CommonSettings
-
-        try:  # the services' own rule for VIDEOGEN_BROKER_NAMESPACE
-            CommonSettings(broker_namespace=wanted["namespace"])
-        except ValidationError as exc:
-            raise SystemExit(f"--namespace: {exc.errors()[0]['msg']}") from None
+        if not re.fullmatch(NAMESPACE_PATTERN, wanted["namespace"]):  # VIDEOGEN_BROKER_NAMESPACE's rule
+            raise SystemExit("--namespace may hold only letters, digits, '_', '.' and '-'")
         now = {"port_offset": self.port_offset, "namespace": self.namespace}
-        if self.started and wanted != now:
+        if any(_alive(entry) for entry in self.started.values()) and wanted != now:
             raise SystemExit(
                 f"the stack is up with port offset {self.port_offset} and namespace {self.namespace!r}; "
                 "run scripts/stack down before changing them"

@@ -94,9 +94,11 @@ async def test_one_summary_line_per_job_with_its_id(stack, http) -> None:
     assert during and all(e["model"] == "ltx-tiny" for e in during)
 
 
-async def test_retention_rules_keep_the_buckets_other_rules_and_go_when_unset(stack, s3_store) -> None:
-    """A gateway with VIDEOGEN_OUTPUT_RETENTION_DAYS adds its two rules beside a rule of the
-    store's owner; a gateway started without it removes them again, and keeps the owner's."""
+async def test_retention_rules_are_set_removed_when_unset_and_never_rewrite_an_owners_rules(stack, s3_store) -> None:
+    """A gateway with VIDEOGEN_OUTPUT_RETENTION_DAYS puts its two rules on the bucket, and one
+    started without it removes them. On a bucket with a rule of its owner's, the configuration
+    is left as it is (S3 writes it as a whole, and rewriting could change the owner's rules):
+    the gateway says so and starts."""
     from minio.commonconfig import ENABLED, Filter
     from minio.lifecycleconfig import Expiration, LifecycleConfig, Rule
 
@@ -108,23 +110,33 @@ async def test_retention_rules_keep_the_buckets_other_rules_and_go_when_unset(st
         config = s3.get_bucket_lifecycle(s3_store.bucket)
         return {(r.rule_id, r.rule_filter.prefix, r.expiration.days) for r in (config.rules if config else [])}
 
-    mine = ("mine", "scratch/", 1)
-    s3.set_bucket_lifecycle(
-        s3_store.bucket,
-        LifecycleConfig(
-            [Rule(ENABLED, rule_filter=Filter(prefix="scratch/"), rule_id="mine", expiration=Expiration(days=1))]
-        ),
-    )
+    def logged(name: str) -> list[dict]:
+        lines = (stack.logs / f"{name}.log").read_text().splitlines()
+        entries = [json.loads(line) for line in lines if line.startswith("{")]
+        return [entry for entry in entries if str(entry.get("event", "")).startswith("retention_")]
+
     started = []
+
+    def gateway(name: str, **env: str) -> list[dict]:
+        started.append(stack.start_gateway(name, **env)[1])
+        return logged(name)
+
     try:
-        _, gateway = stack.start_gateway("gateway-retention", VIDEOGEN_OUTPUT_RETENTION_DAYS="7")
-        started.append(gateway)
-        assert rules() == {mine, ("videogen-expire-jobs", "jobs/", 7), ("videogen-expire-index", "index/", 7)}
-        _, gateway = stack.start_gateway("gateway-without-retention")
-        started.append(gateway)
+        set_log = gateway("gateway-retention", VIDEOGEN_OUTPUT_RETENTION_DAYS="7")
+        assert rules() == {("videogen-expire-jobs", "jobs/", 7), ("videogen-expire-index", "index/", 7)}
+        assert [e["event"] for e in set_log] == ["retention_set"]
+        assert [e["event"] for e in gateway("gateway-without-retention")] == ["retention_removed"]
+        assert rules() == set()
+
+        mine = ("mine", "scratch/", 1)
+        owners = Rule(ENABLED, rule_filter=Filter(prefix="scratch/"), rule_id="mine", expiration=Expiration(days=1))
+        s3.set_bucket_lifecycle(s3_store.bucket, LifecycleConfig([owners]))
+        [refused] = gateway("gateway-retention-beside-an-owners-rule", VIDEOGEN_OUTPUT_RETENTION_DAYS="7")
+        assert refused["event"] == "retention_not_applied" and refused["level"] == "warning"
+        assert "'mine'" in refused["error"]
         assert rules() == {mine}
-        log = (stack.logs / "gateway-without-retention.log").read_text()
-        assert '"retention_removed"' in log
+        assert gateway("gateway-without-retention-beside-an-owners-rule") == []  # nothing of ours to remove
+        assert rules() == {mine}
     finally:
         stop_pids([g.pid for g in started])
         s3.delete_bucket_lifecycle(s3_store.bucket)

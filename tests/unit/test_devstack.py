@@ -42,9 +42,10 @@ def test_a_stopped_stack_starts_again_where_it_was_unless_told_otherwise() -> No
 @pytest.mark.parametrize(
     ("offset", "namespace", "message"),
     [
-        (-1, None, "--port-offset must be from 0 to"),
-        (MAX_PORT_OFFSET + 1, None, "--port-offset must be from 0 to"),
-        (0, "two words", "--namespace: String should match pattern"),
+        (-1, None, "--port-offset must be 0, or from 10 to"),
+        (MAX_PORT_OFFSET + 1, None, "--port-offset must be 0, or from 10 to"),
+        (5, None, "overlaps the ports of a stack without an offset"),
+        (0, "two words", "--namespace may hold only letters"),
     ],
 )
 def test_bad_options_are_refused(offset, namespace, message) -> None:

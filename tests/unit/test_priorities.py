@@ -52,7 +52,7 @@ def test_every_nth_job_comes_from_below_high() -> None:
 def test_lower_priorities_get_a_share_while_higher_ones_keep_coming(waiting, shares) -> None:
     """The default, 4: while every priority has jobs waiting, `normal` gets 3 of every 16 jobs and
     `low` 1; a priority with nothing waiting gives its turns to the next one down, then up."""
-    every = WorkerSettings().lower_priority_every
+    every = WorkerSettings.model_fields["lower_priority_every"].default
     assert every == 4
     assert Counter(run(waiting, every, takes=64)) == shares
 
@@ -65,3 +65,24 @@ def test_with_one_priority_waiting_every_turn_takes_it() -> None:
 def test_one_is_refused() -> None:
     with pytest.raises(ValueError, match="lower_priority_every"):
         WorkerSettings(lower_priority_every=1)
+
+
+class FakeQueue:
+    """A job queue as `basic.get` sees it: the oldest message, or None when empty."""
+
+    def __init__(self, priority: str, count: int) -> None:
+        self.messages = deque(f"{priority}-{n}" for n in range(count))
+
+    async def get(self, no_ack: bool, fail: bool) -> str | None:
+        return self.messages.popleft() if self.messages else None
+
+
+async def test_the_worker_takes_jobs_in_that_order() -> None:
+    """`Worker._next_job` itself (one model): counting every message it takes, it follows
+    `priority_order` (every 2nd job starts at normal, every 4th at low)."""
+    from worker.worker import Worker
+
+    worker = Worker(WorkerSettings(lower_priority_every=2), store=None, runners={}, registry=None)  # type: ignore[arg-type]
+    worker._job_queues = [[FakeQueue("high", 6)], [FakeQueue("normal", 1)], [FakeQueue("low", 1)]]  # type: ignore[list-item]
+    taken = [await worker._next_job(turn) for turn in range(9)]
+    assert taken == ["high-0", "normal-0", "high-1", "low-0", "high-2", "high-3", "high-4", "high-5", None]
