@@ -11,6 +11,24 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from schemas.registry import Registry, load_registry
 
+
+def check_rate_limit(value: str) -> str:
+    """A rate limit in the `limits` library's notation, one limit of at least one request
+    ("20/second", "600/minute"); ValueError otherwise (`limits` would keep only the first of
+    several, and a limit of 0 refuses every request)."""
+    from limits import parse_many
+
+    try:
+        items = parse_many(value)
+    except ValueError:
+        raise ValueError("must be a rate such as '20/second' or '600/minute'") from None
+    if len(items) != 1:
+        raise ValueError("must be one rate such as '20/second', not several")
+    if items[0].amount < 1:
+        raise ValueError("must allow at least 1 request")
+    return value
+
+
 # What a broker namespace may be made of (VIDEOGEN_BROKER_NAMESPACE; `scripts/stack up --namespace`).
 NAMESPACE_PATTERN = r"^[A-Za-z0-9_.-]+$"
 
@@ -112,10 +130,7 @@ class GatewaySettings(CommonSettings):
     @field_validator("rate_limit")
     @classmethod
     def _rate_parses(cls, value: str) -> str:
-        from limits import parse
-
-        parse(value)
-        return value
+        return check_rate_limit(value)
 
     @field_validator("webhook_allow_hosts", "cors_allow_origins", mode="before")
     @classmethod

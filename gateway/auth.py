@@ -33,6 +33,7 @@ from limits.aio.storage import MemoryStorage
 from limits.aio.strategies import MovingWindowRateLimiter
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError, field_validator
 
+from common.settings import check_rate_limit
 from gateway.errors import ApiError
 from schemas.jobs import JobRecord
 
@@ -67,9 +68,7 @@ class ApiKey(BaseModel):
     @field_validator("rate_limit")
     @classmethod
     def _parses(cls, value: str | None) -> str | None:
-        if value is not None:
-            parse(value)  # "N/second", "N/minute", ...; raises ValueError otherwise
-        return value
+        return value if value is None else check_rate_limit(value)  # "N/second", "N/minute", ...
 
 
 API_KEY = web.RequestKey("api_key", ApiKey)

@@ -42,6 +42,9 @@ def test_a_key_may_have_no_job_quota(tmp_path: Path) -> None:
         ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nmax_concurrent_jobs = true', "max_concurrent_jobs"),
         ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nmax_concurrent_jobs = "8"', "max_concurrent_jobs"),
         ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nadmin = "yes"', "admin"),
+        # limits would keep only the first of several rates; a rate of 0 refuses every request.
+        ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nrate_limit = "20/second;100/minute"', "not several"),
+        ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nrate_limit = "0/second"', "at least 1 request"),
         ('id = "alice"\nsha256 = "abc"', "sha256"),
         ('id = "Alice!"\nsha256 = "' + "0" * 64 + '"', "id"),
         ('id = "alice"\nsha256 = "' + "0" * 64 + '"\nrate_limit = "fast"', "rate_limit"),

@@ -27,6 +27,8 @@ def test_gateway_defaults(monkeypatch) -> None:
     [
         ("gateway.main", "videogen-gateway", "VIDEOGEN_DOWNLOAD_MAX_QUEUE_S", "0"),
         ("gateway.main", "videogen-gateway", "VIDEOGEN_PORT", "abc"),
+        ("gateway.main", "videogen-gateway", "VIDEOGEN_RATE_LIMIT", "0/second"),
+        ("gateway.main", "videogen-gateway", "VIDEOGEN_RATE_LIMIT", "20/second;100/minute"),
         ("worker.main", "videogen-worker", "VIDEOGEN_IDLE_POLL_S", "0"),
     ],
 )
