@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from schemas.jobs import GenerationParams  # noqa: E402
 from schemas.registry import ModelSpec, load_registry  # noqa: E402
 from worker.encode import encode_mp4  # noqa: E402
-from worker.pipelines import Inputs, ModelRunner  # noqa: E402
+from worker.pipelines import Inputs, ModelRunner, compiled_frames  # noqa: E402
 
 # (width, height, frames): the seed's three sizes and LTX's 768x512x121 reference.
 SIZES = [(256, 256, 17), (512, 512, 65), (768, 512, 121), (768, 768, 129)]
@@ -380,7 +380,7 @@ def measure(
     bare_s, served_s, encode_s = statistics.median(bare), statistics.median(served), statistics.median(encode)
     # How many compiled frames a bare (standard) call runs through now: 0 means it ran eagerly.
     short = functools.partial(bare_call, pipe, family, p.model_copy(update={"num_inference_steps": 2}))
-    bare_frames = None if config == "eager" else compiled_frames(short)
+    bare_frames = None if config == "eager" else len(compiled_frames(short))
     return {
         "family": family,
         "config": config,
@@ -400,14 +400,6 @@ def measure(
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
         "bare_compiled_frames": bare_frames,
     }
-
-
-def compiled_frames(fn) -> int:
-    """Distinct torch.compile frames (by compile id) that one call of `fn` ran through."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        fn()
-    prefix = "Torch-Compiled Region:"
-    return len({e.name[len(prefix) :].strip() for e in profile.events() if e.name.startswith(prefix)})
 
 
 def main() -> int:

@@ -86,6 +86,16 @@ def _fast_call(block: torch.nn.Module) -> Any:
     return torch.compile(block._call_impl, fullgraph=False)
 
 
+def compiled_frames(call: Callable[[], Any]) -> set[str]:
+    """The torch.compile frames (by frame id) one call runs through: one per whole-block graph,
+    more when graphs were broken into pieces, none when it ran eagerly. A diagnostic, for the tests
+    and the GPU benchmark."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        call()
+    prefix = "Torch-Compiled Region:"
+    return {e.name[len(prefix) :].split("/")[0].strip() for e in profile.events() if e.name.startswith(prefix)}
+
+
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:
     """(frames, channels, height, width) floats in [0, 1] → uint8 (frames, height, width, channels)."""
     video = video.float().clamp_(0.0, 1.0).mul_(255.0).round_().to(torch.uint8)

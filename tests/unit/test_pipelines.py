@@ -9,7 +9,7 @@ from PIL import Image
 
 from schemas.jobs import GenerationParams
 from schemas.registry import load_registry
-from worker.pipelines import Inputs, ModelRunner, pick_device, pick_dtype
+from worker.pipelines import Inputs, ModelRunner, compiled_frames, pick_device, pick_dtype
 from worker.tiny_models import build_all
 
 
@@ -233,10 +233,7 @@ def test_the_registrys_fast_tier_skips_the_blocks_in_the_modes_it_serves(
 def compiled_regions(runner: ModelRunner, p: GenerationParams) -> set[str]:
     """The torch.compile frames (by id) one generation ran through: one per whole-block graph, more
     when graphs were broken into pieces."""
-    with torch.profiler.profile() as profile:
-        runner.generate("text-to-video", p, Inputs(), lambda k, n: None)
-    prefix = "Torch-Compiled Region:"
-    return {e.name[len(prefix) :].split("/")[0].strip() for e in profile.events() if e.name.startswith(prefix)}
+    return compiled_frames(lambda: runner.generate("text-to-video", p, Inputs(), lambda k, n: None))
 
 
 LITE = {"use_lite_mode": True, "cache_interval": 5, "disable_cache_before_step": 3}
