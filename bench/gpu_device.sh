@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run benchmark 5 on a GPU machine, within a time budget, writing JSON and logs to $OUT (or gpu-out/).
-#   bash bench/gpu_device.sh [all|after-fast|wan-large|wan-768x512|wan-768x768|tiny] [seconds]
+#   bash bench/gpu_device.sh [all|after-fast|after-fast-256|wan-large|wan-768x512|wan-768x768|wan-fast|tiny] [seconds]
 # all (default): LTX 2B at the four sizes (eager, compile, the fast tier on eager blocks and standard
 # jobs after it, the fast tier compiled and standard jobs after it, fast-schedule, and the overlap of
 # generation and encoding at 768x512x121), then Wan2.1 1.3B at 256x256x17 and 512x512x65 with what
@@ -8,6 +8,11 @@
 # 768x512x121 only (whether standard jobs keep their compiled speed after fast ones, and which way
 # of running the fast tier keeps it). wan-large: Wan at 768x512x121 and 768x768x129, 10 steps, once;
 # wan-768x512 and wan-768x768: one of those sizes each (a few minutes each on an H100).
+# after-fast-256: LTX at 256x256x17 only, compile, fast and after-fast (with BENCH_ARGS, e.g.
+# "--recompile-limit 64", to try a remedy).
+# BENCH_ARGS: more options for gpu_pipeline.py, added to each run's.
+# wan-fast: Wan, 10 steps: eager at 256x256x17 with 5 repeats, then the fast tier (compiled) at
+# 768x512x121 and 768x768x129.
 # tiny: the tiny models, to try this script on a machine without a GPU.
 # Wheels found in .whl/ (bench/gpu_wheels.sh) are installed first when diffusers is missing.
 set -uo pipefail
@@ -37,7 +42,8 @@ run() {  # name, seconds allowed (at most what is left of the budget), arguments
     status=1
     return
   fi
-  timeout "$allowed" "$py" bench/gpu_pipeline.py --budget-s $((allowed - 40)) --out "$out/$name.json" "$@" \
+  # shellcheck disable=SC2086  # BENCH_ARGS: more options of gpu_pipeline.py, e.g. --recompile-limit 64
+  timeout "$allowed" "$py" bench/gpu_pipeline.py --budget-s $((allowed - 40)) --out "$out/$name.json" "$@" ${BENCH_ARGS:-} \
     >"$out/$name.log" 2>&1
   rc=$?
   echo "$name: exit $rc after ${SECONDS}s"
@@ -64,9 +70,17 @@ case $plan in
     run "gpu-pipeline-$plan" "$budget" --families wan --steps 10 --repeats 1 \
       --sizes "$sizes" --configs eager,compile,fast,after-fast
     ;;
+  after-fast-256)
+    run "gpu-pipeline-ltx-after-fast-256${BENCH_ARGS:+-$(echo $BENCH_ARGS | tr -dc 'a-z0-9')}" "$budget" --families ltx \
+      --steps 20 --repeats 1 --sizes 256x256x17 --configs compile,fast,after-fast
+    ;;
+  wan-fast)
+    run gpu-pipeline-wan-fast "$budget" --families wan --steps 10 --repeats 1 \
+      --configs 'eager@256x256x17*5,fast@768x512x121+768x768x129'
+    ;;
   tiny)
     run gpu-pipeline-tiny "$budget" --tiny --steps 2 --repeats 1 --attention-backends native --overlap 2 \
-      --configs eager,compile,fast-eager,after-fast-eager,fast,after-fast,fast-pab,fast-schedule
+      --configs 'eager*2,compile,fast-eager,after-fast-eager,fast,after-fast,fast-pab,fast-schedule'
     ;;
   *)
     echo "unknown plan: $plan" >&2

@@ -34,6 +34,17 @@ from worker.pipelines import Inputs, ModelRunner, compiled_frames  # noqa: E402
 
 # (width, height, frames): the seed's three sizes and LTX's 768x512x121 reference.
 SIZES = [(256, 256, 17), (512, 512, 65), (768, 512, 121), (768, 768, 129)]
+CONFIGS = (
+    "eager",
+    "compile",
+    "fast",
+    "after-fast",
+    "fast-eager",
+    "after-fast-eager",
+    "fast-schedule",
+    "fast-pab",
+    "fast-wide",
+)
 PROMPT = "a red fox running through fresh snow at golden hour, cinematic"
 
 
@@ -173,6 +184,31 @@ def timed(fn, device: torch.device) -> float:
     return time.perf_counter() - started
 
 
+def parse_size(text: str) -> tuple[int, int, int]:
+    width, height, frames = (int(n) for n in text.split("x"))
+    return width, height, frames
+
+
+def fit_frames(family: str, size: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The frame count the model takes at or below the one asked (LTX: 8k+1, Wan: 4k+1)."""
+    width, height, frames = size
+    step = 8 if family == "ltx" else 4
+    return width, height, (frames - 1) // step * step + 1
+
+
+def parse_configs(text: str) -> list[tuple[str, list[tuple[int, int, int]], int]]:
+    """`name[@WxHxF+WxHxF][*repeats]`, comma-separated: each configuration with the sizes it runs
+    at (none: all the run's sizes) and its repeats (0: the run's --repeats)."""
+    configs = []
+    for entry in text.split(","):
+        entry, _, repeats = entry.partition("*")
+        name, _, sizes = entry.partition("@")
+        if name not in CONFIGS:
+            raise SystemExit(f"--configs: unknown configuration {name!r} (known: {', '.join(CONFIGS)})")
+        configs.append((name, [parse_size(size) for size in sizes.split("+") if size], int(repeats or 0)))
+    return configs
+
+
 def run_family(family: str, args: argparse.Namespace, device: torch.device, results: dict) -> None:
     from torch._dynamo.utils import counters
 
@@ -190,19 +226,20 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
     )
     sizes = [(64, 64, 9)] if args.tiny else SIZES
     if args.sizes:
-        sizes = [tuple(int(n) for n in size.split("x")) for size in args.sizes.split(",")]
+        sizes = [parse_size(size) for size in args.sizes.split(",")]
     elif family == "wan" and not args.tiny:
         sizes = sizes[: args.wan_sizes]
-    frame_step = 8 if family == "ltx" else 4
-    sizes = [(w, h, (f - 1) // frame_step * frame_step + 1) for w, h, f in sizes]
+    sizes = [fit_frames(family, size) for size in sizes]
     eager_bare: dict[tuple[int, int, int], float] = {}
-    configs = args.configs.split(",")
+    compiled = False
     # Eager first: compilation cannot be undone on a pipeline object.
-    for config in configs:
-        if config == "compile":  # as a worker compiles: whole blocks, and a compiled call per tier
+    for config, only_sizes, repeats in parse_configs(args.configs):
+        if config != "eager" and not compiled:  # as a worker compiles: whole blocks, a compiled call per tier
             runner.compile_blocks()
+            compiled = True
         served_runner = runner
-        config_sizes = sizes
+        config_sizes = [fit_frames(family, size) for size in only_sizes] if only_sizes else sizes
+        config_args = argparse.Namespace(**{**vars(args), "repeats": repeats or args.repeats})
         if config in ("fast-eager", "after-fast-eager"):  # the registry's tier on eager blocks
             tier = load_registry().get(REGISTRY_MODEL[family]).speed.fast
             assert tier is not None
@@ -215,7 +252,10 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
         if config == "fast-wide":
             served_runner = ModelRunner(spec_for(family, WIDE_FAST), pipe, device)
             served_runner.compile_blocks(like=runner)
-            config_sizes = sizes[-1:] if args.tiny or family == "wan" else [s for s in sizes if s == (768, 512, 121)]
+            if not only_sizes:
+                config_sizes = (
+                    sizes[-1:] if args.tiny or family == "wan" else [s for s in sizes if s == (768, 512, 121)]
+                )
         for width, height, frames in config_sizes:
             if args.deadline and time.monotonic() > args.deadline:
                 results["skipped"].append(f"{family} {config} {width}x{height}x{frames}: out of time")
@@ -240,7 +280,7 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
                     (eager_fast if config == "after-fast-eager" else runner).generate(
                         "text-to-video", fast_p, Inputs(), lambda k, n: None
                     )
-                row = measure(family, config, pipe, served_runner, p, served_p, args, device)
+                row = measure(family, config, pipe, served_runner, p, served_p, config_args, device)
             except Exception as exc:  # one failing configuration must not cost the others' numbers
                 import traceback
 
@@ -356,7 +396,8 @@ def measure(
     args: argparse.Namespace,
     device: torch.device,
 ) -> dict[str, Any]:
-    """Bare (as configured: eager or compiled) and served, alternating; medians of `repeats`."""
+    """Bare (as configured: eager or compiled) and served, alternating (and which goes first, by
+    repeat); medians of `repeats`, and each call's time."""
     steps_seen: list[int] = []
     for warm in (p, served_p):  # warm-up: kernels, compilation for the shape, allocator
         short = warm.model_copy(update={"num_inference_steps": 2})
@@ -366,14 +407,18 @@ def measure(
         torch.cuda.reset_peak_memory_stats()
     bare, served, encode = [], [], []
     out = None
-    for _ in range(args.repeats):
-        bare.append(timed(functools.partial(bare_call, pipe, family, p), device))
+    for repeat in range(args.repeats):
         holder: dict[str, Any] = {}
 
         def serve(q=served_p, holder=holder, seen=steps_seen, runner=runner) -> None:
             holder["out"] = runner.generate("text-to-video", q, Inputs(), lambda k, n: seen.append(k))
 
-        served.append(timed(serve, device))
+        # Alternating which goes first, so that a slow spell of the host does not fall on one side.
+        for side in ("bare", "served") if repeat % 2 == 0 else ("served", "bare"):
+            if side == "bare":
+                bare.append(timed(functools.partial(bare_call, pipe, family, p), device))
+            else:
+                served.append(timed(serve, device))
         out = holder["out"]
         with tempfile.TemporaryDirectory() as tmp:
             encode.append(timed(functools.partial(encode_mp4, out.frames, p.fps, Path(tmp) / "v.mp4"), device))
@@ -394,6 +439,8 @@ def measure(
         "served_s": round(served_s, 3),
         "encode_s": round(encode_s, 3),
         "served_over_bare": round(served_s / bare_s, 4),
+        "bare_runs_s": [round(t, 3) for t in bare],  # each timed call: the spread behind the medians
+        "served_runs_s": [round(t, 3) for t in served],
         "served_plus_encode_over_bare": round((served_s + encode_s) / bare_s, 4),
         "step_callbacks": len(steps_seen) // args.repeats,
         "frames_out": list(out.frames.shape),
@@ -419,7 +466,9 @@ def main() -> int:
         "distilled checkpoint's 8 steps without guidance; fast-pab: served with PyramidAttentionBroadcast, the "
         "fast tier before; fast-wide: PyramidAttentionBroadcast skipping more, at 768x512x121 only; fast-eager "
         "and after-fast-eager: as fast and after-fast with the fast tier on eager blocks (`compiled = false`). "
-        "Each row also gives the speed-up over bare eager.",
+        "Each row also gives the speed-up over bare eager (measured in the same run). A configuration may "
+        "name its own sizes and repeats: eager@256x256x17*5,fast@768x512x121+768x768x129. The blocks are "
+        "compiled before the first configuration other than eager.",
     )
     parser.add_argument("--sizes", default="", help="WxHxF,...: these sizes instead of the defaults (both families)")
     parser.add_argument(
@@ -439,7 +488,19 @@ def main() -> int:
     parser.add_argument(
         "--budget-s", type=float, default=0, help="skip the measurements not started within this many seconds"
     )
+    parser.add_argument(
+        "--recompile-limit",
+        type=int,
+        default=0,
+        help="torch.compile's limit of compiled variants per function, after which it runs the function eagerly "
+        "(torch's default when 0: 8)",
+    )
     args = parser.parse_args()
+    if args.recompile_limit:
+        torch._dynamo.config.recompile_limit = args.recompile_limit
+        torch._dynamo.config.accumulated_recompile_limit = max(
+            torch._dynamo.config.accumulated_recompile_limit, 8 * args.recompile_limit
+        )
     args.deadline = time.monotonic() + args.budget_s if args.budget_s else 0
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     import diffusers
@@ -454,6 +515,7 @@ def main() -> int:
         "tiny": args.tiny,
         "steps": args.steps,
         "repeats": args.repeats,
+        "recompile_limit": torch._dynamo.config.recompile_limit,
         "rows": [],
         "attention": [],
         "overlap": [],

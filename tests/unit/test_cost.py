@@ -54,6 +54,10 @@ FAST_CACHE = [
     (LTX, 768, 512, 121, 17.77 - 17.76),
     (LTX, 512, 512, 65, 14.90 - 14.89),
     (WAN, 512, 512, 65, 19.49 - 19.48),
+    # gpu-pipeline-h100-wan-fast-large.json's fast rows against gpu-pipeline-h100-wan-large.json's
+    # compile (768x512x121) and eager (768x768x129, not compiled there) rows, the same peaks as compiled.
+    (WAN, 768, 512, 121, 22.65 - 22.63),
+    (WAN, 768, 768, 129, 27.17 - 27.13),
 ]
 
 
@@ -107,23 +111,30 @@ def test_video_to_video_counts_the_steps_its_strength_leaves() -> None:
     assert spec.transformer_steps("text-to-video", fast.model_copy(update={"strength": None})) == 13
 
 
-# The fast tier's time over the standard tier's, compiled both, 20 steps, in the same H100 run
-# (fast-taylorseer and compile rows of bench/results/gpu-pipeline-h100-{ltx,wan}-taylorseer.json).
+# The fast tier's time over the standard tier's, compiled both, in the same H100 run: 20 steps,
+# fast-taylorseer and compile rows of bench/results/gpu-pipeline-h100-{ltx,wan}-taylorseer.json; Wan at
+# the larger sizes, the fast rows' served and bare (compiled, standard) times of
+# gpu-pipeline-h100-wan-fast-large.json (10 steps) and gpu-pipeline-h100-wan-fast-768x512-20.json.
 FAST_SECONDS = [
-    ("ltx-video", 512, 512, 65, 0.448 / 0.946),
-    ("ltx-video", 768, 512, 121, 1.236 / 2.79),
-    ("ltx-video", 768, 768, 129, 2.249 / 5.475),
-    ("wan2-1-t2v-1-3b", 512, 512, 65, 4.639 / 9.527),
+    ("ltx-video", 512, 512, 65, 20, 0.448 / 0.946),
+    ("ltx-video", 768, 512, 121, 20, 1.236 / 2.79),
+    ("ltx-video", 768, 768, 129, 20, 2.249 / 5.475),
+    ("wan2-1-t2v-1-3b", 512, 512, 65, 20, 4.639 / 9.527),
+    ("wan2-1-t2v-1-3b", 768, 512, 121, 10, 14.42 / 24.051),
+    ("wan2-1-t2v-1-3b", 768, 768, 129, 10, 29.48 / 51.573),
+    ("wan2-1-t2v-1-3b", 768, 512, 121, 20, 18.199 / 42.701),
 ]
 
 
-@pytest.mark.parametrize("model, width, height, frames, measured", FAST_SECONDS)
-def test_a_fast_jobs_estimate_counts_only_the_steps_that_run_the_blocks(model, width, height, frames, measured):
+@pytest.mark.parametrize("model, width, height, frames, steps, measured", FAST_SECONDS)
+def test_a_fast_jobs_estimate_counts_only_the_steps_that_run_the_blocks(
+    model, width, height, frames, steps, measured
+):
     spec = REGISTRY.models[model]
 
     def job(tier: str):
         p = tiny_params(model=model, tier=tier, width=width, height=height, num_frames=frames)
-        return p.model_copy(update={"num_inference_steps": 20, "guidance_scale": 3.0})
+        return p.model_copy(update={"num_inference_steps": steps, "guidance_scale": 3.0})
 
     fast, standard = (estimate_job(spec, "text-to-video", job(tier), 80.0).seconds for tier in ("fast", "standard"))
     assert fast / standard == pytest.approx(measured, rel=0.15)
