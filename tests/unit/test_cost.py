@@ -127,9 +127,7 @@ FAST_SECONDS = [
 
 
 @pytest.mark.parametrize("model, width, height, frames, steps, measured", FAST_SECONDS)
-def test_a_fast_jobs_estimate_counts_only_the_steps_that_run_the_blocks(
-    model, width, height, frames, steps, measured
-):
+def test_a_fast_jobs_estimate_counts_only_the_steps_that_run_the_blocks(model, width, height, frames, steps, measured):
     spec = REGISTRY.models[model]
 
     def job(tier: str):
