@@ -292,7 +292,7 @@ def _print_cancel(job: dict[str, Any]) -> None:
     if status == "cancelled":
         print(f"job {job_id} cancelled ({job.get('message') or 'cancelled'})")
     elif status == "running":
-        print(f"job {job_id} is stopping: it was running, and ends cancelled unless its upload had started")
+        print(f"job {job_id} is stopping: it was running, and ends cancelled unless it finished meanwhile")
     else:
         print(f"job {job_id} had already ended: {status}")
 

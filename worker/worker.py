@@ -552,6 +552,9 @@ class Worker:
             await self._upload(key, path)
             upload_s = time.perf_counter() - started
             size = path.stat().st_size
+        if cancel.is_set():  # asked during the upload: the job ends cancelled, its video removed
+            await self._remove_output(key)
+            raise JobCancelled()
 
         frames, height, width = generated.frames.shape[:3]
         self._finish_times.observe(
@@ -649,6 +652,12 @@ class Worker:
     async def _upload(self, key: str, path: Path) -> None:
         """Upload, waiting out a store outage; if it outlasts the patience, the job is handed back."""
         await patiently(lambda: self._store.put_file(key, path, "video/mp4"), self.settings.store_patience_s, "upload")
+
+    async def _remove_output(self, key: str) -> None:
+        try:
+            await self._store.delete(key)
+        except Exception as exc:  # the job still ends cancelled; the bucket's retention removes it later
+            log.warning("cancelled_output_not_removed", key=key, error=f"{type(exc).__name__}: {exc}")
 
     async def _publish_event(self, event: JobEvent) -> None:
         assert self._events is not None

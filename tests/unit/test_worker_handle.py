@@ -14,7 +14,7 @@ from prometheus_client import REGISTRY
 from common.settings import WorkerSettings
 from common.store import output_key
 from schemas.jobs import DownloadParams, JobStatus, Phase
-from schemas.messages import JobMessage, decode, encode
+from schemas.messages import CancelMessage, JobMessage, decode, encode
 from schemas.registry import load_registry
 from tests.helpers import FakeRecords, tiny_params
 from worker.pipelines import Generated
@@ -32,6 +32,9 @@ class FakeStore(FakeRecords):
     async def put_file(self, key, path, content_type):
         self.objects[key] = path.read_bytes()
 
+    async def delete(self, key):
+        self.objects.pop(key, None)
+
 
 class FakeChannel:
     """The channel a message came on, as aiormq's: `closing` completes when it closes."""
@@ -46,6 +49,13 @@ class FakeChannel:
     def close(self) -> None:  # the connection dropped: the broker puts the message back in its queue
         if not self.closing.done():
             self.closing.set_result(None)
+
+
+class FakeControl:
+    """A control message (a cancel broadcast, a new-job notice): only its body is read."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
 
 
 class FakeMessage:
@@ -178,6 +188,35 @@ async def test_a_job_cancelled_just_as_it_was_taken_is_acked_without_running(wor
     assert message.settled == ["ack"] and runner.calls == 1, "acked, never generated"
     assert store.records["f"].status == JobStatus.CANCELLED and store.records["f"].seq == 1
     assert published == [] and "jobs/f/video.mp4" not in store.objects
+
+
+@pytest.mark.parametrize("removal", ["works", "fails"])
+async def test_a_cancel_that_arrives_during_the_upload_ends_the_job_cancelled_without_its_video(
+    worker, removal
+) -> None:
+    w, store, runner, published = worker
+    runner.calls = 1  # past the out-of-memory call
+    upload = store.put_file
+
+    async def upload_then_cancel(key, path, content_type):
+        await upload(key, path, content_type)
+        # The cancel broadcast reaches the worker while the upload is under way.
+        await w._on_control(FakeControl(encode(CancelMessage(job_id="u"))))
+
+    async def delete_fails(key):
+        raise ConnectionError("store down")
+
+    store.put_file = upload_then_cancel
+    if removal == "fails":
+        store.delete = delete_fails
+    message = FakeMessage(encode(job("u")))
+    await w.handle(message, w.run_job)
+    record = store.records["u"]
+    assert message.settled == ["ack"]
+    assert record.status == JobStatus.CANCELLED and record.message == "cancelled while running"
+    assert record.output is None
+    assert [e.status for e in published][-1] == JobStatus.CANCELLED
+    assert ("jobs/u/video.mp4" in store.objects) is (removal == "fails")
 
 
 async def test_store_trouble_longer_than_the_patience_hands_the_job_back(worker, monkeypatch) -> None:
