@@ -41,6 +41,12 @@ CONFIG_COLOURS = {
 CONFIG_LABELS = {"fast": "fast (TaylorSeer lite)"}
 
 
+def label(row: dict) -> str:
+    """A GPU row's place on the chart: model and size, and the run's steps where they are not 20."""
+    steps = "" if row["run_steps"] == 20 else f" ({row['run_steps']} steps)"
+    return f"{row['family']} {row['width']}x{row['height']}x{row['num_frames']}{steps}"
+
+
 def load(results: Path, name: str) -> dict | None:
     path = results / name
     return json.loads(path.read_text()) if path.exists() else None
@@ -106,9 +112,10 @@ def main() -> None:
     )
 
     gpu_rows = [
-        row | {"config": renamed.get(row["config"], row["config"])}
+        row | {"config": renamed.get(row["config"], row["config"]), "run_steps": run["steps"]}
         for name, configs, renamed in GPU_RESULTS
-        for row in (load(args.results, name) or {"rows": []})["rows"]
+        for run in [load(args.results, name) or {"rows": [], "steps": 0}]
+        for row in run["rows"]
         if configs is None or row["config"] in configs
     ]
     gpu_rows = [row for row in gpu_rows if row["config"] in CONFIG_COLOURS]
@@ -125,7 +132,7 @@ def main() -> None:
             row["speedup_vs_eager_bare"] = round(eager_bare[key] / row["served_s"], 3)
     device = next((d["device"] for n, _, _ in GPU_RESULTS if (d := load(args.results, n))), "GPU")
     device = device.removeprefix("NVIDIA ").split()[0]  # "NVIDIA H100 80GB HBM3" -> "H100"
-    sizes = list(dict.fromkeys(f"{r['family']} {r['width']}x{r['height']}x{r['num_frames']}" for r in gpu_rows))
+    sizes = list(dict.fromkeys(label(r) for r in gpu_rows))
     panels = (
         (axes[1][1], "served_over_bare", ("eager", "compile"), "5. Served / bare, standard tier", "goal ≤ 1.05", 1.05),
         (axes[1][2], "speedup_vs_eager_bare", tuple(CONFIG_COLOURS), "5. Speed-up over bare eager", "goal ≥ 2x", 2.0),
@@ -137,9 +144,7 @@ def main() -> None:
         height = 0.8 / len(configs)
         for i, config in enumerate(configs):
             values = {
-                f"{r['family']} {r['width']}x{r['height']}x{r['num_frames']}": r.get(field)
-                for r in gpu_rows
-                if r.get("config") == config and r.get(field) is not None
+                label(r): r.get(field) for r in gpu_rows if r.get("config") == config and r.get(field) is not None
             }
             ys = [k + i * height for k, size in enumerate(sizes) if values.get(size)]
             ax.barh(

@@ -8,7 +8,7 @@
 # 768x512x121 only (whether standard jobs keep their compiled speed after fast ones, and which way
 # of running the fast tier keeps it). wan-large: Wan at 768x512x121 and 768x768x129, 10 steps, once;
 # wan-768x512 and wan-768x768: one of those sizes each (a few minutes each on an H100).
-# after-fast-256: LTX at 256x256x17 only, compile, fast and after-fast (with BENCH_ARGS, e.g.
+# after-fast-256: LTX at 256x256x17 only, compile, fast and after-fast, 5 calls each (with BENCH_ARGS, e.g.
 # "--recompile-limit 64", to try a remedy).
 # BENCH_ARGS: more options for gpu_pipeline.py, added to each run's.
 # wan-fast: Wan, 10 steps: eager at 256x256x17 with 5 repeats, then the fast tier (compiled) at
@@ -72,7 +72,7 @@ case $plan in
     ;;
   after-fast-256)
     run "gpu-pipeline-ltx-after-fast-256${BENCH_ARGS:+-$(echo $BENCH_ARGS | tr -dc 'a-z0-9')}" "$budget" --families ltx \
-      --steps 20 --repeats 1 --sizes 256x256x17 --configs compile,fast,after-fast
+      --steps 20 --repeats 5 --sizes 256x256x17 --configs compile,fast,after-fast
     ;;
   wan-fast)
     run gpu-pipeline-wan-fast "$budget" --families wan --steps 10 --repeats 1 \

@@ -134,14 +134,14 @@ def real_pipeline(family: str, device: torch.device, dtype: torch.dtype) -> Any:
     )
 
 
-def tiny_pipeline(family: str, device: torch.device, dtype: torch.dtype) -> Any:
+def tiny_pipeline(family: str, device: torch.device, dtype: torch.dtype, layers: int = 1) -> Any:
     from diffusers import LTXPipeline, WanPipeline
 
     from worker.tiny_models import build_tiny_ltx, build_tiny_wan_t2v
 
     folder = Path(tempfile.mkdtemp(prefix="bench-tiny-"))
     if family == "ltx":
-        return LTXPipeline.from_pretrained(build_tiny_ltx(folder / "ltx"), dtype=dtype).to(device)
+        return LTXPipeline.from_pretrained(build_tiny_ltx(folder / "ltx", num_layers=layers), dtype=dtype).to(device)
     return WanPipeline.from_pretrained(build_tiny_wan_t2v(folder / "wan"), dtype=dtype).to(device)
 
 
@@ -185,7 +185,10 @@ def timed(fn, device: torch.device) -> float:
 
 
 def parse_size(text: str) -> tuple[int, int, int]:
-    width, height, frames = (int(n) for n in text.split("x"))
+    try:
+        width, height, frames = (int(n) for n in text.split("x"))
+    except ValueError:
+        raise ValueError(f"{text!r} is not a size WxHxF") from None
     return width, height, frames
 
 
@@ -196,16 +199,22 @@ def fit_frames(family: str, size: tuple[int, int, int]) -> tuple[int, int, int]:
     return width, height, (frames - 1) // step * step + 1
 
 
-def parse_configs(text: str) -> list[tuple[str, list[tuple[int, int, int]], int]]:
+def parse_configs(text: str, default_repeats: int) -> list[tuple[str, list[tuple[int, int, int]], int]]:
     """`name[@WxHxF+WxHxF][*repeats]`, comma-separated: each configuration with the sizes it runs
-    at (none: all the run's sizes) and its repeats (0: the run's --repeats)."""
+    at (none: all the run's sizes) and its repeats (else `default_repeats`). ValueError names what
+    is wrong."""
     configs = []
     for entry in text.split(","):
-        entry, _, repeats = entry.partition("*")
+        entry, star, repeats_text = entry.strip().partition("*")
         name, _, sizes = entry.partition("@")
         if name not in CONFIGS:
-            raise SystemExit(f"--configs: unknown configuration {name!r} (known: {', '.join(CONFIGS)})")
-        configs.append((name, [parse_size(size) for size in sizes.split("+") if size], int(repeats or 0)))
+            raise ValueError(f"unknown configuration {name!r} (known: {', '.join(CONFIGS)})")
+        if name == "eager" and configs and any(c != "eager" for c, _, _ in configs):
+            raise ValueError("eager must come before the others: compilation cannot be undone")
+        repeats = int(repeats_text) if star and repeats_text.isdigit() else -1 if star else default_repeats
+        if repeats < 1:
+            raise ValueError(f"{entry}*{repeats_text}: repeats must be a whole number of at least 1")
+        configs.append((name, [parse_size(size) for size in sizes.split("+") if size], repeats))
     return configs
 
 
@@ -215,7 +224,10 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
     counters.clear()  # torch.compile's tally, per family
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     started = time.perf_counter()
-    pipe = (tiny_pipeline if args.tiny else real_pipeline)(family, device, dtype)
+    if args.tiny:
+        pipe = tiny_pipeline(family, device, dtype, args.tiny_layers)
+    else:
+        pipe = real_pipeline(family, device, dtype)
     pipe.set_progress_bar_config(disable=True)
     build_s = time.perf_counter() - started
     runner = ModelRunner(spec_for(family), pipe, device)
@@ -233,13 +245,13 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
     eager_bare: dict[tuple[int, int, int], float] = {}
     compiled = False
     # Eager first: compilation cannot be undone on a pipeline object.
-    for config, only_sizes, repeats in parse_configs(args.configs):
+    for config, only_sizes, repeats in args.parsed_configs:
         if config != "eager" and not compiled:  # as a worker compiles: whole blocks, a compiled call per tier
             runner.compile_blocks()
             compiled = True
         served_runner = runner
         config_sizes = [fit_frames(family, size) for size in only_sizes] if only_sizes else sizes
-        config_args = argparse.Namespace(**{**vars(args), "repeats": repeats or args.repeats})
+        config_args = argparse.Namespace(**{**vars(args), "repeats": repeats})
         if config in ("fast-eager", "after-fast-eager"):  # the registry's tier on eager blocks
             tier = load_registry().get(REGISTRY_MODEL[family]).speed.fast
             assert tier is not None
@@ -433,6 +445,7 @@ def measure(
         "height": p.height,
         "num_frames": p.num_frames,
         "steps": served_p.num_inference_steps,
+        "repeats": args.repeats,  # timed calls of each, bare and served
         "guidance_scale": served_p.guidance_scale,
         "cache_used": runner.uses_cache("text-to-video", served_p),
         "bare_s": round(bare_s, 3),
@@ -452,6 +465,13 @@ def measure(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="tiny random models: a smoke test that runs on a CPU")
+    parser.add_argument(
+        "--tiny-layers",
+        type=int,
+        default=1,
+        help="with --tiny, LTX's transformer blocks (28 as the real model: per-block costs on the host, as at "
+        "small sizes on a GPU)",
+    )
     parser.add_argument("--out", default="gpu-pipeline.json")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--repeats", type=int, default=2)
@@ -496,6 +516,14 @@ def main() -> int:
         "(torch's default when 0: 8)",
     )
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error("--repeats: at least 1")
+    try:  # before any model is built: a mistake here must not cost minutes
+        args.parsed_configs = parse_configs(args.configs, args.repeats)
+        for size in filter(None, args.sizes.split(",")):
+            parse_size(size)
+    except ValueError as exc:
+        parser.error(f"--configs/--sizes: {exc}")
     if args.recompile_limit:
         torch._dynamo.config.recompile_limit = args.recompile_limit
         torch._dynamo.config.accumulated_recompile_limit = max(
@@ -513,6 +541,7 @@ def main() -> int:
         "diffusers": diffusers.__version__,
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
         "tiny": args.tiny,
+        "tiny_layers": args.tiny_layers if args.tiny else None,
         "steps": args.steps,
         "repeats": args.repeats,
         "recompile_limit": torch._dynamo.config.recompile_limit,

@@ -70,7 +70,7 @@ def video_redirect(request: web.Request, record: JobRecord, not_ready: str) -> w
 
 async def cancel_job(request: web.Request) -> web.Response:
     """200 with the cancelled job if it had not started; 202 while a running job stops at its next
-    denoising step; 409 if it already ended."""
+    denoising step (or after its decode, encoding or upload); 409 if it already ended."""
     record, status = await cancel(request, await _load(request))
     return web.json_response(_view(request, record), status=status)
 

@@ -172,7 +172,9 @@ def build_openapi(version: str = "0.1.0") -> dict[str, Any]:
         "parameters": [job_id],
         "responses": {
             "200": ok(JobView, "Cancelled before it started (or it had just ended)."),
-            "202": ok(JobView, "Running: it stops at its next denoising step."),
+            "202": ok(
+                JobView, "Running: it stops at its next denoising step (or after its decode, encoding or upload)."
+            ),
             **errors("404", "409", "503"),
         },
     }

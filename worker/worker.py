@@ -553,7 +553,8 @@ class Worker:
             upload_s = time.perf_counter() - started
             size = path.stat().st_size
         if cancel.is_set():  # asked during the upload: the job ends cancelled, its video removed
-            await self._remove_output(key)
+            if job.job_id not in self._lost:  # else the key may hold the video of the job's new run
+                await self._remove_output(key)
             raise JobCancelled()
 
         frames, height, width = generated.frames.shape[:3]

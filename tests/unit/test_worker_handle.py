@@ -473,6 +473,21 @@ async def test_a_job_lost_while_uploading_leaves_its_end_to_the_worker_that_took
     assert not [e for e in published if e.status.is_terminal] and messages["a"].settled == []
 
 
+async def test_a_cancel_during_the_upload_of_a_lost_job_leaves_the_video_to_the_run_that_took_it_over() -> None:
+    """The job went back to its queue during the upload and another worker ran it (same video key):
+    a cancel that reaches this worker then must not remove that run's video."""
+    runner, store = RecordingRunner(asyncio.get_running_loop()), HeldStore()
+    w, messages, _ = dispatching_worker(runner, store, "a")
+    run = asyncio.create_task(w.handle(messages["a"], w.run_job))
+    await asyncio.wait_for(store.upload_of_a_started.wait(), 10)
+    messages["a"]._channel.close()
+    store.records["a"] = store.records["a"].advance(attempts=2, worker="worker-other")
+    await w._on_control(FakeControl(encode(CancelMessage(job_id="a"))))
+    store.let_a_finish.set()
+    await asyncio.wait_for(run, 10)
+    assert output_key("a") in store.objects and messages["a"].settled == []
+
+
 @pytest.mark.parametrize("storage", ["http", "xet"])
 async def test_stopping_ends_a_download_at_its_next_progress_and_hands_it_back(worker, monkeypatch, storage) -> None:
     """A download may take hours: a stopping worker does not wait for it, nor leave its thread behind."""
