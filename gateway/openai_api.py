@@ -1,7 +1,7 @@
 """OpenAI-compatible Videos API: `/v1/videos`, for clients written against OpenAI's.
 
 A video is one of our jobs seen through OpenAI's video object. `size` ("WIDTHxHEIGHT") and
-`seconds` map onto the model's width, height and frames (`seconds * fps`, rounded to the
+`seconds` map onto the model's width, height and frames (`seconds * fps + 1`, rounded to the
 model's frame rule); `input_reference` (an image file) makes it an image-to-video job. Errors
 use OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`. The API key is the same
 bearer token as for `/api/v1`.
@@ -115,10 +115,13 @@ async def create_video(request: web.Request) -> web.Response:
     if create.seconds is not None:
         fps = spec.defaults.fps or spec.native_fps
         steps = round((float(create.seconds) * fps - 1) / spec.frame_step)
-        if steps < 1:
-            shortest = (spec.frame_step + 1) / fps
+        if steps < 1:  # seconds * fps - 1 at most half a frame step: no step at all
+            shortest, rounds_to_none = spec.frame_step / fps, (spec.frame_step / 2 + 1) / fps
             raise bad_field(
-                "seconds", "min_duration", f"seconds: model {spec.id!r} makes videos of at least {shortest:.2f} s"
+                "seconds",
+                "min_duration",
+                f"seconds: model {spec.id!r} makes videos of at least {_seconds_text(shortest)} s "
+                f"({spec.frame_step + 1} frames at {fps} fps); {rounds_to_none:.3g} s or less rounds to none",
             )
         fields["num_frames"] = steps * spec.frame_step + 1
         if fields["num_frames"] > spec.limits.max_frames:

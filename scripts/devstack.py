@@ -542,20 +542,39 @@ def stack_up(port_offset: int | None = None, namespace: str | None = None) -> No
     print(f"\nAPI:  {gateway_url}/api/v1   API key: {STATE_DIR / 'api-key'}   logs: {logs}")
 
 
-def stack_down() -> None:
+def stack_down(delete_namespace_too: bool = False) -> None:
+    """Stop what `up` started. With `delete_namespace_too`, also delete the stack's broker
+    namespace (its queues, with the jobs waiting in them, and its exchanges), once the gateway and
+    workers are stopped and before a RabbitMQ node that `up` started is."""
     state = StackState.load()
     if not state.started:
         print("nothing to stop: scripts/stack started nothing that is still recorded")
     # Workers first (they hold jobs), then the gateway, then the services they use.
     order = {"gateway": 1, "rabbitmq": 2, "s3": 3}
     for name in sorted(state.started, key=lambda n: order.get(n, 0)):
-        entry = state.started.pop(name)
-        if "node" in entry:
-            stop_rabbit_node(entry["node"])
-        else:
-            stop_pid(entry["pid"])
-        print(f"stopped {name}")
-        state.save()
+        if delete_namespace_too and order.get(name, 0) >= 2:
+            break
+        stop_part(state, name)
+    if delete_namespace_too:
+        from schemas.registry import load_registry
+
+        amqp_url: str = stack_config(state)["amqp_url"]  # type: ignore[assignment]
+        if not amqp_answers(amqp_url):
+            raise SystemExit(f"RabbitMQ does not answer at {_redact(amqp_url)}: the namespace was not deleted")
+        asyncio.run(delete_namespace(amqp_url, state.namespace, sorted(load_registry().models)))
+        print(f"deleted the broker namespace {state.namespace!r}: its queues (and the jobs in them) and exchanges")
+    for name in sorted(state.started, key=lambda n: order.get(n, 0)):
+        stop_part(state, name)
+
+
+def stop_part(state: StackState, name: str) -> None:
+    entry = state.started.pop(name)
+    if "node" in entry:
+        stop_rabbit_node(entry["node"])
+    else:
+        stop_pid(entry["pid"])
+    print(f"stopped {name}")
+    state.save()
 
 
 def stack_status() -> int:
@@ -594,14 +613,22 @@ def main() -> int:
         help="up: the broker namespace of the stack's gateway and workers, to share a broker with another "
         f"stack (default: what this checkout's stack had last, else {STACK_NAMESPACE})",
     )
+    parser.add_argument(
+        "--delete-namespace",
+        action="store_true",
+        help="down: also delete the stack's broker namespace, its queues (with any jobs waiting) and exchanges; "
+        "without it they stay on the broker, and a later up finds its queued jobs",
+    )
     args = parser.parse_args()
     if args.command != "up" and (args.port_offset is not None or args.namespace is not None):
         parser.error("--port-offset and --namespace are for up; down and status use the stack's own")
+    if args.delete_namespace and args.command != "down":
+        parser.error("--delete-namespace is for down")
     if args.command == "up":
         stack_up(args.port_offset, args.namespace)
         return 0
     if args.command == "down":
-        stack_down()
+        stack_down(args.delete_namespace)
         return 0
     return stack_status()
 

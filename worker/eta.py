@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections import deque
 
 # Steps measured before the first estimate: the first step also pays warm-up costs.
 MIN_STEPS = 3
@@ -25,16 +26,36 @@ class EtaEstimator:
 
 
 class FinishTimes:
-    """Seconds after the last step per million output pixels (frames × width × height), per model."""
+    """Seconds after the last step (decode, encode, upload) per model, as a fixed part plus a part
+    per million output pixels (frames × width × height), fitted to the model's recent jobs.
+
+    Until the jobs seen differ enough in size to tell the two parts apart, the seconds seen count
+    as fixed and each million pixels more than seen adds `PER_MPX_S`: a small job's seconds are
+    mostly fixed costs, and scaling them with pixels made a large job's estimate many times too long.
+    """
+
+    WINDOW = 32  # the jobs remembered per model
+    PER_MPX_S = 0.05  # decode, encode and upload per million pixels, until measured
+    SPREAD = 1.5  # the largest job seen over the smallest, for a fit
 
     def __init__(self) -> None:
-        self._rate: dict[str, float] = {}
+        self._seen: dict[str, deque[tuple[float, float]]] = {}
 
     def expected(self, model: str, frames: int, width: int, height: int) -> float | None:
-        rate = self._rate.get(model)
-        return None if rate is None else rate * frames * width * height / 1e6
+        seen = self._seen.get(model)
+        if not seen:
+            return None
+        mpx = frames * width * height / 1e6
+        xs, ys = [x for x, _ in seen], [y for _, y in seen]
+        mean_x, mean_y = sum(xs) / len(xs), sum(ys) / len(ys)
+        if max(xs) < self.SPREAD * min(xs):
+            return mean_y + self.PER_MPX_S * max(0.0, mpx - mean_x)
+        slope = sum((x - mean_x) * (y - mean_y) for x, y in seen) / sum((x - mean_x) ** 2 for x in xs)
+        slope = max(slope, 0.0)
+        fixed = mean_y - slope * mean_x
+        if fixed < 0:  # all in proportion to the pixels
+            fixed, slope = 0.0, sum(x * y for x, y in seen) / sum(x * x for x in xs)
+        return fixed + slope * mpx
 
     def observe(self, model: str, frames: int, width: int, height: int, seconds: float) -> None:
-        rate = seconds / max(frames * width * height / 1e6, 1e-6)
-        old = self._rate.get(model)
-        self._rate[model] = rate if old is None else 0.7 * old + 0.3 * rate
+        self._seen.setdefault(model, deque(maxlen=self.WINDOW)).append((frames * width * height / 1e6, seconds))

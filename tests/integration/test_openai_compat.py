@@ -97,7 +97,12 @@ def test_errors_name_openai_fields(client, stack) -> None:
     assert error.value.body["param"] == "seconds"
     with pytest.raises(openai.BadRequestError) as error:
         client.videos.create(prompt="too short", model="ltx-tiny", size="32x32", seconds="0")
-    assert error.value.body["param"] == "seconds" and "at least 1.12 s" in error.value.body["message"]
+    assert error.value.body["param"] == "seconds" and error.value.body["message"] == (
+        "seconds: model 'ltx-tiny' makes videos of at least 1 s (9 frames at 8 fps); 0.625 s or less rounds to none"
+    )
+    with pytest.raises(openai.BadRequestError) as error:  # the largest duration that rounds to no step
+        client.videos.create(prompt="too short", model="ltx-tiny", size="32x32", seconds="0.625")
+    assert error.value.body["param"] == "seconds"
     with pytest.raises(openai.BadRequestError) as error:
         client.videos.create(prompt="who", model="sora-2")
     assert error.value.body["param"] == "model"

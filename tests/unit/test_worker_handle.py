@@ -190,6 +190,23 @@ async def test_a_job_cancelled_just_as_it_was_taken_is_acked_without_running(wor
     assert published == [] and "jobs/f/video.mp4" not in store.objects
 
 
+async def test_progress_is_given_to_four_decimals(worker) -> None:
+    """0.9 x 9 / 20 is 0.40499999999999997 in floating point: clients see 0.405."""
+    w, store, runner, published = worker
+    runner.calls = 1  # past the out-of-memory call
+    generate = runner.generate
+
+    def twenty_steps(mode, params, inputs, on_step):
+        for k in range(1, 20):
+            on_step(k, 20)
+        return generate(mode, params, inputs, lambda k, n: on_step(20, 20))
+
+    runner.generate = twenty_steps
+    await w.handle(FakeMessage(encode(job("p"))), w.run_job)
+    progress = [entry.progress for entry in store.records["p"].events]
+    assert 0.405 in progress and all(value == round(value, 4) for value in progress), progress
+
+
 @pytest.mark.parametrize("removal", ["works", "fails"])
 async def test_a_cancel_that_arrives_during_the_upload_ends_the_job_cancelled_without_its_video(
     worker, removal
