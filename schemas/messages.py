@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import uuid
+import random
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -14,7 +14,10 @@ SCHEMA_VERSION = 1
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex
+    """A message id: 128 random bits as hex. From `random` (reseeded in each forked process), not
+    the system's: it names a message and guards nothing, and the system call behind uuid4 took
+    about 5 % of the gateway's busy time under load in a profile."""
+    return f"{random.getrandbits(128):032x}"
 
 
 class EnvelopeHeader(BaseModel):
