@@ -542,7 +542,7 @@ def stack_up(port_offset: int | None = None, namespace: str | None = None) -> No
     print(f"\nAPI:  {gateway_url}/api/v1   API key: {STATE_DIR / 'api-key'}   logs: {logs}")
 
 
-def stack_down(delete_namespace_too: bool = False) -> None:
+def stack_down(delete_namespace_too: bool = False) -> int:
     """Stop what `up` started. With `delete_namespace_too`, also delete the stack's broker
     namespace (its queues, with the jobs waiting in them, and its exchanges), once the gateway and
     workers are stopped and before a RabbitMQ node that `up` started is."""
@@ -555,16 +555,20 @@ def stack_down(delete_namespace_too: bool = False) -> None:
         if delete_namespace_too and order.get(name, 0) >= 2:
             break
         stop_part(state, name)
+    status = 0
     if delete_namespace_too:
         from schemas.registry import load_registry
 
         amqp_url: str = stack_config(state)["amqp_url"]  # type: ignore[assignment]
-        if not amqp_answers(amqp_url):
-            raise SystemExit(f"RabbitMQ does not answer at {_redact(amqp_url)}: the namespace was not deleted")
-        asyncio.run(delete_namespace(amqp_url, state.namespace, sorted(load_registry().models)))
-        print(f"deleted the broker namespace {state.namespace!r}: its queues (and the jobs in them) and exchanges")
+        if amqp_answers(amqp_url):
+            asyncio.run(delete_namespace(amqp_url, state.namespace, sorted(load_registry().models)))
+            print(f"deleted the broker namespace {state.namespace!r}: its queues (and the jobs in them) and exchanges")
+        else:
+            print(f"RabbitMQ does not answer at {_redact(amqp_url)}: the namespace was not deleted", file=sys.stderr)
+            status = 1
     for name in sorted(state.started, key=lambda n: order.get(n, 0)):
         stop_part(state, name)
+    return status
 
 
 def stop_part(state: StackState, name: str) -> None:
@@ -628,8 +632,7 @@ def main() -> int:
         stack_up(args.port_offset, args.namespace)
         return 0
     if args.command == "down":
-        stack_down(args.delete_namespace)
-        return 0
+        return stack_down(args.delete_namespace)
     return stack_status()
 
 

@@ -45,7 +45,7 @@ async def test_down_with_delete_namespace_removes_the_stacks_queues_and_exchange
         monkeypatch.setattr(devstack, "STATE_DIR", tmp_path)
         monkeypatch.setenv("VIDEOGEN_AMQP_URL", amqp_url)
         devstack.StackState(namespace=namespace).save()  # a stack whose parts are all stopped
-        await asyncio.to_thread(devstack.stack_down, True)
+        assert await asyncio.to_thread(devstack.stack_down, True) == 0
 
         assert [name for name in queues if await exists(connection, "queue", name)] == []
         assert [name for name in exchanges if await exists(connection, "exchange", name)] == []
@@ -56,3 +56,16 @@ def test_delete_namespace_is_only_for_down(monkeypatch, capsys) -> None:
     with pytest.raises(SystemExit):
         devstack.main()
     assert "--delete-namespace is for down" in capsys.readouterr().err
+
+
+def test_down_with_delete_namespace_and_no_broker_still_stops_the_stack_and_says_so(
+    tmp_path, monkeypatch, capsys
+) -> None:
+    stopped = []
+    monkeypatch.setattr(devstack, "STATE_DIR", tmp_path)
+    monkeypatch.setenv("VIDEOGEN_AMQP_URL", "amqp://guest:guest@127.0.0.1:1/")  # nothing listens there
+    monkeypatch.setattr(devstack, "stop_pid", stopped.append)
+    devstack.StackState(started={"gateway": {"pid": 11}, "s3": {"pid": 12}}).save()
+    assert devstack.stack_down(True) == 1
+    assert stopped == [11, 12] and devstack.StackState.load().started == {}
+    assert "the namespace was not deleted" in capsys.readouterr().err
