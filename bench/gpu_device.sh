@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run benchmark 5 on a GPU machine, within a time budget, writing JSON and logs to $OUT (or gpu-out/).
-#   bash bench/gpu_device.sh [all|after-fast|after-fast-256|wan-large|wan-768x512|wan-768x768|wan-fast|tiny] [seconds]
+#   bash bench/gpu_device.sh [all|after-fast|after-fast-256|wan-large|wan-768x512|wan-768x768|wan-fast|wan-fast-20|tiny] [seconds]
 # all (default): LTX 2B at the four sizes (eager, compile, the fast tier on eager blocks and standard
 # jobs after it, the fast tier compiled and standard jobs after it, fast-schedule, and the overlap of
 # generation and encoding at 768x512x121), then Wan2.1 1.3B at 256x256x17 and 512x512x65 with what
@@ -12,7 +12,7 @@
 # "--recompile-limit 64", to try a remedy).
 # BENCH_ARGS: more options for gpu_pipeline.py, added to each run's.
 # wan-fast: Wan, 10 steps: eager at 256x256x17 with 5 repeats, then the fast tier (compiled) at
-# 768x512x121 and 768x768x129.
+# 768x512x121 and 768x768x129. wan-fast-20: the fast tier at 768x768x129 with 20 steps.
 # tiny: the tiny models, to try this script on a machine without a GPU.
 # Wheels found in .whl/ (bench/gpu_wheels.sh) are installed first when diffusers is missing.
 set -uo pipefail
@@ -77,6 +77,9 @@ case $plan in
   wan-fast)
     run gpu-pipeline-wan-fast "$budget" --families wan --steps 10 --repeats 1 \
       --configs 'eager@256x256x17*5,fast@768x512x121+768x768x129'
+    ;;
+  wan-fast-20)
+    run gpu-pipeline-wan-fast-20 "$budget" --families wan --steps 20 --repeats 1 --configs 'fast@768x768x129'
     ;;
   tiny)
     run gpu-pipeline-tiny "$budget" --tiny --steps 2 --repeats 1 --attention-backends native --overlap 2 \
