@@ -60,10 +60,16 @@ async def destination_problem(url: str, allow: list[str], delivering: bool = Fal
     if parts.scheme not in ("http", "https") or not parts.hostname:
         return "the URL must be http or https with a host"
     host = parts.hostname
+    try:
+        port = parts.port
+    except ValueError:
+        return "the URL's port is not a number from 0 to 65535"
     if host in allow:
         return None
     try:
-        infos = await asyncio.get_running_loop().getaddrinfo(host, parts.port or 443, type=socket.SOCK_STREAM)
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
+    except UnicodeError:  # a name IDNA cannot encode: a label over 63 characters, an empty label
+        return f"the host {host!r} is not a valid host name"
     except OSError as exc:
         if delivering and not _no_such_host(exc):  # the resolver failed, for now: not an answer
             raise

@@ -340,3 +340,15 @@ async def test_a_receiver_gets_at_most_its_share_of_the_slots(local_receiver) ->
         await asyncio.wait_for(asyncio.gather(*made._tasks), 10)
     assert [m.settled for m in messages] == ["ack"] * 5 and not made._attempting
     await made._http.close()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        (f"http://{'a' * 70}.com/hook", "not a valid host name"),  # a label over 63 characters
+        ("http://a..b/hook", "not a valid host name"),  # an empty label
+        ("http://example.com:99999/hook", "port is not a number"),
+    ],
+)
+async def test_a_host_name_the_resolver_cannot_take_is_a_problem_not_an_error(url, problem) -> None:
+    assert problem in (await webhooks.destination_problem(url, []) or "")
