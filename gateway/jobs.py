@@ -16,7 +16,7 @@ from gateway.handlers import announce, ascii_int, parse_job_id
 from gateway.keys import BROKER, REGISTRY, SETTINGS, STORE
 from gateway.views import job_view
 from schemas.api import JobList
-from schemas.jobs import JobRecord, JobStatus, Phase
+from schemas.jobs import JobRecord, JobStatus, Phase, utcnow
 
 log = structlog.get_logger("gateway")
 
@@ -86,6 +86,17 @@ def cancelled_if_queued(
     return record.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED, message=message, **changes)
 
 
+def cancelled_or_cancel_requested(record: JobRecord) -> JobRecord | None:
+    """For `update_record`: a queued job cancelled; a running generation job marked with the
+    request (its worker finds the mark at its next write of the record, a worker that gets the job
+    again after a crash finds it before it starts); anything else left be."""
+    if record.status == JobStatus.RUNNING and record.mode != "download":
+        if record.cancel_requested_at is not None:
+            return None
+        return record.model_copy(update={"cancel_requested_at": utcnow()})
+    return cancelled_if_queued(record)
+
+
 async def cancel(request: web.Request, record: JobRecord) -> tuple[JobRecord, int]:
     """Cancel a job: (the job now, 200) if it ended or had not started, (the job, 202) while a running
     job stops; 409 if it had already ended."""
@@ -93,17 +104,22 @@ async def cancel(request: web.Request, record: JobRecord) -> tuple[JobRecord, in
         raise ApiError(409, "job_finished", f"job {record.job_id} already ended ({record.status}); nothing to cancel")
     if record.status == JobStatus.RUNNING and record.mode == "download":
         raise ApiError(409, "not_cancellable", "a model download cannot be stopped once it runs")
-    # Every worker hears it: the one running the job stops it; one that receives it later drops it.
-    await request.app[BROKER].publish_cancel(record.job_id)
-    now, cancelled = await request.app[STORE].update_record(record.job_id, cancelled_if_queued)
+    # Every worker hears it: the one running the job stops it at once; one that receives it later
+    # drops it. Without the broker the record still carries the cancel (below), a little later.
+    try:
+        await request.app[BROKER].publish_cancel(record.job_id)
+    except Exception as exc:
+        log.warning("cancel_not_sent", job_id=record.job_id, error=str(exc))
+    now, changed = await request.app[STORE].update_record(record.job_id, cancelled_or_cancel_requested)
     if now is None:
         raise ApiError(404, "job_not_found", f"no job with id {record.job_id!r}")
-    if not cancelled:
-        if now.status == JobStatus.RUNNING and now.mode == "download":
+    if now.status == JobStatus.RUNNING:
+        if now.mode == "download":
             raise ApiError(409, "not_cancellable", "a model download cannot be stopped once it runs")
-        return now, 202 if now.status == JobStatus.RUNNING else 200
-    await announce(request, now)
-    log.info("job_cancelled", job_id=record.job_id, before="queued")
+        return now, 202
+    if changed and now.status == JobStatus.CANCELLED:
+        await announce(request, now)
+        log.info("job_cancelled", job_id=record.job_id, before="queued")
     return now, 200
 
 

@@ -49,6 +49,7 @@ def job_view(record: JobRecord, store: ObjectStore, expiry_s: int) -> JobView:
         timings=record.timings,
         estimate=record.estimate,
         memory_plan=record.memory_plan,
+        cancel_requested_at=record.cancel_requested_at,
         webhook=record.webhook,
     )
 

@@ -176,6 +176,11 @@ class JobRecord(BaseModel):
     )
     estimate: Estimate | None = None
     memory_plan: MemoryPlan | None = None
+    cancel_requested_at: datetime | None = Field(
+        default=None,
+        description="When a cancel was asked for while the job ran: the worker running it stops it, and a worker "
+        "that gets it again (after a crash) ends it cancelled.",
+    )
     owner: str | None = Field(
         default=None, description="The API key (its id) that created the job; None when the gateway runs without keys."
     )
@@ -245,3 +250,6 @@ class JobView(BaseModel):
     timings: PhaseSeconds | None = Field(default=None, description="Seconds per phase, as each ends.")
     estimate: Estimate | None = Field(default=None, description="The gateway's preflight estimate.")
     memory_plan: MemoryPlan | None = Field(default=None, description="How the worker fitted the job to its GPU.")
+    cancel_requested_at: datetime | None = Field(
+        default=None, description="When a cancel was asked for while the job ran (it is stopping, or about to end)."
+    )

@@ -49,10 +49,12 @@ class JobReporter:
         publish: Publish,
         store_patience_s: float = 0.0,
         lost: Callable[[], bool] = lambda: False,
+        on_cancel_requested: Callable[[], None] = lambda: None,
     ) -> None:
         self.record = record
         self.etag = etag
         self._lost = lost
+        self._on_cancel_requested = on_cancel_requested
         self._store = store
         self._patience_s = store_patience_s
         self._publish = publish
@@ -91,6 +93,12 @@ class JobReporter:
                         self.record, self.etag = found
                         self._unconfirmed = None
                         continue
+                    if found is not None and self._is_cancel_request(found[0]):
+                        # The gateway marked the job: keep the mark, and stop the job.
+                        self.record, self.etag = found
+                        self._unconfirmed = None
+                        self._on_cancel_requested()
+                        continue
                     if found is not None and found[0].status.is_terminal:
                         raise EndedElsewhere(found[0]) from None
                     raise
@@ -101,6 +109,14 @@ class JobReporter:
             self.record = record
             await self._publish(JobEvent.from_record(record))
             return record
+
+    def _is_cancel_request(self, found: JobRecord) -> bool:
+        """Whether `found` is this run's last record (written, or maybe written) with only a
+        cancel request added by the gateway."""
+        if found.cancel_requested_at is None or self.record.cancel_requested_at is not None:
+            return False
+        unmarked = found.model_copy(update={"cancel_requested_at": None}).model_dump_json()
+        return unmarked in (self.record.model_dump_json(), self._unconfirmed)
 
     def update_threadsafe(self, **changes: Any) -> None:
         """From the generation thread: schedule an update without waiting for it."""

@@ -310,12 +310,17 @@ class Worker:
             if command.model in self._runners:
                 self._wake.set()
         elif isinstance(command, CancelMessage):
-            self._cancelled[command.job_id] = None
-            while len(self._cancelled) > CANCELLED_MEMORY:
-                self._cancelled.popitem(last=False)
-            if (flag := self._running.get(command.job_id)) is not None:
-                flag.set()
-                log.info("cancel_requested", job_id=command.job_id)
+            self._cancel(command.job_id)
+
+    def _cancel(self, job_id: str) -> None:
+        """A cancel of this job reached this worker (broadcast, or marked on the record it writes):
+        stop it if it runs here, drop it if it comes later."""
+        self._cancelled[job_id] = None
+        while len(self._cancelled) > CANCELLED_MEMORY:
+            self._cancelled.popitem(last=False)
+        if (flag := self._running.get(job_id)) is not None:
+            flag.set()
+            log.info("cancel_requested", job_id=job_id)
 
     async def _on_download(self, message: AbstractIncomingMessage) -> None:
         # Downloads use the network and disk, not the GPU: they do not wait for the current job.
@@ -390,6 +395,7 @@ class Worker:
                 self._publish_event,
                 self.settings.store_patience_s,
                 lost=lambda: job.job_id in self._lost,
+                on_cancel_requested=lambda: self._cancel(job.job_id),
             )
             try:
                 await self._run_to_end(job, reporter, run)
@@ -426,7 +432,8 @@ class Worker:
     async def _run_to_end(self, job: JobMessage, reporter: JobReporter, run: Runner) -> None:
         """Run the job; a cancelled or failed run writes its end here."""
         try:
-            if job.job_id in self._cancelled:
+            # Cancelled while it ran elsewhere (that worker crashed): the record carries the request.
+            if job.job_id in self._cancelled or reporter.record.cancel_requested_at is not None:
                 raise JobCancelled()
             await run(job, reporter)
         except JobCancelled:

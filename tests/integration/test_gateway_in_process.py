@@ -200,6 +200,37 @@ async def test_a_cancel_leaves_a_job_a_worker_started_meanwhile_to_that_worker(s
     assert record.status == JobStatus.RUNNING and record.worker == "worker-x" and record.seq == 1
 
 
+@pytest.mark.parametrize("started", [False, True])
+async def test_a_cancel_without_the_broker_is_carried_by_the_record(settings, monkeypatch, started) -> None:
+    """The broadcast to the workers cannot be sent: a queued job is cancelled all the same (200),
+    and a running one is marked with the request (202), which its worker finds at its next write
+    of the record, and a worker that gets the job again finds before it starts."""
+
+    async def no_broker(self, job_id) -> None:
+        raise ConnectionError("broker connection lost")
+
+    store = ObjectStore(settings)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        response = await client.post("/api/v1/generate/text-to-video", json={"prompt": "p", "model": "ltx-tiny"})
+        job_id = (await response.json())["job_id"]
+        if started:
+            queued = await store.get_record(job_id)
+            await store.put_record(queued.advance(status=JobStatus.RUNNING, attempts=1, worker="worker-x"))
+        monkeypatch.setattr(GatewayBroker, "publish_cancel", no_broker)
+        response = await client.post(f"/api/v1/jobs/{job_id}/cancel")
+        body = await response.json()
+        again = await client.post(f"/api/v1/jobs/{job_id}/cancel")
+        again_body = await again.json()
+        record = await store.get_record(job_id)
+    if started:
+        assert response.status == 202 and body["status"] == "running" and body["cancel_requested_at"]
+        assert record.status == JobStatus.RUNNING and record.cancel_requested_at is not None and record.seq == 1
+        assert again.status == 202 and again_body["cancel_requested_at"] == body["cancel_requested_at"]
+    else:
+        assert response.status == 200 and body["status"] == "cancelled" and body["cancel_requested_at"] is None
+        assert record.status == JobStatus.CANCELLED and again.status == 409
+
+
 async def test_the_openai_listing_reaches_every_video_newest_first(settings, monkeypatch) -> None:
     """A page goes on after the entry of `after`, found through its record, not within a bounded
     scan of the newest entries: a key's older videos can be listed too. A deleted `after` (a

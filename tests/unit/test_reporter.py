@@ -5,8 +5,9 @@ import threading
 
 import pytest
 
+from common.store import RecordChanged
 from schemas.errors import worker_crashed
-from schemas.jobs import JobRecord, JobStatus, Phase
+from schemas.jobs import JobRecord, JobStatus, Phase, utcnow
 from tests.helpers import FakeRecords, queued_record
 from worker.reporter import DeliveryLost, EndedElsewhere, JobReporter
 
@@ -147,3 +148,28 @@ async def test_a_job_the_gateway_failed_while_it_ran_is_not_taken_for_this_runs_
     with pytest.raises(EndedElsewhere):
         await reporter.update(phase=Phase.DENOISING, step=1)
     assert store.records["j"] == failed
+
+
+async def test_a_cancel_the_gateway_marked_on_the_record_is_kept_and_stops_the_run(published) -> None:
+    """The gateway marks a running job's record with the cancel (as when the broadcast could not
+    be sent); the run's next write finds the mark, keeps it, and tells the worker to stop."""
+    store, told = FakeStore(), []
+    reporter = await started(store, published)
+    reporter._on_cancel_requested = lambda: told.append(1)
+    marked = store.records["j"].model_copy(update={"cancel_requested_at": utcnow()})
+    store.records["j"] = marked
+    await reporter.update(phase=Phase.DENOISING, step=1)
+    assert told == [1] and store.records["j"].step == 1
+    assert store.records["j"].cancel_requested_at == marked.cancel_requested_at
+    await reporter.update(status=JobStatus.CANCELLED, phase=Phase.CANCELLED)
+    assert store.records["j"].cancel_requested_at == marked.cancel_requested_at and told == [1]
+
+
+async def test_any_other_change_by_somebody_else_is_still_refused(published) -> None:
+    store = FakeStore()
+    reporter = await started(store, published)
+    store.records["j"] = store.records["j"].model_copy(
+        update={"cancel_requested_at": utcnow(), "message": "somebody else's change"}
+    )
+    with pytest.raises(RecordChanged):
+        await reporter.update(phase=Phase.DENOISING, step=1)

@@ -236,6 +236,21 @@ async def test_a_cancel_that_arrives_during_the_upload_ends_the_job_cancelled_wi
     assert ("jobs/u/video.mp4" in store.objects) is (removal == "fails")
 
 
+async def test_a_job_cancelled_while_it_ran_elsewhere_ends_cancelled_when_delivered_again(worker) -> None:
+    """Its worker crashed after the gateway marked the running record with the cancel (a worker
+    that never heard the broadcast): the job is not run again."""
+    w, store, runner, published = worker
+    runner.calls = 1  # past the out-of-memory call
+    running = _record_from(job("r")).advance(status=JobStatus.RUNNING, attempts=1, worker="worker-gone")
+    store.records["r"] = running.model_copy(update={"cancel_requested_at": running.updated_at})
+    message = FakeMessage(encode(job("r")))
+    await w.handle(message, w.run_job)
+    record = store.records["r"]
+    assert message.settled == ["ack"] and runner.calls == 1, "acked, never generated"
+    assert record.status == JobStatus.CANCELLED and record.message == "cancelled while running"
+    assert [e.status for e in published] == [JobStatus.CANCELLED]
+
+
 async def test_store_trouble_longer_than_the_patience_hands_the_job_back(worker, monkeypatch) -> None:
     w, store, *_ = worker
     monkeypatch.setattr("worker.worker.REQUEUE_DELAY_S", 0.0)
