@@ -9,12 +9,26 @@ from dataclasses import dataclass, field
 
 from schemas.messages import JobEvent
 
+# Events a subscriber may have waiting. A client that falls further behind (a stalled connection
+# on a stream of all its jobs) has its stream ended rather than the gateway's memory filled; it
+# resumes from the record (`since`, `Last-Event-ID`).
+SUBSCRIBER_BACKLOG = 10_000
+
 
 @dataclass(eq=False)
 class Subscription:
     job_ids: frozenset[str] | None  # None: every job (of `owner`, when set)
     owner: str | None = None
-    queue: asyncio.Queue[JobEvent | None] = field(default_factory=asyncio.Queue)
+    queue: asyncio.Queue[JobEvent | None] = field(default_factory=lambda: asyncio.Queue(SUBSCRIBER_BACKLOG))
+    overflowed: bool = False  # an event found the backlog full: the stream must end
+
+    def offer(self, event: JobEvent | None) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(event)
+        except asyncio.QueueFull:
+            self.overflowed = True
 
 
 class EventHub:
@@ -33,10 +47,10 @@ class EventHub:
         for listener in self.listeners:
             listener(event)
         for sub in self._by_job.get(event.job_id, ()):
-            sub.queue.put_nowait(event)
+            sub.offer(event)
         for sub in self._everything:
             if sub.owner is None or sub.owner == event.owner:
-                sub.queue.put_nowait(event)
+                sub.offer(event)
 
     @contextmanager
     def subscribe(self, job_ids: list[str] | None, owner: str | None = None) -> Iterator[Subscription]:
@@ -61,7 +75,7 @@ class EventHub:
     def close_all(self) -> None:
         """Wake every subscriber with None so its connection can close (gateway shutdown)."""
         for sub in {*self._everything, *(s for subs in self._by_job.values() for s in subs)}:
-            sub.queue.put_nowait(None)
+            sub.offer(None)
 
     @property
     def subscriber_count(self) -> int:

@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
+import structlog
 from aiohttp import web
 
 from gateway.auth import owner_of, visible
@@ -25,6 +26,10 @@ from schemas.jobs import JobRecord
 from schemas.messages import JobEvent
 
 MAX_JOBS_PER_STREAM = 100
+# How long one frame may take to reach a client's connection before the stream ends.
+SEND_TIMEOUT_S = 30.0
+
+log = structlog.get_logger("gateway.streams")
 
 
 # Prefix of the SSE id of a stream of several jobs: `seqs:<s1>,<s2>,...`, the last seq sent of each
@@ -118,6 +123,11 @@ class JobStream:
     _last: dict[str, int] = field(default_factory=dict)
 
     @property
+    def overflowed(self) -> bool:
+        """The client fell more than SUBSCRIBER_BACKLOG events behind: the stream ended early."""
+        return self._sub.overflowed
+
+    @property
     def already_over(self) -> bool:
         """Resumed at or after the terminal event of every job it lists: nothing will come."""
         return self.request.job_ids is not None and all(
@@ -158,6 +168,9 @@ class JobStream:
             first = await self._sub.queue.get()
             if first is None:
                 return  # the gateway is shutting down
+            if self._sub.overflowed:  # too far behind: the client resumes from the record
+                log.warning("stream_too_slow", job_ids=self.request.job_ids, owner=self.request.owner)
+                return
             pending = [first]
             while not self._sub.queue.empty():
                 event = self._sub.queue.get_nowait()
@@ -197,8 +210,9 @@ async def pump(frames: AsyncIterator[dict[str, Any]], send: Any, client_gone: as
                 frame = step.result()
             except StopAsyncIteration:
                 return
-            await send(frame)
-    except (ConnectionResetError, ConnectionError):
+            # A client that takes no data (its receive window full) must not hold the stream for ever.
+            await asyncio.wait_for(send(frame), SEND_TIMEOUT_S)
+    except (ConnectionResetError, ConnectionError, TimeoutError):
         return
     finally:
         await iterator.aclose()

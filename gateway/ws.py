@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp_sse import sse_response
 
 from gateway.errors import ApiError
@@ -33,7 +33,10 @@ async def job_events(request: web.Request) -> web.WebSocketResponse:
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-            await ws.close()
+            if stream.overflowed:  # 1013, try again later: resume with `since`
+                await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too far behind; reconnect with since")
+            else:
+                await ws.close()
         return ws
 
 

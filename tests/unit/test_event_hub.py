@@ -35,3 +35,15 @@ def test_close_all_wakes_subscribers() -> None:
     with hub.subscribe(["a"]) as one, hub.subscribe(None) as every:
         hub.close_all()
         assert one.queue.get_nowait() is None and every.queue.get_nowait() is None
+
+
+def test_a_subscriber_that_falls_too_far_behind_is_cut_off_not_buffered(monkeypatch) -> None:
+    monkeypatch.setattr("gateway.events.SUBSCRIBER_BACKLOG", 3)
+    hub = EventHub()
+    with hub.subscribe(None) as stalled, hub.subscribe(["b"]) as other:
+        for seq in range(10):
+            hub.publish(event("a", seq))
+        hub.publish(event("b", 0))
+        assert stalled.overflowed and stalled.queue.qsize() == 3, "at most the backlog is kept"
+        assert not other.overflowed and drain(other) == [("b", 0)]
+        hub.close_all()  # a full queue does not stop the shutdown

@@ -9,7 +9,7 @@ import pytest
 from common.settings import GatewaySettings
 from gateway.events import EventHub
 from gateway.keys import SETTINGS, STORE
-from gateway.streams import JobStream, StreamRequest
+from gateway.streams import JobStream, StreamRequest, pump
 from schemas.jobs import JobStatus, Phase
 from schemas.messages import JobEvent
 from tests.helpers import queued_record
@@ -41,3 +41,36 @@ async def test_a_stream_ends_on_its_jobs_terminal_event_whatever_its_since(since
     """Even resumed past every event the job has (a stale or wrong `since`), the stream ends once
     the job has ended, instead of waiting for ever."""
     assert await frames_until_the_end(since) == seqs
+
+
+async def test_a_stream_whose_client_fell_too_far_behind_ends_for_it_to_resume(monkeypatch) -> None:
+    monkeypatch.setattr("gateway.events.SUBSCRIBER_BACKLOG", 2)
+    record = queued_record(JOB)
+    record.events = [record.last_event()]
+    hub = EventHub()
+    with hub.subscribe([JOB]) as sub:
+        stream = JobStream({STORE: None, SETTINGS: GatewaySettings()}, StreamRequest([JOB], -1), {JOB: record}, sub)  # type: ignore[arg-type]
+        running = record
+        for _ in range(3):  # more than the backlog while the client reads nothing
+            running = running.advance(status=JobStatus.RUNNING, phase=Phase.LOADING)
+            hub.publish(JobEvent.from_record(running))
+        seqs = await asyncio.wait_for(_collect(stream), 5)
+    assert seqs == [0] and stream.overflowed, "the history, then the end: the client resumes with since=0"
+
+
+async def _collect(stream: JobStream) -> list[int]:
+    return [frame["seq"] async for frame in stream.frames()]
+
+
+async def test_a_client_that_takes_no_data_ends_its_stream(monkeypatch) -> None:
+    monkeypatch.setattr("gateway.streams.SEND_TIMEOUT_S", 0.05)
+
+    async def frames():
+        while True:
+            yield {"seq": 0}
+
+    async def never_sent(frame) -> None:
+        await asyncio.Event().wait()
+
+    gone = asyncio.get_running_loop().create_future()
+    await asyncio.wait_for(pump(frames(), never_sent, gone), 5)
