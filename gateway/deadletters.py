@@ -31,6 +31,14 @@ def explain(job: JobMessage, reason: str, death: dict[str, Any], registry: Regis
     return errors.dead_lettered(reason)
 
 
+def _ended_by_an_earlier_try(record: JobRecord, error: JobError) -> bool:
+    """The record ends with this very failure: an earlier try of this message wrote it, and its
+    publish (or what came after) failed, so the message came back. Its event goes out again (a
+    subscriber has it at most twice, with one `seq`: streams skip it, webhook receivers know the
+    `webhook-id`)."""
+    return record.status == JobStatus.FAILED and record.error == error
+
+
 def dead_letter_handler(store: ObjectStore, broker: GatewayBroker, registry: Registry) -> DeadLetterHandler:
     async def handle(job: JobMessage, reason: str, death: dict[str, Any]) -> None:
         error = explain(job, reason, death, registry)
@@ -43,7 +51,7 @@ def dead_letter_handler(store: ObjectStore, broker: GatewayBroker, registry: Reg
             )
 
         failed, changed = await store.update_record(job.job_id, fail)
-        if not changed or failed is None:
+        if failed is None or not (changed or _ended_by_an_earlier_try(failed, error)):
             return
         await broker.publish_event(JobEvent.from_record(failed))
         log.warning("job_dead_lettered", job_id=job.job_id, reason=reason, code=error.code)
@@ -67,7 +75,7 @@ def expiry_handler(store: ObjectStore, broker: GatewayBroker) -> ExpiryHandler:
             return record.advance(status=JobStatus.FAILED, phase=Phase.FAILED, error=error)
 
         expired, changed = await store.update_record(check.job_id, expire)
-        if not changed or expired is None:
+        if expired is None or not (changed or (expired.attempts == 0 and _ended_by_an_earlier_try(expired, error))):
             return
         await broker.publish_event(JobEvent.from_record(expired))
         # A worker that receives the job later drops it, as it does a cancelled one.

@@ -113,3 +113,40 @@ async def test_a_dead_letter_does_not_overwrite_a_job_that_ended_meanwhile(s3_st
     await dead_letter_handler(store, broker, load_registry())(job, "delivery_limit", {})
     assert store.raced and (await store.get_record(record.job_id)).status == JobStatus.SUCCEEDED
     assert broker.events == []
+
+
+class FailingOnceBroker(Broker):
+    """Its first publish of an event fails, as when the broker connection drops."""
+
+    async def publish_event(self, event) -> None:
+        if not self.events and not getattr(self, "failed", False):
+            self.failed = True
+            raise ConnectionError("broker connection lost")
+        await super().publish_event(event)
+
+
+async def test_an_expiry_whose_event_was_not_sent_sends_it_when_the_check_comes_again(s3_store) -> None:
+    store, broker = store_of(s3_store), FailingOnceBroker()
+    record = queued_record(new_id())
+    await store.put_record(record)
+    check = ExpiryCheck(job_id=record.job_id, model="ltx-tiny", max_queue_s=1)
+    with pytest.raises(ConnectionError):  # the check goes back to its queue
+        await expiry_handler(store, broker)(check)
+    await expiry_handler(store, broker)(check)
+    now = await store.get_record(record.job_id)
+    assert now.status == JobStatus.FAILED and now.seq == 1, "written once"
+    assert [e.seq for e in broker.events] == [1] and broker.cancels == [record.job_id]
+
+
+async def test_a_dead_letter_whose_event_was_not_sent_sends_it_when_it_comes_again(s3_store) -> None:
+    store, broker = store_of(s3_store), FailingOnceBroker()
+    record = taken_by_a_worker(queued_record(new_id()))
+    await store.put_record(record)
+    job = JobMessage(job_id=record.job_id, mode="text-to-video", params=record.params)
+    handle = dead_letter_handler(store, broker, load_registry())
+    with pytest.raises(ConnectionError):
+        await handle(job, "delivery_limit", {})
+    await handle(job, "delivery_limit", {})
+    now = await store.get_record(record.job_id)
+    assert now.status == JobStatus.FAILED and now.error.code == "worker_crashed" and now.seq == record.seq + 1
+    assert [e.status for e in broker.events] == [JobStatus.FAILED]
