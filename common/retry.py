@@ -18,10 +18,10 @@ log = structlog.get_logger("store")
 T = TypeVar("T")
 
 
-async def patiently(op: Callable[[], Awaitable[T]], patience_s: float, what: str) -> T:
+async def patiently(op: Callable[[], Awaitable[T]], patience_s: float, what: str, log_as: str = "store_retry") -> T:
     """Run `op`, retrying with backoff (0.5 s doubling to 10 s) until it succeeds or `patience_s`
-    passes. A conditional write that lost to another writer is an answer, not an outage: it is
-    raised at once."""
+    passes, logging each retry as `log_as`. A conditional write that lost to another writer is an
+    answer, not an outage: it is raised at once."""
     deadline = time.monotonic() + patience_s
     delay = 0.5
     while True:
@@ -32,6 +32,6 @@ async def patiently(op: Callable[[], Awaitable[T]], patience_s: float, what: str
         except Exception as exc:
             if time.monotonic() + delay > deadline:
                 raise
-            log.warning("store_retry", operation=what, error=str(exc) or type(exc).__name__, retry_in_s=delay)
+            log.warning(log_as, operation=what, error=str(exc) or type(exc).__name__, retry_in_s=delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 10.0)

@@ -107,8 +107,17 @@ class JobReporter:
                     raise
             self._unconfirmed = None
             self.record = record
-            await self._publish(JobEvent.from_record(record))
+            if record.status.is_terminal:
+                await self._publish_end(JobEvent.from_record(record))
+            else:
+                await self._publish(JobEvent.from_record(record))
             return record
+
+    async def _publish_end(self, event: JobEvent) -> None:
+        """The job's end is in the record: its event must go out too, or live streams and webhooks
+        never see it (a delivery of the job that finds it ended publishes nothing). Tried again,
+        with backoff, through a broker outage of up to the store patience."""
+        await patiently(lambda: self._publish(event), self._patience_s, "publish_end", log_as="event_publish_retry")
 
     def _is_cancel_request(self, found: JobRecord) -> bool:
         """Whether `found` is this run's last record (written, or maybe written) with only a

@@ -173,3 +173,22 @@ async def test_any_other_change_by_somebody_else_is_still_refused(published) -> 
     )
     with pytest.raises(RecordChanged):
         await reporter.update(phase=Phase.DENOISING, step=1)
+
+
+async def test_the_end_of_a_job_is_published_through_a_short_broker_outage(published) -> None:
+    """The end is in the record: a delivery of the job that finds it ended publishes nothing, so
+    the reporter itself tries the end's event again (progress events are not worth it)."""
+    store, failures = FakeStore(), []
+    queued = queued_record()
+    await store.put_record(queued)
+
+    async def publish(event):
+        if event.status.is_terminal and len(failures) < 2:
+            failures.append(event.seq)
+            raise ConnectionError("broker connection lost")
+        published.append(event)
+
+    reporter = JobReporter(queued, store.etag(queued), store, publish, store_patience_s=5.0)
+    await reporter.update(status=JobStatus.RUNNING, phase=Phase.LOADING, attempts=1, worker="worker-a")
+    await reporter.update(status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED, progress=1.0)
+    assert failures == [2, 2] and [e.status for e in published] == [JobStatus.RUNNING, JobStatus.SUCCEEDED]
