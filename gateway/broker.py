@@ -254,6 +254,10 @@ class GatewayBroker:
                     raise TimeoutError(name) from None
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.2)
+            except BaseException:  # any other failure (the connection dropped): no channel left open
+                with contextlib.suppress(Exception):
+                    await channel.close()
+                raise
         try:
             yield
         finally:
