@@ -542,7 +542,7 @@ class Worker:
         finish_started = time.perf_counter()
 
         _raise_if(cancel)  # asked during the last step or the decode: still no video
-        await _past_the_gpu(reporter, phase=Phase.ENCODING, progress=PROGRESS_AT[Phase.ENCODING])
+        await reporter.update(phase=Phase.ENCODING, progress=PROGRESS_AT[Phase.ENCODING])
         with tempfile.TemporaryDirectory(prefix="videogen-") as tmp:
             path = Path(tmp) / "video.mp4"
             started = time.perf_counter()
@@ -553,7 +553,7 @@ class Worker:
             encode_s = time.perf_counter() - started
 
             _raise_if(cancel)  # the last moment a cancel can still keep the video out of the store
-            await _past_the_gpu(reporter, phase=Phase.UPLOADING, progress=PROGRESS_AT[Phase.UPLOADING])
+            await reporter.update(phase=Phase.UPLOADING, progress=PROGRESS_AT[Phase.UPLOADING])
             started = time.perf_counter()
             key = output_key(job.job_id)
             await self._upload(key, path)
@@ -718,16 +718,6 @@ def _summarise(record: JobRecord) -> None:
         frames=output.num_frames if output else None,
         **{f"{name}_s": value for name, value in timings.items()},
     )
-
-
-async def _past_the_gpu(reporter: JobReporter, **changes: Any) -> None:
-    """A phase after the generation: once the job's delivery is lost it is not reported, and the
-    run goes on to its encode and upload, whose end is written only if the record is still as
-    this run left it (a copy of the job waiting here is then acknowledged without running)."""
-    try:
-        await reporter.update(**changes)
-    except DeliveryLost:
-        pass
 
 
 def _raise_if(cancel: threading.Event) -> None:
