@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import io
+import random
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -327,7 +328,9 @@ class ObjectStore:
     ) -> tuple[JobRecord | None, bool]:
         """Read, change, write only if nobody wrote in between, else read again: (the record as
         it now is, whether `change` was written). `change` returns None to leave the record be."""
-        for _ in range(UPDATE_TRIES):
+        for attempt in range(UPDATE_TRIES):
+            if attempt:  # a worker writing at every step: let it, then read again (at most ~1.5 s in all)
+                await asyncio.sleep(random.uniform(0.5, 1.0) * min(0.01 * 2**attempt, 0.3))
             found = await self.get_record_tagged(job_id)
             if found is None:
                 return None, False

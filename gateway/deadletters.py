@@ -32,10 +32,10 @@ def explain(job: JobMessage, reason: str, death: dict[str, Any], registry: Regis
 
 
 def _ended_by_an_earlier_try(record: JobRecord, error: JobError) -> bool:
-    """The record ends with this very failure: an earlier try of this message wrote it, and its
-    publish (or what came after) failed, so the message came back. Its event goes out again (a
-    subscriber has it at most twice, with one `seq`: streams skip it, webhook receivers know the
-    `webhook-id`)."""
+    """The record ends with this very failure: most likely an earlier try of this message wrote it,
+    and its publish (or what came after) failed, so the message came back (or a worker failed the
+    job with the same expiry just before the check came). Its event goes out again: a subscriber
+    may get it twice, with one `seq` (streams skip it, webhook receivers know the `webhook-id`)."""
     return record.status == JobStatus.FAILED and record.error == error
 
 

@@ -7,6 +7,7 @@ the last event seen; SSE also honours the `Last-Event-ID` header its clients sen
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -33,10 +34,13 @@ async def job_events(request: web.Request) -> web.WebSocketResponse:
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-            if stream.overflowed:  # 1013, try again later: resume with `since`
-                await ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=b"too far behind; reconnect with since")
-            else:
-                await ws.close()
+            # Bounded: a client that stopped taking data would hold the close handshake for ever.
+            with contextlib.suppress(TimeoutError):
+                if stream.overflowed:  # 1013, try again later: resume with `since`
+                    too_far = b"too far behind; reconnect with since"
+                    await asyncio.wait_for(ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=too_far), 10)
+                else:
+                    await asyncio.wait_for(ws.close(), 10)
         return ws
 
 

@@ -368,9 +368,10 @@ class Worker:
         """The channel the job's message came on closed (the connection dropped, the broker
         restarted): the broker has put the job back in its queue, and another worker (or this
         one, once this run has ended) may be running it already. From here this run reports no
-        progress; if it is still denoising it stops at the next step. A run past the GPU finishes
-        its encode and upload and writes its end only if the record is still as it left it
-        (JobReporter), so a copy that finds it ended is acknowledged without running again."""
+        progress: if it is still denoising it stops at the next step, if it is decoding or
+        encoding at its next phase write. A run already uploading finishes its upload and writes
+        its end only if the record is still as it left it (JobReporter), so a copy that finds it
+        ended is acknowledged without running again."""
         if job_id not in self._lost:
             self._lost.add(job_id)
             log.warning("job_delivery_lost", job_id=job_id)
@@ -543,6 +544,7 @@ class Worker:
 
         _raise_if(cancel)  # asked during the last step or the decode: still no video
         await reporter.update(phase=Phase.ENCODING, progress=PROGRESS_AT[Phase.ENCODING])
+        _raise_if(cancel)  # a cancel marked on the record, found by that write
         with tempfile.TemporaryDirectory(prefix="videogen-") as tmp:
             path = Path(tmp) / "video.mp4"
             started = time.perf_counter()
@@ -554,6 +556,7 @@ class Worker:
 
             _raise_if(cancel)  # the last moment a cancel can still keep the video out of the store
             await reporter.update(phase=Phase.UPLOADING, progress=PROGRESS_AT[Phase.UPLOADING])
+            _raise_if(cancel)  # a cancel marked on the record, found by that write
             started = time.perf_counter()
             key = output_key(job.job_id)
             await self._upload(key, path)

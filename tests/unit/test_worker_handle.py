@@ -251,6 +251,31 @@ async def test_a_job_cancelled_while_it_ran_elsewhere_ends_cancelled_when_delive
     assert [e.status for e in published] == [JobStatus.CANCELLED]
 
 
+async def test_a_cancel_marked_on_the_record_while_encoding_stops_the_job_before_its_upload(worker) -> None:
+    """The broadcast did not reach this worker; the gateway's mark on the record did, at the
+    worker's next write (phase uploading): nothing is uploaded."""
+    w, store, runner, published = worker
+    runner.calls = 1  # past the out-of-memory call
+    uploads = []
+    write = store.replace_record
+
+    async def mark_after_the_encoding_write(record, etag):
+        written = await write(record, etag)
+        if record.phase == Phase.ENCODING:  # the gateway's cancel arrives now
+            store.records[record.job_id] = record.model_copy(update={"cancel_requested_at": record.updated_at})
+        return written
+
+    async def put_file(key, path, content_type):
+        uploads.append(key)
+
+    store.replace_record, store.put_file = mark_after_the_encoding_write, put_file
+    message = FakeMessage(encode(job("m")))
+    await w.handle(message, w.run_job)
+    record = store.records["m"]
+    assert message.settled == ["ack"] and uploads == []
+    assert record.status == JobStatus.CANCELLED and record.cancel_requested_at is not None
+
+
 async def test_store_trouble_longer_than_the_patience_hands_the_job_back(worker, monkeypatch) -> None:
     w, store, *_ = worker
     monkeypatch.setattr("worker.worker.REQUEUE_DELAY_S", 0.0)
@@ -465,6 +490,10 @@ async def test_a_job_whose_delivery_is_lost_while_denoising_stops_and_writes_not
     run = asyncio.create_task(w.handle(messages["a"], w.run_job))
     await asyncio.wait_for(runner.first_step.wait(), 10)
     messages["a"]._channel.close()
+    for _ in range(1000):  # the worker learns of the closed channel on the event loop
+        if "a" in w._lost:
+            break
+        await asyncio.sleep(0.01)
     runner.go_on.set()
     await asyncio.wait_for(run, 10)
     record = store.records["a"]
