@@ -50,8 +50,10 @@ def record_key(job_id: str) -> str:
     return f"jobs/{job_id}/job.json"
 
 
-def output_key(job_id: str) -> str:
-    return f"jobs/{job_id}/video.mp4"
+def output_key(job_id: str, attempt: int = 1) -> str:
+    """Where a run uploads the job's video: one key per attempt (the first `video.mp4`), so a run
+    whose delivery was lost never replaces the video of the run that took the job over."""
+    return f"jobs/{job_id}/video.mp4" if attempt <= 1 else f"jobs/{job_id}/video-{attempt}.mp4"
 
 
 # Index entries sort newest first: S3 lists keys in ascending order, so the time is inverted.

@@ -177,7 +177,7 @@ async def delete_video(request: web.Request) -> web.Response:
         store = request.app[STORE]
         await store_call(store.put_record(record.model_copy(update={"deleted_at": utcnow(), "output": None})))
         keys = [
-            output_key(record.job_id),
+            record.output.key if record.output else output_key(record.job_id),
             *record.inputs.values(),
             index_key(record.job_id, record.model, record.created_at, record.owner),
         ]

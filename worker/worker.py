@@ -558,13 +558,12 @@ class Worker:
             await reporter.update(phase=Phase.UPLOADING, progress=PROGRESS_AT[Phase.UPLOADING])
             _raise_if(cancel)  # a cancel marked on the record, found by that write
             started = time.perf_counter()
-            key = output_key(job.job_id)
+            key = output_key(job.job_id, reporter.record.attempts)  # this run's own
             await self._upload(key, path)
             upload_s = time.perf_counter() - started
             size = path.stat().st_size
         if cancel.is_set():  # asked during the upload: the job ends cancelled, its video removed
-            if job.job_id not in self._lost:  # else the key may hold the video of the job's new run
-                await self._remove_output(key)
+            await self._remove_output(key, "cancelled")
             raise JobCancelled()
 
         frames, height, width = generated.frames.shape[:3]
@@ -579,13 +578,17 @@ class Worker:
             encode=round(encode_s, 3),
             upload=round(upload_s, 3),
         )
-        await reporter.update(
-            status=JobStatus.SUCCEEDED,
-            phase=Phase.SUCCEEDED,
-            progress=1.0,
-            output=JobOutput(key=key, bytes=size, num_frames=frames, width=width, height=height, fps=params.fps),
-            timings=timings,
-        )
+        try:
+            await reporter.update(
+                status=JobStatus.SUCCEEDED,
+                phase=Phase.SUCCEEDED,
+                progress=1.0,
+                output=JobOutput(key=key, bytes=size, num_frames=frames, width=width, height=height, fps=params.fps),
+                timings=timings,
+            )
+        except (DeliveryLost, EndedElsewhere):  # another run owns the job, or it ended: not this video
+            await self._remove_output(key, "ended_elsewhere")
+            raise
 
     async def _memory_plan(self, spec: ModelSpec, mode: str, params: GenerationParams) -> MemoryPlan | None:
         """The preflight again, for this worker's GPU: pick the plan, arrange the pipeline for it."""
@@ -664,11 +667,12 @@ class Worker:
         """Upload, waiting out a store outage; if it outlasts the patience, the job is handed back."""
         await patiently(lambda: self._store.put_file(key, path, "video/mp4"), self.settings.store_patience_s, "upload")
 
-    async def _remove_output(self, key: str) -> None:
+    async def _remove_output(self, key: str, why: str) -> None:
+        """Remove a video this run uploaded that no record will name."""
         try:
             await self._store.delete(key)
-        except Exception as exc:  # the job still ends cancelled; the bucket's retention removes it later
-            log.warning("cancelled_output_not_removed", key=key, error=f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # the job ends all the same; the bucket's retention removes it later
+            log.warning("output_not_removed", key=key, why=why, error=f"{type(exc).__name__}: {exc}")
 
     async def _publish_event(self, event: JobEvent) -> None:
         assert self._events is not None

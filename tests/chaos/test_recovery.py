@@ -48,7 +48,8 @@ async def test_worker_killed_mid_job_the_job_finishes_on_another_worker(stack, h
     assert seqs == list(range(len(seqs))), "one unbroken event sequence across both workers"
     assert sum(f["status"] == "succeeded" for f in frames + rest) == 1
     assert [f["progress"] for f in frames + rest] == sorted(f["progress"] for f in frames + rest)
-    assert _objects(stack, job_id) == {f"jobs/{job_id}/job.json", f"jobs/{job_id}/video.mp4"}
+    # The second attempt's video, under its own key; the killed run never uploaded.
+    assert _objects(stack, job_id) == {f"jobs/{job_id}/job.json", f"jobs/{job_id}/video-2.mp4"}
     tally.count(record["status"], _videos(stack, job_id), sum(f["status"] == "succeeded" for f in frames + rest))
     assert tally.lost == tally.duplicated == 0
 

@@ -276,6 +276,19 @@ async def test_a_cancel_marked_on_the_record_while_encoding_stops_the_job_before
     assert record.status == JobStatus.CANCELLED and record.cancel_requested_at is not None
 
 
+async def test_a_job_run_again_after_a_crash_uploads_its_video_under_its_own_attempt(worker) -> None:
+    w, store, runner, _ = worker
+    runner.calls = 1  # past the out-of-memory call
+    crashed = _record_from(job("c2")).advance(status=JobStatus.RUNNING, attempts=1, worker="worker-gone")
+    store.records["c2"] = crashed
+    await w.handle(FakeMessage(encode(job("c2"))), w.run_job)
+    record = store.records["c2"]
+    assert record.status == JobStatus.SUCCEEDED and record.attempts == 2
+    assert record.output.key == output_key("c2", 2) == "jobs/c2/video-2.mp4" and list(store.objects) == [
+        record.output.key
+    ]
+
+
 async def test_store_trouble_longer_than_the_patience_hands_the_job_back(worker, monkeypatch) -> None:
     w, store, *_ = worker
     monkeypatch.setattr("worker.worker.REQUEUE_DELAY_S", 0.0)
@@ -528,25 +541,30 @@ async def test_a_job_lost_while_uploading_leaves_its_end_to_the_worker_that_took
     # Another worker takes the job back from the queue and starts it (attempt 2).
     mine = store.records["a"]
     store.records["a"] = mine.advance(attempts=2, worker="worker-other")
+    store.objects[output_key("a", 2)] = b"the other run's video"
     store.let_a_finish.set()
     await asyncio.wait_for(run, 10)
     assert store.records["a"].worker == "worker-other" and store.records["a"].status == JobStatus.RUNNING
+    # This run's video went to its own attempt's key, and is removed: the other run's stays.
+    assert list(store.objects) == [output_key("a", 2)]
     assert not [e for e in published if e.status.is_terminal] and messages["a"].settled == []
 
 
-async def test_a_cancel_during_the_upload_of_a_lost_job_leaves_the_video_to_the_run_that_took_it_over() -> None:
-    """The job went back to its queue during the upload and another worker ran it (same video key):
-    a cancel that reaches this worker then must not remove that run's video."""
+async def test_a_cancel_during_the_upload_of_a_lost_job_leaves_the_video_of_the_run_that_took_it_over() -> None:
+    """The job went back to its queue during the upload and another worker ran it (attempt 2,
+    its own video key): a cancel that reaches this worker removes this run's video only."""
     runner, store = RecordingRunner(asyncio.get_running_loop()), HeldStore()
     w, messages, _ = dispatching_worker(runner, store, "a")
     run = asyncio.create_task(w.handle(messages["a"], w.run_job))
     await asyncio.wait_for(store.upload_of_a_started.wait(), 10)
     messages["a"]._channel.close()
     store.records["a"] = store.records["a"].advance(attempts=2, worker="worker-other")
+    store.objects[output_key("a", 2)] = b"the other run's video"
     await w._on_control(FakeControl(encode(CancelMessage(job_id="a"))))
     store.let_a_finish.set()
     await asyncio.wait_for(run, 10)
-    assert output_key("a") in store.objects and messages["a"].settled == []
+    assert output_key("a", 2) in store.objects and output_key("a") not in store.objects
+    assert messages["a"].settled == []
 
 
 @pytest.mark.parametrize("storage", ["http", "xet"])
