@@ -35,12 +35,11 @@ async def job_events(request: web.Request) -> web.WebSocketResponse:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
             # Bounded: a client that stopped taking data would hold the close handshake for ever.
+            code, reason = (WSCloseCode.OK, b"")
+            if stream.overflowed:  # 1013, try again later: resume with `since`
+                code, reason = (WSCloseCode.TRY_AGAIN_LATER, b"too far behind; reconnect with since")
             with contextlib.suppress(TimeoutError):
-                if stream.overflowed:  # 1013, try again later: resume with `since`
-                    too_far = b"too far behind; reconnect with since"
-                    await asyncio.wait_for(ws.close(code=WSCloseCode.TRY_AGAIN_LATER, message=too_far), 10)
-                else:
-                    await asyncio.wait_for(ws.close(), 10)
+                await asyncio.wait_for(ws.close(code=code, message=reason), 10)
         return ws
 
 

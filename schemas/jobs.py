@@ -187,7 +187,8 @@ class JobRecord(BaseModel):
     events: list[EventEntry] = Field(default_factory=list, description="Every event so far, by seq.")
 
     def advance(self, **changes: Any) -> JobRecord:
-        """The next state: seq + 1, progress never lower, the change appended to the history."""
+        """The next state: seq + 1, progress never lower (and to four decimals: 0.9 x 9 / 20 is
+        0.405, not 0.40499999999999997), the change appended to the history."""
         now = utcnow()
         changes.setdefault("eta_s", None)  # an estimate holds only for the event that carries it
         if changes.get("status", self.status).is_terminal:
@@ -199,7 +200,7 @@ class JobRecord(BaseModel):
                 **changes,
                 "seq": self.seq + 1,
                 "updated_at": now,
-                "progress": max(self.progress, changes.get("progress", self.progress)),
+                "progress": round(max(self.progress, changes.get("progress", self.progress)), 4),
             }
         )
         updated.events = [*self.events, updated.last_event()]

@@ -513,7 +513,7 @@ class Worker:
                 phase=Phase.DENOISING,
                 step=step,
                 total_steps=total,
-                progress=round(DENOISE_SHARE * step / total, 4),
+                progress=DENOISE_SHARE * step / total,
                 eta_s=eta.step(step, total),
             )
             if step == total:
@@ -651,7 +651,7 @@ class Worker:
         )
 
         def on_progress(done: int, total: int) -> None:
-            reporter.update_threadsafe(progress=round(0.99 * done / total, 4), message=f"{done} of {total} files")
+            reporter.update_threadsafe(progress=0.99 * done / total, message=f"{done} of {total} files")
 
         try:
             summary = await in_daemon_thread(
