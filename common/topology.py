@@ -145,6 +145,11 @@ class Topology:
     def event_key(job_id: str, status: str) -> str:
         return f"job.{job_id}.{status}"
 
+    @staticmethod
+    def dropped_key(job_id: str) -> str:
+        """Routing key of a JobDropped notice on the events exchange (not matched by `job.#`)."""
+        return f"dropped.{job_id}"
+
     async def declare_control(self, channel: AbstractChannel) -> AbstractExchange:
         return await channel.declare_exchange(self.control_exchange, aio_pika.ExchangeType.FANOUT, durable=True)
 

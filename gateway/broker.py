@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -16,8 +17,18 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 
 from common.topology import DOWNLOAD_KEY, Topology, connect, to_amqp
 from gateway.events import EventHub
-from schemas.jobs import PRIORITIES, Priority
-from schemas.messages import CancelMessage, DecodeError, ExpiryCheck, JobAvailable, JobEvent, JobMessage, decode
+from schemas.jobs import PRIORITIES, GenerationParams, JobRecord, Priority
+from schemas.messages import (
+    CancelMessage,
+    DecodeError,
+    ExpiryCheck,
+    JobAvailable,
+    JobDropped,
+    JobEvent,
+    JobMessage,
+    decode,
+    left_in_queue,
+)
 
 log = structlog.get_logger("gateway.broker")
 
@@ -38,6 +49,9 @@ class QueueStats:
     messages: int  # waiting, all priorities together
     consumers: int  # workers taking from the queue(s)
     waiting: dict[str, int] = field(default_factory=dict)  # by priority (model queues only)
+    # Messages of jobs that ended before a worker started them, still in the queues: in none of
+    # the figures above.
+    ended: int = 0
 
     def ahead_of(self, priority: Priority) -> int:
         """Jobs a new job of this priority would wait behind: those at the same or a higher one."""
@@ -50,7 +64,64 @@ class QueueStats:
         if not any(queued.values()):
             return self
         waiting = {p: n + queued.get(p, 0) for p, n in self.waiting.items()}
-        return QueueStats(messages=sum(waiting.values()), consumers=self.consumers, waiting=waiting)
+        return QueueStats(messages=sum(waiting.values()), consumers=self.consumers, waiting=waiting, ended=self.ended)
+
+    def without(self, ended: dict[str, int]) -> QueueStats:
+        """These figures (counting every message) less the messages of ended jobs, by priority."""
+        if not any(ended.values()):
+            return self
+        waiting = {p: max(0, n - ended.get(p, 0)) for p, n in self.waiting.items()}
+        live = sum(waiting.values())
+        return QueueStats(messages=live, consumers=self.consumers, waiting=waiting, ended=self.messages - live)
+
+
+class EndedInQueue:
+    """The messages of jobs that ended before any worker started them (cancelled, or expired,
+    while queued), which stay in the model's queue until a worker takes them and drops them.
+
+    A gateway learns of them from the jobs' terminal events (every gateway receives every event)
+    and of their leaving from the JobDropped notice of the worker that dropped them, in either
+    order. It knows only those that ended since it started: older ones count as waiting jobs
+    (figures err high). A notice that never arrives (the broker was down) leaves an entry for a
+    message no longer queued (figures err low by one); since a queue cannot hold more ended
+    jobs than messages, each read of a queue trims its oldest entries down to the queue's
+    length, which clears such entries at the latest when the queue is empty (as it does an
+    entry for a job that expired because the gateway that accepted it died before publishing
+    it)."""
+
+    def __init__(self, memory: int = 100_000) -> None:
+        self._memory = memory
+        self._ended: dict[tuple[str, str], OrderedDict[str, None]] = {}  # (model, priority) -> job ids
+        self._dropped: OrderedDict[str, None] = OrderedDict()  # dropped before their end was seen
+
+    def saw_end(self, record: JobRecord) -> None:
+        if not left_in_queue(record):
+            return
+        if self._dropped.pop(record.job_id, False) is not False:
+            return  # its worker dropped it already
+        assert isinstance(record.params, GenerationParams)
+        self._add(self._ended.setdefault((record.model, record.params.priority), OrderedDict()), record.job_id)
+
+    def dropped(self, notice: JobDropped) -> None:
+        ids = self._ended.get((notice.model, notice.priority))
+        if ids is not None and ids.pop(notice.job_id, False) is not False:
+            return
+        self._add(self._dropped, notice.job_id)
+
+    def counts(self, model: str) -> dict[str, int]:
+        return {p: len(self._ended.get((model, p), ())) for p in PRIORITIES}
+
+    def trim(self, model: str, waiting: dict[str, int]) -> None:
+        """A queue read just now holds `waiting[p]` messages: no more of them can be ended jobs."""
+        for priority, messages in waiting.items():
+            ids = self._ended.get((model, priority))
+            while ids and len(ids) > messages:
+                ids.popitem(last=False)
+
+    def _add(self, ids: OrderedDict[str, None], job_id: str) -> None:
+        ids[job_id] = None
+        while len(ids) > self._memory:
+            ids.popitem(last=False)
 
 
 @dataclass
@@ -79,6 +150,7 @@ class GatewayBroker:
         self._waking: set[str] = set()  # models with a JobAvailable being sent
         self._wake_again: set[str] = set()  # ... and another job queued meanwhile
         self._tasks: set[asyncio.Task[None]] = set()
+        self.ended = EndedInQueue()
 
     async def start(
         self,
@@ -104,6 +176,7 @@ class GatewayBroker:
         consume_channel = await self._connection.channel()
         queue = await consume_channel.declare_queue(exclusive=True, auto_delete=True)
         await queue.bind(self._topology.events_exchange, routing_key="job.#")
+        await queue.bind(self._topology.events_exchange, routing_key=Topology.dropped_key("#"))
         await queue.consume(self._on_event, no_ack=True)
 
         # Gateways share the dead-letter notifications: each dead job is handled once.
@@ -216,22 +289,29 @@ class GatewayBroker:
             await asyncio.shield(read)
             recent = self._recent[model]
         queued = self._queued.get(model, {})
-        return recent.stats.plus({p: n - recent.queued_before.get(p, 0) for p, n in queued.items()})
+        since = recent.stats.plus({p: n - recent.queued_before.get(p, 0) for p, n in queued.items()})
+        return since.without(self.ended.counts(model))
 
     async def _read_stats(self, model: str, at: float) -> None:
         # Jobs this gateway queues while the read is under way may be counted twice: the figures
         # err high, never low, until the next read.
         before = dict(self._queued.get(model, {}))
         try:
-            self._recent[model] = _RecentStats(await self.model_stats(model), at, before)
+            self._recent[model] = _RecentStats(await self._read_model_queues(model), at, before)
         finally:
             if self._reads.get(model) is asyncio.current_task():
                 del self._reads[model]
 
     async def model_stats(self, model_id: str) -> QueueStats:
-        """Jobs waiting for a model, by priority, and the workers serving it (passive declares)."""
+        """Jobs waiting for a model, by priority, and the workers serving it (passive declares);
+        the messages of jobs that ended while queued are counted apart (`ended`)."""
+        return (await self._read_model_queues(model_id)).without(self.ended.counts(model_id))
+
+    async def _read_model_queues(self, model_id: str) -> QueueStats:
+        """Every message in the model's queues, by priority, and the workers serving it."""
         waiting = {p: (await self.stats_of(self._topology.job_queue(model_id, p))).messages for p in PRIORITIES}
         workers = (await self.stats_of(self._topology.workers_queue(model_id))).consumers
+        self.ended.trim(model_id, waiting)
         return QueueStats(messages=sum(waiting.values()), consumers=workers, waiting=waiting)
 
     @asynccontextmanager
@@ -283,7 +363,11 @@ class GatewayBroker:
             log.warning("bad_event", reason=exc.reason)
             return
         if isinstance(event, JobEvent):
+            if event.job is not None:
+                self.ended.saw_end(event.job)
             self._hub.publish(event)
+        elif isinstance(event, JobDropped):
+            self.ended.dropped(event)
 
     async def _on_expiry_due(self, message: AbstractIncomingMessage, handler: ExpiryHandler) -> None:
         await _settle(message, ExpiryCheck, handler)

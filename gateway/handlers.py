@@ -22,6 +22,7 @@ from common.retry import patiently
 from common.store import index_key, input_key
 from gateway import idempotency, quota
 from gateway.auth import owner_of, require_admin
+from gateway.broker import QueueStats
 from gateway.errors import ApiError, bad_field, store_call, store_unavailable, validation_error
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE, SUBMISSIONS
@@ -51,6 +52,9 @@ log = structlog.get_logger("gateway")
 
 # How long a submission keeps trying to store its Idempotency-Key's record through store errors.
 REMEMBER_PATIENCE_S = 5.0
+# A model's queues may hold this many times its max_queue_depth in all, counting the messages of
+# jobs that ended while queued (see _queue_full).
+ENDED_ALLOWANCE = 10
 _JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 # Mode → (request model, name of its file input or None).
@@ -482,16 +486,19 @@ async def _enqueue(
     # err high: a queue looks full only if a fresh read says so too).
     stats = await _stats_or_none(broker, message)
     spec = app[REGISTRY].get(params.model)
-    full = stats is not None and mode != "download" and stats.messages >= spec.max_queue_depth
+    full = mode != "download" and _queue_full(stats, spec.max_queue_depth) is not None
     if full:
         stats = await _stats_or_none(broker, message, fresh=True)
-    if full and stats is not None and stats.messages >= spec.max_queue_depth:
+    if full and (why := _queue_full(stats, spec.max_queue_depth)) is not None:
         # Refuse now rather than accept work that would wait for hours (or expire).
-        log.warning("queue_full", model=params.model, waiting=stats.messages, limit=spec.max_queue_depth)
+        assert stats is not None
+        log.warning(
+            "queue_full", model=params.model, waiting=stats.messages, ended=stats.ended, limit=spec.max_queue_depth
+        )
         raise ApiError(
             503,
             "queue_full",
-            f"{stats.messages} jobs are waiting for model {params.model!r} (limit {spec.max_queue_depth}); retry later",
+            f"{why} for model {params.model!r}; retry later",
             headers={"Retry-After": str(_retry_after(stats))},
         )
     record = JobRecord(
@@ -568,6 +575,23 @@ def _max_queue_s(app: web.Application, params: GenerationParams | DownloadParams
 
 def _priority(params: GenerationParams | DownloadParams) -> Priority:
     return params.priority if isinstance(params, GenerationParams) else "normal"
+
+
+def _queue_full(stats: QueueStats | None, max_queue_depth: int) -> str | None:
+    """Why a model's queues take no more jobs, or None. Messages of jobs that ended while queued
+    (which wait there until a worker drops them) do not count towards `max_queue_depth`, but all
+    messages together may be at most ENDED_ALLOWANCE times that: for a model that no worker
+    serves nothing drops them."""
+    if stats is None:
+        return None
+    if stats.messages >= max_queue_depth:
+        return f"{stats.messages} jobs are waiting (limit {max_queue_depth})"
+    if stats.messages + stats.ended >= ENDED_ALLOWANCE * max_queue_depth:
+        return (
+            f"{stats.messages + stats.ended} messages are in the queues, {stats.ended} of them of jobs that ended "
+            f"before a worker took them, which no worker has dropped yet (limit {ENDED_ALLOWANCE * max_queue_depth})"
+        )
+    return None
 
 
 def _retry_after(stats: Any) -> int:

@@ -24,6 +24,11 @@ LATENCY = Histogram(
 )
 SUBMITTED = Counter("videogen_jobs_submitted_total", "Jobs accepted (202)", ["model", "mode", "priority"])
 QUEUE_DEPTH = Gauge("videogen_queue_depth", "Jobs waiting for a worker", ["model", "priority"])
+ENDED_IN_QUEUE = Gauge(
+    "videogen_queue_ended_messages",
+    "Messages of jobs that ended while queued (cancelled, expired), still in a model's queues until a worker drops them",
+    ["model"],
+)
 WORKERS = Gauge("videogen_workers", "Workers serving a model", ["model"])
 STREAMS = Gauge("videogen_event_streams", "WebSocket and SSE clients connected to this gateway")
 BROKER_UP = Gauge("videogen_broker_connected", "1 while the gateway's broker connection is up")
@@ -78,4 +83,5 @@ async def metrics(request: web.Request) -> web.Response:
             for priority in PRIORITIES:
                 QUEUE_DEPTH.labels(model_id, priority).set(stats.waiting.get(priority, 0))
             WORKERS.labels(model_id).set(stats.consumers)
+            ENDED_IN_QUEUE.labels(model_id).set(stats.ended)
     return web.Response(body=generate_latest(), headers={"Content-Type": CONTENT_TYPE_LATEST})

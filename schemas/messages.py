@@ -8,7 +8,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field, TypeAdapter, ValidationError
 
-from schemas.jobs import DownloadParams, EventEntry, GenerationParams, JobRecord, Mode, utcnow
+from schemas.jobs import DownloadParams, EventEntry, GenerationParams, JobRecord, JobStatus, Mode, Priority, utcnow
 
 SCHEMA_VERSION = 1
 
@@ -80,6 +80,31 @@ class JobAvailable(EnvelopeHeader):
     model: str
 
 
+class JobDropped(EnvelopeHeader):
+    """Worker → gateways (events exchange, `dropped.<job_id>`): this worker took the message of a
+    job that ended before any worker started it (cancelled or expired while queued) off its queue.
+
+    Gateways do not count such messages as waiting jobs (`queue_depth`, `queue_position`,
+    `max_queue_depth`) while they sit in a queue; this notice tells them one has left.
+    """
+
+    type: Literal["job.dropped"] = "job.dropped"
+    job_id: str
+    model: str
+    priority: Priority
+
+
+def left_in_queue(record: JobRecord) -> bool:
+    """Whether this ended job's message went into a model's queue and no worker took it to run:
+    a generation job without an attempt, cancelled or expired (the other ends without an attempt
+    come from a job whose message never reached a queue, or left it dead-lettered). A worker
+    sends JobDropped for such a job when it takes the message off its queue."""
+    if record.mode == "download" or record.attempts or not isinstance(record.params, GenerationParams):
+        return False
+    expired = record.status == JobStatus.FAILED and record.error is not None and record.error.code == "expired"
+    return record.status == JobStatus.CANCELLED or expired
+
+
 class ExpiryCheck(EnvelopeHeader):
     """Gateway → itself, delayed by the model's max_queue_s (a download's: the gateway's
     download_max_queue_s): fail the job if it still has not started."""
@@ -91,7 +116,7 @@ class ExpiryCheck(EnvelopeHeader):
     download: bool = False
 
 
-Message = JobMessage | JobEvent | CancelMessage | JobAvailable | ExpiryCheck
+Message = JobMessage | JobEvent | CancelMessage | JobAvailable | JobDropped | ExpiryCheck
 _envelope = TypeAdapter(Annotated[Message, Field(discriminator="type")])
 
 

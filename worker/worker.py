@@ -48,7 +48,16 @@ from schemas.jobs import (
     PhaseSeconds,
     utcnow,
 )
-from schemas.messages import CancelMessage, DecodeError, JobAvailable, JobEvent, JobMessage, decode
+from schemas.messages import (
+    CancelMessage,
+    DecodeError,
+    JobAvailable,
+    JobDropped,
+    JobEvent,
+    JobMessage,
+    decode,
+    left_in_queue,
+)
 from schemas.registry import ModelSpec, Registry
 from worker.download import DownloadFailed, abort_transfers, download
 from worker.encode import encode_mp4
@@ -388,6 +397,7 @@ class Worker:
                 # A redelivery of a job that already ended: never run it twice.
                 log.info("job_already_finished", status=record.status)
                 await message.ack()
+                await self._tell_dropped(record)
                 return
             reporter = JobReporter(
                 record,
@@ -405,10 +415,12 @@ class Worker:
                 await reporter.flush()
                 log.info("job_ended_elsewhere", status=exc.record.status)
                 await message.ack()
+                await self._tell_dropped(exc.record)
                 return
             await message.ack()
             self.jobs_done += 1
             _summarise(reporter.record)
+            await self._tell_dropped(reporter.record)
         except Exception as exc:
             if job.job_id in self._lost:  # whatever this run was doing, the job is queued again
                 with contextlib.suppress(Exception):
@@ -673,6 +685,20 @@ class Worker:
             await self._store.delete(key)
         except Exception as exc:  # the job ends all the same; the bucket's retention removes it later
             log.warning("output_not_removed", key=key, why=why, error=f"{type(exc).__name__}: {exc}")
+
+    async def _tell_dropped(self, record: JobRecord) -> None:
+        """The message just acknowledged was of a job that ended before any worker started it:
+        tell the gateways it has left its queue (they stop counting it apart). Best effort: a
+        gateway that misses it counts one waiting job too few until it reads the queue with
+        fewer messages than it counts ended (at the latest when the queue is empty)."""
+        if not left_in_queue(record):
+            return
+        assert self._events is not None and isinstance(record.params, GenerationParams)
+        notice = JobDropped(job_id=record.job_id, model=record.model, priority=record.params.priority)
+        try:
+            await self._events.publish(to_amqp(notice), routing_key=Topology.dropped_key(record.job_id))
+        except Exception as exc:
+            log.warning("dropped_notice_not_sent", error=f"{type(exc).__name__}: {exc}")
 
     async def _publish_event(self, event: JobEvent) -> None:
         assert self._events is not None

@@ -5,10 +5,14 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
+from typing import Any
 
+import aio_pika
 import aiohttp
 import pytest
 
+from common.topology import Topology, to_amqp
+from schemas.messages import JobDropped, decode
 from tests.helpers import (
     bucket_of,
     client,
@@ -19,6 +23,7 @@ from tests.helpers import (
     png_bytes,
     s3_client,
     submit,
+    until,
     watch,
 )
 from worker.encode import probe_mp4
@@ -283,6 +288,58 @@ async def test_a_full_queue_refuses_new_jobs_with_503_and_retry_after(stack, htt
         payload = await response.json()
         assert response.status == 503 and payload["error"]["code"] == "queue_full"
         assert int(response.headers["Retry-After"]) >= 5
+
+
+async def test_jobs_that_ended_while_queued_do_not_fill_the_queue(stack, http, amqp_url) -> None:
+    """Their messages stay in the queue until a worker drops them (none serves this model): the
+    gateway counts them apart, and a worker's drop notice tells it when one has left."""
+    from tests.conftest import EXTRA_MODELS, delete_test_namespace
+
+    namespace = f"{stack.env['VIDEOGEN_BROKER_NAMESPACE']}-ended"  # queues of this test's own
+    overrides = json.dumps({**EXTRA_MODELS, "ltx-video": {"max_queue_depth": 2}})
+    gateway, _ = stack.start_gateway(
+        "gateway-ended-in-queue", VIDEOGEN_BROKER_NAMESPACE=namespace, VIDEOGEN_MODEL_OVERRIDES=overrides
+    )
+    body = {"prompt": "p", "model": "ltx-video", "width": 256, "height": 256, "num_frames": 9}
+
+    async def queue_depth() -> int:
+        _, info = await get_json(http, f"{gateway}/api/v1/model/info?model=ltx-video")
+        return info["queue_depth"]
+
+    try:
+        cancelled = [(await submit(http, gateway, body))["job_id"] for _ in range(2)]
+        for job_id in cancelled:
+            async with http.post(f"{gateway}/api/v1/jobs/{job_id}/cancel") as response:
+                assert response.status == 200
+        await until(lambda: _equals(queue_depth(), 0), what="cancelled jobs no longer counted")
+        later = [await submit(http, gateway, body) for _ in range(2)]
+        assert [(a["queue_depth"], a["queue_position"]) for a in later] == [(1, 0), (2, 1)]
+        async with http.post(f"{gateway}/api/v1/generate/text-to-video", json=body) as response:
+            assert response.status == 503 and (await response.json())["error"]["code"] == "queue_full"
+
+        # What a worker does with the first message: takes it, finds the job cancelled, acknowledges
+        # it and sends the drop notice. Until the notice arrives the gateway counts both cancelled
+        # jobs apart though one has left (one waiting job too few); after it, exactly.
+        connection = await aio_pika.connect(amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            topology = Topology(namespace)
+            queue = await channel.declare_queue(topology.job_queue("ltx-video"), passive=True)
+            message = await queue.get(no_ack=False)
+            assert decode(message.body).job_id == cancelled[0]
+            await message.ack()
+            events = await topology.declare_events(channel)
+            notice = JobDropped(job_id=cancelled[0], model="ltx-video", priority="normal")
+            await events.publish(to_amqp(notice), routing_key=Topology.dropped_key(cancelled[0]))
+        await until(lambda: _equals(queue_depth(), 2), what="drop notice received")
+        async with http.get(f"{gateway}/metrics") as response:
+            assert 'videogen_queue_ended_messages{model="ltx-video"} 1.0' in await response.text()
+    finally:
+        await delete_test_namespace(amqp_url, namespace)
+
+
+async def _equals(value: Any, expected: object) -> bool:
+    return await value == expected
 
 
 @pytest.mark.parametrize(

@@ -15,13 +15,15 @@ from common.topology import DOWNLOAD_KEY, Topology
 from gateway import broker as broker_module
 from gateway.broker import GatewayBroker, QueueStats
 from gateway.events import EventHub
-from schemas.jobs import DownloadParams
-from schemas.messages import ExpiryCheck, JobAvailable, JobMessage, decode
+from gateway.handlers import _queue_full
+from schemas.jobs import DownloadParams, JobError, JobStatus, Phase
+from schemas.messages import ExpiryCheck, JobAvailable, JobDropped, JobEvent, JobMessage, decode, encode
 from schemas.registry import load_registry
-from tests.helpers import tiny_params
+from tests.helpers import queued_record, tiny_params
 
 REGISTRY = load_registry()
 MODEL = "ltx-tiny"
+TOPOLOGY = Topology("unit")
 
 
 class FakeExchange:
@@ -45,25 +47,29 @@ class FakeChannel:
 
 
 class Queues:
-    """What the model's queues hold; each read takes one loop turn, like a round trip."""
+    """What the model's queues hold, as passive declarations tell (`stats_of`); each takes one
+    loop turn, like a round trip. `reads` counts reads of the model's figures (its last queue)."""
 
     def __init__(self) -> None:
         self.waiting = {"high": 0, "normal": 0, "low": 0}
         self.reads = 0
+        self._names = {TOPOLOGY.job_queue(MODEL, p): p for p in self.waiting}
 
-    async def model_stats(self, model_id: str) -> QueueStats:
-        self.reads += 1
+    async def stats_of(self, name: str) -> QueueStats:
         await asyncio.sleep(0)
-        return QueueStats(messages=sum(self.waiting.values()), consumers=1, waiting=dict(self.waiting))
+        if name == TOPOLOGY.workers_queue(MODEL):
+            self.reads += 1
+            return QueueStats(messages=0, consumers=1)
+        return QueueStats(messages=self.waiting[self._names[name]], consumers=0)
 
 
 def make_broker(queues: Queues) -> tuple[GatewayBroker, FakeExchange]:
-    broker = GatewayBroker("amqp://unused", Topology("unit"), EventHub())
+    broker = GatewayBroker("amqp://unused", TOPOLOGY, EventHub())
     control = FakeExchange()
     broker._channel = FakeChannel()  # type: ignore[assignment]
     broker._jobs = FakeExchange()  # type: ignore[assignment]
     broker._notify_control = control  # type: ignore[assignment]
-    broker.model_stats = queues.model_stats  # type: ignore[method-assign]
+    broker.stats_of = queues.stats_of  # type: ignore[method-assign]
     return broker, control
 
 
@@ -103,16 +109,19 @@ async def test_a_failed_read_reaches_every_waiter_and_the_next_one_reads_again()
     queues = Queues()
     broker, _ = make_broker(queues)
 
-    async def broken(model_id: str) -> QueueStats:
-        queues.reads += 1
+    failed = 0
+
+    async def broken(name: str) -> QueueStats:
+        nonlocal failed
+        failed += 1
         await asyncio.sleep(0)
         raise ConnectionError("broker gone")
 
-    broker.model_stats = broken  # type: ignore[method-assign]
+    broker.stats_of = broken  # type: ignore[method-assign]
     results = await asyncio.gather(*(broker.queue_stats(job()) for _ in range(3)), return_exceptions=True)
-    assert queues.reads == 1 and all(isinstance(r, ConnectionError) for r in results)
-    broker.model_stats = queues.model_stats  # type: ignore[method-assign]
-    assert (await broker.queue_stats(job())).messages == 0 and queues.reads == 2
+    assert failed == 1 and all(isinstance(r, ConnectionError) for r in results)
+    broker.stats_of = queues.stats_of  # type: ignore[method-assign]
+    assert (await broker.queue_stats(job())).messages == 0 and queues.reads == 1
 
 
 async def test_job_available_notices_are_coalesced_but_none_is_lost() -> None:
@@ -160,3 +169,97 @@ async def test_checks_of_one_ttl_share_a_delay_queue_and_downloads_have_their_ow
     assert all(isinstance(check, ExpiryCheck) for check in checks)
     assert [(c.download, c.max_queue_s, c.model) for c in checks] == [(False, 600, MODEL), (True, 86400, MODEL)]
     assert [m.expiration for m in exchange.messages] == [600, 86400]
+
+
+def ended(job_id: str, priority: str = "normal", **changes: object) -> JobEvent:
+    """The terminal event of a job cancelled while queued (`changes` on its record)."""
+    fields: dict[str, object] = {"status": JobStatus.CANCELLED, "phase": Phase.CANCELLED, "seq": 1}
+    record = queued_record(job_id, params=tiny_params(priority=priority)).model_copy(update=fields | changes)
+    return JobEvent.from_record(record)
+
+
+def dropped(job_id: str, priority: str = "normal") -> JobDropped:
+    return JobDropped(job_id=job_id, model=MODEL, priority=priority)  # type: ignore[arg-type]
+
+
+async def receive(broker: GatewayBroker, *envelopes: JobEvent | JobDropped) -> None:
+    """Deliver these as the gateway's queue on the events exchange would."""
+    for envelope in envelopes:
+        await broker._on_event(FakeIncoming(envelope))  # type: ignore[arg-type]
+
+
+class FakeIncoming:
+    def __init__(self, envelope: JobEvent | JobDropped) -> None:
+        self.body = encode(envelope)
+
+
+async def test_jobs_that_ended_while_queued_are_not_counted_as_waiting() -> None:
+    queues = Queues()
+    queues.waiting = {"high": 1, "normal": 4, "low": 0}  # 2 normal ones cancelled, 1 high expired
+    broker, _ = make_broker(queues)
+    expired = JobError(code="expired", message="no worker took the job")
+    await receive(broker, ended("a"), ended("b"), ended("h", "high", status=JobStatus.FAILED, error=expired))
+    stats = await broker.queue_stats(job())
+    assert stats.waiting == {"high": 0, "normal": 2, "low": 0} and stats.messages == 2 and stats.ended == 3
+    assert stats.ahead_of("high") == 0 and stats.ahead_of("normal") == 2
+    assert (await broker.model_stats(MODEL)).messages == 2  # the models listing and metrics alike
+
+    # A worker took "a" off its queue and dropped it: the broker holds one message less.
+    queues.waiting["normal"] = 3
+    await receive(broker, dropped("a"))
+    stats = await broker.queue_stats(job(), fresh=True)
+    assert stats.waiting["normal"] == 2 and stats.ended == 2
+
+
+async def test_a_drop_notice_before_the_end_event_is_not_counted_twice() -> None:
+    queues = Queues()
+    queues.waiting["normal"] = 2
+    broker, _ = make_broker(queues)
+    await receive(broker, dropped("a"))  # the worker read the record before the gateway's event came
+    queues.waiting["normal"] = 1
+    await receive(broker, ended("a"))
+    stats = await broker.queue_stats(job(), fresh=True)
+    assert stats.messages == 1 and stats.ended == 0
+
+
+async def test_ends_after_an_attempt_and_ends_of_jobs_never_queued_are_not_counted() -> None:
+    queues = Queues()
+    queues.waiting["normal"] = 3
+    broker, _ = make_broker(queues)
+    failed = JobError(code="publish_failed", message="the broker refused the job")
+    await receive(
+        broker,
+        ended("ran", attempts=1),  # a worker had taken it: its message left the queue then
+        ended("never-queued", status=JobStatus.FAILED, error=failed),
+        ended("done", status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED, attempts=1),
+    )
+    stats = await broker.queue_stats(job())
+    assert stats.messages == 3 and stats.ended == 0
+
+
+async def test_a_queue_read_trims_ended_jobs_to_the_messages_it_holds() -> None:
+    """A drop notice lost in a broker outage must not make the queue look emptier for good."""
+    queues = Queues()
+    queues.waiting["normal"] = 3
+    broker, _ = make_broker(queues)
+    await receive(broker, ended("a"), ended("b"))
+    assert (await broker.queue_stats(job())).messages == 1
+    queues.waiting["normal"] = 1  # both were dropped, one notice lost; a new job waits
+    stats = await broker.queue_stats(job(), fresh=True)
+    assert stats.messages == 0 and stats.ended == 1  # errs low by the lost notice, no more
+    queues.waiting["normal"] = 0
+    await broker.queue_stats(job(), fresh=True)
+    queues.waiting["normal"] = 1
+    stats = await broker.queue_stats(job(), fresh=True)
+    assert stats.messages == 1 and stats.ended == 0  # cleared once the queue was empty
+
+
+def test_a_full_queue_counts_live_jobs_and_bounds_all_messages() -> None:
+    limit = 5
+    live = QueueStats(messages=limit, consumers=0, waiting={"normal": limit})
+    assert "5 jobs are waiting (limit 5)" in (_queue_full(live, limit) or "")
+    mostly_ended = QueueStats(messages=limit - 1, consumers=0, waiting={"normal": limit - 1}, ended=40)
+    assert _queue_full(mostly_ended, limit) is None
+    too_many = QueueStats(messages=limit - 1, consumers=0, waiting={"normal": limit - 1}, ended=46)
+    why = _queue_full(too_many, limit) or ""
+    assert "50 messages are in the queues, 46 of them of jobs that ended" in why and f"limit {10 * limit}" in why

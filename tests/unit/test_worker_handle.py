@@ -133,7 +133,18 @@ def worker():
         published.append(event)
 
     w._publish_event = publish
+    w._events = NoticeExchange()
     return w, store, runner, published
+
+
+class NoticeExchange:
+    """The worker's events exchange, for what it publishes there itself (drop notices)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[str, object]] = []
+
+    async def publish(self, message, routing_key: str, **_: object) -> None:
+        self.sent.append((routing_key, decode(message.body)))
 
 
 async def test_out_of_memory_fails_the_job_frees_memory_and_the_next_job_runs(worker) -> None:
@@ -159,6 +170,35 @@ async def test_a_finished_job_delivered_again_is_acked_without_running(worker) -
     again = FakeMessage(encode(job("c")))
     await w.handle(again, w.run_job)
     assert again.settled == ["ack"] and runner.calls == 2, "not run twice"
+
+
+async def test_dropping_a_job_that_ended_while_queued_tells_the_gateways(worker, monkeypatch) -> None:
+    """Cancelled, or expired, before any worker started it: its message leaves the queue here."""
+    w, store, runner, _ = worker
+    runner.calls = 1  # past the out-of-memory call
+    store.records["q"] = _record_from(job("q")).advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED)
+    high = job("h").model_copy(update={"params": tiny_params(num_inference_steps=1, priority="high")})
+    monkeypatch.setitem(w._registry.models["ltx-tiny"].__dict__, "max_queue_s", 0)  # it waited too long
+    await w.handle(FakeMessage(encode(job("q"))), w.run_job)
+    await w.handle(FakeMessage(encode(high)), w.run_job)
+    assert store.records["h"].error.code == "expired" and runner.calls == 1, "neither ran"
+    assert [(key, type(n).__name__, n.job_id, n.model, n.priority) for key, n in w._events.sent] == [
+        ("dropped.q", "JobDropped", "q", "ltx-tiny", "normal"),
+        ("dropped.h", "JobDropped", "h", "ltx-tiny", "high"),
+    ]
+
+
+async def test_no_drop_notice_for_a_job_that_was_taken_to_run(worker) -> None:
+    """Its message left the queue when a worker first took it; the gateways never counted it."""
+    w, store, runner, _ = worker
+    await w.handle(FakeMessage(encode(job("o"))), w.run_job)  # fails: out of memory
+    await w.handle(FakeMessage(encode(job("s"))), w.run_job)  # succeeds
+    await w.handle(FakeMessage(encode(job("s"))), w.run_job)  # delivered again: already finished
+    w._cancel("c")
+    store.records["c"] = _record_from(job("c")).advance(status=JobStatus.RUNNING, phase=Phase.LOADING, attempts=1)
+    await w.handle(FakeMessage(encode(job("c"))), w.run_job)  # cancelled while it ran elsewhere
+    assert store.records["c"].status == JobStatus.CANCELLED
+    assert w._events.sent == []
 
 
 @pytest.mark.parametrize("body", [b"{not json", b'{"type": "job.submit", "schema_version": 9}'])
@@ -188,6 +228,7 @@ async def test_a_job_cancelled_just_as_it_was_taken_is_acked_without_running(wor
     assert message.settled == ["ack"] and runner.calls == 1, "acked, never generated"
     assert store.records["f"].status == JobStatus.CANCELLED and store.records["f"].seq == 1
     assert published == [] and "jobs/f/video.mp4" not in store.objects
+    assert [key for key, _ in w._events.sent] == ["dropped.f"]
 
 
 async def test_progress_is_given_to_four_decimals(worker) -> None:
