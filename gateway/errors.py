@@ -53,6 +53,13 @@ def respond(request: web.Request, exc: ApiError) -> web.Response:
     return exc.response()
 
 
+def shown(value: str, limit: int = 80) -> str:
+    """A client's value quoted in an error message: whole if short, else its start and length."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 def store_unavailable() -> ApiError:
     return ApiError(
         503, "store_unavailable", "the object store is unavailable; retry later", headers={"Retry-After": "5"}

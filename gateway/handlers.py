@@ -23,7 +23,7 @@ from common.store import index_key, input_key
 from gateway import idempotency, quota
 from gateway.auth import owner_of, require_admin
 from gateway.broker import QueueStats
-from gateway.errors import ApiError, bad_field, store_call, store_unavailable, validation_error
+from gateway.errors import ApiError, bad_field, shown, store_call, store_unavailable, validation_error
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE, SUBMISSIONS
 from gateway.metrics import SUBMITTED
@@ -71,7 +71,7 @@ QUEUED_RECORD = web.RequestKey("queued_record", JobRecord)
 def parse_job_id(value: str | None) -> str:
     """Job ids are UUIDs we made; anything else cannot name a job (and never reaches a store key)."""
     if value is None or not _JOB_ID.match(value):
-        raise ApiError(404, "job_not_found", f"no job with id {value!r}")
+        raise ApiError(404, "job_not_found", f"no job with id {value if value is None else shown(value)}")
     return value
 
 
@@ -100,6 +100,16 @@ def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
 
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose keys are all different: with a key twice, which value was meant?"""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set[str] = set()
+        twice = next(key for key, _ in pairs if key in seen or seen.add(key))
+        raise ValueError(f"the key {shown(twice)} appears more than once in an object")
+    return value
+
+
 def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # 1e400: no JSON number a field could take
@@ -115,8 +125,16 @@ async def read_json(request: web.Request, limit: int, or_multipart: bool = False
         raise ApiError(415, "unsupported_media_type", f"expected Content-Type {expected}, got {request.content_type!r}")
     body = await read_body(request, limit)
     try:
-        payload = json.loads(body, parse_constant=_not_json, parse_float=_finite)
-    except ValueError as exc:  # not JSON, not UTF-8, or an integer beyond Python's digit limit
+        # Decoded here, strictly: json.loads would take UTF-16 and UTF-32 bodies, and a byte
+        # order mark, as they came.
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(
+            400, "invalid_json", f"request body is not valid JSON: not UTF-8 ({exc.reason} at byte {exc.start})"
+        ) from exc
+    try:
+        payload = json.loads(text, parse_constant=_not_json, parse_float=_finite, object_pairs_hook=_object)
+    except ValueError as exc:  # not JSON, a key twice, or an integer beyond Python's digit limit
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise ApiError(400, "invalid_json", "request body is not valid JSON: nested too deeply") from exc

@@ -51,7 +51,7 @@ class CreateVideo(BaseModel):
     prompt: str = Field(min_length=1, max_length=4000)
     model: str | None = Field(default=None, min_length=1, max_length=100)
     seconds: str | None = Field(default=None, pattern=r"^[0-9]{1,3}(\.[0-9]+)?$", description='Duration, e.g. "4".')
-    size: str | None = Field(default=None, pattern=r"^[0-9]{2,5}x[0-9]{2,5}$", description='"WIDTHxHEIGHT".')
+    size: str | None = Field(default=None, pattern=r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$", description='"WIDTHxHEIGHT".')
 
 
 def video_object(request: web.Request, record: JobRecord) -> dict[str, Any]:

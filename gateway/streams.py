@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 
 from gateway.auth import owner_of, visible
-from gateway.errors import ApiError
+from gateway.errors import ApiError, shown
 from gateway.handlers import ascii_int, parse_job_id
 from gateway.keys import HUB, SETTINGS, STORE
 from gateway.views import event_frame
@@ -50,7 +50,14 @@ class StreamRequest:
     @classmethod
     def parse(cls, request: web.Request, last_event_id: str | None = None) -> StreamRequest:
         query, owner = request.query, owner_of(request)
-        if query.get("all") in ("1", "true"):
+        if "all" in query:
+            if query.getone("all") not in ("1", "true"):
+                raise ApiError(
+                    400,
+                    "bad_parameter",
+                    f"all must be true (or 1) to follow all your jobs; leave it out to follow job_id values, "
+                    f"got {shown(query.getone('all'))}",
+                )
             if "job_id" in query or "since" in query:
                 raise ApiError(
                     400, "bad_parameter", "all=true takes neither job_id nor since (it streams live events only)"
@@ -76,12 +83,12 @@ class StreamRequest:
             raise ApiError(
                 400,
                 "bad_parameter",
-                f"{source} {since_text!r} applies to one job: give exactly one job_id with it (a stream of "
+                f"{source} {shown(since_text)} applies to one job: give exactly one job_id with it (a stream of "
                 f"several jobs resumes by the Last-Event-ID of its events, {POSITIONS}...)",
             )
         job_part, _, seq_part = since_text.rpartition(":")
         if job_part and job_part != job_ids[0]:
-            raise ApiError(400, "bad_parameter", f"{source} names job {job_part!r}, not {job_ids[0]!r}")
+            raise ApiError(400, "bad_parameter", f"{source} names job {shown(job_part)}, not {job_ids[0]!r}")
         return cls(job_ids, _seq(seq_part, since_text, source), owner)
 
 
@@ -90,9 +97,9 @@ def _seq(text: str, whole: str, source: str) -> int:
     try:
         seq = ascii_int(text)
     except ValueError as exc:
-        raise ApiError(400, "bad_parameter", f"{source} must hold event seqs (integers), got {whole!r}") from exc
+        raise ApiError(400, "bad_parameter", f"{source} must hold event seqs (integers), got {shown(whole)}") from exc
     if seq < 0:
-        raise ApiError(400, "bad_parameter", f"{source} must hold event seqs (0 or more), got {whole!r}")
+        raise ApiError(400, "bad_parameter", f"{source} must hold event seqs (0 or more), got {shown(whole)}")
     return seq
 
 
@@ -103,7 +110,7 @@ def _positions(text: str, job_ids: list[str]) -> dict[str, int]:
         raise ApiError(
             400,
             "bad_parameter",
-            f"Last-Event-ID {text!r} holds {len(seqs)} positions; this stream lists {len(job_ids)} jobs",
+            f"Last-Event-ID {shown(text)} holds {len(seqs)} positions; this stream lists {len(job_ids)} jobs",
         )
     after = {}
     for job_id, seq in zip(job_ids, seqs, strict=True):

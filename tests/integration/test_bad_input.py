@@ -94,6 +94,12 @@ MALFORMED_JSON = {
     "nested-too-deep": b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     "nan": b'{"prompt": "x", "guidance_scale": NaN}',
     "number-past-a-double": b'{"prompt": "x", "guidance_scale": 1e400}',
+    # json.loads alone would take these three as they came
+    "utf16": '{"prompt": "x"}'.encode("utf-16"),
+    "utf32-without-byte-order-mark": '{"prompt": "x"}'.encode("utf-32-le"),
+    "utf8-byte-order-mark": b'\xef\xbb\xbf{"prompt": "x"}',
+    # which seed was meant? (json.loads would keep the last)
+    "a-key-twice": b'{"prompt": "x", "seed": 1, "seed": 2}',
 }
 
 
@@ -102,6 +108,19 @@ async def test_malformed_json_is_400(stack, http, body) -> None:
     async with http.post(stack.gateway_url + URL, data=body, headers={"Content-Type": "application/json"}) as response:
         assert response.status == 400
         assert (await response.json())["error"]["code"] == "invalid_json"
+    async with http.post(
+        stack.gateway_url + "/v1/videos", data=body, headers={"Content-Type": "application/json"}
+    ) as r:
+        assert r.status == 400 and (await r.json())["error"]["code"] == "invalid_json"
+
+
+async def test_a_key_twice_and_a_body_not_in_utf8_are_named(stack, http) -> None:
+    twice = b'{"prompt": "x", "seed": 1, "seed": 2}'
+    async with http.post(stack.gateway_url + URL, data=twice, headers={"Content-Type": "application/json"}) as r:
+        assert "the key 'seed' appears more than once" in (await r.json())["error"]["message"]
+    utf16 = '{"prompt": "x"}'.encode("utf-16")
+    async with http.post(stack.gateway_url + URL, data=utf16, headers={"Content-Type": "application/json"}) as r:
+        assert "not UTF-8" in (await r.json())["error"]["message"]
 
 
 MALFORMED_MULTIPART = {
@@ -256,6 +275,29 @@ async def test_openai_seconds_and_size_are_ascii(stack, http, field, value) -> N
     async with http.post(stack.gateway_url + "/v1/videos", json={"prompt": "p", field: value}) as response:
         payload = await response.json()
     assert response.status == 400 and payload["error"]["param"] == field, payload
+
+
+async def test_openai_size_takes_no_leading_zeros(stack, http) -> None:
+    async with http.post(stack.gateway_url + "/v1/videos", json={"prompt": "p", "size": "0032x032"}) as response:
+        payload = await response.json()
+    assert response.status == 400 and payload["error"]["param"] == "size", payload
+
+
+async def test_a_stream_with_all_other_than_true_is_refused_naming_all(stack, http) -> None:
+    for path in ("/api/v1/ws", "/api/v1/events"):
+        async with http.get(stack.gateway_url + path, params={"all": "maybe"}) as response:
+            payload = await response.json()
+        assert response.status == 400 and payload["error"]["code"] == "bad_parameter", payload
+        assert payload["error"]["message"].startswith("all must be true") and "'maybe'" in payload["error"]["message"]
+
+
+async def test_a_long_bad_value_is_not_echoed_whole(stack, http) -> None:
+    job = "33e8a532-5095-4c26-82cb-3ee7a8c59e49"
+    since = "9" * 5000 + "x"
+    async with http.get(stack.gateway_url + "/api/v1/events", params={"job_id": job, "since": since}) as response:
+        payload = await response.json()
+    assert response.status == 400 and payload["error"]["code"] == "bad_parameter"
+    assert len(payload["error"]["message"]) < 300 and "(5001 characters)" in payload["error"]["message"]
 
 
 async def test_a_negative_since_is_refused(stack, http) -> None:
