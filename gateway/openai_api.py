@@ -176,8 +176,11 @@ async def delete_video(request: web.Request) -> web.Response:
         # (it was cancelled or expired before it started) then finds an ended job and is dropped.
         store = request.app[STORE]
         await store_call(store.put_record(record.model_copy(update={"deleted_at": utcnow(), "output": None})))
+        # Every attempt's video key: a run that died after its upload left its video behind.
+        videos = {output_key(record.job_id, n) for n in range(1, max(record.attempts, 1) + 1)}
         keys = [
-            record.output.key if record.output else output_key(record.job_id),
+            *videos,
+            *([record.output.key] if record.output else []),
             *record.inputs.values(),
             index_key(record.job_id, record.model, record.created_at, record.owner),
         ]

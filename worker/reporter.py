@@ -50,20 +50,23 @@ class JobReporter:
         store_patience_s: float = 0.0,
         lost: Callable[[], bool] = lambda: False,
         on_cancel_requested: Callable[[], None] = lambda: None,
+        on_taken_over: Callable[[], None] = lambda: None,
     ) -> None:
         self.record = record
         self.etag = etag
         self._lost = lost
         self._on_cancel_requested = on_cancel_requested
+        self._on_taken_over = on_taken_over
         self._store = store
         self._patience_s = store_patience_s
         self._publish = publish
         self._lock = asyncio.Lock()
         self._loop = asyncio.get_running_loop()
         self._pending: set[asyncio.Task[None]] = set()
-        # The last record whose write failed without an answer: the store may have taken it all the
-        # same (if it did, the next write is refused, and finds it there).
-        self._unconfirmed: str | None = None
+        # The records whose writes failed without an answer since the last one that was answered:
+        # the store may have taken one of them all the same (then the next write is refused, and
+        # finds it there). Each is built on the last answered record, so at most one can be stored.
+        self._unconfirmed: list[str] = []
 
     async def update(self, patient: bool = True, **changes: Any) -> JobRecord:
         """Apply a change now; raises if the record cannot be written (within the store patience),
@@ -87,25 +90,31 @@ class JobReporter:
                     if lost or self._lost():
                         raise DeliveryLost() from None
                     found = await self._store.get_record_tagged(record.job_id)
-                    if found is not None and found[0].model_dump_json() == self._unconfirmed:
+                    if found is not None and found[0].model_dump_json() in self._unconfirmed:
                         # A write of this run that failed without an answer, though the store
                         # took it (progress writes are not tried again): go on from it.
                         self.record, self.etag = found
-                        self._unconfirmed = None
+                        self._unconfirmed = []
                         continue
                     if found is not None and self._is_cancel_request(found[0]):
                         # The gateway marked the job: keep the mark, and stop the job.
                         self.record, self.etag = found
-                        self._unconfirmed = None
+                        self._unconfirmed = []
                         self._on_cancel_requested()
                         continue
                     if found is not None and found[0].status.is_terminal:
                         raise EndedElsewhere(found[0]) from None
+                    if found is not None and found[0].attempts > self.record.attempts:
+                        # Another run started the job since (the broker handed it to another
+                        # worker before this one noticed that its delivery was lost).
+                        log.warning("job_taken_over", attempts=found[0].attempts, worker=found[0].worker)
+                        self._on_taken_over()
+                        raise DeliveryLost() from None
                     raise
                 except Exception:
-                    self._unconfirmed = record.model_dump_json()
+                    self._unconfirmed.append(record.model_dump_json())
                     raise
-            self._unconfirmed = None
+            self._unconfirmed = []
             self.record = record
             if record.status.is_terminal:
                 await self._publish_end(JobEvent.from_record(record))
@@ -115,8 +124,8 @@ class JobReporter:
 
     async def _publish_end(self, event: JobEvent) -> None:
         """The job's end is in the record: its event must go out too, or live streams and webhooks
-        never see it (a delivery of the job that finds it ended publishes nothing). Tried again,
-        with backoff, through a broker outage of up to the store patience."""
+        never see it until the job's message comes back to a worker (which publishes the end
+        again). Tried again, with backoff, through a broker outage of up to the store patience."""
         await patiently(lambda: self._publish(event), self._patience_s, "publish_end", log_as="event_publish_retry")
 
     def _is_cancel_request(self, found: JobRecord) -> bool:
@@ -125,7 +134,7 @@ class JobReporter:
         if found.cancel_requested_at is None or self.record.cancel_requested_at is not None:
             return False
         unmarked = found.model_copy(update={"cancel_requested_at": None}).model_dump_json()
-        return unmarked in (self.record.model_dump_json(), self._unconfirmed)
+        return unmarked == self.record.model_dump_json() or unmarked in self._unconfirmed
 
     def update_threadsafe(self, **changes: Any) -> None:
         """From the generation thread: schedule an update without waiting for it."""

@@ -32,7 +32,7 @@ from aio_pika.exceptions import ChannelInvalidStateError
 
 from common.retry import patiently
 from common.settings import WorkerSettings
-from common.store import ObjectStore, output_key
+from common.store import ObjectStore, RecordChanged, output_key
 from common.topology import DOWNLOAD_KEY, Topology, connect, to_amqp
 from schemas import errors
 from schemas.cost import DoesNotFit, MemoryPlan, estimate_job
@@ -359,7 +359,7 @@ class Worker:
                 await ended.wait()
             ended = self._handling[job.job_id] = asyncio.Event()
             closing = _closing(message)
-            lose = functools.partial(self._lose, job.job_id)
+            lose = functools.partial(self._lose_run, job.job_id, ended)
             if closing is None:
                 lose()
             else:
@@ -373,7 +373,21 @@ class Worker:
                 del self._handling[job.job_id]
                 ended.set()
 
-    def _lose(self, job_id: str, _closed: object = None) -> None:
+    def _cancel_heard(self, job: JobMessage, record: JobRecord) -> bool:
+        """Whether a cancel broadcast for this job reached this worker and applies: a download
+        that has started cannot be cancelled (the gateway answered 409), so a broadcast sent just
+        as it started does not stop a later delivery of it."""
+        if job.mode == "download" and record.status == JobStatus.RUNNING:
+            return False
+        return job.job_id in self._cancelled
+
+    def _lose_run(self, job_id: str, run: asyncio.Event, _closed: object = None) -> None:
+        """The channel of this run's message closed: the run is lost if it is still under way (a
+        channel that closes just after the run settled its message and ended loses nothing)."""
+        if self._handling.get(job_id) is run:
+            self._lose(job_id)
+
+    def _lose(self, job_id: str) -> None:
         """The channel the job's message came on closed (the connection dropped, the broker
         restarted): the broker has put the job back in its queue, and another worker (or this
         one, once this run has ended) may be running it already. From here this run reports no
@@ -398,6 +412,7 @@ class Worker:
                 log.info("job_already_finished", status=record.status)
                 await message.ack()
                 await self._tell_dropped(record)
+                await self._publish_end_again(record)
                 return
             reporter = JobReporter(
                 record,
@@ -407,6 +422,7 @@ class Worker:
                 self.settings.store_patience_s,
                 lost=lambda: job.job_id in self._lost,
                 on_cancel_requested=lambda: self._cancel(job.job_id),
+                on_taken_over=lambda: self._lose(job.job_id),
             )
             try:
                 await self._run_to_end(job, reporter, run)
@@ -427,6 +443,10 @@ class Worker:
                     if reporter is not None:
                         await reporter.flush()
                 log.warning("job_left_to_its_redelivery", status=reporter and reporter.record.status)
+                # Its channel has closed (then this fails), or another run took the job over: that
+                # run holds a delivery of its own, so this one is settled, not left to time out.
+                with contextlib.suppress(Exception):
+                    await message.ack()
                 return
             if reporter is not None:
                 await reporter.flush()
@@ -446,7 +466,7 @@ class Worker:
         """Run the job; a cancelled or failed run writes its end here."""
         try:
             # Cancelled while it ran elsewhere (that worker crashed): the record carries the request.
-            if job.job_id in self._cancelled or reporter.record.cancel_requested_at is not None:
+            if self._cancel_heard(job, reporter.record) or reporter.record.cancel_requested_at is not None:
                 raise JobCancelled()
             await run(job, reporter)
         except JobCancelled:
@@ -598,9 +618,13 @@ class Worker:
                 output=JobOutput(key=key, bytes=size, num_frames=frames, width=width, height=height, fps=params.fps),
                 timings=timings,
             )
-        except (DeliveryLost, EndedElsewhere):  # another run owns the job, or it ended: not this video
+        except (DeliveryLost, EndedElsewhere, RecordChanged):
+            # Another run owns the job, it ended, or the record changed under this run: the write
+            # was refused (never half done), so no record names this run's video.
             await self._remove_output(key, "ended_elsewhere")
             raise
+        for attempt in range(1, reporter.record.attempts):  # runs that died after their upload
+            await self._remove_output(output_key(job.job_id, attempt), "earlier_attempt")
 
     async def _memory_plan(self, spec: ModelSpec, mode: str, params: GenerationParams) -> MemoryPlan | None:
         """The preflight again, for this worker's GPU: pick the plan, arrange the pipeline for it."""
@@ -685,6 +709,18 @@ class Worker:
             await self._store.delete(key)
         except Exception as exc:  # the job ends all the same; the bucket's retention removes it later
             log.warning("output_not_removed", key=key, why=why, error=f"{type(exc).__name__}: {exc}")
+
+    async def _publish_end_again(self, record: JobRecord) -> None:
+        """A job a worker ran, delivered again after its end was written: the run that wrote the
+        end may not have got its event out (the broker went away before it could, and the
+        message came back), so it is published again, once, best effort. Clients may see the end
+        twice, with the same seq (streams drop the copy; webhooks carry the same webhook-id)."""
+        if record.attempts == 0:
+            return  # ended by a gateway, which published it
+        try:
+            await self._publish_event(JobEvent.from_record(record))
+        except Exception as exc:
+            log.warning("end_not_published_again", error=f"{type(exc).__name__}: {exc}")
 
     async def _tell_dropped(self, record: JobRecord) -> None:
         """The message just acknowledged was of a job that ended before any worker started it:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
+import json
+
 import openai
 import pytest
 
-from tests.helpers import TOKENS, object_names, png_bytes
+from tests.helpers import TOKENS, bucket_of, object_names, png_bytes, s3_client
 from worker.encode import probe_mp4
 
 pytestmark = pytest.mark.filterwarnings("ignore:The Sora API:DeprecationWarning")
@@ -64,6 +67,22 @@ def test_list_pages_in_both_orders(client) -> None:
     assert ids.index(made[0]) < ids.index(made[1]) < ids.index(made[2])
     for video_id in made:
         client.videos.poll(video_id, poll_interval_ms=100)
+
+
+def test_delete_removes_the_video_of_every_attempt(client, stack) -> None:
+    """A first run that died after its upload left jobs/<id>/video.mp4; the second succeeded with
+    video-2.mp4, which the record names: deleting the video removes both."""
+    video = client.videos.create(prompt="run twice", **TINY)
+    client.videos.poll(video.id, poll_interval_ms=100)
+    s3, bucket, prefix = s3_client(stack), bucket_of(stack), f"jobs/{video.id}/"
+    record = json.loads(s3.get_object(bucket, prefix + "job.json").read())
+    data = s3.get_object(bucket, prefix + "video.mp4").read()
+    s3.put_object(bucket, prefix + "video-2.mp4", io.BytesIO(data), len(data))
+    record["attempts"], record["output"]["key"] = 2, prefix + "video-2.mp4"
+    body = json.dumps(record).encode()
+    s3.put_object(bucket, prefix + "job.json", io.BytesIO(body), len(body))
+    assert client.videos.delete(video.id).deleted
+    assert object_names(stack, prefix) == {prefix + "job.json"}
 
 
 def test_delete_cancels_or_removes(client, stack) -> None:

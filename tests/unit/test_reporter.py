@@ -76,7 +76,7 @@ async def test_failed_write_raises_and_publishes_nothing(published) -> None:
     assert published == []
 
 
-async def started(store: FakeStore, published: list, lost=lambda: False) -> JobReporter:
+async def started(store: FakeStore, published: list, lost=lambda: False, **options) -> JobReporter:
     """A reporter whose run has written `running` over the gateway's queued record."""
     queued = queued_record()
     await store.put_record(queued)
@@ -84,12 +84,16 @@ async def started(store: FakeStore, published: list, lost=lambda: False) -> JobR
     async def publish(event):
         published.append(event)
 
-    reporter = JobReporter(queued, store.etag(queued), store, publish, lost=lost)
+    reporter = JobReporter(queued, store.etag(queued), store, publish, lost=lost, **options)
     await reporter.update(status=JobStatus.RUNNING, phase=Phase.LOADING, attempts=1, worker="worker-a")
     return reporter
 
 
-async def test_a_progress_write_the_store_took_though_its_answer_was_lost_is_built_on(published) -> None:
+@pytest.mark.parametrize("failed_after", [0, 2])
+async def test_a_progress_write_the_store_took_though_its_answer_was_lost_is_built_on(published, failed_after) -> None:
+    """Progress write 1 lands but its answer is lost, and `failed_after` more fail outright (the
+    store is down): the next write finds write 1 stored and goes on from it, not taking it for
+    somebody else's change."""
     store = FakeStore()
     reporter = await started(store, published)
     replace = store.replace_record
@@ -101,10 +105,26 @@ async def test_a_progress_write_the_store_took_though_its_answer_was_lost_is_bui
     store.replace_record = answer_lost
     with pytest.raises(ConnectionError):
         await reporter.update(patient=False, phase=Phase.DENOISING, step=1)
+    store.fail = True
+    for step in range(2, 2 + failed_after):
+        with pytest.raises(ConnectionError):
+            await reporter.update(patient=False, phase=Phase.DENOISING, step=step)
+    store.fail = False
     store.replace_record = replace
-    await reporter.update(phase=Phase.DENOISING, step=2)  # not refused as somebody else's change
-    assert [r.step for r in store.written] == [None, 1, 2] and store.records["j"].seq == 3
+    await reporter.update(phase=Phase.DENOISING, step=9)  # not refused as somebody else's change
+    assert [r.step for r in store.written] == [None, 1, 9] and store.records["j"].seq == 3
     assert reporter.record == store.records["j"] and [e.seq for e in published] == [1, 3]
+
+
+async def test_a_run_another_worker_took_over_stops_as_a_lost_delivery(published) -> None:
+    """The broker handed the job to another worker before this one noticed that its delivery was
+    lost: the first write that finds the other run's attempt stops this run."""
+    store, told = FakeStore(), []
+    reporter = await started(store, published, on_taken_over=lambda: told.append(1))
+    store.records["j"] = store.records["j"].advance(attempts=2, worker="worker-b")
+    with pytest.raises(DeliveryLost):
+        await reporter.update(status=JobStatus.SUCCEEDED, phase=Phase.SUCCEEDED)
+    assert told == [1] and store.records["j"].worker == "worker-b"
 
 
 async def test_a_job_ended_by_the_gateway_meanwhile_stops_the_run_without_a_write(published) -> None:

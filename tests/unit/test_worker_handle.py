@@ -163,18 +163,23 @@ async def test_out_of_memory_fails_the_job_frees_memory_and_the_next_job_runs(wo
 
 
 async def test_a_finished_job_delivered_again_is_acked_without_running(worker) -> None:
-    w, store, runner, _ = worker
+    """... and its end is published again: the run that wrote it may have lost its event (the
+    broker went away for longer than the store patience, and the message came back)."""
+    w, store, runner, published = worker
     runner.calls = 1  # past the out-of-memory call
     await w.handle(FakeMessage(encode(job("c"))), w.run_job)
     assert store.records["c"].status == JobStatus.SUCCEEDED and runner.calls == 2
+    end = published[-1]
     again = FakeMessage(encode(job("c")))
     await w.handle(again, w.run_job)
     assert again.settled == ["ack"] and runner.calls == 2, "not run twice"
+    same = [e.model_dump(exclude={"message_id"}) for e in published[-2:]]
+    assert published[-2] == end and same[0] == same[1]  # the same event again, seq and all
 
 
 async def test_dropping_a_job_that_ended_while_queued_tells_the_gateways(worker, monkeypatch) -> None:
     """Cancelled, or expired, before any worker started it: its message leaves the queue here."""
-    w, store, runner, _ = worker
+    w, store, runner, published = worker
     runner.calls = 1  # past the out-of-memory call
     store.records["q"] = _record_from(job("q")).advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED)
     high = job("h").model_copy(update={"params": tiny_params(num_inference_steps=1, priority="high")})
@@ -182,6 +187,7 @@ async def test_dropping_a_job_that_ended_while_queued_tells_the_gateways(worker,
     await w.handle(FakeMessage(encode(job("q"))), w.run_job)
     await w.handle(FakeMessage(encode(high)), w.run_job)
     assert store.records["h"].error.code == "expired" and runner.calls == 1, "neither ran"
+    assert [e.job_id for e in published] == ["h"]  # the end this worker wrote; q's was the gateway's
     assert [(key, type(n).__name__, n.job_id, n.model, n.priority) for key, n in w._events.sent] == [
         ("dropped.q", "JobDropped", "q", "ltx-tiny", "normal"),
         ("dropped.h", "JobDropped", "h", "ltx-tiny", "high"),
@@ -318,10 +324,12 @@ async def test_a_cancel_marked_on_the_record_while_encoding_stops_the_job_before
 
 
 async def test_a_job_run_again_after_a_crash_uploads_its_video_under_its_own_attempt(worker) -> None:
+    """... and, once it has succeeded, removes the video the crashed run left behind."""
     w, store, runner, _ = worker
     runner.calls = 1  # past the out-of-memory call
     crashed = _record_from(job("c2")).advance(status=JobStatus.RUNNING, attempts=1, worker="worker-gone")
     store.records["c2"] = crashed
+    store.objects[output_key("c2")] = b"uploaded by the run that died before writing its end"
     await w.handle(FakeMessage(encode(job("c2"))), w.run_job)
     record = store.records["c2"]
     assert record.status == JobStatus.SUCCEEDED and record.attempts == 2
@@ -606,6 +614,67 @@ async def test_a_cancel_during_the_upload_of_a_lost_job_leaves_the_video_of_the_
     await asyncio.wait_for(run, 10)
     assert output_key("a", 2) in store.objects and output_key("a") not in store.objects
     assert messages["a"].settled == []
+
+
+async def test_a_run_taken_over_before_its_channel_closed_removes_its_video_and_settles_its_copy() -> None:
+    """The broker gave the job to another worker (attempt 2) while this worker uploaded, before
+    this worker learnt that its delivery was lost: its end is refused, its video removed, and its
+    message acknowledged (the other run holds a delivery of its own), not handed back."""
+    runner, store = RecordingRunner(asyncio.get_running_loop()), HeldStore()
+    w, messages, _ = dispatching_worker(runner, store, "a")
+    published = capture_events(w)
+    run = asyncio.create_task(w.handle(messages["a"], w.run_job))
+    await asyncio.wait_for(store.upload_of_a_started.wait(), 10)
+    store.records["a"] = store.records["a"].advance(attempts=2, worker="worker-other")
+    store.objects[output_key("a", 2)] = b"the other run's video"
+    store.let_a_finish.set()
+    await asyncio.wait_for(run, 10)
+    assert store.records["a"].worker == "worker-other" and store.records["a"].status == JobStatus.RUNNING
+    assert list(store.objects) == [output_key("a", 2)]
+    assert messages["a"].settled == ["ack"] and not [e for e in published if e.status.is_terminal]
+    assert not w._lost
+
+
+async def test_a_run_taken_over_while_denoising_writes_nothing_more_and_uploads_nothing() -> None:
+    runner, store = SteppingRunner(asyncio.get_running_loop()), FakeStore()
+    w, messages, _ = dispatching_worker(runner, store, "a")
+    published = capture_events(w)
+    run = asyncio.create_task(w.handle(messages["a"], w.run_job))
+    await asyncio.wait_for(runner.first_step.wait(), 10)
+    taken_over = store.records["a"] = store.records["a"].advance(attempts=2, worker="worker-other")
+    runner.go_on.set()
+    await asyncio.wait_for(run, 10)
+    assert store.records["a"] == taken_over and not store.objects
+    assert messages["a"].settled == ["ack"] and [e.step for e in published if e.status == JobStatus.RUNNING][-1] == 1
+
+
+async def test_a_channel_that_closes_after_its_run_ended_does_not_stop_the_next_delivery(worker) -> None:
+    """The channel closes as the message is acknowledged; the close's callbacks run on a later
+    turn of the event loop, after the run ended."""
+    w, store, runner, _ = worker
+    runner.calls = 1  # past the out-of-memory call
+
+    class ClosingOnAck(FakeMessage):
+        async def ack(self):
+            await super().ack()
+            self._channel.close()
+
+    message = ClosingOnAck(encode(job("z")))
+    await w.handle(message, w.run_job)
+    await asyncio.sleep(0)  # the close's callbacks run
+    assert message.settled == ["ack"] and "z" not in w._lost
+
+
+async def test_a_cancel_heard_as_a_download_started_does_not_stop_it_when_delivered_again(worker, monkeypatch) -> None:
+    """The gateway broadcast the cancel, then found the download running and answered 409: a
+    later delivery of it (the worker that ran it stopped) runs to its end."""
+    w, store, _, _ = worker
+    monkeypatch.setattr("worker.worker.download", lambda spec, models_dir, on_progress, stop: "1 file")
+    message = JobMessage(job_id="d", mode="download", params=DownloadParams(model="ltx-tiny", repo=None))
+    store.records["d"] = _record_from(message).advance(status=JobStatus.RUNNING, phase=Phase.LOADING, attempts=1)
+    await w._on_control(FakeControl(encode(CancelMessage(job_id="d"))))
+    await w.handle(FakeMessage(encode(message)), w.run_download)
+    assert store.records["d"].status == JobStatus.SUCCEEDED
 
 
 @pytest.mark.parametrize("storage", ["http", "xet"])
