@@ -493,7 +493,12 @@ class Worker:
         `on_gpu_free` is called once the job is done with the GPU, before its encode and upload.
         """
         params = job.params
-        assert isinstance(params, GenerationParams) and job.mode != "download"
+        if not isinstance(params, GenerationParams) or job.mode == "download":
+            raise JobFailed(wrong_queue(f"a {job.mode} job came through a generation queue"))
+        if params.model not in self._runners:
+            raise JobFailed(
+                wrong_queue(f"model {params.model!r} came through a queue of this worker, which does not serve it")
+            )
         spec = self._registry.models[params.model]
         queued_s = (utcnow() - reporter.record.created_at).total_seconds()
         # Only a job that never started can have waited too long; a redelivery after a crash runs.
@@ -676,8 +681,11 @@ class Worker:
     async def run_download(self, job: JobMessage, reporter: JobReporter) -> None:
         """Fetch a model into the Hugging Face cache, reporting progress per finished file."""
         params = job.params
-        assert isinstance(params, DownloadParams)
-        spec = self._registry.models[params.model]
+        if not isinstance(params, DownloadParams) or job.mode != "download":
+            raise JobFailed(wrong_queue(f"a {job.mode} job came through the downloads queue"))
+        spec = self._registry.get(params.model)
+        if spec is None:
+            raise JobFailed(wrong_queue(f"model {params.model!r} is not in this worker's registry"))
         await reporter.update(
             status=JobStatus.RUNNING,
             phase=Phase.DOWNLOADING,
@@ -739,6 +747,11 @@ class Worker:
     async def _publish_event(self, event: JobEvent) -> None:
         assert self._events is not None
         await self._events.publish(to_amqp(event), routing_key=Topology.event_key(event.job_id, event.status))
+
+
+def wrong_queue(why: str) -> JobError:
+    """A message that another service published to a queue whose workers cannot run it."""
+    return JobError(code="wrong_queue", message=f"{why}: the job's message was published with the wrong routing key")
 
 
 async def in_daemon_thread(fn: Callable[..., T], *args: Any) -> T:

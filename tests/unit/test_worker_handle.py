@@ -207,6 +207,20 @@ async def test_no_drop_notice_for_a_job_that_was_taken_to_run(worker) -> None:
     assert w._events.sent == []
 
 
+async def test_a_job_published_to_the_wrong_queue_fails_once_naming_the_routing_key(worker) -> None:
+    """Other services may publish jobs themselves: one this worker cannot run fails at once
+    instead of being handed back until the delivery limit ends it as a crash."""
+    w, store, runner, _ = worker
+    other_model = job("m").model_copy(update={"params": tiny_params(model="wan-tiny")})
+    download = JobMessage(job_id="d", mode="download", params=DownloadParams(model="ltx-tiny", repo=None))
+    for message, run in [(other_model, w.run_job), (download, w.run_job), (job("g"), w.run_download)]:
+        settled = FakeMessage(encode(message))
+        await w.handle(settled, run)
+        error = store.records[message.job_id].error
+        assert settled.settled == ["ack"] and error.code == "wrong_queue" and "routing key" in error.message
+    assert runner.calls == 0
+
+
 @pytest.mark.parametrize("body", [b"{not json", b'{"type": "job.submit", "schema_version": 9}'])
 async def test_malformed_or_unknown_version_goes_to_the_dead_letter_queue(worker, body) -> None:
     w, *_ = worker
