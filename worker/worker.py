@@ -559,10 +559,16 @@ class Worker:
         runner = self._runners[params.model]
         loop = asyncio.get_running_loop()
         before_pipeline_s = time.perf_counter() - started  # the inputs' download and decoding
+
+        def generate() -> Generated:
+            # Asked before the generation thread got to it (the inputs' decoding, the last job's
+            # release of the thread): not even the prompt encoding and a first step.
+            if cancel.is_set() or job.job_id in self._lost:
+                raise JobCancelled()
+            return runner.generate(job.mode, params, inputs, on_step)
+
         try:
-            generated: Generated = await loop.run_in_executor(
-                self._gpu, runner.generate, job.mode, params, inputs, on_step
-            )
+            generated: Generated = await loop.run_in_executor(self._gpu, generate)
         except JobCancelled:
             await loop.run_in_executor(self._gpu, runner.release_memory)
             raise

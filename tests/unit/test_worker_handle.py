@@ -207,6 +207,22 @@ async def test_no_drop_notice_for_a_job_that_was_taken_to_run(worker) -> None:
     assert w._events.sent == []
 
 
+async def test_a_cancel_that_comes_while_the_job_waits_for_the_generation_thread_skips_generation(worker) -> None:
+    w, store, runner, _ = worker
+    runner.calls = 1  # past the out-of-memory call
+    busy = threading.Event()
+    w._gpu.submit(busy.wait, 30)  # the generation thread is still busy (releasing the last job, say)
+    run = asyncio.create_task(w.handle(FakeMessage(encode(job("k"))), w.run_job))
+    for _ in range(1000):
+        if "k" in w._running:  # the run has handed its generation to the thread
+            break
+        await asyncio.sleep(0.01)
+    await w._on_control(FakeControl(encode(CancelMessage(job_id="k"))))
+    busy.set()
+    await asyncio.wait_for(run, 10)
+    assert runner.calls == 1 and store.records["k"].message == "cancelled while running"
+
+
 async def test_a_job_published_to_the_wrong_queue_fails_once_naming_the_routing_key(worker) -> None:
     """Other services may publish jobs themselves: one this worker cannot run fails at once
     instead of being handed back until the delivery limit ends it as a crash."""
