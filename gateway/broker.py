@@ -81,8 +81,8 @@ class EndedInQueue:
 
     A gateway learns of them from the jobs' terminal events (every gateway receives every event)
     and of their leaving from the JobDropped notice of the worker that dropped them, in either
-    order. It knows only those that ended since it started: older ones count as waiting jobs
-    (figures err high). A notice that never arrives (the broker was down) leaves an entry for a
+    order (an end published again after the drop is ignored). It knows only those that ended
+    since it started: older ones count as waiting jobs (figures err high). A notice that never arrives (the broker was down) leaves an entry for a
     message no longer queued (figures err low by one); since a queue cannot hold more ended
     jobs than messages, each read of a queue trims its oldest entries down to the queue's
     length, which clears such entries at the latest when the queue is empty (as it does an
@@ -92,20 +92,20 @@ class EndedInQueue:
     def __init__(self, memory: int = 100_000) -> None:
         self._memory = memory
         self._ended: dict[tuple[str, str], OrderedDict[str, None]] = {}  # (model, priority) -> job ids
-        self._dropped: OrderedDict[str, None] = OrderedDict()  # dropped before their end was seen
+        self._dropped: OrderedDict[str, None] = OrderedDict()  # the last ids dropped, their end seen or not
 
     def saw_end(self, record: JobRecord) -> None:
         if not left_in_queue(record):
             return
-        if self._dropped.pop(record.job_id, False) is not False:
-            return  # its worker dropped it already
+        if record.job_id in self._dropped:
+            return  # its worker dropped it already (or this is the end published once more)
         assert isinstance(record.params, GenerationParams)
         self._add(self._ended.setdefault((record.model, record.params.priority), OrderedDict()), record.job_id)
 
     def dropped(self, notice: JobDropped) -> None:
         ids = self._ended.get((notice.model, notice.priority))
-        if ids is not None and ids.pop(notice.job_id, False) is not False:
-            return
+        if ids is not None:
+            ids.pop(notice.job_id, None)
         self._add(self._dropped, notice.job_id)
 
     def counts(self, model: str) -> dict[str, int]:
