@@ -504,10 +504,10 @@ async def _enqueue(
     # err high: a queue looks full only if a fresh read says so too).
     stats = await _stats_or_none(broker, message)
     spec = app[REGISTRY].get(params.model)
-    full = mode != "download" and _queue_full(stats, spec.max_queue_depth) is not None
+    full = mode != "download" and _queue_full(stats, spec.max_queue_depth, params.model) is not None
     if full:
         stats = await _stats_or_none(broker, message, fresh=True)
-    if full and (why := _queue_full(stats, spec.max_queue_depth)) is not None:
+    if full and (why := _queue_full(stats, spec.max_queue_depth, params.model)) is not None:
         # Refuse now rather than accept work that would wait for hours (or expire).
         assert stats is not None
         log.warning(
@@ -516,7 +516,7 @@ async def _enqueue(
         raise ApiError(
             503,
             "queue_full",
-            f"{why} for model {params.model!r}; retry later",
+            f"{why}; retry later",
             headers={"Retry-After": str(_retry_after(stats))},
         )
     record = JobRecord(
@@ -595,7 +595,7 @@ def _priority(params: GenerationParams | DownloadParams) -> Priority:
     return params.priority if isinstance(params, GenerationParams) else "normal"
 
 
-def _queue_full(stats: QueueStats | None, max_queue_depth: int) -> str | None:
+def _queue_full(stats: QueueStats | None, max_queue_depth: int, model: str) -> str | None:
     """Why a model's queues take no more jobs, or None. Messages of jobs that ended while queued
     (which wait there until a worker drops them) do not count towards `max_queue_depth`, but all
     messages together may be at most ENDED_ALLOWANCE times that: for a model that no worker
@@ -603,11 +603,12 @@ def _queue_full(stats: QueueStats | None, max_queue_depth: int) -> str | None:
     if stats is None:
         return None
     if stats.messages >= max_queue_depth:
-        return f"{stats.messages} jobs are waiting (limit {max_queue_depth})"
+        return f"{stats.messages} jobs are waiting for model {model!r} (limit {max_queue_depth})"
     if stats.messages + stats.ended >= ENDED_ALLOWANCE * max_queue_depth:
         return (
-            f"{stats.messages + stats.ended} messages are in the queues, {stats.ended} of them of jobs that ended "
-            f"before a worker took them, which no worker has dropped yet (limit {ENDED_ALLOWANCE * max_queue_depth})"
+            f"{stats.messages + stats.ended} messages are in the queues of model {model!r}, {stats.ended} of them "
+            f"of jobs that ended before a worker took them, which no worker has dropped yet "
+            f"(limit {ENDED_ALLOWANCE * max_queue_depth})"
         )
     return None
 

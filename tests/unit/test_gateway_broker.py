@@ -257,9 +257,10 @@ async def test_a_queue_read_trims_ended_jobs_to_the_messages_it_holds() -> None:
 def test_a_full_queue_counts_live_jobs_and_bounds_all_messages() -> None:
     limit = 5
     live = QueueStats(messages=limit, consumers=0, waiting={"normal": limit})
-    assert "5 jobs are waiting (limit 5)" in (_queue_full(live, limit) or "")
+    assert _queue_full(live, limit, "m") == "5 jobs are waiting for model 'm' (limit 5)"
     mostly_ended = QueueStats(messages=limit - 1, consumers=0, waiting={"normal": limit - 1}, ended=40)
-    assert _queue_full(mostly_ended, limit) is None
+    assert _queue_full(mostly_ended, limit, "m") is None
     too_many = QueueStats(messages=limit - 1, consumers=0, waiting={"normal": limit - 1}, ended=46)
-    why = _queue_full(too_many, limit) or ""
-    assert "50 messages are in the queues, 46 of them of jobs that ended" in why and f"limit {10 * limit}" in why
+    why = _queue_full(too_many, limit, "m") or ""
+    assert why.startswith("50 messages are in the queues of model 'm', 46 of them of jobs that ended")
+    assert why.endswith(f"(limit {10 * limit})")
