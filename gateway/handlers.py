@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 
 import structlog
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
 from common.retry import patiently
@@ -64,6 +65,7 @@ MODES: dict[GenerationMode, tuple[type[TextToVideoRequest], str | None]] = {
     "video-to-video": (VideoToVideoRequest, "video"),
 }
 MAX_FORM_FIELD_BYTES = 64 * 1024
+MAX_FORM_FIELDS = 32  # the requests have about 15
 # The record of the job a request has just queued, for handlers that answer with more than JobAccepted.
 QUEUED_RECORD = web.RequestKey("queued_record", JobRecord)
 
@@ -149,9 +151,14 @@ async def read_json(request: web.Request, limit: int, or_multipart: bool = False
 
 
 async def read_multipart(request: web.Request, file_field: str, limit: int) -> tuple[dict[str, str], bytes | None]:
-    """Form fields as strings (pydantic parses the numbers) and the one file, each bounded."""
+    """Form fields as strings (pydantic parses the numbers) and the one file, each bounded, and
+    at most MAX_FORM_FIELDS fields: a body holds at most `limit` + MAX_FORM_FIELDS x
+    MAX_FORM_FIELD_BYTES bytes in memory."""
     fields: dict[str, str] = {}
     data: bytes | None = None
+    body_limit = limit + MAX_FORM_FIELDS * MAX_FORM_FIELD_BYTES
+    if request.content_length is not None and request.content_length > body_limit:
+        raise _too_large(body_limit)
     try:
         reader = await request.multipart()
     except ValueError as exc:  # e.g. no boundary in the Content-Type
@@ -159,6 +166,10 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
     try:
         seen: set[str] = set()
         async for part in reader:
+            if len(fields) >= MAX_FORM_FIELDS:
+                raise ApiError(
+                    400, "bad_request", f"a multipart body may have at most {MAX_FORM_FIELDS} fields besides its file"
+                )
             if not isinstance(part, BodyPartReader):
                 raise ApiError(400, "bad_request", "nested multipart bodies are not accepted")
             if part.name is None:
@@ -179,8 +190,8 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
                     fields[part.name] = (await _read_part(part, MAX_FORM_FIELD_BYTES)).decode()
                 except UnicodeDecodeError:
                     raise bad_input(part.name, "utf8", f"{part.name}: not valid UTF-8 text") from None
-    except ValueError as exc:  # a missing or wrong boundary, a body cut short
-        raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from exc
+    except (ValueError, HttpProcessingError) as exc:  # a missing or wrong boundary, a body cut short, a bad part header
+        raise ApiError(400, "bad_request", f"malformed multipart body: {getattr(exc, 'message', None) or exc}") from exc
     return fields, data
 
 

@@ -128,6 +128,12 @@ MALFORMED_MULTIPART = {
     "no-closing-boundary": (b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n', "b"),
     "other-boundary": (b'--a\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--a--\r\n', "b"),
     "part-without-name": (b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n", "b"),
+    "no-blank-line-after-part-headers": (b'--b\r\nContent-Disposition: form-data; name="a"\r\nv\r\n--b--\r\n', "b"),
+    "too-many-fields": (
+        b"".join(b'--b\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nx\r\n' % i for i in range(40))
+        + b"--b--\r\n",
+        "b",
+    ),
 }
 
 
@@ -138,6 +144,22 @@ async def test_malformed_multipart_is_400(stack, http, body, boundary) -> None:
         payload = await response.json()
     assert response.status == 400, payload
     assert payload["error"]["code"] == "bad_request" and "multipart" in payload["error"]["message"]
+
+
+async def test_a_multipart_body_past_its_limits_is_refused_before_it_is_read(stack, http) -> None:
+    """An upload and 32 fields of 64 KiB at most: a larger Content-Length is refused at once."""
+    headers = {"Content-Type": "multipart/form-data; boundary=b"}
+
+    async def endless():
+        chunk = b'--b\r\nContent-Disposition: form-data; name="f"\r\n\r\n' + b"x" * 60_000 + b"\r\n"
+        for _ in range(2000):  # 120 MB if the gateway read it all
+            yield chunk
+
+    for path in ("/api/v1/generate/image-to-video", "/v1/videos"):
+        big = {**headers, "Content-Length": str(200 * 2**20)}
+        async with http.post(stack.gateway_url + path, data=endless(), headers=big) as response:
+            payload = await response.json()
+        assert response.status == 413, payload
 
 
 async def test_body_must_be_an_object(stack, http) -> None:
