@@ -206,9 +206,9 @@ class GatewayBroker:
         return self._connection is not None and not self._connection.is_closed and self._connection.connected.is_set()
 
     async def publish_expiry_check(self, message: JobMessage, max_queue_s: int) -> None:
-        """The job's expiry check, confirmed: published before the job, at the same time as its
-        record is stored, so that a record left `queued` by a gateway that died before
-        publishing the job still ends (`expired`) when the check falls due. A model's checks
+        """The job's expiry check, confirmed: published before the job's record is stored and the
+        job published, so that a record left `queued` by a gateway that died before publishing
+        the job still ends (`expired`) when the check falls due. A model's checks
         share one delay queue, and downloads have their own, so that every check in a queue
         has the same TTL (RabbitMQ expires messages only from a queue's head)."""
         assert self._channel is not None

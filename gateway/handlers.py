@@ -549,26 +549,23 @@ async def _enqueue(
     )
     record.events = [record.last_event()]
     # Inputs, index entry and record are stored (all at once) before the job is published, so a
-    # worker always finds them; listings skip index entries without a record. The job's expiry
-    # check goes out at the same time: a record that a gateway dying before the publish leaves
-    # `queued` then still ends when the check falls due. The quota marker is written after the
-    # record (a marker without a record is then always a leftover, which gateway/quota.py
-    # sweeps), at the same time as the job is published.
+    # worker always finds them; listings skip index entries without a record. The record is
+    # written once the job's expiry check is confirmed: a record that a gateway dying before the
+    # publish leaves `queued` then still ends when the check falls due. The quota marker is
+    # written after the record (a marker without a record is then always a leftover, which
+    # gateway/quota.py sweeps), at the same time as the job is published.
     writes = [store.put_bytes(message.inputs[item.name], item.data, item.content_type) for item in inputs]
-    writes += [
-        store.put_bytes(index_key(job_id, params.model, now, owner), b"", "application/octet-stream"),
-        store.put_record(record),
-    ]
+    writes.append(store.put_bytes(index_key(job_id, params.model, now, owner), b"", "application/octet-stream"))
+    checked_then_stored = _check_then_store(app, message, record, _max_queue_s(app, params, mode))
     # Each settles before any error is looked at.
-    *results, checked = await asyncio.gather(
-        *writes, broker.publish_expiry_check(message, _max_queue_s(app, params, mode)), return_exceptions=True
-    )
-    if failed := [r for r in results if isinstance(r, BaseException)]:
+    *results, stored = await asyncio.gather(*writes, checked_then_stored, return_exceptions=True)
+    unchecked = stored if isinstance(stored, _NotChecked) else None
+    if failed := [r for r in [*results, stored] if isinstance(r, BaseException) and r is not unchecked]:
         log.error("store_write_failed", job_id=job_id, error=str(failed[0]))
-        if not isinstance(results[-1], BaseException):  # the record says queued: it must not
+        if stored is None:  # the record says queued: it must not
             await _mark_unpublished(request, record, "the object store failed while the job was being queued")
         raise store_unavailable() from failed[0]
-    published: BaseException | None = checked if isinstance(checked, BaseException) else None
+    published: BaseException | None = None if unchecked is None else unchecked.__cause__
     held = None
     if published is None:
         held, published = await asyncio.gather(
@@ -594,6 +591,18 @@ async def _enqueue(
     log.info("job_accepted", job_id=job_id, model=params.model, mode=mode, workers=workers)
     request[QUEUED_RECORD] = record
     return _accepted(record, stats)
+
+
+class _NotChecked(Exception):
+    """The job's expiry check was not published (its cause says why), so its record was not written."""
+
+
+async def _check_then_store(app: web.Application, message: JobMessage, record: JobRecord, max_queue_s: int) -> None:
+    try:
+        await app[BROKER].publish_expiry_check(message, max_queue_s)
+    except Exception as exc:
+        raise _NotChecked() from exc
+    await app[STORE].put_record(record)
 
 
 def _max_queue_s(app: web.Application, params: GenerationParams | DownloadParams, mode: Mode) -> int:

@@ -96,6 +96,30 @@ async def test_a_job_stored_but_never_published_ends_expired(settings, monkeypat
         never.set()  # let the held submission end before the app stops
 
 
+async def test_a_gateway_that_dies_before_the_expiry_check_is_confirmed_leaves_no_queued_record(
+    settings, monkeypatch
+) -> None:
+    """Without a check on its way, a stored `queued` record would never end: it is written only
+    once the check is confirmed (the index entry, written meanwhile, is skipped by listings)."""
+    never, reached = asyncio.Event(), asyncio.Event()
+
+    async def dies_here(*args, **kwargs) -> None:
+        reached.set()
+        await never.wait()
+
+    monkeypatch.setattr(GatewayBroker, "publish_expiry_check", dies_here)
+    settings = settings.model_copy(update={"request_timeout_s": 1.0})
+    store = ObjectStore(settings)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        response = await client.post("/api/v1/generate/text-to-video", json={"prompt": "never", "model": "ltx-tiny"})
+        assert response.status == 504 and reached.is_set()
+        [job_id] = await stored_jobs(store)
+        assert await store.get_record(job_id) is None
+        listing = await (await client.get("/api/v1/jobs")).json()
+        assert listing["jobs"] == []
+        never.set()
+
+
 @pytest.mark.parametrize("broker_cancel", ["sent", "fails"])
 async def test_two_first_uses_of_a_key_that_both_made_a_job_end_with_one(settings, monkeypatch, broker_cancel) -> None:
     """Neither submission held the key (as when a gateway's broker connection drops while it holds
