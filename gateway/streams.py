@@ -4,6 +4,11 @@ Order of operations is what makes a stream gap-free: subscribe to this gateway's
 then read each job's record. The record holds every event up to its `seq` (the worker writes it
 before it publishes), and any later event reaches the subscription. Events are then sent per job
 in `seq` order, each once, starting after the client's `since`.
+
+A live event can still fail to arrive (it was published without a confirm while the broker went
+away, or while this gateway's events queue was being declared again after a reconnect): a
+stream of listed jobs that has had no event for RECHECK_S reads their records again and sends
+what it missed, so it still ends when its jobs do.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from schemas.messages import JobEvent
 MAX_JOBS_PER_STREAM = 100
 # How long one frame may take to reach a client's connection before the stream ends.
 SEND_TIMEOUT_S = 30.0
+# A stream of listed jobs without an event for this long reads their records again.
+RECHECK_S = 10.0
 
 log = structlog.get_logger("gateway.streams")
 
@@ -156,7 +163,7 @@ class JobStream:
         pending: list[JobEvent] = []
         for record in self.records.values():
             self._last[record.job_id] = self.request.since_of(record.job_id)
-            pending += [JobEvent.from_entry(record.job_id, entry, record) for entry in record.events]
+            pending += _history(record)
             if record.status.is_terminal and self.request.since_of(record.job_id) >= record.seq:
                 open_jobs.discard(record.job_id)  # the client saw the end already: nothing more will come
         while True:
@@ -172,7 +179,13 @@ class JobStream:
                         return
             if self.request.job_ids is not None and not open_jobs:
                 return
-            first = await self._sub.queue.get()
+            try:
+                first = await asyncio.wait_for(
+                    self._sub.queue.get(), None if self.request.job_ids is None else RECHECK_S
+                )
+            except TimeoutError:
+                pending = await self._missed(open_jobs)
+                continue
             if first is None:
                 return  # the gateway is shutting down
             if self._sub.overflowed:  # too far behind: the client resumes from the record
@@ -186,6 +199,31 @@ class JobStream:
                     break
                 pending.append(event)
             pending.sort(key=lambda e: (e.job_id, e.seq))
+
+    async def _missed(self, open_jobs: set[str]) -> list[JobEvent]:
+        """The events of these jobs in their records that the stream has not sent."""
+        missed: list[JobEvent] = []
+        for job_id in sorted(open_jobs):
+            try:
+                record = await self.app[STORE].get_record(job_id)
+            except Exception as exc:  # the store is down: try again at the next recheck
+                log.warning("stream_recheck_failed", job_id=job_id, error=str(exc))
+                continue
+            if record is None:
+                continue
+            events = [event for event in _history(record) if event.seq > self._last.get(job_id, -1)]
+            if events:
+                log.warning("stream_events_missed", job_id=job_id, seqs=[event.seq for event in events])
+            missed += events
+        return missed
+
+
+def _history(record: JobRecord) -> list[JobEvent]:
+    """A record's events, from its history (a record stored before it kept one: its latest)."""
+    entries = list(record.events)
+    if not entries or entries[-1].seq != record.seq:
+        entries.append(record.last_event())
+    return [JobEvent.from_entry(record.job_id, entry, record) for entry in entries]
 
 
 @asynccontextmanager

@@ -12,7 +12,7 @@ from gateway.keys import SETTINGS, STORE
 from gateway.streams import JobStream, StreamRequest, pump
 from schemas.jobs import JobStatus, Phase
 from schemas.messages import JobEvent
-from tests.helpers import queued_record
+from tests.helpers import FakeRecords, queued_record
 
 JOB = "3c1e0b7a-9d2f-4e6a-8b5c-1f2e3d4c5b6a"
 
@@ -74,3 +74,20 @@ async def test_a_client_that_takes_no_data_ends_its_stream(monkeypatch) -> None:
 
     gone = asyncio.get_running_loop().create_future()
     await asyncio.wait_for(pump(frames(), never_sent, gone), 5)
+
+
+async def test_a_stream_whose_live_events_were_lost_catches_up_from_the_record(monkeypatch) -> None:
+    """The job's next events never arrive live (published without a confirm as the broker went
+    away): after RECHECK_S without an event the stream reads the record, sends what it missed,
+    and ends with the job."""
+    monkeypatch.setattr("gateway.streams.RECHECK_S", 0.05)
+    store = FakeRecords()
+    record = queued_record(JOB)
+    record.events = [record.last_event()]
+    running = record.advance(status=JobStatus.RUNNING, phase=Phase.LOADING)
+    store.records[JOB] = running.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED)
+    hub = EventHub()
+    with hub.subscribe([JOB]) as sub:
+        stream = JobStream({STORE: store, SETTINGS: GatewaySettings()}, StreamRequest([JOB], -1), {JOB: record}, sub)  # type: ignore[arg-type]
+        hub.publish(JobEvent.from_record(running))  # this one arrives
+        assert await asyncio.wait_for(_collect(stream), 5) == [0, 1, 2]
