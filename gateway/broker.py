@@ -15,6 +15,7 @@ import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
 
+from common.retry import patiently
 from common.topology import DOWNLOAD_KEY, Topology, connect, to_amqp
 from gateway.events import EventHub
 from schemas.jobs import PRIORITIES, GenerationParams, JobRecord, Priority
@@ -32,8 +33,10 @@ from schemas.messages import (
 
 log = structlog.get_logger("gateway.broker")
 
-# Pause before handing back a dead-letter notice or expiry check that could not be handled.
+# Pause before handling again a dead-letter notice or expiry check whose handling failed.
 DEAD_LETTER_RETRY_S = 5.0
+# How long the gateway tries to publish a job end of its own (a cancel) through a broker outage.
+END_PUBLISH_PATIENCE_S = 300.0
 
 # A submission reuses a model's queue figures read this recently (by any submission of this
 # gateway), plus the jobs this gateway queued since: under load, one read serves many jobs.
@@ -143,6 +146,7 @@ class GatewayBroker:
         self._stats_channel: AbstractChannel | None = None
         # Best-effort notices (job events, JobAvailable) go without publisher confirms.
         self._notify_events: AbstractExchange | None = None
+        self._end_events: AbstractExchange | None = None  # on the confirmed channel
         self._notify_control: AbstractExchange | None = None
         self._recent: dict[str, _RecentStats] = {}
         self._reads: dict[str, asyncio.Future[None]] = {}
@@ -167,6 +171,7 @@ class GatewayBroker:
         # started is stored, not dropped by an exchange with no bound queue.
         self._jobs, _ = await self._topology.declare_jobs(channel, model_ids)
         self._control = await self._topology.declare_control(channel)
+        self._end_events = await self._topology.declare_events(channel)
         notify_channel = await self._connection.channel(publisher_confirms=False)
         self._notify_events = await self._topology.declare_events(notify_channel)
         self._notify_control = await self._topology.declare_control(notify_channel)
@@ -266,6 +271,29 @@ class GatewayBroker:
         assert self._notify_events is not None
         key = Topology.event_key(event.job_id, event.status)
         await self._notify_events.publish(to_amqp(event), routing_key=key, mandatory=False)
+
+    async def publish_end(self, event: JobEvent) -> None:
+        """A job's terminal event, confirmed: the gateway's own ends (cancelled, expired, dead-
+        lettered) must reach webhooks and streams, which no later event would make up for."""
+        assert self._end_events is not None
+        key = Topology.event_key(event.job_id, event.status)
+        await self._end_events.publish(to_amqp(event), routing_key=key, mandatory=False)
+
+    def publish_end_soon(self, event: JobEvent) -> None:
+        """publish_end in the background, tried again for up to END_PUBLISH_PATIENCE_S (a broker
+        outage), so that the request that ended the job need not wait for it."""
+
+        async def publish() -> None:
+            try:
+                await patiently(
+                    lambda: self.publish_end(event), END_PUBLISH_PATIENCE_S, "publish_end", log_as="event_publish_retry"
+                )
+            except Exception as exc:  # the record has it; streams catch up from it
+                log.error("event_publish_failed", job_id=event.job_id, status=event.status, error=str(exc))
+
+        task = asyncio.create_task(publish())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def publish_cancel(self, job_id: str) -> None:
         """Tell every worker: stop this job if you are running it, drop it if it reaches you."""
@@ -383,7 +411,10 @@ class GatewayBroker:
 async def _settle(message: AbstractIncomingMessage, kind: type, handler: Callable[[Any], Awaitable[None]]) -> None:
     """Decode and handle a message for the gateway to act on: ack when done, or when there is
     nothing to do (a message of another kind, or one that does not decode: the kept dead-letter
-    queue holds a copy); if handling fails (the store is likely down), hand it back after a pause."""
+    queue holds a copy); if handling fails (the store or the broker is likely down), handle it
+    again after a pause, for as long as it takes: it is never handed back, which RabbitMQ 4
+    would count against a default delivery limit of its quorum queues, and drop the message.
+    (If the channel closes meanwhile, RabbitMQ takes the message back and delivers it again.)"""
     try:
         envelope = decode(message.body)
     except DecodeError as exc:
@@ -391,11 +422,11 @@ async def _settle(message: AbstractIncomingMessage, kind: type, handler: Callabl
         await message.ack()
         return
     if isinstance(envelope, kind):
-        try:
-            await handler(envelope)
-        except Exception:
-            log.exception("handling_failed", job_id=getattr(envelope, "job_id", None))
-            await asyncio.sleep(DEAD_LETTER_RETRY_S)  # do not spin
-            await message.nack(requeue=True)
-            return
+        while True:
+            try:
+                await handler(envelope)
+                break
+            except Exception:
+                log.exception("handling_failed", job_id=getattr(envelope, "job_id", None))
+                await asyncio.sleep(DEAD_LETTER_RETRY_S)  # do not spin
     await message.ack()

@@ -53,7 +53,7 @@ def dead_letter_handler(store: ObjectStore, broker: GatewayBroker, registry: Reg
         failed, changed = await store.update_record(job.job_id, fail)
         if failed is None or not (changed or _ended_by_an_earlier_try(failed, error)):
             return
-        await broker.publish_event(JobEvent.from_record(failed))
+        await broker.publish_end(JobEvent.from_record(failed))
         log.warning("job_dead_lettered", job_id=job.job_id, reason=reason, code=error.code)
 
     return handle
@@ -77,7 +77,7 @@ def expiry_handler(store: ObjectStore, broker: GatewayBroker) -> ExpiryHandler:
         expired, changed = await store.update_record(check.job_id, expire)
         if expired is None or not (changed or (expired.attempts == 0 and _ended_by_an_earlier_try(expired, error))):
             return
-        await broker.publish_event(JobEvent.from_record(expired))
+        await broker.publish_end(JobEvent.from_record(expired))
         # A worker that receives the job later drops it, as it does a cancelled one.
         await broker.publish_cancel(check.job_id)
         log.warning("job_expired", job_id=check.job_id, max_queue_s=check.max_queue_s)

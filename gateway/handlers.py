@@ -648,9 +648,13 @@ async def _stats_or_none(broker: Any, message: JobMessage, fresh: bool = False) 
 
 async def announce(request: web.Request, record: JobRecord) -> None:
     """Publish a record's latest event; also straight into this gateway's hub, so its own clients
-    see it before the broker's copy comes back (the copy is dropped by seq)."""
+    see it before the broker's copy comes back (the copy is dropped by seq). An end is published
+    confirmed, in the background, through a broker outage; the `queued` event best effort."""
     event = JobEvent.from_record(record)
     request.app[HUB].publish(event)
+    if record.status.is_terminal:
+        request.app[BROKER].publish_end_soon(event)
+        return
     try:
         await request.app[BROKER].publish_event(event)
     except Exception as exc:  # the record already says it

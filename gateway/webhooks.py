@@ -217,14 +217,17 @@ class WebhookDeliverer:
         if not isinstance(event, JobEvent):
             await message.ack()
             return
-        try:
-            # A terminal event carries the record as it ended; others are looked up (and remembered).
-            hook = event.job.webhook if event.job is not None else await self._webhook_of(event.job_id)
-        except Exception as exc:  # store trouble: try again later
-            log.warning("webhook_lookup_failed", job_id=event.job_id, error=str(exc))
-            await asyncio.sleep(2.0)
-            await message.nack(requeue=True)
-            return
+        while True:
+            try:
+                # A terminal event carries the record as it ended; others are looked up (and remembered).
+                hook = event.job.webhook if event.job is not None else await self._webhook_of(event.job_id)
+                break
+            except Exception as exc:  # store trouble: try again, holding the event (not handed back,
+                # which RabbitMQ 4 counts against its quorum queues' default delivery limit)
+                log.warning("webhook_lookup_failed", job_id=event.job_id, error=str(exc))
+                await asyncio.sleep(2.0)
+                if self._closing:  # left unacknowledged: the broker has it back when the channel closes
+                    return
         if hook is None or event_type(event) not in hook.events:
             await message.ack()
             return

@@ -52,7 +52,7 @@ class Broker:
     def __init__(self) -> None:
         self.events, self.cancels = [], []
 
-    async def publish_event(self, event) -> None:
+    async def publish_end(self, event) -> None:
         self.events.append(event)
 
     async def publish_cancel(self, job_id: str) -> None:
@@ -118,11 +118,11 @@ async def test_a_dead_letter_does_not_overwrite_a_job_that_ended_meanwhile(s3_st
 class FailingOnceBroker(Broker):
     """Its first publish of an event fails, as when the broker connection drops."""
 
-    async def publish_event(self, event) -> None:
+    async def publish_end(self, event) -> None:
         if not self.events and not getattr(self, "failed", False):
             self.failed = True
             raise ConnectionError("broker connection lost")
-        await super().publish_event(event)
+        await super().publish_end(event)
 
 
 async def test_an_expiry_whose_event_was_not_sent_sends_it_when_the_check_comes_again(s3_store) -> None:
@@ -130,7 +130,7 @@ async def test_an_expiry_whose_event_was_not_sent_sends_it_when_the_check_comes_
     record = queued_record(new_id())
     await store.put_record(record)
     check = ExpiryCheck(job_id=record.job_id, model="ltx-tiny", max_queue_s=1)
-    with pytest.raises(ConnectionError):  # the check goes back to its queue
+    with pytest.raises(ConnectionError):  # handled again, after a pause
         await expiry_handler(store, broker)(check)
     await expiry_handler(store, broker)(check)
     now = await store.get_record(record.job_id)

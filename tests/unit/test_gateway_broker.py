@@ -264,3 +264,54 @@ def test_a_full_queue_counts_live_jobs_and_bounds_all_messages() -> None:
     why = _queue_full(too_many, limit, "m") or ""
     assert why.startswith("50 messages are in the queues of model 'm', 46 of them of jobs that ended")
     assert why.endswith(f"(limit {10 * limit})")
+
+
+class Notice:
+    """A dead-letter notice or expiry check as aio-pika hands it over: settled once."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+        self.settled: list[str] = []
+
+    async def ack(self) -> None:
+        self.settled.append("ack")
+
+    async def nack(self, requeue: bool = True) -> None:
+        self.settled.append(f"nack(requeue={requeue})")
+
+
+async def test_a_check_whose_handling_fails_is_handled_again_not_handed_back(monkeypatch) -> None:
+    """RabbitMQ 4 counts a requeue against its quorum queues' default delivery limit (20) and
+    drops the message past it: through a store outage, the gateway holds the check instead."""
+    monkeypatch.setattr(broker_module, "DEAD_LETTER_RETRY_S", 0.0)
+    failures = [ConnectionError("store down")] * 3
+    handled: list[str] = []
+
+    async def handler(check: ExpiryCheck) -> None:
+        if failures:
+            raise failures.pop()
+        handled.append(check.job_id)
+
+    check = ExpiryCheck(job_id="j", model=MODEL, max_queue_s=60)
+    notice = Notice(encode(check))
+    await broker_module._settle(notice, ExpiryCheck, handler)  # type: ignore[arg-type]
+    assert handled == ["j"] and notice.settled == ["ack"]
+
+
+async def test_a_gateway_end_is_published_with_a_confirm_through_a_broker_outage() -> None:
+    broker, _ = make_broker(Queues())
+
+    class Refusing(FakeExchange):
+        refusals = 1
+
+        async def publish(self, message, routing_key: str, **_: object) -> None:
+            if self.refusals:
+                self.refusals -= 1
+                raise ConnectionError("the broker is away")
+            await super().publish(message, routing_key)
+
+    broker._end_events = exchange = Refusing()  # type: ignore[assignment]
+    end = ended("c")
+    broker.publish_end_soon(end)
+    await asyncio.wait_for(asyncio.gather(*broker._tasks), 10)  # after one pause of 0.5 s
+    assert [key for key, _ in exchange.sent] == [Topology.event_key("c", "cancelled")]

@@ -352,3 +352,31 @@ async def test_a_receiver_gets_at_most_its_share_of_the_slots(local_receiver) ->
 )
 async def test_a_host_name_the_resolver_cannot_take_is_a_problem_not_an_error(url, problem) -> None:
     assert problem in (await webhooks.destination_problem(url, []) or "")
+
+
+async def test_a_webhook_lookup_that_fails_is_tried_again_holding_the_event(local_receiver, monkeypatch) -> None:
+    """The store is down for a moment: the event is not handed back to the broker (RabbitMQ 4
+    would count that against a delivery limit and drop it), it waits here and is delivered."""
+    port, hits = local_receiver
+    monkeypatch.setattr(webhooks.asyncio, "sleep", _no_pause)
+    made = deliverer(Channel())
+    failures = [ConnectionError("store down")] * 2
+
+    async def webhook_of(job_id: str) -> Webhook:
+        if failures:
+            raise failures.pop()
+        return Webhook(url=f"http://127.0.0.1:{port}/hook", events=["job.running"])
+
+    made._webhook_of = webhook_of  # type: ignore[method-assign]
+    message = Settled(encode(event()), None)
+    await made._on_event(message)  # type: ignore[arg-type]
+    await asyncio.wait_for(asyncio.gather(*made._tasks), 10)
+    assert message.settled == "ack" and len(hits) == 1
+    await made._http.close()  # type: ignore[union-attr]
+
+
+_sleep = asyncio.sleep
+
+
+async def _no_pause(seconds: float) -> None:
+    await _sleep(0)
