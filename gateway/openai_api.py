@@ -230,14 +230,16 @@ async def _newest_first(request: web.Request, limit: int, after: str | None) -> 
     """A page of the key's videos, newest first, and one more if there is one: the index is listed
     from just after `after`'s entry (named by its time, id and model, which its record holds), so
     every video of the key can be reached, a page at a time. Also whether the page stopped at
-    PAGE_SCAN_MAX entries with more to read (then it has more, though it may hold fewer videos)."""
+    PAGE_SCAN_MAX entries with more to read (then it has more, though it may hold fewer videos).
+    A page that has found no video by then reads on until it finds one or the index ends: the
+    next page must have a video of this one to go on after."""
     store, owner = request.app[STORE], owner_of(request)
     start = await _after_entry(request, after)
     data: list[dict[str, Any]] = []
     scanned = 0
     # Entries are read a batch at a time; entries that are no video of the caller (downloads,
     # entries without a record) are skipped, up to PAGE_SCAN_MAX entries per page.
-    while len(data) <= limit and scanned < PAGE_SCAN_MAX:
+    while len(data) <= limit and (scanned < PAGE_SCAN_MAX or not data):
         keys = await store.list_keys(index_prefix(owner), start, LIST_BATCH)
         if not keys:
             break

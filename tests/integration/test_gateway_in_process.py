@@ -297,6 +297,27 @@ async def test_the_openai_listing_reaches_every_video_newest_first(settings, mon
         assert response.status == 400 and (await response.json())["error"]["param"] == "after"
 
 
+async def test_an_openai_page_past_its_scan_limit_without_a_video_reads_on_to_one(settings, monkeypatch) -> None:
+    """Entries that are no video (downloads, leftovers without a record) fill more than a page's
+    scan: the page must still end with a video, or the client has no `after` to go on from."""
+    monkeypatch.setattr(openai_api, "PAGE_SCAN_MAX", 3)
+    monkeypatch.setattr(openai_api, "LIST_BATCH", 2)
+    store = ObjectStore(settings)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        start = utcnow()
+        leftovers = [str(uuid.uuid4()) for _ in range(5)]  # newest: index entries without a record
+        video = queued_record(str(uuid.uuid4()), created_at=start - timedelta(seconds=9))
+        writes = [
+            store.put_record(video),
+            store.put_bytes(index_key(video.job_id, video.model, video.created_at, None), b"", ""),
+        ]
+        for age, job_id in enumerate(leftovers):
+            writes.append(store.put_bytes(index_key(job_id, "ltx-tiny", start - timedelta(seconds=age), None), b"", ""))
+        await asyncio.gather(*writes)
+        page = await (await client.get("/v1/videos", params={"limit": "2"})).json()
+        assert [v["id"] for v in page["data"]] == [video.job_id] and page["last_id"] == video.job_id
+
+
 async def test_the_openai_listing_reaches_every_video_oldest_first(settings) -> None:
     """Oldest first, the listing starts at the oldest video of the index, not at the oldest of its
     newest entries, and goes on after any `after`, a deleted one too."""
