@@ -729,8 +729,8 @@ class Worker:
         end may not have got its event out (the broker went away before it could, and the
         message came back), so it is published again, once, best effort. Clients may see the end
         twice, with the same seq (streams drop the copy; webhooks carry the same webhook-id)."""
-        if record.attempts == 0:
-            return  # ended by a gateway, which published it
+        if record.attempts == 0 or record.deleted_at is not None:
+            return  # ended by a gateway, which published it; or deleted since, and its video with it
         try:
             await self._publish_event(JobEvent.from_record(record))
         except Exception as exc:
