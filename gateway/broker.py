@@ -85,12 +85,11 @@ class EndedInQueue:
     A gateway learns of them from the jobs' terminal events (every gateway receives every event)
     and of their leaving from the JobDropped notice of the worker that dropped them, in either
     order (an end published again after the drop is ignored). It knows only those that ended
-    since it started: older ones count as waiting jobs (figures err high). A notice that never arrives (the broker was down) leaves an entry for a
-    message no longer queued (figures err low by one); since a queue cannot hold more ended
-    jobs than messages, each read of a queue trims its oldest entries down to the queue's
-    length, which clears such entries at the latest when the queue is empty (as it does an
-    entry for a job that expired because the gateway that accepted it died before publishing
-    it)."""
+    since it started: older ones count as waiting jobs (figures err high). A notice that never
+    arrives (the broker was down) leaves an entry for a message no longer queued (figures err
+    low by one); since a queue cannot hold more ended jobs than messages, each read of a queue
+    trims its oldest entries down to the queue's length, which clears such entries at the latest
+    when the queue is empty."""
 
     def __init__(self, memory: int = 100_000) -> None:
         self._memory = memory
