@@ -68,6 +68,9 @@ MAX_FORM_FIELD_BYTES = 64 * 1024
 MAX_FORM_FIELDS = 32  # the requests have about 15
 # The record of the job a request has just queued, for handlers that answer with more than JobAccepted.
 QUEUED_RECORD = web.RequestKey("queued_record", JobRecord)
+# Set by a submission with an Idempotency-Key: its job's `queued` event waits until the key is
+# remembered (a duplicate that another submission's job beat is cancelled, without webhooks).
+ANNOUNCE_LATER = web.RequestKey("announce_later", bool)
 
 
 def parse_job_id(value: str | None) -> str:
@@ -264,6 +267,7 @@ async def _submit_once(
         job_id, etag = await store_call(idempotency.earlier_job(request, key, print_))
         if job_id is not None:
             return await _replay(request, job_id)
+        request[ANNOUNCE_LATER] = True
         accepted = await accept(request, mode, req, data, file_field)
         try:
             # A store error is tried again for a few seconds: forgotten, the key would let a
@@ -273,6 +277,7 @@ async def _submit_once(
                 REMEMBER_PATIENCE_S,
                 "remember_idempotency_key",
             )
+            await _announce_queued(request)
         except idempotency.KeyTaken:
             # Another gateway made a job for this key meanwhile (this one's hold on the key was
             # lost): that job stands, and this duplicate is cancelled before it runs.
@@ -284,7 +289,14 @@ async def _submit_once(
             return await _replay(request, job_id)
         except Exception as exc:  # the job is queued; only a retry with this key would not find it
             log.warning("idempotency_key_not_saved", job_id=accepted.job_id, error=str(exc))
+            await _announce_queued(request)
     return _accepted_response(accepted)
+
+
+async def _announce_queued(request: web.Request) -> None:
+    record = request[QUEUED_RECORD]
+    if record.seq == 0:  # not if a worker has the job already (a publish whose confirm was lost)
+        await announce(request, record)
 
 
 async def _drop_duplicate(request: web.Request, job_id: str) -> None:
@@ -584,7 +596,7 @@ async def _enqueue(
         record = taken
     if isinstance(held, BaseException):  # the job is queued: it only goes uncounted by other gateways
         log.warning("quota_marker_not_saved", job_id=job_id, error=str(held))
-    if record.seq == 0:
+    if record.seq == 0 and not request.get(ANNOUNCE_LATER):
         await announce(request, record)
     SUBMITTED.labels(params.model, mode, _priority(params)).inc()
     workers = None if stats is None else stats.consumers

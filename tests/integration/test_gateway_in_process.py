@@ -125,7 +125,7 @@ async def test_two_first_uses_of_a_key_that_both_made_a_job_end_with_one(setting
     """Neither submission held the key (as when a gateway's broker connection drops while it holds
     it): both look the key up, find nothing and queue a job. One remembers its job; the other
     finds the key taken, cancels its own job and answers with the first, even if the cancel to
-    the workers cannot be sent."""
+    the workers cannot be sent; the duplicate's `queued` event is never published."""
 
     @asynccontextmanager
     async def not_held(request, key) -> AsyncIterator[None]:
@@ -144,6 +144,14 @@ async def test_two_first_uses_of_a_key_that_both_made_a_job_end_with_one(setting
     async def no_broker(self, job_id) -> None:
         raise ConnectionError("broker connection lost")
 
+    published: list[tuple[str, str]] = []
+    publish_event = GatewayBroker.publish_event
+
+    async def recording(self, event) -> None:
+        published.append((event.job_id, event.status))
+        await publish_event(self, event)
+
+    monkeypatch.setattr(GatewayBroker, "publish_event", recording)
     monkeypatch.setattr(idempotency, "claim", not_held)
     monkeypatch.setattr(idempotency, "remember", remember_once_both_queued)
     if broker_cancel == "fails":
@@ -168,6 +176,10 @@ async def test_two_first_uses_of_a_key_that_both_made_a_job_end_with_one(setting
         kept = answers[0][2]["job_id"]
         assert len(jobs) == 2 and statuses.pop(kept) == JobStatus.QUEUED
         assert list(statuses.values()) == [JobStatus.CANCELLED], "the duplicate was cancelled"
+        # Its `queued` event was held back until its key would have been remembered: no webhook
+        # of the duplicate's (it ends without any); the kept job's went out.
+        [duplicate] = statuses
+        assert (kept, "queued") in published and (duplicate, "queued") not in published
 
 
 @pytest.mark.parametrize("taken", [False, True])
