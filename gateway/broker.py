@@ -14,6 +14,7 @@ from typing import Any
 import aiormq
 import structlog
 from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMessage, AbstractRobustConnection
+from aio_pika.exceptions import ChannelInvalidStateError
 
 from common.retry import patiently
 from common.topology import DOWNLOAD_KEY, Topology, connect, to_amqp
@@ -428,4 +429,15 @@ async def _settle(message: AbstractIncomingMessage, kind: type, handler: Callabl
             except Exception:
                 log.exception("handling_failed", job_id=getattr(envelope, "job_id", None))
                 await asyncio.sleep(DEAD_LETTER_RETRY_S)  # do not spin
+                if channel_closed(message):  # RabbitMQ has it back, and delivers it again
+                    return
     await message.ack()
+
+
+def channel_closed(message: AbstractIncomingMessage) -> bool:
+    """Whether the channel a message came on has closed (the connection dropped, the process is
+    stopping): it can no longer be settled, and the broker has it back."""
+    try:
+        return message.channel.is_closed
+    except ChannelInvalidStateError:
+        return True

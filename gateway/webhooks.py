@@ -30,6 +30,7 @@ from standardwebhooks import Webhook as Signer
 from common.settings import GatewaySettings
 from common.store import ObjectStore
 from common.topology import WEBHOOK_PAUSES_S, Topology
+from gateway.broker import channel_closed
 from gateway.views import event_frame
 from schemas.jobs import Webhook
 from schemas.messages import DecodeError, JobEvent, decode
@@ -226,7 +227,7 @@ class WebhookDeliverer:
                 # which RabbitMQ 4 counts against its quorum queues' default delivery limit)
                 log.warning("webhook_lookup_failed", job_id=event.job_id, error=str(exc))
                 await asyncio.sleep(2.0)
-                if self._closing:  # left unacknowledged: the broker has it back when the channel closes
+                if self._closing or channel_closed(message):  # the broker has it back (once the channel closes)
                     return
         if hook is None or event_type(event) not in hook.events:
             await message.ack()

@@ -8,6 +8,7 @@ queues hold at that moment.
 from __future__ import annotations
 
 import asyncio
+from types import SimpleNamespace
 
 import pytest
 
@@ -267,11 +268,12 @@ def test_a_full_queue_counts_live_jobs_and_bounds_all_messages() -> None:
 
 
 class Notice:
-    """A dead-letter notice or expiry check as aio-pika hands it over: settled once."""
+    """A dead-letter notice or expiry check as aio-pika hands it over, on its channel."""
 
     def __init__(self, body: bytes) -> None:
         self.body = body
         self.settled: list[str] = []
+        self.channel = SimpleNamespace(is_closed=False)
 
     async def ack(self) -> None:
         self.settled.append("ack")
@@ -296,6 +298,16 @@ async def test_a_check_whose_handling_fails_is_handled_again_not_handed_back(mon
     notice = Notice(encode(check))
     await broker_module._settle(notice, ExpiryCheck, handler)  # type: ignore[arg-type]
     assert handled == ["j"] and notice.settled == ["ack"]
+    # A channel that closes meanwhile (the gateway stops): the broker has the check back.
+    failures[:] = [ConnectionError("store down")]
+    closing = Notice(encode(check))
+
+    async def fails_as_the_channel_closes(check: ExpiryCheck) -> None:
+        closing.channel.is_closed = True
+        raise ConnectionError("store down")
+
+    await broker_module._settle(closing, ExpiryCheck, fails_as_the_channel_closes)  # type: ignore[arg-type]
+    assert closing.settled == []
 
 
 async def test_a_gateway_end_is_published_with_a_confirm_through_a_broker_outage() -> None:

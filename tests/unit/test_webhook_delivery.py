@@ -10,6 +10,7 @@ import os
 import socket
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
+from types import SimpleNamespace
 
 import aiohttp
 import pytest
@@ -106,6 +107,7 @@ class Settled:
         self.body, self.headers = body, headers
         self.content_type, self.type, self.message_id = "application/json", "job.event", "m-1"
         self.settled: str | None = None
+        self.channel = SimpleNamespace(is_closed=False)
 
     async def ack(self) -> None:
         assert self.settled is None
