@@ -31,6 +31,7 @@ def describe(spec: ModelSpec, stats: QueueStats | None) -> dict[str, Any]:
         "limits": spec.limits.model_dump(),
         "rules": {"size_multiple": spec.size_multiple, "num_frames": f"{spec.frame_step}k+1"},
         "max_queue_s": spec.max_queue_s,
+        "max_queue_depth": spec.max_queue_depth,
         "workers": None if stats is None else stats.consumers,
         "queue_depth": None if stats is None else stats.messages,
         "queue_depth_by_priority": None if stats is None else stats.waiting,

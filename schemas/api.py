@@ -52,6 +52,9 @@ class ModelDescription(BaseModel):
     limits: dict[str, Any]
     rules: dict[str, Any]
     max_queue_s: int
+    max_queue_depth: int = Field(
+        description="How many jobs may wait for the model, all priorities together, before submissions get 503 queue_full."
+    )
     workers: int | None = Field(description="Workers serving the model now; null when the broker cannot be asked.")
     queue_depth: int | None = Field(description="Jobs waiting for the model, all priorities.")
     queue_depth_by_priority: dict[str, int] | None

@@ -307,6 +307,8 @@ async def test_jobs_that_ended_while_queued_do_not_fill_the_queue(stack, http, a
         return info["queue_depth"]
 
     try:
+        _, info = await get_json(http, f"{gateway}/api/v1/model/info?model=ltx-video")
+        assert info["max_queue_depth"] == 2  # the limit, overridden, is shown
         cancelled = [(await submit(http, gateway, body))["job_id"] for _ in range(2)]
         for job_id in cancelled:
             async with http.post(f"{gateway}/api/v1/jobs/{job_id}/cancel") as response:
