@@ -12,6 +12,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from common.store import STORE_ERRORS, RecordChanged
+from schemas.errors import shown  # noqa: F401 - quoted values, for the gateway too
 
 log = structlog.get_logger("gateway")
 
@@ -53,13 +54,6 @@ def respond(request: web.Request, exc: ApiError) -> web.Response:
     return exc.response()
 
 
-def shown(value: str, limit: int = 80) -> str:
-    """A client's value quoted in an error message: whole if short, else its start and length."""
-    if len(value) <= limit:
-        return repr(value)
-    return f"{value[:limit]!r}... ({len(value)} characters)"
-
-
 def store_unavailable() -> ApiError:
     return ApiError(
         503, "store_unavailable", "the object store is unavailable; retry later", headers={"Retry-After": "5"}
@@ -86,6 +80,8 @@ def validation_error(exc: ValidationError) -> ApiError:
     details = []
     for err in exc.errors(include_url=False, include_input=False):
         field = ".".join(str(p) for p in err["loc"]) or "body"
+        if len(field) > 80:  # a client's unknown key, however long, is named by its start
+            field = f"{field[:80]}... ({len(field)} characters)"
         details.append({"field": field, "rule": err["type"], "message": f"{field}: {err['msg']}"})
     message = "; ".join(d["message"] for d in details)
     return ApiError(422, "validation_error", message, details)

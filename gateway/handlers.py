@@ -140,6 +140,10 @@ async def read_json(request: web.Request, limit: int, or_multipart: bool = False
     try:
         payload = json.loads(text, parse_constant=_not_json, parse_float=_finite, object_pairs_hook=_object)
     except ValueError as exc:  # not JSON, a key twice, or an integer beyond Python's digit limit
+        if "\x00" in text:  # UTF-16 or UTF-32 without a byte order mark decodes, with NULs
+            raise ApiError(
+                400, "invalid_json", "request body is not valid JSON: it holds NUL characters; send it in UTF-8"
+            ) from exc
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise ApiError(400, "invalid_json", "request body is not valid JSON: nested too deeply") from exc

@@ -12,6 +12,7 @@ from gateway.broker import QueueStats
 from gateway.errors import ApiError
 from gateway.keys import BROKER, REGISTRY, SETTINGS
 from schemas.api import ModelInfo, ModelList
+from schemas.errors import shown
 from schemas.registry import ModelSpec
 
 
@@ -65,7 +66,9 @@ async def model_info(request: web.Request) -> web.Response:
     spec = registry.get(model_id)
     if spec is None:
         raise ApiError(
-            404, "model_not_found", f"unknown model {model_id!r}; known models: {', '.join(sorted(registry.models))}"
+            404,
+            "model_not_found",
+            f"unknown model {shown(model_id)}; known models: {', '.join(sorted(registry.models))}",
         )
     info = describe(spec, await _stats(request, spec.id))
     downloads = await _stats(request, DOWNLOAD_KEY)

@@ -22,6 +22,7 @@ from gateway.errors import ApiError, bad_field, store_call, validation_error
 from gateway.handlers import QUEUED_RECORD, accept, ascii_int, parse_job_id, read_json, read_multipart
 from gateway.jobs import cancel, load_video, video_redirect
 from gateway.keys import REGISTRY, SETTINGS, STORE
+from schemas.errors import shown
 from schemas.jobs import JobRecord, JobStatus, utcnow
 from schemas.requests import ImageToVideoRequest, TextToVideoRequest
 
@@ -106,7 +107,7 @@ async def create_video(request: web.Request) -> web.Response:
         raise bad_field(
             "model",
             "known_model",
-            f"model: unknown model {create.model!r}; known: {', '.join(sorted(registry.models))}",
+            f"model: unknown model {shown(str(create.model))}; known: {', '.join(sorted(registry.models))}",
         )
     fields: dict[str, Any] = {"prompt": create.prompt, "model": spec.id}
     if create.size is not None:

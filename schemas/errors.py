@@ -5,6 +5,13 @@ from __future__ import annotations
 from schemas.jobs import JobError
 
 
+def shown(value: str, limit: int = 80) -> str:
+    """A client's value quoted in an error message: whole if short, else its start and length."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
+
+
 def expired(model_id: str, max_queue_s: int) -> JobError:
     return JobError(
         code="expired",

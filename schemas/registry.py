@@ -12,6 +12,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from schemas.cost import CostModel
+from schemas.errors import shown
 from schemas.jobs import GenerationMode, GenerationParams
 from schemas.requests import MAX_SEED
 
@@ -246,7 +247,7 @@ class Registry(BaseModel):
             known = ", ".join(sorted(self.models))
             return None, [
                 FieldProblem(
-                    field="model", rule="known_model", message=f"unknown model {model_id!r}; known models: {known}"
+                    field="model", rule="known_model", message=f"unknown model {shown(model_id)}; known models: {known}"
                 )
             ]
         if mode not in spec.modes:

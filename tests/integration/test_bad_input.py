@@ -121,6 +121,9 @@ async def test_a_key_twice_and_a_body_not_in_utf8_are_named(stack, http) -> None
     utf16 = '{"prompt": "x"}'.encode("utf-16")
     async with http.post(stack.gateway_url + URL, data=utf16, headers={"Content-Type": "application/json"}) as r:
         assert "not UTF-8" in (await r.json())["error"]["message"]
+    utf16le = '{"prompt": "x"}'.encode("utf-16-le")  # no byte order mark: NULs, which decode
+    async with http.post(stack.gateway_url + URL, data=utf16le, headers={"Content-Type": "application/json"}) as r:
+        assert "send it in UTF-8" in (await r.json())["error"]["message"]
 
 
 MALFORMED_MULTIPART = {
@@ -320,6 +323,16 @@ async def test_a_long_bad_value_is_not_echoed_whole(stack, http) -> None:
         payload = await response.json()
     assert response.status == 400 and payload["error"]["code"] == "bad_parameter"
     assert len(payload["error"]["message"]) < 300 and "(5001 characters)" in payload["error"]["message"]
+    long_key = "k" * 100_000
+    async with http.post(stack.gateway_url + URL, json={"prompt": "x", long_key: 1}) as response:
+        payload = await response.json()
+    assert response.status == 422 and len(json.dumps(payload)) < 2000
+    assert payload["error"]["details"][0]["field"].endswith("(100000 characters)")
+    for path in ("/api/v1/model/info", "/api/v1/jobs", "/v1/videos/x"):
+        params = {"model": "z" * 3000} if path != "/v1/videos/x" else None
+        async with http.get(stack.gateway_url + path, params=params) as response:
+            payload = await response.json()
+        assert 400 <= response.status < 500 and len(json.dumps(payload)) < 2000, (path, len(json.dumps(payload)))
 
 
 async def test_a_negative_since_is_refused(stack, http) -> None:
