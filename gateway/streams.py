@@ -6,9 +6,11 @@ before it publishes), and any later event reaches the subscription. Events are t
 in `seq` order, each once, starting after the client's `since`.
 
 A live event can still fail to arrive (it was published without a confirm while the broker went
-away, or while this gateway's events queue was being declared again after a reconnect): a
-stream of listed jobs that has had no event for RECHECK_S reads their records again and sends
-what it missed, so it still ends when its jobs do.
+away, or while this gateway's events queue was being declared again after a reconnect). A
+stream of listed jobs reads a job's record again when a live event of it skips a `seq` (and
+sends the ones between first), and when the job has had no event for RECHECK_S (then twice that,
+up to RECHECK_MAX_S, while it stays quiet), and sends what it missed: no gap, and the stream
+still ends when its jobs do.
 """
 
 from __future__ import annotations
@@ -33,8 +35,10 @@ from schemas.messages import JobEvent
 MAX_JOBS_PER_STREAM = 100
 # How long one frame may take to reach a client's connection before the stream ends.
 SEND_TIMEOUT_S = 30.0
-# A stream of listed jobs without an event for this long reads their records again.
+# A listed job without an event for this long is read again (the pause doubling up to the max
+# while the job stays quiet, so that streams of jobs waiting in a queue read little).
 RECHECK_S = 10.0
+RECHECK_MAX_S = 60.0
 
 log = structlog.get_logger("gateway.streams")
 
@@ -161,6 +165,8 @@ class JobStream:
         store, expiry = self.app[STORE], self.app[SETTINGS].presign_expiry_s
         open_jobs = set(self.records)
         pending: list[JobEvent] = []
+        loop = asyncio.get_running_loop()
+        quiet = {job_id: _Quiet(loop.time()) for job_id in self.records}  # listed streams only
         for record in self.records.values():
             self._last[record.job_id] = self.request.since_of(record.job_id)
             pending += _history(record)
@@ -179,12 +185,16 @@ class JobStream:
                         return
             if self.request.job_ids is not None and not open_jobs:
                 return
+            now = loop.time()
+            if due := {job_id for job_id in open_jobs if quiet[job_id].due <= now}:
+                pending = await self._missed(due)
+                for job_id in due:
+                    quiet[job_id].checked(loop.time(), found=any(e.job_id == job_id for e in pending))
+                continue
             try:
-                first = await asyncio.wait_for(
-                    self._sub.queue.get(), None if self.request.job_ids is None else RECHECK_S
-                )
+                wait = min((quiet[job_id].due for job_id in open_jobs), default=None)
+                first = await asyncio.wait_for(self._sub.queue.get(), None if wait is None else max(0.0, wait - now))
             except TimeoutError:
-                pending = await self._missed(open_jobs)
                 continue
             if first is None:
                 return  # the gateway is shutting down
@@ -199,6 +209,12 @@ class JobStream:
                     break
                 pending.append(event)
             pending.sort(key=lambda e: (e.job_id, e.seq))
+            if quiet:  # a stream of listed jobs
+                for job_id in {e.job_id for e in pending} & quiet.keys():
+                    quiet[job_id].heard(loop.time())
+                # Live events that skip a seq: the ones between are in the job's record.
+                if skipped := _skipping(pending, self._last) & quiet.keys():
+                    pending = sorted(pending + await self._missed(skipped), key=lambda e: (e.job_id, e.seq))
 
     async def _missed(self, open_jobs: set[str]) -> list[JobEvent]:
         """The events of these jobs in their records that the stream has not sent."""
@@ -216,6 +232,34 @@ class JobStream:
                 log.warning("stream_events_missed", job_id=job_id, seqs=[event.seq for event in events])
             missed += events
         return missed
+
+
+def _skipping(events: list[JobEvent], last: dict[str, int]) -> set[str]:
+    """The jobs whose events here, after the last seq sent of each, leave a seq out."""
+    seqs: dict[str, set[int]] = {}
+    for event in events:
+        seqs.setdefault(event.job_id, set()).add(event.seq)
+    return {
+        job_id
+        for job_id, have in seqs.items()
+        if any(seq not in have for seq in range(last.get(job_id, -1) + 1, max(have)))
+    }
+
+
+class _Quiet:
+    """When a listed job of a stream is next read again, having had no event."""
+
+    def __init__(self, now: float) -> None:
+        self.pause = RECHECK_S
+        self.due = now + RECHECK_S
+
+    def heard(self, now: float) -> None:
+        self.pause = RECHECK_S
+        self.due = now + self.pause
+
+    def checked(self, now: float, found: bool) -> None:
+        self.pause = RECHECK_S if found else min(self.pause * 2, RECHECK_MAX_S)
+        self.due = now + self.pause
 
 
 def _history(record: JobRecord) -> list[JobEvent]:
