@@ -38,6 +38,8 @@ log = structlog.get_logger("gateway.broker")
 DEAD_LETTER_RETRY_S = 5.0
 # How long the gateway tries to publish a job end of its own (a cancel) through a broker outage.
 END_PUBLISH_PATIENCE_S = 300.0
+# How long a stopping gateway waits for those publishes.
+END_PUBLISH_GRACE_S = 5.0
 
 # A submission reuses a model's queue figures read this recently (by any submission of this
 # gateway), plus the jobs this gateway queued since: under load, one read serves many jobs.
@@ -154,6 +156,7 @@ class GatewayBroker:
         self._waking: set[str] = set()  # models with a JobAvailable being sent
         self._wake_again: set[str] = set()  # ... and another job queued meanwhile
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ending: set[asyncio.Task[None]] = set()  # publish_end_soon's, also in _tasks
         self.ended = EndedInQueue()
 
     async def start(
@@ -196,6 +199,10 @@ class GatewayBroker:
         await due.consume(lambda m: self._on_expiry_due(m, on_expiry))
 
     async def close(self) -> None:
+        # Job ends not yet published (a cancel answered just before the gateway was stopped) get
+        # a few seconds: nothing else would publish them.
+        if self._ending:
+            await asyncio.wait(list(self._ending), timeout=END_PUBLISH_GRACE_S)
         for task in list(self._tasks):
             task.cancel()
         if self._connection is not None:
@@ -293,7 +300,18 @@ class GatewayBroker:
 
         task = asyncio.create_task(publish())
         self._tasks.add(task)
+        self._ending.add(task)
         task.add_done_callback(self._tasks.discard)
+        task.add_done_callback(self._ending.discard)
+
+    async def publish_dropped(self, message: JobMessage) -> None:
+        """A generation job's message left its queue without a worker dropping it (it was
+        dead-lettered): if the job had ended while queued, gateways stop counting it apart."""
+        assert self._notify_events is not None
+        if message.mode == "download" or not isinstance(message.params, GenerationParams):
+            return
+        notice = JobDropped(job_id=message.job_id, model=message.params.model, priority=message.params.priority)
+        await self._notify_events.publish(to_amqp(notice), routing_key=Topology.dropped_key(message.job_id))
 
     async def publish_cancel(self, job_id: str) -> None:
         """Tell every worker: stop this job if you are running it, drop it if it reaches you."""

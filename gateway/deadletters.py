@@ -42,6 +42,10 @@ def _ended_by_an_earlier_try(record: JobRecord, error: JobError) -> bool:
 def dead_letter_handler(store: ObjectStore, broker: GatewayBroker, registry: Registry) -> DeadLetterHandler:
     async def handle(job: JobMessage, reason: str, death: dict[str, Any]) -> None:
         error = explain(job, reason, death, registry)
+        try:  # its message has left the queue: no worker will drop it
+            await broker.publish_dropped(job)
+        except Exception as exc:
+            log.warning("dropped_notice_not_sent", job_id=job.job_id, error=str(exc))
 
         def fail(record: JobRecord) -> JobRecord | None:
             return (

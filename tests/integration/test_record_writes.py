@@ -50,10 +50,13 @@ class RacedStore(ObjectStore):
 
 class Broker:
     def __init__(self) -> None:
-        self.events, self.cancels = [], []
+        self.events, self.cancels, self.dropped = [], [], []
 
     async def publish_end(self, event) -> None:
         self.events.append(event)
+
+    async def publish_dropped(self, message) -> None:
+        self.dropped.append(message.job_id)
 
     async def publish_cancel(self, job_id: str) -> None:
         self.cancels.append(job_id)
@@ -150,3 +153,4 @@ async def test_a_dead_letter_whose_event_was_not_sent_sends_it_when_it_comes_aga
     now = await store.get_record(record.job_id)
     assert now.status == JobStatus.FAILED and now.error.code == "worker_crashed" and now.seq == record.seq + 1
     assert [e.status for e in broker.events] == [JobStatus.FAILED]
+    assert set(broker.dropped) == {record.job_id}  # its message left the queue: gateways stop counting it

@@ -327,3 +327,22 @@ async def test_a_gateway_end_is_published_with_a_confirm_through_a_broker_outage
     broker.publish_end_soon(end)
     await asyncio.wait_for(asyncio.gather(*broker._tasks), 10)  # after one pause of 0.5 s
     assert [key for key, _ in exchange.sent] == [Topology.event_key("c", "cancelled")]
+
+
+async def test_a_stopping_gateway_waits_a_little_for_the_ends_it_is_publishing() -> None:
+    broker, _ = make_broker(Queues())
+
+    class Confirming(FakeExchange):
+        confirmed = 0
+
+        async def publish(self, message, routing_key: str, **_: object) -> None:
+            await super().publish(message, routing_key)
+            self.confirmed += 1
+
+    broker._end_events = exchange = Confirming()  # type: ignore[assignment]
+    exchange.release.clear()  # the confirm is on its way
+    broker.publish_end_soon(ended("c"))
+    await asyncio.sleep(0)
+    asyncio.get_running_loop().call_later(0.05, exchange.release.set)
+    await broker.close()
+    assert exchange.confirmed == 1, "the publish was waited for, not cancelled"
