@@ -17,6 +17,7 @@ from aio_pika.abc import AbstractChannel, AbstractExchange, AbstractIncomingMess
 from aio_pika.exceptions import ChannelInvalidStateError
 
 from common.retry import patiently
+from common.store import STORE_ERRORS
 from common.topology import DOWNLOAD_KEY, Topology, connect, to_amqp
 from gateway.events import EventHub
 from schemas.jobs import PRIORITIES, GenerationParams, JobRecord, Priority
@@ -429,10 +430,12 @@ class GatewayBroker:
 async def _settle(message: AbstractIncomingMessage, kind: type, handler: Callable[[Any], Awaitable[None]]) -> None:
     """Decode and handle a message for the gateway to act on: ack when done, or when there is
     nothing to do (a message of another kind, or one that does not decode: the kept dead-letter
-    queue holds a copy); if handling fails (the store or the broker is likely down), handle it
-    again after a pause, for as long as it takes: it is never handed back, which RabbitMQ 4
-    would count against a default delivery limit of its quorum queues, and drop the message.
-    (If the channel closes meanwhile, RabbitMQ takes the message back and delivers it again.)"""
+    queue holds a copy); if handling fails because the store or the broker is down, handle it
+    again after a pause, for as long as it takes: it is not handed back, which RabbitMQ 4 would
+    count against a default delivery limit of its quorum queues, and drop the message. (If the
+    channel closes meanwhile, RabbitMQ takes the message back and delivers it again.) Any other
+    failure (a bug, a record that no longer reads) hands it back after the pause, so that such
+    messages do not take up the channel's prefetch for good."""
     try:
         envelope = decode(message.body)
     except DecodeError as exc:
@@ -444,12 +447,20 @@ async def _settle(message: AbstractIncomingMessage, kind: type, handler: Callabl
             try:
                 await handler(envelope)
                 break
-            except Exception:
+            except Exception as exc:
                 log.exception("handling_failed", job_id=getattr(envelope, "job_id", None))
                 await asyncio.sleep(DEAD_LETTER_RETRY_S)  # do not spin
                 if channel_closed(message):  # RabbitMQ has it back, and delivers it again
                     return
+                if not transient(exc):
+                    await message.nack(requeue=True)
+                    return
     await message.ack()
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether a failure is the store or the broker being away, which passes."""
+    return isinstance(exc, (*STORE_ERRORS, aiormq.exceptions.AMQPError, ConnectionError, TimeoutError, OSError))
 
 
 def channel_closed(message: AbstractIncomingMessage) -> bool:

@@ -30,7 +30,7 @@ from standardwebhooks import Webhook as Signer
 from common.settings import GatewaySettings
 from common.store import ObjectStore
 from common.topology import WEBHOOK_PAUSES_S, Topology
-from gateway.broker import channel_closed
+from gateway.broker import channel_closed, transient
 from gateway.views import event_frame
 from schemas.jobs import Webhook
 from schemas.messages import DecodeError, JobEvent, decode
@@ -228,6 +228,9 @@ class WebhookDeliverer:
                 log.warning("webhook_lookup_failed", job_id=event.job_id, error=str(exc))
                 await asyncio.sleep(2.0)
                 if self._closing or channel_closed(message):  # the broker has it back (once the channel closes)
+                    return
+                if not transient(exc):  # not the store being away: do not hold a slot for good
+                    await message.nack(requeue=True)
                     return
         if hook is None or event_type(event) not in hook.events:
             await message.ack()

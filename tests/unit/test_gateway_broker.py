@@ -346,3 +346,16 @@ async def test_a_stopping_gateway_waits_a_little_for_the_ends_it_is_publishing()
     asyncio.get_running_loop().call_later(0.05, exchange.release.set)
     await broker.close()
     assert exchange.confirmed == 1, "the publish was waited for, not cancelled"
+
+
+async def test_a_check_that_fails_for_another_reason_is_handed_back(monkeypatch) -> None:
+    """Not the store or the broker being away (a bug, a record that no longer reads): held for
+    good, such messages would take up the channel's prefetch, so it goes back to its queue."""
+    monkeypatch.setattr(broker_module, "DEAD_LETTER_RETRY_S", 0.0)
+
+    async def broken(check: ExpiryCheck) -> None:
+        raise ValueError("a record that no longer reads")
+
+    notice = Notice(encode(ExpiryCheck(job_id="j", model=MODEL, max_queue_s=60)))
+    await broker_module._settle(notice, ExpiryCheck, broken)  # type: ignore[arg-type]
+    assert notice.settled == ["nack(requeue=True)"]
