@@ -690,8 +690,8 @@ class Worker:
         if not isinstance(params, DownloadParams) or job.mode != "download":
             raise JobFailed(wrong_queue(f"a {job.mode} job came through the downloads queue"))
         spec = self._registry.get(params.model)
-        if spec is None:
-            raise JobFailed(wrong_queue(f"model {params.model!r} is not in this worker's registry"))
+        if spec is None:  # workers share the downloads queue: another one's registry may have it
+            raise LookupError(f"model {params.model!r} is not in this worker's registry; handed back")
         await reporter.update(
             status=JobStatus.RUNNING,
             phase=Phase.DOWNLOADING,

@@ -237,6 +237,16 @@ async def test_a_job_published_to_the_wrong_queue_fails_once_naming_the_routing_
     assert runner.calls == 0
 
 
+async def test_a_download_of_a_model_this_worker_does_not_know_is_handed_back(worker, monkeypatch) -> None:
+    """Workers share the downloads queue, and registries differ during a rolling update."""
+    w, store, _, _ = worker
+    monkeypatch.setattr("worker.worker.REQUEUE_DELAY_S", 0.0)
+    message = JobMessage(job_id="u", mode="download", params=DownloadParams(model="newer-model", repo=None))
+    settled = FakeMessage(encode(message))
+    await w.handle(settled, w.run_download)
+    assert settled.settled == ["nack(requeue=True)"] and "u" not in store.records  # nothing written
+
+
 @pytest.mark.parametrize("body", [b"{not json", b'{"type": "job.submit", "schema_version": 9}'])
 async def test_malformed_or_unknown_version_goes_to_the_dead_letter_queue(worker, body) -> None:
     w, *_ = worker
