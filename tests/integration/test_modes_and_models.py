@@ -13,6 +13,7 @@ import pytest
 
 from common.topology import Topology, to_amqp
 from schemas.messages import JobDropped, decode
+from scripts import devstack
 from tests.helpers import (
     bucket_of,
     client,
@@ -297,7 +298,7 @@ async def test_jobs_that_ended_while_queued_do_not_fill_the_queue(stack, http, a
 
     namespace = f"{stack.env['VIDEOGEN_BROKER_NAMESPACE']}-ended"  # queues of this test's own
     overrides = json.dumps({**EXTRA_MODELS, "ltx-video": {"max_queue_depth": 2}})
-    gateway, _ = stack.start_gateway(
+    gateway, gateway_proc = stack.start_gateway(
         "gateway-ended-in-queue", VIDEOGEN_BROKER_NAMESPACE=namespace, VIDEOGEN_MODEL_OVERRIDES=overrides
     )
     body = {"prompt": "p", "model": "ltx-video", "width": 256, "height": 256, "num_frames": 9}
@@ -337,6 +338,7 @@ async def test_jobs_that_ended_while_queued_do_not_fill_the_queue(stack, http, a
         async with http.get(f"{gateway}/metrics") as response:
             assert 'videogen_queue_ended_messages{model="ltx-video"} 1.0' in await response.text()
     finally:
+        devstack.stop_pid(gateway_proc.pid)  # else it declares its queues again once they are deleted
         await delete_test_namespace(amqp_url, namespace)
 
 
