@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -16,6 +17,10 @@ from schemas.messages import JobEvent
 log = structlog.get_logger("worker.reporter")
 
 Publish = Callable[[JobEvent], Awaitable[None]]
+
+
+def _digest(record: JobRecord) -> bytes:
+    return hashlib.sha256(record.model_dump_json().encode()).digest()
 
 
 class DeliveryLost(Exception):
@@ -66,7 +71,8 @@ class JobReporter:
         # The records whose writes failed without an answer since the last one that was answered:
         # the store may have taken one of them all the same (then the next write is refused, and
         # finds it there). Each is built on the last answered record, so at most one can be stored.
-        self._unconfirmed: list[str] = []
+        # Kept as digests: a long outage fails a write at every step.
+        self._unconfirmed: set[bytes] = set()
 
     async def update(self, patient: bool = True, **changes: Any) -> JobRecord:
         """Apply a change now; raises if the record cannot be written (within the store patience),
@@ -90,16 +96,16 @@ class JobReporter:
                     if lost or self._lost():
                         raise DeliveryLost() from None
                     found = await self._store.get_record_tagged(record.job_id)
-                    if found is not None and found[0].model_dump_json() in self._unconfirmed:
+                    if found is not None and _digest(found[0]) in self._unconfirmed:
                         # A write of this run that failed without an answer, though the store
                         # took it (progress writes are not tried again): go on from it.
                         self.record, self.etag = found
-                        self._unconfirmed = []
+                        self._unconfirmed = set()
                         continue
                     if found is not None and self._is_cancel_request(found[0]):
                         # The gateway marked the job: keep the mark, and stop the job.
                         self.record, self.etag = found
-                        self._unconfirmed = []
+                        self._unconfirmed = set()
                         self._on_cancel_requested()
                         continue
                     if found is not None and found[0].status.is_terminal:
@@ -112,9 +118,9 @@ class JobReporter:
                         raise DeliveryLost() from None
                     raise
                 except Exception:
-                    self._unconfirmed.append(record.model_dump_json())
+                    self._unconfirmed.add(_digest(record))
                     raise
-            self._unconfirmed = []
+            self._unconfirmed = set()
             self.record = record
             if record.status.is_terminal:
                 await self._publish_end(JobEvent.from_record(record))
@@ -133,8 +139,8 @@ class JobReporter:
         cancel request added by the gateway."""
         if found.cancel_requested_at is None or self.record.cancel_requested_at is not None:
             return False
-        unmarked = found.model_copy(update={"cancel_requested_at": None}).model_dump_json()
-        return unmarked == self.record.model_dump_json() or unmarked in self._unconfirmed
+        unmarked = found.model_copy(update={"cancel_requested_at": None})
+        return unmarked.model_dump_json() == self.record.model_dump_json() or _digest(unmarked) in self._unconfirmed
 
     def update_threadsafe(self, **changes: Any) -> None:
         """From the generation thread: schedule an update without waiting for it."""
