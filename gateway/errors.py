@@ -49,9 +49,10 @@ class ApiError(Exception):
 
 def respond(request: web.Request, exc: ApiError) -> web.Response:
     """The error in the shape the route's clients expect: OpenAI's on `/v1/...`, ours elsewhere."""
-    if request.path == "/v1" or request.path.startswith("/v1/"):
-        return exc.openai_response()
-    return exc.response()
+    response = exc.openai_response() if request.path == "/v1" or request.path.startswith("/v1/") else exc.response()
+    if exc.status == 413:  # the rest of the body is left unread: the connection cannot carry another request
+        response.force_close()
+    return response
 
 
 def store_unavailable() -> ApiError:
