@@ -12,7 +12,6 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from common.store import STORE_ERRORS, RecordChanged
-from schemas.errors import shown  # noqa: F401 - quoted values, for the gateway too
 
 log = structlog.get_logger("gateway")
 

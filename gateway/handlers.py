@@ -24,13 +24,14 @@ from common.store import index_key, input_key
 from gateway import idempotency, quota
 from gateway.auth import owner_of, require_admin
 from gateway.broker import QueueStats
-from gateway.errors import ApiError, bad_field, shown, store_call, store_unavailable, validation_error
+from gateway.errors import ApiError, bad_field, store_call, store_unavailable, validation_error
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE, SUBMISSIONS
 from gateway.metrics import SUBMITTED
 from gateway.webhooks import destination_problem
 from schemas.api import Health, Readiness
 from schemas.cost import DoesNotFit, Estimate, estimate_job
+from schemas.errors import shown
 from schemas.jobs import (
     DEFAULT_WEBHOOK_EVENTS,
     DownloadParams,

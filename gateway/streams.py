@@ -25,10 +25,11 @@ import structlog
 from aiohttp import web
 
 from gateway.auth import owner_of, visible
-from gateway.errors import ApiError, shown
+from gateway.errors import ApiError
 from gateway.handlers import ascii_int, parse_job_id
 from gateway.keys import HUB, SETTINGS, STORE
 from gateway.views import event_frame
+from schemas.errors import shown
 from schemas.jobs import JobRecord
 from schemas.messages import JobEvent
 
