@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
 import sys
+import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from schemas.registry import Registry, load_registry
 
@@ -28,6 +31,8 @@ def check_rate_limit(value: str) -> str:
         raise ValueError("must allow at least 1 request")
     return value
 
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 # What a broker namespace may be made of (VIDEOGEN_BROKER_NAMESPACE; `scripts/stack up --namespace`).
 NAMESPACE_PATTERN = r"^[A-Za-z0-9_.-]+$"
@@ -53,16 +58,23 @@ class CommonSettings(BaseSettings):
     model_overrides: dict[str, dict[str, Any]] = Field(default_factory=dict)
     default_model: str | None = None
     models_dir: Path = Path("models")
-    log_level: str = "INFO"
+    log_level: str = Field(default="INFO", description="DEBUG, INFO, WARNING, ERROR or CRITICAL (any case).")
     log_format: Literal["auto", "json", "console"] = "auto"
 
     def registry(self) -> Registry:
         return load_registry(self.models_file, self.model_overrides, self.default_model)
 
+    @field_validator("log_level")
+    @classmethod
+    def _known_level(cls, value: str) -> str:
+        if value.upper() not in LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(LOG_LEVELS)}")
+        return value.upper()
+
 
 class GatewaySettings(CommonSettings):
     host: str = "127.0.0.1"
-    port: int = 8080
+    port: int = Field(default=8080, ge=1, le=65535)
     s3_public_endpoint: str | None = Field(
         default=None,
         description="URL clients use to reach the store (presigned links are bound to it); "
@@ -132,6 +144,24 @@ class GatewaySettings(CommonSettings):
     def _rate_parses(cls, value: str) -> str:
         return check_rate_limit(value)
 
+    @field_validator("webhook_secret")
+    @classmethod
+    def _secret_decodes(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            from standardwebhooks import Webhook
+
+            try:
+                Webhook(value.get_secret_value())
+            except Exception:
+                raise ValueError("must be a non-empty key in base64, optionally after whsec_") from None
+        return value
+
+    @field_validator("api_keys_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # An empty value names no file (as a path it would be the current directory).
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("webhook_allow_hosts", "cors_allow_origins", mode="before")
     @classmethod
     def _split_hosts(cls, value: Any) -> Any:
@@ -140,11 +170,15 @@ class GatewaySettings(CommonSettings):
 
 class WorkerSettings(CommonSettings):
     serve_models: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["ltx-video"])
-    device: str = "auto"
+    device: str = Field(
+        default="auto", description="auto (CUDA if there is one, else the CPU), or a torch device: cpu, cuda, cuda:1."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     worker_id: str | None = None
     health_host: str = "127.0.0.1"
-    health_port: int = Field(default=8081, description="HTTP port for /health and /ready; 0 disables it.")
+    health_port: int = Field(
+        default=8081, ge=0, le=65535, description="HTTP port for /health and /ready; 0 disables it."
+    )
     store_patience_s: float = Field(
         default=300.0,
         ge=0,
@@ -179,6 +213,19 @@ class WorkerSettings(CommonSettings):
     def _split(cls, value: Any) -> Any:
         return _split_commas(value)
 
+    @field_validator("device")
+    @classmethod
+    def _a_device(cls, value: str) -> str:
+        if value == "auto":
+            return value
+        import torch
+
+        try:
+            torch.device(value)
+        except RuntimeError:
+            raise ValueError("must be auto or a torch device such as cpu, cuda or cuda:1") from None
+        return value
+
     @field_validator("lower_priority_every")
     @classmethod
     def _not_one(cls, value: int) -> int:
@@ -198,13 +245,46 @@ S = TypeVar("S", bound=CommonSettings)
 
 
 def settings_or_exit(cls: type[S], program: str) -> S:
-    """The process's settings from the environment; a bad one ends the process with one line per
-    problem, naming the variable (`videogen-gateway: VIDEOGEN_PORT: ...`), and exit status 2."""
+    """The process's settings from the environment, and the model registry they make; a bad one
+    ends the process with one line per problem, naming the variable (`videogen-gateway:
+    VIDEOGEN_PORT: ...`), and exit status 2."""
     try:
-        return cls()
+        settings = cls()
     except ValidationError as exc:
         for error in exc.errors(include_url=False):
             name = "VIDEOGEN_" + "_".join(str(part) for part in error["loc"]).upper()
             given = "a value, not shown" if "SECRET" in name else repr(error.get("input"))
             print(f"{program}: {name}: {error['msg']} (got {given})", file=sys.stderr)
         sys.exit(2)
+    except SettingsError as exc:  # a value that must be JSON is not
+        field = re.search(r'field "(\w+)"', str(exc))
+        name = "VIDEOGEN_" + (field.group(1).upper() if field else "?")
+        print(
+            f"{program}: {name}: must be JSON: {exc.__cause__ or exc} (got {os.environ.get(name)!r})", file=sys.stderr
+        )
+        sys.exit(2)
+    if (problem := registry_problem(settings)) is not None:
+        print(f"{program}: {problem}", file=sys.stderr)
+        sys.exit(2)
+    return settings
+
+
+def registry_problem(settings: CommonSettings) -> str | None:
+    """Why the registry these settings make cannot load, naming the setting to change; None if it loads."""
+    try:
+        settings.registry()
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        return f"VIDEOGEN_MODELS_FILE: cannot read {str(settings.models_file)!r}: {exc}"
+    except ValueError as exc:
+        return f"{_registry_source(settings, exc)}: {exc}"
+    return None
+
+
+def _registry_source(settings: CommonSettings, exc: Exception) -> str:
+    """The setting a registry error comes from: the default model, the overrides or the file."""
+    if settings.default_model is not None and f"default_model {settings.default_model!r}" in str(exc):
+        return "VIDEOGEN_DEFAULT_MODEL"
+    sources = ["VIDEOGEN_MODEL_OVERRIDES"] if settings.model_overrides else []
+    if settings.models_file is not None:
+        sources.append("VIDEOGEN_MODELS_FILE")
+    return " or ".join(sources) or "the built-in registry"

@@ -200,7 +200,6 @@ async def _broker_ctx(app: web.Application) -> AsyncIterator[None]:
     if settings.webhook_secret is not None:
         deliverer = app[WEBHOOKS] = WebhookDeliverer(settings, app[STORE], Topology(settings.broker_namespace))
         await deliverer.start(broker.connection)
-    log.info("gateway_started", host=settings.host, port=settings.port, webhooks=deliverer is not None)
     yield
     if app[SUBMISSIONS]:  # requests cancelled at shutdown whose jobs are still being queued
         await asyncio.wait(app[SUBMISSIONS], timeout=SUBMISSION_GRACE_S)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import sys
 
+import structlog
 from aiohttp import web
 
 from common.logs import configure_logging
 from common.settings import GatewaySettings, settings_or_exit
 from gateway.app import ConfigError, create_app
+
+log = structlog.get_logger("gateway")
 
 
 def main() -> None:
@@ -19,7 +22,20 @@ def main() -> None:
     except ConfigError as exc:
         print(f"videogen-gateway: {exc}", file=sys.stderr)
         sys.exit(2)
-    web.run_app(app, host=settings.host, port=settings.port, print=None, access_log=None, shutdown_timeout=10.0)
+
+    def serving(_banner: str) -> None:  # called once the port is bound
+        log.info(
+            "gateway_started", host=settings.host, port=settings.port, webhooks=settings.webhook_secret is not None
+        )
+
+    try:
+        web.run_app(app, host=settings.host, port=settings.port, print=serving, access_log=None, shutdown_timeout=10.0)
+    except OSError as exc:  # the port is taken, or the host is not this machine's
+        print(
+            f"videogen-gateway: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from schemas.cost import CostModel
 from schemas.errors import shown
@@ -392,10 +392,31 @@ def load_registry(
     models: dict[str, dict[str, Any]] = raw.get("models", {})
     for model_id, patch in (overrides or {}).items():
         models[model_id] = _merge(models.get(model_id, {}), patch)
-    return Registry(
-        default_model=default_model or raw.get("default_model") or next(iter(models)),
-        models={mid: ModelSpec(id=mid, **entry) for mid, entry in models.items()},
-    )
+    specs = {}
+    for model_id, entry in models.items():
+        try:
+            specs[model_id] = ModelSpec(id=model_id, **entry)
+        except ValidationError as exc:  # a ValueError that names the model and each field
+            raise ValueError(f"model {model_id!r}: {problems_of(exc)}") from None
+        except TypeError:
+            raise ValueError(f"model {model_id!r}: must be a table of settings, not {entry!r}") from None
+    if not specs:
+        raise ValueError("no models")
+    default = default_model or raw.get("default_model") or next(iter(specs))
+    if default not in specs:
+        raise ValueError(f"default_model {default!r} is not in the registry; known: {', '.join(sorted(specs))}")
+    return Registry(default_model=default, models=specs)
+
+
+def problems_of(exc: ValidationError) -> str:
+    """A validation error's problems in one line: each field's path, rule and value."""
+    parts = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"])
+        value = error.get("input")
+        given = f" (got {shown(value) if isinstance(value, str) else repr(value)[:80]})" if where else ""
+        parts.append(f"{where + ': ' if where else ''}{error['msg']}{given}")
+    return "; ".join(parts)
 
 
 def _merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 
 import av
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -14,7 +14,11 @@ def fit(image: Image.Image, width: int, height: int) -> Image.Image:
 
 
 def load_image(data: bytes, width: int, height: int) -> Image.Image:
-    with Image.open(io.BytesIO(data)) as image:
+    try:
+        opened = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:  # its message shows the buffer's repr, an address
+        raise ValueError("not an image file") from None
+    with opened as image:
         return fit(image, width, height)
 
 

@@ -25,7 +25,10 @@ async def run(settings: WorkerSettings) -> bool:
     unknown = [m for m in settings.serve_models if registry.get(m) is None]
     if unknown or not settings.serve_models:
         raise SystemExit(f"VIDEOGEN_SERVE_MODELS names unknown models {unknown}; known: {sorted(registry.models)}")
-    device = pick_device(settings.device)
+    try:
+        device = pick_device(settings.device)
+    except ValueError as exc:
+        raise SystemExit(f"VIDEOGEN_DEVICE: {exc}") from None
     dtype = pick_dtype(settings.dtype, device)
     # Weights load before the broker connection opens: no heartbeats to miss while loading.
     runners = {}

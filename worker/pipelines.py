@@ -40,9 +40,18 @@ class Generated:
 
 
 def pick_device(setting: str) -> torch.device:
-    if setting != "auto":
-        return torch.device(setting)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device `VIDEOGEN_DEVICE` names (auto: CUDA if there is one); ValueError if this
+    machine has no such CUDA device."""
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(setting)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{setting!r}: this machine's torch sees no CUDA device")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"{setting!r}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def pick_dtype(setting: str, device: torch.device) -> torch.dtype:

@@ -140,3 +140,20 @@ async def test_retention_rules_are_set_removed_when_unset_and_never_rewrite_an_o
     finally:
         stop_pids([g.pid for g in started])
         s3.delete_bucket_lifecycle(s3_store.bucket)
+
+
+def test_a_gateway_whose_port_is_taken_says_so_in_one_line(stack) -> None:
+    """It logs `gateway_started` only once it listens: here it never does, and it ends with one
+    line naming the address, exit status 1, no traceback."""
+    import subprocess
+    import sys
+    from urllib.parse import urlsplit
+
+    port = urlsplit(stack.gateway_url).port  # the stack's gateway listens there
+    env = dict(stack.env, VIDEOGEN_PORT=str(port))
+    done = subprocess.run([sys.executable, "-m", "gateway.main"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert lines[-1].startswith(f"videogen-gateway: cannot listen on 127.0.0.1:{port}: "), lines[-1]
+    assert "address already in use" in lines[-1]
+    assert "Traceback" not in done.stderr and "gateway_started" not in done.stderr

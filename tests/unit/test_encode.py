@@ -26,3 +26,18 @@ def test_odd_sizes_are_refused(tmp_path, shape) -> None:
 def test_wrong_dtype_is_refused(tmp_path) -> None:
     with pytest.raises(ValueError, match="uint8"):
         encode_mp4(np.zeros((9, 32, 32, 3), np.float32), 8, tmp_path / "v.mp4")
+
+
+def test_an_input_that_is_no_image_is_named_so() -> None:
+    """The job's error message says what is wrong, not the repr (an address) of a buffer."""
+    import io
+
+    from PIL import Image
+
+    from worker.inputs import load_image
+
+    with pytest.raises(ValueError, match=r"^not an image file$"):
+        load_image(b"GIF89a, or so it says", 32, 32)
+    png = io.BytesIO()
+    Image.new("RGB", (40, 20), "red").save(png, "PNG")
+    assert load_image(png.getvalue(), 32, 32).size == (32, 32)
