@@ -141,6 +141,15 @@ def _enable_cors(app: web.Application, origins: list[str]) -> None:
     cors = aiohttp_cors.setup(app, defaults={origin: options for origin in origins})
     for route in list(app.router.routes()):
         cors.add(route)
+    app.on_response_prepare.append(_vary_on_origin)
+
+
+async def _vary_on_origin(request: web.Request, response: web.StreamResponse) -> None:
+    """Every answer may depend on the request's `Origin` (its CORS headers do): a cache between
+    the gateway and browsers must not give one origin's answer to another."""
+    vary = response.headers.get("Vary", "")
+    if "origin" not in vary.lower():
+        response.headers["Vary"] = f"{vary}, Origin" if vary else "Origin"
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:

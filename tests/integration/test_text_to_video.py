@@ -216,6 +216,10 @@ async def test_cors_preflight_and_headers(stack, http) -> None:
     async with http.post(url, json={"prompt": "from a page"}, headers={"Origin": "https://app.example"}) as response:
         assert response.status == 202 and "Access-Control-Allow-Origin" in response.headers
         assert "Location" in response.headers["Access-Control-Expose-Headers"]
+    # Cacheable answers say they depend on the origin (their CORS headers do), with an Origin or not.
+    for path, origin in (("/static/app.js", {"Origin": "https://app.example"}), ("/openapi.json", {})):
+        async with http.get(f"{stack.gateway_url}{path}", headers=origin) as response:
+            assert response.status == 200 and "Origin" in response.headers.get("Vary", ""), dict(response.headers)
     only, _ = stack.start_gateway("gateway-cors", VIDEOGEN_CORS_ALLOW_ORIGINS="https://app.example")
     async with http.get(f"{only}/api/v1/models", headers={"Origin": "https://evil.example"}) as response:
         assert response.status == 200 and "Access-Control-Allow-Origin" not in response.headers
