@@ -73,7 +73,17 @@ async def store_call(operation: Awaitable[Any]) -> Any:
 
 def bad_field(field: str, rule: str, message: str) -> ApiError:
     """422 for one field, shaped like pydantic's validation errors."""
-    return ApiError(422, "validation_error", message, [{"field": field, "rule": rule, "message": message}])
+    return ApiError(422, "validation_error", message, [problem(field, rule, message)])
+
+
+def problem(field: str, rule: str, message: str) -> dict[str, str]:
+    """One entry of a 422's `details`."""
+    return {"field": field, "rule": rule, "message": message}
+
+
+# Most problems one answer names; a body with more gets these and their count (an answer does not
+# grow past its request: a body of 60,000 unknown keys would make one of megabytes).
+MAX_PROBLEMS = 20
 
 
 def validation_error(exc: ValidationError) -> ApiError:
@@ -83,7 +93,14 @@ def validation_error(exc: ValidationError) -> ApiError:
         if len(field) > 80:  # a client's unknown key, however long, is named by its start
             field = f"{field[:80]}... ({len(field)} characters)"
         details.append({"field": field, "rule": err["type"], "message": f"{field}: {err['msg']}"})
-    message = "; ".join(d["message"] for d in details)
+    return problems_error(details)
+
+
+def problems_error(details: list[dict[str, Any]]) -> ApiError:
+    """422 naming every problem (up to MAX_PROBLEMS, then how many more) in `details` and in the message."""
+    more = len(details) - MAX_PROBLEMS
+    details = details[:MAX_PROBLEMS]
+    message = "; ".join(d["message"] for d in details) + (f"; and {more} more problems" if more > 0 else "")
     return ApiError(422, "validation_error", message, details)
 
 

@@ -6,16 +6,18 @@ import asyncio
 import base64
 import binascii
 import contextlib
+import email.message
 import json
 import math
 import re
+import sys
 import typing
 import uuid
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 import structlog
-from aiohttp import BodyPartReader, web
+from aiohttp import BodyPartReader, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
@@ -102,6 +104,10 @@ def _upload_too_large(field: str, limit: int) -> ApiError:
     return ApiError(413, "body_too_large", message, [{"field": field, "rule": "max_bytes", "message": message}])
 
 
+# Python reads integers of at most this many digits (sys.get_int_max_str_digits()).
+MAX_DIGITS = sys.get_int_max_str_digits()
+
+
 def _not_json(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON value")
 
@@ -119,7 +125,9 @@ def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _finite(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # 1e400: no JSON number a field could take
-        raise ValueError(f"{text} is too large a number")
+        raise ValueError(f"{shown(text)} is too large a number")
+    if value == 0 and re.search(r"[1-9]", re.split(r"[eE]", text)[0]):  # 1e-400: not 0, but rounds to it
+        raise ValueError(f"{shown(text)} is too small a number (it is not 0, and rounds to 0)")
     return value
 
 
@@ -145,6 +153,10 @@ async def read_json(request: web.Request, limit: int, or_multipart: bool = False
             raise ApiError(
                 400, "invalid_json", "request body is not valid JSON: it holds NUL characters; send it in UTF-8"
             ) from exc
+        if "integer string conversion" in str(exc):  # Python's own words for it
+            raise ApiError(
+                400, "invalid_json", f"request body is not valid JSON: a number of more than {MAX_DIGITS} digits"
+            ) from exc
         raise ApiError(400, "invalid_json", f"request body is not valid JSON: {exc}") from exc
     except RecursionError as exc:
         raise ApiError(400, "invalid_json", "request body is not valid JSON: nested too deeply") from exc
@@ -167,6 +179,10 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
     body_limit = limit + MAX_FORM_FIELDS * MAX_FORM_FIELD_BYTES
     if request.content_length is not None and request.content_length > body_limit:
         raise _too_large(body_limit)
+    content_type = email.message.Message()
+    content_type["Content-Type"] = request.headers.get(hdrs.CONTENT_TYPE, "")
+    if not content_type.get_param("boundary"):  # missing, or empty (then a bare "--" would delimit parts)
+        raise ApiError(400, "bad_request", "malformed multipart body: the Content-Type has no boundary")
     try:
         reader = await request.multipart()
     except ValueError as exc:  # e.g. no boundary in the Content-Type
@@ -180,10 +196,12 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
                 )
             if not isinstance(part, BodyPartReader):
                 raise ApiError(400, "bad_request", "nested multipart bodies are not accepted")
-            if part.name is None:
+            if not part.name:
                 raise ApiError(
                     400, "bad_request", "a multipart part has no name (Content-Disposition: form-data; name=...)"
                 )
+            if not _utf8(part.name):  # a name in other bytes than UTF-8's arrives with surrogates
+                raise ApiError(400, "bad_request", f"a multipart part's name is not valid UTF-8: {part.name!a}")
             if part.name in seen:
                 raise bad_input(part.name, "single_value", f"{part.name}: given more than once; send each field once")
             seen.add(part.name)
@@ -201,6 +219,14 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
     except (ValueError, HttpProcessingError) as exc:  # a missing or wrong boundary, a body cut short, a bad part header
         raise ApiError(400, "bad_request", f"malformed multipart body: {getattr(exc, 'message', None) or exc}") from exc
     return fields, data
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _read_part(part: BodyPartReader, limit: int) -> bytes:

@@ -41,9 +41,12 @@ class Remembered(BaseModel):
 
 
 def key_of(request: web.Request) -> str | None:
-    key = request.headers.get(HEADER)
-    if key is None:
+    keys = request.headers.getall(HEADER, [])
+    if len(keys) > 1:  # which one was meant?
+        raise ApiError(400, "bad_header", f"{HEADER} given {len(keys)} times; send it once")
+    if not keys:
         return None
+    key = keys[0]
     if not 1 <= len(key) <= 255 or not key.isprintable() or not key.isascii():
         raise ApiError(400, "bad_header", f"{HEADER} must be 1 to 255 printable ASCII characters")
     return key

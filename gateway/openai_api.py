@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.store import index_key, index_prefix, job_id_of_index, output_key
 from gateway.auth import owner_of, visible
-from gateway.errors import ApiError, bad_field, store_call, validation_error
+from gateway.errors import ApiError, bad_field, problem, problems_error, store_call, validation_error
 from gateway.handlers import QUEUED_RECORD, accept, ascii_int, parse_job_id, read_json, read_multipart
 from gateway.jobs import cancel, load_video, video_redirect
 from gateway.keys import REGISTRY, SETTINGS, STORE
@@ -110,29 +110,36 @@ async def create_video(request: web.Request) -> web.Response:
             f"model: unknown model {shown(str(create.model))}; known: {', '.join(sorted(registry.models))}",
         )
     fields: dict[str, Any] = {"prompt": create.prompt, "model": spec.id}
+    problems: list[dict[str, Any]] = []  # all of them, in one answer
     if create.size is not None:
         width, height = (int(v) for v in create.size.split("x"))
         fields |= {"width": width, "height": height}
     if create.seconds is not None:
         fps = spec.defaults.fps or spec.native_fps
         steps = round((float(create.seconds) * fps - 1) / spec.frame_step)
+        frames = steps * spec.frame_step + 1
         if steps < 1:  # seconds * fps - 1 at most half a frame step: no step at all
             shortest, rounds_to_none = spec.frame_step / fps, (spec.frame_step / 2 + 1) / fps
-            raise bad_field(
-                "seconds",
-                "min_duration",
+            message = (
                 f"seconds: model {spec.id!r} makes videos of at least {_seconds_text(shortest)} s "
-                f"({spec.frame_step + 1} frames at {fps} fps); {rounds_to_none:.3g} s or less rounds to none",
+                f"({spec.frame_step + 1} frames at {fps} fps); {rounds_to_none:.3g} s or less rounds to none"
             )
-        fields["num_frames"] = steps * spec.frame_step + 1
-        if fields["num_frames"] > spec.limits.max_frames:
+            problems.append(problem("seconds", "min_duration", message))
+        elif frames > spec.limits.max_frames:
             longest = (spec.limits.max_frames - 1) / fps
-            raise bad_field("seconds", "max_duration", f"seconds: model {spec.id!r} makes at most {longest:.1f} s")
+            message = f"seconds: model {spec.id!r} makes at most {longest:.1f} s"
+            problems.append(problem("seconds", "max_duration", message))
+        else:
+            fields["num_frames"] = frames
     try:
         req = (ImageToVideoRequest if data is not None else TextToVideoRequest).model_validate(fields)
     except ValidationError as exc:
-        first = exc.errors(include_url=False)[0]
-        raise bad_field("size", first["type"], f"size: {first['msg']}") from exc
+        problems += [problem("size", err["type"], f"size: {err['msg']}") for err in exc.errors(include_url=False)]
+    else:
+        if problems:  # the model's own rules for the rest (its sizes), else checked on acceptance
+            problems += [p.model_dump() for p in registry.resolve(req, mode)[1]]
+    if problems:
+        raise _in_openai_terms(problems_error(problems))
     try:
         await accept(request, mode, req, data, "image" if data is not None else None)
     except ApiError as exc:
@@ -144,8 +151,10 @@ def _in_openai_terms(exc: ApiError) -> ApiError:
     """Name OpenAI's fields in errors about ours: width/height → size, num_frames → seconds, image → input_reference."""
     names = {"width": "size", "height": "size", "num_frames": "seconds", "image": "input_reference"}
     if exc.details:
+        joined = "; ".join(d["message"] for d in exc.details)
+        more = exc.message[len(joined) :] if exc.message.startswith(joined) else ""  # "; and N more problems"
         exc.details = [_renamed(d, names.get(d["field"])) for d in exc.details]
-        exc.message = "; ".join(d["message"] for d in exc.details)
+        exc.message = "; ".join(d["message"] for d in exc.details) + more
     return exc
 
 

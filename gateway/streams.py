@@ -16,6 +16,7 @@ still ends when its jobs do.
 from __future__ import annotations
 
 import asyncio
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -34,6 +35,8 @@ from schemas.jobs import JobRecord
 from schemas.messages import JobEvent
 
 MAX_JOBS_PER_STREAM = 100
+# The longest integer Python reads (sys.get_int_max_str_digits()): a longer seq is refused as such.
+MAX_SEQ_DIGITS = sys.get_int_max_str_digits()
 # How long one frame may take to reach a client's connection before the stream ends.
 SEND_TIMEOUT_S = 30.0
 # A listed job without an event for this long is read again (the pause doubling up to the max
@@ -98,8 +101,8 @@ class StreamRequest:
                 f"{source} {shown(since_text)} applies to one job: give exactly one job_id with it (a stream of "
                 f"several jobs resumes by the Last-Event-ID of its events, {POSITIONS}...)",
             )
-        job_part, _, seq_part = since_text.rpartition(":")
-        if job_part and job_part != job_ids[0]:
+        job_part, colon, seq_part = since_text.rpartition(":")
+        if colon and job_part != job_ids[0]:
             raise ApiError(400, "bad_parameter", f"{source} names job {shown(job_part)}, not {job_ids[0]!r}")
         return cls(job_ids, _seq(seq_part, since_text, source), owner)
 
@@ -109,7 +112,8 @@ def _seq(text: str, whole: str, source: str) -> int:
     try:
         seq = ascii_int(text)
     except ValueError as exc:
-        raise ApiError(400, "bad_parameter", f"{source} must hold event seqs (integers), got {shown(whole)}") from exc
+        what = "integers" if len(text) <= MAX_SEQ_DIGITS else f"integers of at most {MAX_SEQ_DIGITS} digits"
+        raise ApiError(400, "bad_parameter", f"{source} must hold event seqs ({what}), got {shown(whole)}") from exc
     if seq < 0:
         raise ApiError(400, "bad_parameter", f"{source} must hold event seqs (0 or more), got {shown(whole)}")
     return seq

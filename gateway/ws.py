@@ -17,9 +17,14 @@ from gateway.errors import ApiError
 from gateway.streams import StreamRequest, open_stream, pump
 
 
+# The largest frame a client may send (it is ignored); a larger one closes the stream with 1009.
+MAX_CLIENT_FRAME = 64 * 1024
+
+
 async def job_events(request: web.Request) -> web.WebSocketResponse:
     async with open_stream(request.app, StreamRequest.parse(request)) as stream:
-        ws = web.WebSocketResponse(heartbeat=20.0)
+        # aiohttp refuses a message of max_msg_size bytes itself: one more allows MAX_CLIENT_FRAME.
+        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=MAX_CLIENT_FRAME + 1)
         if not ws.can_prepare(request).ok:
             raise ApiError(
                 400,

@@ -46,11 +46,17 @@ class TextToVideoRequest(BaseModel):
         ),
     )
 
+    @field_validator("priority", "tier", mode="before")
+    @classmethod
+    def _strip_choice(cls, value: Any) -> Any:
+        """Stripped like the other strings (`str_strip_whitespace` passes over choices)."""
+        return value.strip() if isinstance(value, str) else value
+
     @field_validator("webhook_events", mode="before")
     @classmethod
     def _split_events(cls, value: Any) -> Any:
-        """Multipart forms send lists comma-separated."""
-        return [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        """Multipart forms send lists comma-separated; an empty item is refused, not dropped."""
+        return [v.strip() for v in value.split(",")] if isinstance(value, str) else value
 
     @field_validator("webhook_events")
     @classmethod

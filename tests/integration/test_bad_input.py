@@ -70,6 +70,14 @@ CASES = [
         "at most 20",
     ),
     ({"prompt": "x", "model": "sora"}, 422, "validation_error", "model", "known_model", "unknown model 'sora'"),
+    (  # an empty item is refused, not dropped
+        {"prompt": "x", "webhook_url": "https://example.com/h", "webhook_events": "job.running,,job.succeeded"},
+        422,
+        "validation_error",
+        "webhook_events.1",
+        "literal_error",
+        "'job.queued'",
+    ),
 ]
 
 
@@ -94,6 +102,7 @@ MALFORMED_JSON = {
     "nested-too-deep": b'{"prompt": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
     "nan": b'{"prompt": "x", "guidance_scale": NaN}',
     "number-past-a-double": b'{"prompt": "x", "guidance_scale": 1e400}',
+    "number-below-a-double": b'{"prompt": "x", "guidance_scale": 1e-400}',  # not 0, yet it would be 0.0
     # json.loads alone would take these three as they came
     "utf16": '{"prompt": "x"}'.encode("utf-16"),
     "utf32-without-byte-order-mark": '{"prompt": "x"}'.encode("utf-32-le"),
@@ -121,6 +130,10 @@ async def test_a_key_twice_and_a_body_not_in_utf8_are_named(stack, http) -> None
     utf16 = '{"prompt": "x"}'.encode("utf-16")
     async with http.post(stack.gateway_url + URL, data=utf16, headers={"Content-Type": "application/json"}) as r:
         assert "not UTF-8" in (await r.json())["error"]["message"]
+    digits = b'{"prompt": "x", "seed": ' + b"1" * 5000 + b"}"
+    async with http.post(stack.gateway_url + URL, data=digits, headers={"Content-Type": "application/json"}) as r:
+        message = (await r.json())["error"]["message"]
+    assert message.endswith("a number of more than 4300 digits") and "sys." not in message, message
     utf16le = '{"prompt": "x"}'.encode("utf-16-le")  # no byte order mark: NULs, which decode
     async with http.post(stack.gateway_url + URL, data=utf16le, headers={"Content-Type": "application/json"}) as r:
         assert "send it in UTF-8" in (await r.json())["error"]["message"]
@@ -131,6 +144,9 @@ MALFORMED_MULTIPART = {
     "no-closing-boundary": (b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n', "b"),
     "other-boundary": (b'--a\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n--a--\r\n', "b"),
     "part-without-name": (b"--b\r\nContent-Disposition: form-data\r\n\r\nx\r\n--b--\r\n", "b"),
+    "part-with-an-empty-name": (b'--b\r\nContent-Disposition: form-data; name=""\r\n\r\nx\r\n--b--\r\n', "b"),
+    "part-name-not-utf8": (b'--b\r\nContent-Disposition: form-data; name="pr\xf6mpt"\r\n\r\nx\r\n--b--\r\n', "b"),
+    "empty-boundary": (b'--\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n----\r\n', ""),
     "no-blank-line-after-part-headers": (b'--b\r\nContent-Disposition: form-data; name="a"\r\nv\r\n--b--\r\n', "b"),
     "too-many-fields": (
         b"".join(b'--b\r\nContent-Disposition: form-data; name="f%d"\r\n\r\nx\r\n' % i for i in range(40))
@@ -342,6 +358,48 @@ async def test_a_negative_since_is_refused(stack, http) -> None:
     assert response.status == 400 and payload["error"]["code"] == "bad_parameter", payload
 
 
+async def test_a_position_naming_no_job_is_refused(stack, http) -> None:
+    """`<job_id>:<seq>` must name the stream's job; an empty job part names none."""
+    accepted = await submit(http, stack.gateway_url, {"prompt": "p", "num_inference_steps": 2})
+    url = f"{stack.gateway_url}/api/v1/events?job_id={accepted['job_id']}"
+    for headers, params in (({"Last-Event-ID": ":1"}, {}), ({}, {"since": ":1"})):
+        async with http.get(url, headers=headers, params=params) as response:
+            payload = await response.json()
+        assert response.status == 400 and payload["error"]["code"] == "bad_parameter", payload
+    async with http.get(url, params={"since": "1" * 5000}) as response:
+        payload = await response.json()
+    assert response.status == 400 and "integers of at most 4300 digits" in payload["error"]["message"], payload
+
+
+async def test_an_idempotency_key_sent_twice_is_refused(stack, http) -> None:
+    from multidict import CIMultiDict
+
+    headers = CIMultiDict([("Idempotency-Key", "twice-a"), ("Idempotency-Key", "twice-b")])
+    async with http.post(stack.gateway_url + URL, json={"prompt": "x"}, headers=headers) as response:
+        payload = await response.json()
+    assert response.status == 400 and payload["error"]["code"] == "bad_header", payload
+    assert "given 2 times" in payload["error"]["message"]
+
+
+async def test_many_problems_are_named_up_to_twenty_then_counted(stack, http) -> None:
+    """The answer does not grow with the body: 100 unknown keys, 20 named and 80 counted."""
+    body = {"prompt": "x"} | {f"unknown{n}": 1 for n in range(100)}
+    async with http.post(stack.gateway_url + URL, json=body) as response:
+        payload = await response.json()
+    assert response.status == 422 and len(payload["error"]["details"]) == 20, payload
+    assert payload["error"]["message"].endswith("; and 80 more problems")
+    async with http.post(stack.gateway_url + "/v1/videos", json=body) as response:
+        payload = await response.json()
+    assert response.status == 400 and payload["error"]["message"].endswith("; and 80 more problems"), payload
+
+
+async def test_choices_are_stripped_like_other_strings(stack, http) -> None:
+    accepted = await submit(
+        http, stack.gateway_url, {"prompt": "x", "num_inference_steps": 2, "priority": " high\n", "tier": "standard "}
+    )
+    assert (accepted["request"]["priority"], accepted["request"]["tier"]) == ("high", "standard")
+
+
 async def test_openai_errors_speak_of_openai_fields(stack, http) -> None:
     """Problems with our width, height or image are told as OpenAI's size and input_reference."""
     async with http.post(stack.gateway_url + "/v1/videos", json={"prompt": "p", "size": "33x32"}) as response:
@@ -363,3 +421,26 @@ async def test_a_plain_get_of_a_jobs_websocket_says_what_it_needs(stack, http) -
         body = await response.json()
     assert response.status == 400 and body["error"]["code"] == "bad_request", body
     assert "WebSocket upgrade" in body["error"]["message"] and "/api/v1/events" in body["error"]["message"]
+
+
+async def test_a_websocket_ignores_what_its_client_sends_up_to_64_kib(stack, http) -> None:
+    """Frames up to 64 KiB are ignored (the stream goes on); a larger one closes it with 1009."""
+    import asyncio
+
+    import aiohttp
+
+    async with http.ws_connect(f"{stack.gateway_url}/api/v1/ws", params={"all": "true"}) as ws:
+        await ws.send_str("x" * 64 * 1024)
+        accepted = await submit(http, stack.gateway_url, {"prompt": "after a big frame", "num_inference_steps": 2})
+        frame = await asyncio.wait_for(ws.receive_json(), 60)  # the stream still runs
+        assert frame["job_id"] == accepted["job_id"]
+        await ws.send_str("x" * (64 * 1024 + 1))
+
+        async def closed() -> aiohttp.WSMessage:
+            while (msg := await ws.receive()).type == aiohttp.WSMsgType.TEXT:
+                pass
+            return msg
+
+        msg = await asyncio.wait_for(closed(), 30)
+    assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
+    assert ws.close_code == 1009, (msg, ws.close_code)

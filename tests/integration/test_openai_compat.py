@@ -119,6 +119,11 @@ def test_errors_name_openai_fields(client, stack) -> None:
     assert error.value.body["param"] == "seconds" and error.value.body["message"] == (
         "seconds: model 'ltx-tiny' makes videos of at least 1 s (9 frames at 8 fps); 0.625 s or less rounds to none"
     )
+    with pytest.raises(openai.BadRequestError) as error:  # both problems at once
+        client.videos.create(prompt="odd and long", model="ltx-tiny", size="33x32", seconds="60")
+    assert error.value.body["param"] == "seconds"
+    assert error.value.body["message"].startswith("seconds: model 'ltx-tiny' makes at most ")
+    assert "; size: width must be a multiple of 32" in error.value.body["message"], error.value.body
     with pytest.raises(openai.BadRequestError) as error:  # the largest duration that rounds to no step
         client.videos.create(prompt="too short", model="ltx-tiny", size="32x32", seconds="0.625")
     assert error.value.body["param"] == "seconds"
