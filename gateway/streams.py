@@ -16,7 +16,9 @@ still ends when its jobs do.
 from __future__ import annotations
 
 import asyncio
+import enum
 import sys
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -43,6 +45,11 @@ SEND_TIMEOUT_S = 30.0
 # while the job stays quiet, so that streams of jobs waiting in a queue read little).
 RECHECK_S = 10.0
 RECHECK_MAX_S = 60.0
+# Records one stream reads at once when it reads them again (its live events wait meanwhile).
+RECHECK_CONCURRENCY = 10
+# Jobs whose last seq sent an `all=true` stream remembers (to drop the broker's late copies of
+# events it sent); the oldest are forgotten, so a stream left open for weeks stays small.
+ALL_JOBS_MEMORY = 10_000
 
 log = structlog.get_logger("gateway.streams")
 
@@ -135,6 +142,15 @@ def _positions(text: str, job_ids: list[str]) -> dict[str, int]:
     return after
 
 
+class Ended(enum.Enum):
+    """Why a stream's frames ended (the WebSocket's close code says it)."""
+
+    DONE = "done"  # every listed job has ended, and its end was sent
+    TOO_SLOW = "too_slow"  # the client fell more than SUBSCRIBER_BACKLOG events behind
+    GAP = "gap"  # a live event skipped seqs that the job's record could not be read for
+    SHUTDOWN = "shutdown"  # the gateway is stopping
+
+
 @dataclass
 class JobStream:
     """Frames for a client. Ends when every listed job has ended (never, for all jobs)."""
@@ -143,7 +159,8 @@ class JobStream:
     request: StreamRequest
     records: dict[str, JobRecord]
     _sub: Any
-    _last: dict[str, int] = field(default_factory=dict)
+    _last: OrderedDict[str, int] = field(default_factory=OrderedDict)
+    ended: Ended | None = None  # why `frames` ended; None while it runs, or if it failed
 
     @property
     def overflowed(self) -> bool:
@@ -158,6 +175,13 @@ class JobStream:
             for record in self.records.values()
         )
 
+    def _sent(self, job_id: str, seq: int) -> None:
+        self._last[job_id] = seq
+        if self.request.job_ids is None:  # all=true: remember the jobs seen last, not every one
+            self._last.move_to_end(job_id)
+            while len(self._last) > ALL_JOBS_MEMORY:
+                self._last.popitem(last=False)
+
     def event_id(self, frame: dict[str, Any]) -> str:
         """The SSE id of a frame just sent: `<job_id>:<seq>`, or on a stream of several listed jobs
         the position of each (`seqs:...`), which resumes all of them as a Last-Event-ID."""
@@ -171,72 +195,105 @@ class JobStream:
         open_jobs = set(self.records)
         pending: list[JobEvent] = []
         loop = asyncio.get_running_loop()
-        quiet = {job_id: _Quiet(loop.time()) for job_id in self.records}  # listed streams only
+        # Listed streams only; the first reads spread over RECHECK_S, not all at once.
+        quiet = {
+            job_id: _Quiet(loop.time() + RECHECK_S * n / len(self.records)) for n, job_id in enumerate(self.records)
+        }
         for record in self.records.values():
             self._last[record.job_id] = self.request.since_of(record.job_id)
             pending += _history(record)
             if record.status.is_terminal and self.request.since_of(record.job_id) >= record.seq:
                 open_jobs.discard(record.job_id)  # the client saw the end already: nothing more will come
-        while True:
-            for event in pending:
-                # Already sent (or before `since`): never a duplicate or a step backwards.
-                if event.seq > self._last.get(event.job_id, -1):
-                    self._last[event.job_id] = event.seq
-                    yield event_frame(event, store, expiry)
-                # The job's end ends its part of the stream, also when `since` was past it.
-                if event.status.is_terminal and self.request.job_ids is not None:
-                    open_jobs.discard(event.job_id)
-                    if not open_jobs:
-                        return
-            if self.request.job_ids is not None and not open_jobs:
-                return
-            now = loop.time()
-            if due := {job_id for job_id in open_jobs if quiet[job_id].due <= now}:
-                pending = await self._missed(due)
-                for job_id in due:
-                    quiet[job_id].checked(loop.time(), found=any(e.job_id == job_id for e in pending))
-                continue
-            try:
+        # The wait for the next live event, kept across timeouts: a cancel of this generator is
+        # never lost to an event that arrives at the same moment (as `wait_for` can on 3.11).
+        getter: asyncio.Future[JobEvent | None] | None = None
+        try:
+            while True:
+                for event in pending:
+                    # Already sent (or before `since`): never a duplicate or a step backwards.
+                    if event.seq > self._last.get(event.job_id, -1):
+                        self._sent(event.job_id, event.seq)
+                        yield event_frame(event, store, expiry)
+                    # The job's end ends its part of the stream, also when `since` was past it.
+                    if event.status.is_terminal and self.request.job_ids is not None:
+                        open_jobs.discard(event.job_id)
+                        if not open_jobs:
+                            self.ended = Ended.DONE
+                            return
+                if self.request.job_ids is not None and not open_jobs:
+                    self.ended = Ended.DONE
+                    return
+                now = loop.time()
+                if due := {job_id for job_id in open_jobs if quiet[job_id].due <= now}:
+                    pending, _ = await self._missed(due)
+                    for job_id in due:
+                        quiet[job_id].checked(loop.time(), found=any(e.job_id == job_id for e in pending))
+                    continue
                 wait = min((quiet[job_id].due for job_id in open_jobs), default=None)
-                first = await asyncio.wait_for(self._sub.queue.get(), None if wait is None else max(0.0, wait - now))
-            except TimeoutError:
-                continue
-            if first is None:
-                return  # the gateway is shutting down
-            if self._sub.overflowed:  # too far behind: the client resumes from the record
-                log.warning("stream_too_slow", job_ids=self.request.job_ids, owner=self.request.owner)
-                return
-            pending = [first]
-            while not self._sub.queue.empty():
-                event = self._sub.queue.get_nowait()
-                if event is None:
-                    self._sub.queue.put_nowait(None)
-                    break
-                pending.append(event)
-            pending.sort(key=lambda e: (e.job_id, e.seq))
-            if quiet:  # a stream of listed jobs
-                for job_id in {e.job_id for e in pending} & quiet.keys():
-                    quiet[job_id].heard(loop.time())
-                # Live events that skip a seq: the ones between are in the job's record.
-                if skipped := _skipping(pending, self._last) & quiet.keys():
-                    pending = sorted(pending + await self._missed(skipped), key=lambda e: (e.job_id, e.seq))
+                if getter is None:
+                    getter = asyncio.ensure_future(self._sub.queue.get())
+                done, _ = await asyncio.wait({getter}, timeout=None if wait is None else max(0.0, wait - now))
+                if not done:
+                    pending = []
+                    continue
+                first, getter = getter.result(), None
+                if first is None:
+                    self.ended = Ended.SHUTDOWN
+                    return
+                if self._sub.overflowed:  # too far behind: the client resumes from the record
+                    log.warning("stream_too_slow", job_ids=self.request.job_ids, owner=self.request.owner)
+                    self.ended = Ended.TOO_SLOW
+                    return
+                pending = [first]
+                while not self._sub.queue.empty():
+                    event = self._sub.queue.get_nowait()
+                    if event is None:
+                        self._sub.queue.put_nowait(None)
+                        break
+                    pending.append(event)
+                pending.sort(key=lambda e: (e.job_id, e.seq))
+                if quiet:  # a stream of listed jobs
+                    for job_id in {e.job_id for e in pending} & quiet.keys():
+                        quiet[job_id].heard(loop.time())
+                    # Live events that skip a seq: the ones between are in the job's record.
+                    if skipped := _skipping(pending, self._last) & quiet.keys():
+                        missed, unread = await self._missed(skipped)
+                        if unread:  # sending on would leave a gap for good: the client resumes instead
+                            log.warning("stream_gap_unfilled", job_ids=sorted(unread))
+                            self.ended = Ended.GAP
+                            return
+                        pending = sorted(pending + missed, key=lambda e: (e.job_id, e.seq))
+        finally:
+            if getter is not None:
+                getter.cancel()
 
-    async def _missed(self, open_jobs: set[str]) -> list[JobEvent]:
-        """The events of these jobs in their records that the stream has not sent."""
+    async def _missed(self, jobs: set[str]) -> tuple[list[JobEvent], set[str]]:
+        """The events of these jobs in their records that the stream has not sent, and the jobs
+        whose records could not be read (RECHECK_CONCURRENCY at a time)."""
+        limit = asyncio.Semaphore(RECHECK_CONCURRENCY)
+
+        async def read(job_id: str) -> JobRecord | None:
+            async with limit:
+                return await self.app[STORE].get_record(job_id)
+
+        ordered = sorted(jobs)
+        records = await asyncio.gather(*(read(job_id) for job_id in ordered), return_exceptions=True)
         missed: list[JobEvent] = []
-        for job_id in sorted(open_jobs):
-            try:
-                record = await self.app[STORE].get_record(job_id)
-            except Exception as exc:  # the store is down: try again at the next recheck
-                log.warning("stream_recheck_failed", job_id=job_id, error=str(exc))
+        unread: set[str] = set()
+        for job_id, record in zip(ordered, records, strict=True):
+            if isinstance(record, Exception):  # the store is down: try again at the next recheck
+                log.warning("stream_recheck_failed", job_id=job_id, error=str(record))
+                unread.add(job_id)
                 continue
+            if isinstance(record, BaseException):
+                raise record
             if record is None:
                 continue
             events = [event for event in _history(record) if event.seq > self._last.get(job_id, -1)]
             if events:
                 log.warning("stream_events_missed", job_id=job_id, seqs=[event.seq for event in events])
             missed += events
-        return missed
+        return missed, unread
 
 
 def _skipping(events: list[JobEvent], last: dict[str, int]) -> set[str]:
@@ -289,24 +346,30 @@ async def open_stream(app: web.Application, request: StreamRequest) -> AsyncIter
         yield JobStream(app, request, records, sub)
 
 
-async def pump(frames: AsyncIterator[dict[str, Any]], send: Any, client_gone: asyncio.Future[Any]) -> None:
-    """Send frames until the stream ends or the client goes away."""
+async def pump(frames: AsyncIterator[dict[str, Any]], send: Any, client_gone: asyncio.Future[Any]) -> bool:
+    """Send frames until the stream ends or the client goes away. False if a frame was not taken
+    by the client's connection within SEND_TIMEOUT_S (its transport is best aborted)."""
     iterator = frames.__aiter__()
+    step: asyncio.Future[dict[str, Any]] | None = None
     try:
         while True:
             step = asyncio.ensure_future(iterator.__anext__())
             done, _ = await asyncio.wait({step, client_gone}, return_when=asyncio.FIRST_COMPLETED)
             if step not in done:
-                step.cancel()
-                await asyncio.gather(step, return_exceptions=True)
-                return
+                return True
             try:
                 frame = step.result()
             except StopAsyncIteration:
-                return
+                return True
             # A client that takes no data (its receive window full) must not hold the stream for ever.
             await asyncio.wait_for(send(frame), SEND_TIMEOUT_S)
-    except (ConnectionResetError, ConnectionError, TimeoutError):
-        return
+    except TimeoutError:
+        return False
+    except (ConnectionResetError, ConnectionError):
+        return True
     finally:
+        # Also when this task is cancelled: the generator is still inside `step` until that ends.
+        if step is not None and not step.done():
+            step.cancel()
+            await asyncio.gather(step, return_exceptions=True)
         await iterator.aclose()

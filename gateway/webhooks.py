@@ -289,6 +289,8 @@ class WebhookDeliverer:
         message back instead would make the same attempt again at once, without a pause."""
         wait = RETRY_NOT_QUEUED_PAUSE_S
         while True:
+            if channel_closed(message):  # the broker has it back and delivers it again: no second copy
+                return
             try:
                 await self._send_later(message, attempt, pause)
                 return

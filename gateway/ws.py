@@ -14,8 +14,16 @@ from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp_sse import sse_response
 
 from gateway.errors import ApiError
-from gateway.streams import StreamRequest, open_stream, pump
+from gateway.streams import Ended, StreamRequest, open_stream, pump
 
+# The close code of a stream by why it ended: 1000 only when every listed job has ended (a
+# client that stopped listening sees none). Any other end: reconnect with `since`.
+CLOSE = {
+    Ended.DONE: (WSCloseCode.OK, b""),
+    Ended.TOO_SLOW: (WSCloseCode.TRY_AGAIN_LATER, b"too far behind; reconnect with since"),
+    Ended.GAP: (WSCloseCode.TRY_AGAIN_LATER, b"events missed while the store is away; reconnect with since"),
+    Ended.SHUTDOWN: (WSCloseCode.GOING_AWAY, b"the gateway is stopping; reconnect with since"),
+}
 
 # The largest frame a client may send (it is ignored); a larger one closes the stream with 1009.
 MAX_CLIENT_FRAME = 64 * 1024
@@ -34,15 +42,18 @@ async def job_events(request: web.Request) -> web.WebSocketResponse:
             )
         await ws.prepare(request)
         reader = asyncio.ensure_future(_drain_client(ws))
+        taken = False
         try:
-            await pump(stream.frames(), ws.send_json, reader)
+            taken = await pump(stream.frames(), ws.send_json, reader)
         finally:
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
+            if not taken and request.transport is not None:  # it takes no data: no close handshake either
+                request.transport.abort()
+            code, reason = CLOSE.get(
+                stream.ended, (WSCloseCode.INTERNAL_ERROR, b"the stream failed; reconnect with since")
+            )
             # Bounded: a client that stopped taking data would hold the close handshake for ever.
-            code, reason = (WSCloseCode.OK, b"")
-            if stream.overflowed:  # 1013, try again later: resume with `since`
-                code, reason = (WSCloseCode.TRY_AGAIN_LATER, b"too far behind; reconnect with since")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(ws.close(code=code, message=reason), 10)
         return ws
@@ -61,7 +72,8 @@ async def job_events_sse(request: web.Request) -> web.StreamResponse:
                 # The id lets EventSource resume with Last-Event-ID.
                 await sse.send(json.dumps(frame), id=stream.event_id(frame), event="job.event")
 
-            await pump(stream.frames(), send, asyncio.ensure_future(sse.wait()))
+            if not await pump(stream.frames(), send, asyncio.ensure_future(sse.wait())) and request.transport:
+                request.transport.abort()  # it takes no data: ending the response would wait on it
         return sse
 
 

@@ -78,7 +78,12 @@ async def test_reconnect_after_the_gateway_restarted(stack, http) -> None:
     job_id = accepted["job_id"]
     async with http.ws_connect(f"{gateway}/api/v1/ws", params={"job_id": job_id}) as ws:
         first = await read_frames(ws, lambda f: any(x["phase"] == "denoising" for x in f))
-    stop_pid(proc.pid)
+        stopping = asyncio.ensure_future(asyncio.to_thread(stop_pid, proc.pid))
+        async for msg in ws:  # the frames sent until the gateway closes the stream
+            first.append(msg.json())
+        await stopping
+    # 1001, going away: not 1000, which says every job of the stream has ended.
+    assert ws.close_code == 1001, ws.close_code
     replacement, _ = stack.start_gateway("gateway-replacement")
     rest = await watch(http, replacement, job_id, since=str(first[-1]["seq"]))
     frames = first + rest

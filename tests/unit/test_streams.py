@@ -156,3 +156,149 @@ def test_a_quiet_job_is_read_less_often_the_longer_it_stays_quiet() -> None:
     assert timer.due == 210.0
     timer.heard(205.0)
     assert timer.due == 215.0
+
+
+class FlakyRecords(FakeRecords):
+    """A store whose reads fail while `down`."""
+
+    def __init__(self, read_s: float = 0.0) -> None:
+        super().__init__()
+        self.down = False
+        self.read_s = read_s
+
+    async def get_record(self, job_id):
+        await asyncio.sleep(self.read_s)
+        if self.down:
+            raise OSError("store unreachable")
+        return self.records.get(job_id)
+
+
+async def test_a_gap_the_store_cannot_fill_ends_the_stream_for_the_client_to_resume() -> None:
+    """seq 1 is lost live, and seq 2 comes while the record cannot be read: sending 2 would leave
+    the gap for good, so the stream ends (the WebSocket with 1013) after 0, and a resumed stream
+    sends 1, 2 and the rest."""
+    from gateway.streams import Ended
+
+    store = FlakyRecords()
+    record = queued_record(JOB)
+    record.events = [record.last_event()]
+    loading = record.advance(status=JobStatus.RUNNING, phase=Phase.LOADING)  # seq 1: lost live
+    denoising = loading.advance(phase=Phase.DENOISING, step=1)  # seq 2
+    store.records[JOB] = denoising
+    hub = EventHub()
+    settings = GatewaySettings()
+    with hub.subscribe([JOB]) as sub:
+        stream = JobStream({STORE: store, SETTINGS: settings}, StreamRequest([JOB], -1), {JOB: record}, sub)  # type: ignore[arg-type]
+        store.down = True
+        hub.publish(JobEvent.from_record(denoising))
+        assert await asyncio.wait_for(_collect(stream), 5) == [0]
+        assert stream.ended == Ended.GAP
+    store.down = False
+    with hub.subscribe([JOB]) as sub:
+        resumed = JobStream({STORE: store, SETTINGS: settings}, StreamRequest([JOB], 0), {JOB: denoising}, sub)  # type: ignore[arg-type]
+        hub.publish(JobEvent.from_record(denoising.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED)))
+        assert await asyncio.wait_for(_collect(resumed), 5) == [1, 2, 3]
+        assert resumed.ended == Ended.DONE
+
+
+async def test_quiet_jobs_are_read_again_at_once_not_one_by_one(monkeypatch) -> None:
+    """20 quiet jobs read again while a busy one sends: its live event does not wait for 20 reads
+    in a row (4 s at 0.2 s a read)."""
+    import time
+
+    monkeypatch.setattr("gateway.streams.RECHECK_S", 0.2)
+    store = FlakyRecords(read_s=0.2)
+    jobs = [f"{n:08d}-9d2f-4e6a-8b5c-1f2e3d4c5b6a" for n in range(20)]
+    records = {}
+    for job_id in jobs:
+        record = queued_record(job_id)
+        record.events = [record.last_event()]
+        records[job_id] = store.records[job_id] = record
+    hub = EventHub()
+    with hub.subscribe(jobs) as sub:
+        stream = JobStream({STORE: store, SETTINGS: GatewaySettings()}, StreamRequest(jobs, -1), records, sub)  # type: ignore[arg-type]
+        frames = stream.frames()
+        for _ in jobs:  # the history
+            await frames.__anext__()
+        running = records[jobs[0]].advance(status=JobStatus.RUNNING, phase=Phase.LOADING)
+        store.records[jobs[0]] = running
+        waiting = asyncio.ensure_future(frames.__anext__())
+        await asyncio.sleep(0.45)  # the reads of the quiet jobs are under way
+        published = time.monotonic()
+        hub.publish(JobEvent.from_record(running))
+        frame = await asyncio.wait_for(waiting, 10)
+        delay = time.monotonic() - published
+        await frames.aclose()
+    assert (frame["job_id"], frame["seq"]) == (jobs[0], 1)
+    assert delay < 2.0, f"a live event waited {delay:.2f} s behind the quiet jobs' reads"
+
+
+async def test_an_all_jobs_stream_remembers_a_bounded_number_of_jobs(monkeypatch) -> None:
+    monkeypatch.setattr("gateway.streams.ALL_JOBS_MEMORY", 100)
+    hub = EventHub()
+    with hub.subscribe(None) as sub:
+        stream = JobStream({STORE: FakeRecords(), SETTINGS: GatewaySettings()}, StreamRequest(None), {}, sub)  # type: ignore[arg-type]
+        frames = stream.frames()
+        for n in range(300):
+            record = queued_record(f"{n:08d}-9d2f-4e6a-8b5c-1f2e3d4c5b6a")
+            hub.publish(JobEvent.from_record(record.advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED)))
+            await frames.__anext__()
+        await frames.aclose()
+    assert len(stream._last) == 100 and next(reversed(stream._last)).startswith("00000299")
+
+
+async def test_a_cancel_that_meets_a_duplicate_event_still_stops_the_stream() -> None:
+    """The client goes away as the broker's copy of an event already sent arrives: the stream stops
+    (on Python 3.11, `wait_for` around the queue's get could return the event and drop the cancel,
+    and the stream would wait for the job's next event, possibly hours)."""
+    record = queued_record(JOB)
+    record.events = [record.last_event()]
+    hub = EventHub()
+    with hub.subscribe([JOB]) as sub:
+        stream = JobStream(
+            {STORE: FakeRecords(), SETTINGS: GatewaySettings()}, StreamRequest([JOB], -1), {JOB: record}, sub
+        )  # type: ignore[arg-type]
+        frames = stream.frames()
+        assert (await frames.__anext__())["seq"] == 0
+        step = asyncio.ensure_future(frames.__anext__())
+        await asyncio.sleep(0)  # the stream waits for live events
+        hub.publish(JobEvent.from_record(record))  # the copy of seq 0 ...
+        step.cancel()  # ... as the client goes away
+        done, _ = await asyncio.wait({step}, timeout=2)
+        assert done, "the cancelled stream kept waiting for the job's next event"
+
+
+async def test_a_cancelled_pump_ends_cancelled_and_leaves_no_task() -> None:
+    """The task sending a stream is cancelled (the gateway's shutdown timeout): it ends with
+    CancelledError, not RuntimeError from closing a generator still running, and leaves nothing."""
+    hub = EventHub()
+    with hub.subscribe(None) as sub:
+        stream = JobStream({STORE: FakeRecords(), SETTINGS: GatewaySettings()}, StreamRequest(None), {}, sub)  # type: ignore[arg-type]
+
+        async def send(frame) -> None:
+            pass
+
+        before = asyncio.all_tasks()
+        task = asyncio.ensure_future(pump(stream.frames(), send, asyncio.get_running_loop().create_future()))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        outcome = (await asyncio.gather(task, return_exceptions=True))[0]
+        left = {t for t in asyncio.all_tasks() - before if not t.done()}
+    assert isinstance(outcome, asyncio.CancelledError), repr(outcome)
+    assert not left, left
+
+
+async def test_a_stream_ended_by_the_gateway_stopping_says_so() -> None:
+    from gateway.streams import Ended
+    from gateway.ws import CLOSE
+
+    record = queued_record(JOB)
+    record.events = [record.last_event()]
+    hub = EventHub()
+    with hub.subscribe([JOB]) as sub:
+        stream = JobStream(
+            {STORE: FakeRecords(), SETTINGS: GatewaySettings()}, StreamRequest([JOB], -1), {JOB: record}, sub
+        )  # type: ignore[arg-type]
+        hub.close_all()
+        assert await asyncio.wait_for(_collect(stream), 5) == [0]
+    assert stream.ended == Ended.SHUTDOWN and CLOSE[stream.ended][0] == 1001

@@ -382,3 +382,23 @@ _sleep = asyncio.sleep
 
 async def _no_pause(seconds: float) -> None:
     await _sleep(0)
+
+
+async def test_an_attempt_whose_channel_closed_meanwhile_makes_no_second_retry_chain() -> None:
+    """The connection drops during a failing attempt: the broker has the message back and delivers
+    it again (the same attempt once more). No copy for the next attempt is queued beside it, or
+    each drop would double the event's retries."""
+    hold = asyncio.Event()
+    async with receiving(500, hold) as (port, calls):
+        channel = Channel()
+        made = deliverer(channel)
+        message = Settled(encode(event()), None)
+        hook = Webhook(url=f"http://127.0.0.1:{port}/hook", events=["job.running"])
+        delivering = asyncio.ensure_future(made._deliver(message, event(), hook, attempt_of(message)))  # type: ignore[arg-type]
+        while not calls:
+            await asyncio.sleep(0.01)
+        message.channel.is_closed = True  # the connection dropped while the receiver thought
+        hold.set()
+        await asyncio.wait_for(delivering, 10)
+        await made._http.close()  # type: ignore[union-attr]
+    assert channel.default_exchange.sent == [], "a copy for attempt 2 beside the redelivered attempt 1"
