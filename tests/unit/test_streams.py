@@ -10,7 +10,7 @@ from common.settings import GatewaySettings
 from gateway.events import EventHub
 from gateway.keys import SETTINGS, STORE
 from gateway.streams import JobStream, StreamRequest, _Quiet, pump
-from schemas.jobs import JobStatus, Phase
+from schemas.jobs import JobRecord, JobStatus, Phase
 from schemas.messages import JobEvent
 from tests.helpers import FakeRecords, queued_record
 
@@ -251,13 +251,9 @@ async def test_a_cancel_that_meets_a_duplicate_event_still_stops_the_stream() ->
     """The client goes away as the broker's copy of an event already sent arrives: the stream stops
     (on Python 3.11, `wait_for` around the queue's get could return the event and drop the cancel,
     and the stream would wait for the job's next event, possibly hours)."""
-    record = queued_record(JOB)
-    record.events = [record.last_event()]
     hub = EventHub()
     with hub.subscribe([JOB]) as sub:
-        stream = JobStream(
-            {STORE: FakeRecords(), SETTINGS: GatewaySettings()}, StreamRequest([JOB], -1), {JOB: record}, sub
-        )  # type: ignore[arg-type]
+        stream, record = _a_queued_jobs_stream(sub)
         frames = stream.frames()
         assert (await frames.__anext__())["seq"] == 0
         step = asyncio.ensure_future(frames.__anext__())
@@ -292,13 +288,16 @@ async def test_a_stream_ended_by_the_gateway_stopping_says_so() -> None:
     from gateway.streams import Ended
     from gateway.ws import CLOSE
 
-    record = queued_record(JOB)
-    record.events = [record.last_event()]
     hub = EventHub()
     with hub.subscribe([JOB]) as sub:
-        stream = JobStream(
-            {STORE: FakeRecords(), SETTINGS: GatewaySettings()}, StreamRequest([JOB], -1), {JOB: record}, sub
-        )  # type: ignore[arg-type]
+        stream, record = _a_queued_jobs_stream(sub)
         hub.close_all()
         assert await asyncio.wait_for(_collect(stream), 5) == [0]
     assert stream.ended == Ended.SHUTDOWN and CLOSE[stream.ended][0] == 1001
+
+
+def _a_queued_jobs_stream(sub) -> tuple[JobStream, JobRecord]:
+    record = queued_record(JOB)
+    record.events = [record.last_event()]
+    settings = GatewaySettings()
+    return JobStream({STORE: FakeRecords(), SETTINGS: settings}, StreamRequest([JOB], -1), {JOB: record}, sub), record  # type: ignore[arg-type]
