@@ -112,6 +112,10 @@ def priority_order(taken: int, lower_every: int) -> list[int]:
     return [*range(start, len(PRIORITIES)), *range(start - 1, -1, -1)]
 
 
+# Channels a worker takes its generation jobs on: one per job it can hold.
+LANES = 2
+
+
 class Worker:
     def __init__(
         self, settings: WorkerSettings, store: ObjectStore, runners: dict[str, ModelRunner], registry: Registry
@@ -137,7 +141,9 @@ class Worker:
         self._connection: AbstractRobustConnection | None = None
         self._events: AbstractExchange | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []  # downloads, and each model's presence queue
-        self._job_queues: list[list[AbstractQueue]] = []  # by priority, highest first; models within
+        # Per lane (a channel each), by priority, highest first; models within. The two jobs a
+        # worker can hold are taken on different lanes.
+        self._job_queues: list[list[list[AbstractQueue]]] = []
         self._taken = 0  # generation job messages taken (for the lower priorities' turns)
         self._dispatcher: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
@@ -173,12 +179,18 @@ class Worker:
         await control.bind(await self._topology.declare_control(control_channel))
         await control.consume(self._on_control, no_ack=True)
 
+        # Downloads and presence on one channel, and each of the two generation jobs a worker can
+        # hold on a channel of its own (a lane): RabbitMQ's consumer_timeout closes the channel of
+        # a message held too long, and hands back every message held on it, only that one then.
         channel = await self._connection.channel()
         # prefetch=1: a worker holds one download at a time; the rest stay in the queue for other workers.
         await channel.set_qos(prefetch_count=1)
         models = sorted(self._runners)
         _, queues = await self._topology.declare_jobs(channel, models)
-        self._job_queues = [[queues[Topology.job_key(m, p)] for m in models] for p in PRIORITIES]
+        self._job_queues = []
+        for _ in range(LANES):
+            _, lane = await self._topology.declare_jobs(await self._connection.channel(), models)
+            self._job_queues.append([[lane[Topology.job_key(m, p)] for m in models] for p in PRIORITIES])
         downloads = queues[DOWNLOAD_KEY]
         self._consumers.append((downloads, await downloads.consume(self._on_download)))
         # Presence: one consumer per served model, so the gateway can count this model's workers.
@@ -245,10 +257,13 @@ class Worker:
         """
         turn = 0
         finishing: asyncio.Task[None] | None = None
+        finishing_lane = 0
         while not self._stopping:
             self._wake.clear()
+            # Not on the lane of the job still finishing beside it.
+            lane = 0 if finishing is None or finishing.done() else 1 - finishing_lane
             try:
-                message = await self._next_job(turn)
+                message = await self._next_job(turn, lane)
             except Exception as exc:  # broker gone: the robust connection comes back by itself
                 log.warning("job_fetch_failed", error=str(exc))
                 message = None
@@ -272,7 +287,7 @@ class Worker:
                 continue
             if finishing is not None:
                 await asyncio.wait({finishing})
-            finishing = current
+            finishing, finishing_lane = current, lane
 
     async def _handle_job(self, message: AbstractIncomingMessage, gpu_free: asyncio.Event) -> None:
         async def run(job: JobMessage, reporter: JobReporter) -> None:
@@ -297,9 +312,9 @@ class Worker:
         finally:
             on_gpu_free()
 
-    async def _next_job(self, turn: int) -> AbstractIncomingMessage | None:
+    async def _next_job(self, turn: int, lane: int = 0) -> AbstractIncomingMessage | None:
         for level in priority_order(self._taken, self.settings.lower_priority_every):
-            queues = self._job_queues[level]
+            queues = self._job_queues[lane][level]
             for i in range(len(queues)):
                 if self._stopping:
                     return None

@@ -83,6 +83,7 @@ async def test_the_worker_takes_jobs_in_that_order() -> None:
     from worker.worker import Worker
 
     worker = Worker(WorkerSettings(lower_priority_every=2), store=None, runners={}, registry=None)  # type: ignore[arg-type]
-    worker._job_queues = [[FakeQueue("high", 6)], [FakeQueue("normal", 1)], [FakeQueue("low", 1)]]  # type: ignore[list-item]
-    taken = [await worker._next_job(turn) for turn in range(9)]
+    queues = [[FakeQueue("high", 6)], [FakeQueue("normal", 1)], [FakeQueue("low", 1)]]
+    worker._job_queues = [queues, queues]  # type: ignore[list-item]  # the same queues through either lane
+    taken = [await worker._next_job(turn, lane=turn % 2) for turn in range(9)]
     assert taken == ["high-0", "normal-0", "high-1", "low-0", "high-2", "high-3", "high-4", "high-5", None]

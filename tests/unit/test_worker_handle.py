@@ -18,7 +18,7 @@ from schemas.messages import CancelMessage, JobMessage, decode, encode
 from schemas.registry import load_registry
 from tests.helpers import FakeRecords, tiny_params
 from worker.pipelines import Generated
-from worker.worker import Worker, _record_from
+from worker.worker import LANES, Worker, _record_from
 
 
 class FakeStore(FakeRecords):
@@ -418,11 +418,15 @@ async def test_a_short_store_outage_is_waited_out_without_handing_the_job_back(w
 class FakeQueue:
     """A job queue the dispatcher reads with basic.get, as from aio-pika's Queue.get(fail=False)."""
 
-    def __init__(self, messages: list[FakeMessage]) -> None:
-        self.messages = messages
+    def __init__(self, messages: list[FakeMessage], lane: int = 0) -> None:
+        self.messages, self.lane = messages, lane
 
     async def get(self, no_ack=False, fail=False):
-        return self.messages.pop(0) if self.messages else None
+        if not self.messages:
+            return None
+        message = self.messages.pop(0)
+        message.lane = self.lane  # the channel it was taken on
+        return message
 
 
 class RecordingRunner(OomRunner):
@@ -469,7 +473,8 @@ def dispatching_worker(runner, store, job_ids: str) -> tuple[Worker, dict[str, F
         body = JobMessage(job_id=job_id, mode="text-to-video", params=tiny_params(prompt=job_id, num_inference_steps=1))
         messages[job_id] = FakeMessage(encode(body))
     queue = FakeQueue(list(messages.values()))
-    w._job_queues = [[queue]]
+    # One queue, read through each of the worker's lanes (channels).
+    w._job_queues = [[[FakeQueue(queue.messages, lane)]] for lane in range(LANES)]
     return w, messages, queue
 
 
@@ -492,6 +497,9 @@ async def test_the_next_job_generates_while_the_last_one_uploads_and_never_two_f
         let_a_finish.set()
         await w.stop(5)
     assert dispatcher.done()
+    # The two jobs in hand at once came on different channels (a consumer_timeout hands back
+    # the messages of one channel); c, taken once a had ended, on a's.
+    assert [messages[j].lane for j in "abc"] == [0, 1, 0]
     assert [messages[j].settled for j in "abc"] == [["ack"], ["ack"], ["ack"]]
     assert [store.records[j].status for j in "abc"] == [JobStatus.SUCCEEDED] * 3
     assert runner.generated == ["a", "b", "c"]
