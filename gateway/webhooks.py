@@ -17,7 +17,7 @@ import json
 import socket
 from collections import Counter, OrderedDict
 from datetime import UTC, datetime
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import aio_pika
 import aiohttp
@@ -45,6 +45,15 @@ MAX_WAITING = 100_000
 ATTEMPT_HEADER = "x-videogen-webhook-attempt"
 # Pause before an event whose next attempt the broker did not take is tried again.
 RETRY_NOT_QUEUED_PAUSE_S = 2.0
+
+
+def logged_url(url: str) -> str:
+    """A webhook URL as logs show it: without the user name and password it may carry."""
+    parts = urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"***@{host}"))
 
 
 def receiver_of(url: str) -> str:
@@ -269,7 +278,7 @@ class WebhookDeliverer:
         """One attempt. If it fails and attempts are left, the event goes to the delay queue of
         the pause that follows this attempt, and comes back for the next one: the pause holds
         none of this gateway's `webhook_concurrency` slots."""
-        with structlog.contextvars.bound_contextvars(job_id=event.job_id, seq=event.seq, url=hook.url):
+        with structlog.contextvars.bound_contextvars(job_id=event.job_id, seq=event.seq, url=logged_url(hook.url)):
             if await self._attempt(event, hook, attempt):
                 pass
             elif attempt >= self._settings.webhook_max_attempts:

@@ -402,3 +402,11 @@ async def test_an_attempt_whose_channel_closed_meanwhile_makes_no_second_retry_c
         await asyncio.wait_for(delivering, 10)
         await made._http.close()  # type: ignore[union-attr]
     assert channel.default_exchange.sent == [], "a copy for attempt 2 beside the redelivered attempt 1"
+
+
+def test_logs_show_a_webhook_url_without_its_credentials() -> None:
+    from gateway.webhooks import logged_url
+
+    assert logged_url("https://user:secret@hooks.example:8443/h?x=1") == "https://***@hooks.example:8443/h?x=1"
+    assert logged_url("https://token@hooks.example/h") == "https://***@hooks.example/h"
+    assert logged_url("https://hooks.example/h") == "https://hooks.example/h"
