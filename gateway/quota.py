@@ -43,21 +43,40 @@ STALE_SWEEP = 50
 REFRESH_S = 2.0
 
 
+@dataclass(eq=False)
+class _Submission:
+    """A submission holding a slot; `job_id` once it writes its job's marker."""
+
+    job_id: str | None = None
+
+
 @dataclass
 class _Count:
-    """One key's jobs as this gateway sees them: far below the limit, no store listing is needed."""
+    """One key's jobs as this gateway sees them: far below the limit, no store listing is needed.
+    Jobs are counted by id where known, so a job is counted once although its marker is listed
+    while its submission is still in flight, or after it was accepted."""
 
-    listed: int = 0  # markers at the last listing
+    listed: set[str] = field(default_factory=set)  # jobs with a live marker at the last listing
     at: float = -REFRESH_S  # when (monotonic)
-    since: int = 0  # jobs this gateway accepted after that listing began
-    in_flight: int = 0  # submissions holding a slot now
+    since: set[str] = field(default_factory=set)  # jobs this gateway accepted after that listing began
+    unnamed: int = 0  # of those, accepted without a marker's job id (none written)
+    in_flight: set[_Submission] = field(default_factory=set)  # submissions holding a slot now
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
+    def known(self) -> set[str]:
+        """The jobs counted by this gateway apart from the listing: accepted since, or in flight."""
+        return self.since | {s.job_id for s in self.in_flight if s.job_id is not None}
+
+    def unknown(self) -> int:
+        """Counted jobs without an id yet: submissions before their marker, accepted without one."""
+        return self.unnamed + sum(s.job_id is None for s in self.in_flight)
+
     def used(self) -> int:
-        return self.listed + self.since + self.in_flight
+        return len(self.listed | self.known()) + self.unknown()
 
 
 COUNTS = web.AppKey("quota_counts", dict)  # key id -> _Count, per gateway process
+_SUBMISSION = "quota_submission"  # the request's _Submission while it holds a slot
 
 
 def _counts(request: web.Request, mode: str) -> bool:
@@ -71,8 +90,8 @@ def _counts(request: web.Request, mode: str) -> bool:
 async def slot(request: web.Request, mode: str) -> AsyncIterator[None]:
     """A slot of the key's quota for one submission: 429 when none is free.
 
-    The count errs on the safe side (a job accepted during a listing may count twice) and is
-    corrected by the next listing, at the latest REFRESH_S later.
+    The count errs on the safe side (a job accepted during a listing without its marker in it
+    stays counted) and is corrected by the next listing, at the latest REFRESH_S later.
     """
     if not _counts(request, mode):
         yield
@@ -85,9 +104,11 @@ async def slot(request: web.Request, mode: str) -> AsyncIterator[None]:
         now = time.monotonic()
         if now - count.at > REFRESH_S or count.used() + 1 > limit:
             # Jobs accepted while the listing runs may be missing from it: they stay counted.
-            since = count.since
-            count.listed = await store_call(_active_jobs(request.app[STORE], owner, limit))
-            count.at, count.since = now, count.since - since
+            since, unnamed = set(count.since), count.unnamed
+            count.listed = await store_call(
+                _active_jobs(request.app[STORE], owner, limit, count.known(), count.unknown())
+            )
+            count.at, count.since, count.unnamed = now, count.since - since, count.unnamed - unnamed
         if count.used() >= limit:
             raise ApiError(
                 429,
@@ -96,35 +117,49 @@ async def slot(request: web.Request, mode: str) -> AsyncIterator[None]:
                 f"(limit {limit}); retry when one ends",
                 headers={"Retry-After": str(QUOTA_RETRY_AFTER_S)},
             )
-        count.in_flight += 1
+        submission = request[_SUBMISSION] = _Submission()
+        count.in_flight.add(submission)
     accepted = False
     try:
         yield
         accepted = True
     finally:
-        count.in_flight -= 1
-        count.since += accepted
+        count.in_flight.discard(submission)
+        if accepted and submission.job_id is not None:
+            count.since.add(submission.job_id)
+        elif accepted:
+            count.unnamed += 1
 
 
-async def _active_jobs(store: ObjectStore, owner: str, limit: int) -> int:
+async def _active_jobs(
+    store: ObjectStore,
+    owner: str,
+    limit: int,
+    known: set[str] = frozenset(),
+    unknown: int = 0,  # type: ignore[assignment]
+) -> set[str]:
+    """The jobs of the key's markers. When they, with the jobs this gateway counts apart from
+    them (`known` by id, `unknown` more), would reach the limit, each marker is checked against its
+    job's record first, and those of ended jobs (and leftovers without a record) are removed: a
+    stale marker never refuses a job. Markers of `known` jobs are this gateway's own, live."""
     keys = await store.list_keys(active_prefix(owner), None, limit + STALE_SWEEP)
-    if len(keys) < limit:
-        return len(keys)
-    # At the limit: make sure each marker still stands for a job that has not ended.
-    records = await asyncio.gather(*(store.get_record(job_id_of_active(k)) for k in keys))
-    live = 0
-    for key, record in zip(keys, records, strict=True):
+    jobs = {job_id_of_active(k): k for k in keys}
+    if len(jobs.keys() | known) + unknown < limit:
+        return set(jobs)
+    unsure = [job_id for job_id in jobs if job_id not in known]
+    records = await asyncio.gather(*(store.get_record(job_id) for job_id in unsure))
+    for job_id, record in zip(unsure, records, strict=True):
         if record is None or record.status.is_terminal:
-            log.info("quota_marker_cleared", marker=key)
-            await store.delete(key)
-        else:
-            live += 1
-    return live
+            log.info("quota_marker_cleared", marker=jobs[job_id])
+            await store.delete(jobs.pop(job_id))
+    return set(jobs)
 
 
 async def hold(request: web.Request, mode: str, job_id: str) -> None:
     """Count the job against its key (called with the slot held, once the job's record is stored)."""
     if _counts(request, mode):
+        if (submission := request.get(_SUBMISSION)) is not None:
+            submission.job_id = job_id  # from now on it may be listed: counted once, by its id
         await request.app[STORE].put_bytes(active_key(request[OWNER], job_id), b"", "application/octet-stream")
 
 

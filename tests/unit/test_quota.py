@@ -58,14 +58,14 @@ async def test_at_the_limit_markers_of_ended_jobs_and_leftovers_are_cleared() ->
         store.markers.add(active_key(OWNER, job_id))
         if status is not None:
             store.records[job_id] = record(job_id, status)
-    assert await _active_jobs(store, OWNER, limit=4) == 2  # type: ignore[arg-type]
+    assert await _active_jobs(store, OWNER, limit=4) == {"live", "running"}  # type: ignore[arg-type]
     assert sorted(job_id_of_active(k) for k in store.markers) == ["live", "running"]
 
 
 async def test_below_the_limit_nothing_is_read() -> None:
     store = FakeStore()
     store.markers.add(active_key(OWNER, "gone"))
-    assert await _active_jobs(store, OWNER, limit=2) == 1  # type: ignore[arg-type]
+    assert await _active_jobs(store, OWNER, limit=2) == {"gone"}  # type: ignore[arg-type]
     assert store.markers
 
 
@@ -148,3 +148,66 @@ async def test_a_key_without_a_quota_lists_and_writes_no_markers() -> None:
     for n in range(20):
         await asyncio.wait_for(submit(n), 5)
     assert store.markers == set() and not store.listing.is_set() and app[COUNTS] == {}
+
+
+class Limit:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def quota(self, key: object) -> int:
+        return self.n
+
+
+async def _in_flight(app: dict, job_id: str, marker: bool, inside: asyncio.Event, go: asyncio.Event) -> None:
+    """A submission that holds its slot (having written its job's marker, or not yet) until `go`."""
+    request = FakeRequest(app)
+    async with slot(request, "text-to-video"):
+        if marker:
+            await hold(request, "text-to-video", job_id)
+        inside.set()
+        await go.wait()
+
+
+async def test_a_submission_in_flight_whose_marker_is_listed_counts_once() -> None:
+    """Limit 3: job C accepted, A in flight with its marker written; a listing then sees both
+    markers. B is the third job and fits (A was counted twice: as listed and as in flight)."""
+    store = PausedListing()
+    store.release.set()
+    app = {COUNTS: {}, KEYS: Limit(3), STORE: store}
+    c = FakeRequest(app)
+    async with slot(c, "text-to-video"):
+        await hold(c, "text-to-video", "job-c")
+    store.records["job-c"] = record("job-c", JobStatus.RUNNING)
+    store.records["job-a"] = record("job-a", JobStatus.QUEUED)
+    inside, go = asyncio.Event(), asyncio.Event()
+    a = asyncio.create_task(_in_flight(app, "job-a", True, inside, go))
+    await asyncio.wait_for(inside.wait(), 5)
+    app[COUNTS][OWNER].at -= 3  # the count is old: the next check lists the markers
+    try:
+        async with slot(FakeRequest(app), "text-to-video"):
+            pass
+    finally:
+        go.set()
+        await a
+    assert app[COUNTS][OWNER].used() == 3  # C, A (once) and B
+
+
+async def test_a_stale_marker_below_the_limit_is_swept_before_it_refuses_a_job() -> None:
+    """Limit 2: one marker of a job that ended (its end was missed), and A in flight before its
+    marker. Markers and A together reach the limit: the marker is checked, found stale, removed,
+    and B fits."""
+    store = PausedListing()
+    store.release.set()
+    store.markers.add(active_key(OWNER, "old"))
+    store.records["old"] = record("old", JobStatus.SUCCEEDED)
+    app = {COUNTS: {}, KEYS: Limit(2), STORE: store}
+    inside, go = asyncio.Event(), asyncio.Event()
+    a = asyncio.create_task(_in_flight(app, "job-a", False, inside, go))
+    await asyncio.wait_for(inside.wait(), 5)
+    try:
+        async with slot(FakeRequest(app), "text-to-video"):
+            pass
+    finally:
+        go.set()
+        await a
+    assert store.markers == set()
