@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from contextlib import asynccontextmanager
 
 import pytest
 
@@ -158,14 +159,31 @@ class Limit:
         return self.n
 
 
-async def _in_flight(app: dict, job_id: str, marker: bool, inside: asyncio.Event, go: asyncio.Event) -> None:
-    """A submission that holds its slot (having written its job's marker, or not yet) until `go`."""
-    request = FakeRequest(app)
-    async with slot(request, "text-to-video"):
-        if marker:
-            await hold(request, "text-to-video", job_id)
-        inside.set()
-        await go.wait()
+@asynccontextmanager
+async def _in_flight(app: dict, job_id: str, marker: bool):
+    """A submission that holds its slot (having written its job's marker, or not yet) meanwhile."""
+    inside, go = asyncio.Event(), asyncio.Event()
+
+    async def submission() -> None:
+        request = FakeRequest(app)
+        async with slot(request, "text-to-video"):
+            if marker:
+                await hold(request, "text-to-video", job_id)
+            inside.set()
+            await go.wait()
+
+    task = asyncio.create_task(submission())
+    await asyncio.wait_for(inside.wait(), 5)
+    try:
+        yield
+    finally:
+        go.set()
+        await task
+
+
+async def _submit(app: dict) -> None:
+    async with slot(FakeRequest(app), "text-to-video"):
+        pass
 
 
 async def test_a_submission_in_flight_whose_marker_is_listed_counts_once() -> None:
@@ -179,16 +197,9 @@ async def test_a_submission_in_flight_whose_marker_is_listed_counts_once() -> No
         await hold(c, "text-to-video", "job-c")
     store.records["job-c"] = record("job-c", JobStatus.RUNNING)
     store.records["job-a"] = record("job-a", JobStatus.QUEUED)
-    inside, go = asyncio.Event(), asyncio.Event()
-    a = asyncio.create_task(_in_flight(app, "job-a", True, inside, go))
-    await asyncio.wait_for(inside.wait(), 5)
-    app[COUNTS][OWNER].at -= 3  # the count is old: the next check lists the markers
-    try:
-        async with slot(FakeRequest(app), "text-to-video"):
-            pass
-    finally:
-        go.set()
-        await a
+    async with _in_flight(app, "job-a", marker=True):
+        app[COUNTS][OWNER].at -= 3  # the count is old: the next check lists the markers
+        await _submit(app)
     assert app[COUNTS][OWNER].used() == 3  # C, A (once) and B
 
 
@@ -201,13 +212,6 @@ async def test_a_stale_marker_below_the_limit_is_swept_before_it_refuses_a_job()
     store.markers.add(active_key(OWNER, "old"))
     store.records["old"] = record("old", JobStatus.SUCCEEDED)
     app = {COUNTS: {}, KEYS: Limit(2), STORE: store}
-    inside, go = asyncio.Event(), asyncio.Event()
-    a = asyncio.create_task(_in_flight(app, "job-a", False, inside, go))
-    await asyncio.wait_for(inside.wait(), 5)
-    try:
-        async with slot(FakeRequest(app), "text-to-video"):
-            pass
-    finally:
-        go.set()
-        await a
+    async with _in_flight(app, "job-a", marker=False):
+        await _submit(app)
     assert store.markers == set()
