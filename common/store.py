@@ -299,7 +299,8 @@ class ObjectStore:
 
         Raises RecordChanged if somebody else wrote the object since. A write that found its own
         bytes already there (the store took it, then the answer was lost and the write retried)
-        counts as done.
+        counts as done, and so does one whose answer never came (a read time-out, a connection
+        lost) if the object now holds its bytes; otherwise that error is raised.
         """
         condition = {"If-None-Match": "*"} if etag is None else {"If-Match": f'"{etag}"'}
 
@@ -317,6 +318,14 @@ class ObjectStore:
                         break
                     if exc.code != _RACED:
                         raise
+                except urllib3.exceptions.HTTPError as exc:  # no answer: the store may have taken it
+                    try:
+                        stored = self._read(key)
+                    except Exception:
+                        raise exc from None  # still no answer: the outcome stays unknown
+                    if stored is not None and stored[0] == data:
+                        return stored[1]
+                    raise
             # Refused (or raced every time): unless the bytes there are these, somebody else wrote.
             stored = self._read(key)
             if stored is not None and stored[0] == data:

@@ -605,7 +605,8 @@ async def _enqueue(
     unchecked = stored if isinstance(stored, _NotChecked) else None
     if failed := [r for r in [*results, stored] if isinstance(r, BaseException) and r is not unchecked]:
         log.error("store_write_failed", job_id=job_id, error=str(failed[0]))
-        if stored is None:  # the record says queued: it must not
+        # The record says queued (written, or its write unanswered and perhaps stored): it must not.
+        if stored is not unchecked:
             await _mark_unpublished(request, record, "the object store failed while the job was being queued")
         raise store_unavailable() from failed[0]
     published: BaseException | None = None if unchecked is None else unchecked.__cause__

@@ -151,4 +151,17 @@ async def remember(request: web.Request, key: str, print_: str, job_id: str, eta
     try:
         await request.app[STORE].put_if(_object_key(request, key), json.dumps(body).encode(), etag)
     except RecordChanged as exc:
+        # An earlier try of this very write may have been stored with its answer lost: the key
+        # then names this job, and is this submission's, not another's.
+        found = await request.app[STORE].get_tagged(_object_key(request, key))
+        if found is not None and _names(found[0], job_id, print_):
+            return
         raise KeyTaken() from exc
+
+
+def _names(raw: bytes, job_id: str, print_: str) -> bool:
+    try:
+        remembered = Remembered.model_validate_json(raw)
+    except ValidationError:
+        return False
+    return remembered.job_id == job_id and remembered.fingerprint == print_

@@ -177,25 +177,32 @@ async def _load_video(request: web.Request) -> JobRecord:
 
 
 async def delete_video(request: web.Request) -> web.Response:
-    """A job still queued or running is cancelled; an ended one is deleted with its video."""
+    """A job still queued or running is cancelled; an ended one is deleted with its video (also
+    one that ended on its own while the cancel was being made)."""
     record = await _load_video(request)
     if not record.status.is_terminal:
-        await cancel(request, record)
+        record, _ = await cancel(request, record)
+        if record.status.is_terminal and record.status != JobStatus.CANCELLED:
+            await _delete_ended(request, record)
     else:
-        # The record stays, marked deleted (a tombstone): a message of the job still in a queue
-        # (it was cancelled or expired before it started) then finds an ended job and is dropped.
-        store = request.app[STORE]
-        await store_call(store.put_record(record.model_copy(update={"deleted_at": utcnow(), "output": None})))
-        # Every attempt's video key: a run that died after its upload left its video behind.
-        videos = {output_key(record.job_id, n) for n in range(1, max(record.attempts, 1) + 1)}
-        keys = [
-            *videos,
-            *([record.output.key] if record.output else []),
-            *record.inputs.values(),
-            index_key(record.job_id, record.model, record.created_at, record.owner),
-        ]
-        await store_call(asyncio.gather(*(store.delete(key) for key in keys)))
+        await _delete_ended(request, record)
     return web.json_response({"id": record.job_id, "object": "video.deleted", "deleted": True})
+
+
+async def _delete_ended(request: web.Request, record: JobRecord) -> None:
+    # The record stays, marked deleted (a tombstone): a message of the job still in a queue
+    # (it was cancelled or expired before it started) then finds an ended job and is dropped.
+    store = request.app[STORE]
+    await store_call(store.put_record(record.model_copy(update={"deleted_at": utcnow(), "output": None})))
+    # Every attempt's video key: a run that died after its upload left its video behind.
+    videos = {output_key(record.job_id, n) for n in range(1, max(record.attempts, 1) + 1)}
+    keys = [
+        *videos,
+        *([record.output.key] if record.output else []),
+        *record.inputs.values(),
+        index_key(record.job_id, record.model, record.created_at, record.owner),
+    ]
+    await store_call(asyncio.gather(*(store.delete(key) for key in keys)))
 
 
 async def video_content(request: web.Request) -> web.Response:

@@ -18,6 +18,7 @@ from common.store import ObjectStore, index_key, job_id_of_index
 from gateway import idempotency, openai_api
 from gateway.app import create_app
 from gateway.broker import GatewayBroker
+from gateway.keys import HUB
 from schemas.jobs import JobStatus, utcnow
 from scripts import devstack
 from tests.conftest import delete_test_namespace
@@ -389,3 +390,107 @@ async def test_an_idempotency_key_is_remembered_through_a_passing_store_error(se
             answers.append((response.status, (await response.json())["job_id"], response.headers))
     assert failed and [status for status, _, _ in answers] == [202, 202]
     assert answers[0][1] == answers[1][1] and answers[1][2].get("Idempotent-Replayed") == "true"
+
+
+def _stored_then_unanswered(monkeypatch, matches) -> list[str]:
+    """The store takes the first matching conditional write, then its answer is lost (a read
+    time-out): the write's outcome is unknown to the gateway. Returns the keys it did this to."""
+    import urllib3
+    from minio import Minio
+
+    real, lost = Minio._put_object, []
+
+    def put(self, bucket_name, object_name, data, headers=None, query_params=None):
+        result = real(self, bucket_name, object_name, data, headers=headers, query_params=query_params)
+        if matches(object_name) and not lost:
+            lost.append(object_name)
+            timeout = urllib3.exceptions.ReadTimeoutError(None, object_name, "Read timed out.")
+            raise urllib3.exceptions.MaxRetryError(None, object_name, timeout)
+        return result
+
+    monkeypatch.setattr(Minio, "_put_object", put)
+    return lost
+
+
+async def test_an_idempotency_key_stored_but_unanswered_keeps_its_job(settings, monkeypatch) -> None:
+    """The key's record is stored, its answer lost, and the write tried again with a new
+    timestamp (refused: the key's record is there): the key names this submission's own job,
+    which is answered as made, not cancelled as another submission's duplicate."""
+    real, lost = ObjectStore.put_if, []
+
+    async def stored_then_lost(self, key, data, etag, content_type="application/json"):
+        result = await real(self, key, data, etag, content_type)
+        if key.startswith("idempotency/") and not lost:
+            lost.append(key)
+            raise ConnectionResetError("the answer was lost")
+        return result
+
+    monkeypatch.setattr(ObjectStore, "put_if", stored_then_lost)
+    store = ObjectStore(settings)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        response = await client.post(
+            "/api/v1/generate/text-to-video",
+            json={"prompt": "once", "model": "ltx-tiny"},
+            headers={"Idempotency-Key": "answer-lost"},
+        )
+        body = await response.json()
+        [job_id] = await stored_jobs(store)
+        record = await store.get_record(job_id)
+    assert lost and response.status == 202 and "Idempotent-Replayed" not in response.headers, body
+    assert body["job_id"] == job_id and record.status == JobStatus.QUEUED
+
+
+async def test_a_cancel_stored_but_unanswered_is_done_and_announced(settings, monkeypatch) -> None:
+    """The cancelled record is stored and its answer lost: the store holds this write, so the
+    cancel is done (200), and its end is published (webhooks, quota and queue figures hear it)."""
+    store = ObjectStore(settings)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        heard: list[JobStatus] = []
+        client.app[HUB].listeners.append(lambda event: heard.append(event.status))
+        response = await client.post("/api/v1/generate/text-to-video", json={"prompt": "p", "model": "ltx-tiny"})
+        job_id = (await response.json())["job_id"]
+        lost = _stored_then_unanswered(monkeypatch, lambda key: key.endswith("job.json"))
+        cancelled = await client.post(f"/api/v1/jobs/{job_id}/cancel")
+        record = await store.get_record(job_id)
+    assert lost and cancelled.status == 200, await cancelled.text()
+    assert record.status == JobStatus.CANCELLED and JobStatus.CANCELLED in heard
+
+
+async def test_deleting_a_video_that_ends_while_it_is_cancelled_deletes_it(settings, monkeypatch) -> None:
+    """DELETE of a running video whose job succeeds as the cancel is made: the job has ended, so
+    it is deleted like any ended one (it answered deleted, and kept the video)."""
+    store = ObjectStore(settings)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        response = await client.post("/api/v1/generate/text-to-video", json={"prompt": "p", "model": "ltx-tiny"})
+        job_id = (await response.json())["job_id"]
+        running = (await store.get_record(job_id)).advance(status=JobStatus.RUNNING, attempts=1, worker="w")
+        await store.put_record(running)
+
+        async def the_worker_finishes_meanwhile(self, _job_id):
+            await store.put_record(running.advance(status=JobStatus.SUCCEEDED, progress=1.0))
+
+        monkeypatch.setattr(GatewayBroker, "publish_cancel", the_worker_finishes_meanwhile)
+        deleted = await (await client.delete(f"/v1/videos/{job_id}")).json()
+        after = await client.get(f"/v1/videos/{job_id}")
+        record = await store.get_record(job_id)
+    assert deleted["deleted"] is True
+    assert record.deleted_at is not None and after.status == 404
+
+
+async def test_a_record_write_unanswered_at_submission_leaves_no_queued_record(settings, monkeypatch) -> None:
+    """The job's record is stored but its answer lost: the submission fails (503), and the record
+    it may have left is moved on to failed (`not_queued`) at once, not left queued until expiry."""
+    real, lost = ObjectStore.put_record, []
+
+    async def stored_then_lost(self, record):
+        await real(self, record)
+        if not lost:
+            lost.append(record.job_id)
+            raise ConnectionResetError("the answer was lost")
+
+    monkeypatch.setattr(ObjectStore, "put_record", stored_then_lost)
+    store = ObjectStore(settings)
+    async with TestClient(TestServer(create_app(settings))) as client:
+        response = await client.post("/api/v1/generate/text-to-video", json={"prompt": "p", "model": "ltx-tiny"})
+        record = await store.get_record(lost[0])
+    assert response.status == 503 and record.status == JobStatus.FAILED and record.error.code == "not_queued"
