@@ -42,7 +42,7 @@ async def job_events(request: web.Request) -> web.WebSocketResponse:
             )
         await ws.prepare(request)
         reader = asyncio.ensure_future(_drain_client(ws))
-        taken = False
+        taken = True  # False: the client took no data for SEND_TIMEOUT_S (an error in the stream leaves it True)
         try:
             taken = await pump(stream.frames(), ws.send_json, reader)
         finally:
