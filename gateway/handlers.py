@@ -606,7 +606,7 @@ async def _enqueue(
     if failed := [r for r in [*results, stored] if isinstance(r, BaseException) and r is not unchecked]:
         log.error("store_write_failed", job_id=job_id, error=str(failed[0]))
         # The record says queued (written, or its write unanswered and perhaps stored): it must not.
-        if stored is not unchecked:
+        if not isinstance(stored, _NotChecked):
             await _mark_unpublished(request, record, "the object store failed while the job was being queued")
         raise store_unavailable() from failed[0]
     published: BaseException | None = None if unchecked is None else unchecked.__cause__

@@ -477,20 +477,28 @@ async def test_deleting_a_video_that_ends_while_it_is_cancelled_deletes_it(setti
     assert record.deleted_at is not None and after.status == 404
 
 
-async def test_a_record_write_unanswered_at_submission_leaves_no_queued_record(settings, monkeypatch) -> None:
-    """The job's record is stored but its answer lost: the submission fails (503), and the record
-    it may have left is moved on to failed (`not_queued`) at once, not left queued until expiry."""
-    real, lost = ObjectStore.put_record, []
+@pytest.mark.parametrize("failing", ["record", "index"])
+async def test_a_store_failure_at_submission_leaves_no_queued_record(settings, monkeypatch, failing) -> None:
+    """The job's record is stored but its answer lost, or the record is stored and the index entry
+    beside it fails: the submission fails (503), and the record is moved on to failed
+    (`not_queued`) at once, not left queued until its expiry check."""
+    real_record, real_bytes, made = ObjectStore.put_record, ObjectStore.put_bytes, []
 
-    async def stored_then_lost(self, record):
-        await real(self, record)
-        if not lost:
-            lost.append(record.job_id)
+    async def put_record(self, record):
+        await real_record(self, record)
+        made.append(record.job_id)
+        if failing == "record":
             raise ConnectionResetError("the answer was lost")
 
-    monkeypatch.setattr(ObjectStore, "put_record", stored_then_lost)
+    async def put_bytes(self, key, data, content_type):
+        if failing == "index" and key.startswith("index/"):
+            raise ConnectionResetError("the store dropped the connection")
+        await real_bytes(self, key, data, content_type)
+
+    monkeypatch.setattr(ObjectStore, "put_record", put_record)
+    monkeypatch.setattr(ObjectStore, "put_bytes", put_bytes)
     store = ObjectStore(settings)
     async with TestClient(TestServer(create_app(settings))) as client:
         response = await client.post("/api/v1/generate/text-to-video", json={"prompt": "p", "model": "ltx-tiny"})
-        record = await store.get_record(lost[0])
+        record = await store.get_record(made[0])
     assert response.status == 503 and record.status == JobStatus.FAILED and record.error.code == "not_queued"
