@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator
+from collections.abc import Set as AbstractSet
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
@@ -135,8 +136,8 @@ async def _active_jobs(
     store: ObjectStore,
     owner: str,
     limit: int,
-    known: set[str] = frozenset(),
-    unknown: int = 0,  # type: ignore[assignment]
+    known: AbstractSet[str] = frozenset(),
+    unknown: int = 0,
 ) -> set[str]:
     """The jobs of the key's markers. When they, with the jobs this gateway counts apart from
     them (`known` by id, `unknown` more), would reach the limit, each marker is checked against its
