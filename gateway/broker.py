@@ -147,6 +147,7 @@ class GatewayBroker:
         self._control: AbstractExchange | None = None
         self._channel: AbstractChannel | None = None
         self._stats_channel: AbstractChannel | None = None
+        self._consuming: list[AbstractChannel] = []
         # Best-effort notices (job events, JobAvailable) go without publisher confirms.
         self._notify_events: AbstractExchange | None = None
         self._end_events: AbstractExchange | None = None  # on the confirmed channel
@@ -198,6 +199,10 @@ class GatewayBroker:
         await dead.consume(lambda m: self._on_dead_letter(m, on_dead_letter))
         due = await dead_channel.declare_queue(self._topology.expiry_due, durable=True, arguments=quorum)
         await due.consume(lambda m: self._on_expiry_due(m, on_expiry))
+        # Held here: the robust connection holds its channels weakly, and while it reconnects
+        # nothing else does; a channel collected then would come back without its queue and
+        # consumers (no events, no expiry checks, no dead letters handled after the outage).
+        self._consuming = [consume_channel, dead_channel]
 
     async def close(self) -> None:
         # Job ends not yet published (a cancel answered just before the gateway was stopped) get

@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 import structlog
 import torch
 from aio_pika.abc import (
+    AbstractChannel,
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractQueue,
@@ -141,6 +142,7 @@ class Worker:
         self._connection: AbstractRobustConnection | None = None
         self._events: AbstractExchange | None = None
         self._consumers: list[tuple[AbstractQueue, str]] = []  # downloads, and each model's presence queue
+        self._channels: list[AbstractChannel] = []  # every channel it opened (see start)
         # Per lane (a channel each), by priority, highest first; models within. The two jobs a
         # worker can hold are taken on different lanes.
         self._job_queues: list[list[list[AbstractQueue]]] = []
@@ -175,6 +177,9 @@ class Worker:
         self._events = await self._topology.declare_events(publish_channel)
         # Cancel requests and new-job notices reach every worker through its own queue on the control exchange.
         control_channel = await self._connection.channel()
+        # The robust connection holds its channels weakly: one nothing else holds could be collected
+        # while it reconnects, and would come back without its queue and consumer.
+        self._channels = [publish_channel, control_channel]
         control = await control_channel.declare_queue(exclusive=True, auto_delete=True)
         await control.bind(await self._topology.declare_control(control_channel))
         await control.consume(self._on_control, no_ack=True)
@@ -183,13 +188,15 @@ class Worker:
         # hold on a channel of its own (a lane): RabbitMQ's consumer_timeout closes the channel of
         # a message held too long, and hands back every message held on it, only that one then.
         channel = await self._connection.channel()
+        self._channels.append(channel)
         # prefetch=1: a worker holds one download at a time; the rest stay in the queue for other workers.
         await channel.set_qos(prefetch_count=1)
         models = sorted(self._runners)
         _, queues = await self._topology.declare_jobs(channel, models)
         self._job_queues = []
         for _ in range(LANES):
-            _, lane = await self._topology.declare_jobs(await self._connection.channel(), models)
+            self._channels.append(lane_channel := await self._connection.channel())
+            _, lane = await self._topology.declare_jobs(lane_channel, models)
             self._job_queues.append([[lane[Topology.job_key(m, p)] for m in models] for p in PRIORITIES])
         downloads = queues[DOWNLOAD_KEY]
         self._consumers.append((downloads, await downloads.consume(self._on_download)))

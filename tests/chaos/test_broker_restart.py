@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 import subprocess
@@ -51,7 +52,10 @@ async def test_broker_restart_loses_no_job(stack, http, private_broker, tally) -
         return job["status"] == "running"
 
     await until(running, 60, "first job running")
+    in_process = await _gateway_and_worker_connections(private_broker["url"])
+    opened = _channels(in_process)
     devstack.stop_rabbit_node(private_broker["node"])
+    await _channels_outlive_a_collection_while_reconnecting(in_process, opened)
 
     async def not_ready() -> bool:
         status, body = await get_json(http, f"{gateway}/ready")
@@ -97,3 +101,46 @@ async def test_broker_restart_loses_no_job(stack, http, private_broker, tally) -
         tally.count(job["status"], _videos(stack, job_id), 1)
         assert job["status"] == "succeeded", job["error"]
     assert tally.lost == tally.duplicated == 0
+    for close in in_process[2:]:
+        await close()
+
+
+async def _gateway_and_worker_connections(url: str) -> list:
+    """A gateway's broker and a worker in this process: [their two connections, their closers]."""
+    import uuid
+
+    from common.settings import WorkerSettings
+    from common.topology import Topology
+    from gateway.broker import GatewayBroker
+    from gateway.events import EventHub
+    from worker.worker import Worker
+
+    async def nothing(*args):
+        return None
+
+    namespace = f"gc-{uuid.uuid4().hex[:8]}"
+    broker = GatewayBroker(url, Topology(namespace), EventHub())
+    await broker.start(["ltx-tiny"], on_dead_letter=nothing, on_expiry=nothing)
+    worker = Worker(WorkerSettings(broker_namespace=namespace, amqp_url=url), None, {}, None)  # type: ignore[arg-type]
+    await worker.start()
+    return [broker.connection, worker._connection, broker.close, lambda: worker.stop(0)]
+
+
+def _channels(in_process: list) -> list[int]:
+    return [len(connection._RobustConnection__channels) for connection in in_process[:2]]
+
+
+async def _channels_outlive_a_collection_while_reconnecting(in_process: list, opened: list[int]) -> None:
+    """The robust connection holds its channels weakly, and while it reconnects the connection
+    under it is gone: a channel its owner held no reference to could be collected then, and come
+    back without its queue and consumers (a gateway's events, expiry checks and dead letters; a
+    worker's cancels). The gateway and the worker hold every channel they open."""
+    import gc
+
+    assert opened == [4, 5]  # confirmed, notices, events, dead letters; events, control, downloads, 2 lanes
+    deadline = asyncio.get_running_loop().time() + 60
+    while any(connection.transport is not None for connection in in_process[:2]):
+        assert asyncio.get_running_loop().time() < deadline, "the connections never noticed the broker left"
+        await asyncio.sleep(0.1)
+    gc.collect()
+    assert _channels(in_process) == opened
