@@ -11,7 +11,16 @@ from PIL import Image, UnidentifiedImageError
 
 from gateway.errors import ApiError
 
-IMAGE_FORMATS = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"), "WEBP": ("webp", "image/webp")}
+IMAGE_FORMATS = {
+    "PNG": ("png", "image/png"),
+    "JPEG": ("jpg", "image/jpeg"),
+    # A JPEG with a multi-picture segment (phones' HDR gain maps, depth maps): a JPEG to every reader.
+    "MPO": ("jpg", "image/jpeg"),
+    "WEBP": ("webp", "image/webp"),
+}
+# Most scans a JPEG may have (progressive encoders write about 10): each scan is decoded over the
+# whole picture, so a small file of thousands of scans would hold a core for minutes.
+MAX_JPEG_SCANS = 100
 
 
 @dataclass(frozen=True)
@@ -48,6 +57,11 @@ def check_image(data: bytes, max_pixels: int) -> CheckedInput:
                         "max_pixels",
                         f"image: {width}x{height} is {width * height} pixels; the limit is {max_pixels}",
                     )
+                # And a JPEG's scans (start-of-scan markers: 0xFF 0xDA never occurs in coded data).
+                if kind in ("JPEG", "MPO") and (scans := data.count(b"\xff\xda")) > MAX_JPEG_SCANS:
+                    raise bad_input(
+                        "image", "max_scans", f"image: a JPEG of {scans} scans; the limit is {MAX_JPEG_SCANS}"
+                    )
                 image.load()
     except ApiError:
         raise
@@ -78,7 +92,15 @@ def check_video(data: bytes, min_frames: int, max_frames: int, max_seconds: floa
                     "video", "max_duration", f"video: {seconds:.1f} s is longer than the limit of {max_seconds:g} s"
                 )
             frames = 0
-            for _ in container.decode(stream):
+            for frame in container.decode(stream):
+                # The stream's size is its first frame's: a later frame can be larger.
+                if max(frame.width, frame.height) > max_side:
+                    raise bad_input(
+                        "video",
+                        "max_size",
+                        f"video: frame {frames + 1} is {frame.width}x{frame.height}, larger than {max_side} pixels "
+                        "on a side",
+                    )
                 frames += 1
                 if frames > max_frames:
                     raise bad_input("video", "max_frames", f"video: more than {max_frames} frames")

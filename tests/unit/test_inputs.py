@@ -1,0 +1,74 @@
+"""The gateway's checks of uploaded images and videos (`gateway/inputs.py`) against crafted files."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+
+import av
+import pytest
+from PIL import Image
+
+from gateway.errors import ApiError
+from gateway.inputs import MAX_JPEG_SCANS, check_image, check_video
+
+
+def _jpeg_with_repeated_scan(side: int, copies: int) -> bytes:
+    """A progressive JPEG whose second scan (an AC refinement) is repeated `copies` times: each
+    copy adds a few bytes, and a decoder makes a pass over the whole picture for it."""
+    buf = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buf, "JPEG", progressive=True, quality=90)
+    data, at, scans = buf.getvalue(), 2, []
+    while data[at + 1] != 0xD9:  # segment by segment up to the end-of-image marker
+        marker, length = data[at + 1], struct.unpack(">H", data[at + 2 : at + 4])[0]
+        end = at + 2 + length
+        if marker == 0xDA:  # a scan: its coded data runs to the next marker
+            while data[end] != 0xFF or data[end + 1] == 0 or 0xD0 <= data[end + 1] <= 0xD7:
+                end += 1
+            scans.append((at, end))
+        at = end
+    (_, first_end), (_, second_end) = scans[0], scans[1]
+    return data[:first_end] + data[first_end:second_end] * copies + data[second_end:]
+
+
+def test_a_jpeg_of_thousands_of_scans_is_refused_before_it_is_decoded() -> None:
+    data = _jpeg_with_repeated_scan(1024, 5000)
+    started = time.monotonic()
+    with pytest.raises(ApiError) as refused:
+        check_image(data, 4096 * 4096)
+    assert time.monotonic() - started < 1.0, "it was decoded"
+    assert refused.value.details[0]["rule"] == "max_scans" and "the limit is 100" in refused.value.message
+    ordinary = _jpeg_with_repeated_scan(64, 1)
+    assert check_image(ordinary, 4096 * 4096).ext == "jpg" and ordinary.count(b"\xff\xda") < MAX_JPEG_SCANS
+
+
+def test_a_jpeg_with_a_multi_picture_segment_is_a_jpeg() -> None:
+    """Phones write HDR gain maps and depth maps so (Pillow reads them as MPO)."""
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 48)).save(buf, "MPO", save_all=True, append_images=[Image.new("RGB", (32, 24))])
+    checked = check_image(buf.getvalue(), 4096 * 4096)
+    assert (checked.ext, checked.content_type, checked.width, checked.height) == ("jpg", "image/jpeg", 64, 48)
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (width, height), (40, 90, 160)).save(buf, "JPEG", quality=10)
+    return buf.getvalue()
+
+
+def test_a_video_whose_later_frames_are_larger_than_its_first_is_refused() -> None:
+    """The stream reports its first frame's size (64x64, within the limit); the frames after it
+    are 5000x5000: refused at the first of them, as `max_size`."""
+    small, big = _jpeg(64, 64), _jpeg(5000, 5000)
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="matroska") as out:
+        stream = out.add_stream("mjpeg", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuvj420p"
+        for n in range(10):
+            packet = av.Packet(small if n == 0 else big)
+            packet.stream, packet.pts, packet.dts = stream, n * 125, n * 125
+            out.mux(packet)
+    with pytest.raises(ApiError) as refused:
+        check_video(buf.getvalue(), 9, 1000, 120, 4096)
+    assert refused.value.details[0]["rule"] == "max_size" and "frame 2 is 5000x5000" in refused.value.message
