@@ -304,6 +304,11 @@ class ObjectStore:
         """
         condition = {"If-None-Match": "*"} if etag is None else {"If-Match": f'"{etag}"'}
 
+        def ours() -> str | None:
+            """The stored object's ETag if it holds these bytes."""
+            stored = self._read(key)
+            return stored[1] if stored is not None and stored[0] == data else None
+
         def run() -> str:
             # minio's put_object would send these as user metadata (X-Amz-Meta-…); _put_object is
             # the single PUT it makes underneath, sending headers as given.
@@ -320,16 +325,15 @@ class ObjectStore:
                         raise
                 except urllib3.exceptions.HTTPError as exc:  # no answer: the store may have taken it
                     try:
-                        stored = self._read(key)
+                        etag = ours()
                     except Exception:
                         raise exc from None  # still no answer: the outcome stays unknown
-                    if stored is not None and stored[0] == data:
-                        return stored[1]
+                    if etag is not None:
+                        return etag
                     raise
             # Refused (or raced every time): unless the bytes there are these, somebody else wrote.
-            stored = self._read(key)
-            if stored is not None and stored[0] == data:
-                return stored[1]
+            if (etag := ours()) is not None:
+                return etag
             raise RecordChanged(key)
 
         return await self._run(run)

@@ -195,9 +195,18 @@ class Worker:
         _, queues = await self._topology.declare_jobs(channel, models)
         self._job_queues = []
         for _ in range(LANES):
-            self._channels.append(lane_channel := await self._connection.channel())
-            _, lane = await self._topology.declare_jobs(lane_channel, models)
-            self._job_queues.append([[lane[Topology.job_key(m, p)] for m in models] for p in PRIORITIES])
+            self._channels.append(lane := await self._connection.channel())
+            # Declared above; a lane only asks them for messages (basic.get, which a reopened
+            # channel serves as it is): no declaring again, at start or at each reconnect.
+            self._job_queues.append(
+                [
+                    [
+                        await lane.get_queue(self._topology.queue_for(Topology.job_key(m, p)), ensure=False)
+                        for m in models
+                    ]
+                    for p in PRIORITIES
+                ]
+            )
         downloads = queues[DOWNLOAD_KEY]
         self._consumers.append((downloads, await downloads.consume(self._on_download)))
         # Presence: one consumer per served model, so the gateway can count this model's workers.
