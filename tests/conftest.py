@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from common.logs import configure_logging
 from schemas.registry import load_registry
 from scripts import devstack
 from scripts.devstack import S3Store
@@ -22,6 +23,8 @@ from tests.helpers import TOKENS
 from worker.tiny_models import build_tiny_ltx
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Code the tests run in-process logs as the processes do (key=value lines, tracebacks without locals).
+configure_logging("INFO", "console")
 
 # Models only the tests use (VIDEOGEN_MODEL_OVERRIDES of every process the tests start).
 EXTRA_MODELS = {

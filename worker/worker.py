@@ -599,18 +599,27 @@ class Worker:
             return runner.generate(job.mode, params, inputs, on_step)
 
         try:
-            generated: Generated = await loop.run_in_executor(self._gpu, generate)
-        except JobCancelled:
-            await loop.run_in_executor(self._gpu, runner.release_memory)
-            raise
-        except torch.OutOfMemoryError as exc:
-            # The job does not fit now; the worker must: free what it held and take the next job.
-            await loop.run_in_executor(self._gpu, runner.release_memory)
-            log.warning("out_of_memory", width=params.width, height=params.height, frames=params.num_frames)
-            raise JobFailed(errors.out_of_memory(params.width, params.height, params.num_frames, str(exc))) from exc
-        except Exception as exc:
-            log.exception("generation_failed")
-            raise JobFailed(JobError(code="generation_failed", message=f"{type(exc).__name__}: {exc}")) from exc
+            # An interrupted generation's tensors live on in the frames its exception's traceback
+            # holds: only once out of the `except` clause, with the exception dropped, can the
+            # memory be freed, and it is freed before the next job may start generating.
+            cancelled = False
+            failure: JobError | None = None
+            try:
+                generated: Generated = await loop.run_in_executor(self._gpu, generate)
+            except JobCancelled:
+                cancelled = True
+            except torch.OutOfMemoryError as exc:
+                # The job does not fit now; the worker must: free what it held and take the next job.
+                log.warning("out_of_memory", width=params.width, height=params.height, frames=params.num_frames)
+                failure = errors.out_of_memory(params.width, params.height, params.num_frames, str(exc))
+            except Exception as exc:
+                log.exception("generation_failed")
+                failure = JobError(code="generation_failed", message=f"{type(exc).__name__}: {exc}")
+            if cancelled or failure is not None:
+                await loop.run_in_executor(self._gpu, runner.release_memory)
+                if failure is not None:
+                    raise JobFailed(failure)
+                raise JobCancelled()
         finally:
             on_gpu_free()  # the next job may start generating while this one is encoded and uploaded
         await reporter.flush()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
 
 import pytest
 import torch
@@ -160,6 +162,52 @@ async def test_out_of_memory_fails_the_job_frees_memory_and_the_next_job_runs(wo
     await w.handle(second, w.run_job)
     assert second.settled == ["ack"] and store.records["b"].status == JobStatus.SUCCEEDED
     assert "jobs/b/video.mp4" in store.objects
+
+
+@pytest.mark.parametrize(
+    ("failure", "code"),
+    [
+        (torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB"), "out_of_memory"),
+        (RuntimeError("a kernel failed"), "generation_failed"),
+    ],
+    ids=["out_of_memory", "generation_failed"],
+)
+async def test_a_failed_generations_tensors_are_freed_before_the_next_job_generates(failure, code) -> None:
+    """The frames of a failed generation (and their tensors) hang from its exception's traceback:
+    the memory is released once nothing holds them, and before the next job starts."""
+
+    class ActivationsRunner(RecordingRunner):
+        def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+            super().__init__(loop)
+            self.activations: weakref.ref[torch.Tensor] | None = None
+            self.alive_at_release: list[bool] = []
+            self.alive_at_next_start: bool | None = None
+
+        def generate(self, mode, params, inputs, on_step):
+            if params.prompt == "a":
+                activations = torch.empty(2**20, dtype=torch.uint8)  # stands in for GiBs on a GPU
+                self.activations = weakref.ref(activations)
+                raise type(failure)(*failure.args)  # a new one, as a real failure is
+            self.alive_at_next_start = self.activations() is not None
+            return super().generate(mode, params, inputs, on_step)
+
+        def release_memory(self):
+            gc.collect()
+            self.alive_at_release.append(self.activations() is not None)
+
+    runner = ActivationsRunner(asyncio.get_running_loop())
+    store = FakeStore()
+    w, messages, _ = dispatching_worker(runner, store, "ab")
+    w._dispatcher = asyncio.create_task(w._dispatch())
+    try:
+        await asyncio.wait_for(wait_settled(messages["b"]), 10)
+        await asyncio.wait_for(wait_settled(messages["a"]), 10)
+    finally:
+        await w.stop(5)
+    assert store.records["a"].error.code == code
+    assert runner.alive_at_release == [False], "released while the failed job's tensors were still referenced"
+    assert runner.alive_at_next_start is False
+    assert store.records["b"].status == JobStatus.SUCCEEDED
 
 
 async def test_a_finished_job_delivered_again_is_acked_without_running(worker) -> None:
