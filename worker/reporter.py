@@ -74,7 +74,16 @@ class JobReporter:
         # Kept as digests: a long outage fails a write at every step.
         self._unconfirmed: set[bytes] = set()
 
-    async def update(self, patient: bool = True, **changes: Any) -> JobRecord:
+    async def start(self, **changes: Any) -> JobRecord:
+        """This run's first write: the job runs here, as the record's next attempt.
+
+        The broker hands a job's message to one consumer at a time, so while this run holds it, a
+        run that wrote the record since this one read it has lost its delivery (it finds out at
+        its next write, which is refused): its record is taken over, with one more attempt,
+        rather than taken for a sign that this run was the one taken over."""
+        return await self.update(_start=True, **changes)
+
+    async def update(self, patient: bool = True, _start: bool = False, **changes: Any) -> JobRecord:
         """Apply a change now; raises if the record cannot be written (within the store patience),
         EndedElsewhere if somebody else ended the job, DeliveryLost once the job went back to its
         queue (another run may own it: this one gets to write only its end, and only if nobody
@@ -84,6 +93,8 @@ class JobReporter:
             if lost and not changes.get("status", self.record.status).is_terminal:
                 raise DeliveryLost()
             while True:
+                if _start:
+                    changes["attempts"] = self.record.attempts + 1
                 record = self.record.advance(**changes)
                 try:
                     self.etag = await patiently(
@@ -95,7 +106,11 @@ class JobReporter:
                 except RecordChanged:
                     if lost or self._lost():
                         raise DeliveryLost() from None
-                    found = await self._store.get_record_tagged(record.job_id)
+                    found = await patiently(
+                        lambda: self._store.get_record_tagged(record.job_id),  # noqa: B023 - awaited here
+                        self._patience_s if patient else 0.0,
+                        "read_record",
+                    )
                     if found is not None and _digest(found[0]) in self._unconfirmed:
                         # A write of this run that failed without an answer, though the store
                         # took it (progress writes are not tried again): go on from it.
@@ -110,6 +125,13 @@ class JobReporter:
                         continue
                     if found is not None and found[0].status.is_terminal:
                         raise EndedElsewhere(found[0]) from None
+                    if found is not None and _start:
+                        log.warning("job_taken_from_a_lost_run", attempts=found[0].attempts, worker=found[0].worker)
+                        self.record, self.etag = found
+                        self._unconfirmed = set()
+                        if found[0].cancel_requested_at is not None:
+                            self._on_cancel_requested()
+                        continue
                     if found is not None and found[0].attempts > self.record.attempts:
                         # Another run started the job since (the broker handed it to another
                         # worker before this one noticed that its delivery was lost).

@@ -537,11 +537,10 @@ class Worker:
             raise JobFailed(errors.expired(spec.id, spec.max_queue_s))
         started = time.perf_counter()
         plan = await self._memory_plan(spec, job.mode, params)
-        await reporter.update(
+        await reporter.start(
             status=JobStatus.RUNNING,
             phase=Phase.LOADING,
             started_at=utcnow(),
-            attempts=reporter.record.attempts + 1,
             worker=self.worker_id,
             timings=PhaseSeconds(queued=round(queued_s, 3)),
             memory_plan=plan,
@@ -732,11 +731,10 @@ class Worker:
         spec = self._registry.get(params.model)
         if spec is None:  # workers share the downloads queue: another one's registry may have it
             raise LookupError(f"model {params.model!r} is not in this worker's registry; handed back")
-        await reporter.update(
+        await reporter.start(
             status=JobStatus.RUNNING,
             phase=Phase.DOWNLOADING,
             started_at=utcnow(),
-            attempts=reporter.record.attempts + 1,
             worker=self.worker_id,
         )
 

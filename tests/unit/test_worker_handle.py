@@ -7,6 +7,7 @@ import gc
 import threading
 import time
 import weakref
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from common.settings import WorkerSettings
 from common.store import output_key
-from schemas.jobs import DownloadParams, JobStatus, Phase
+from schemas.jobs import DownloadParams, JobRecord, JobStatus, Phase, utcnow
 from schemas.messages import CancelMessage, JobMessage, decode, encode
 from schemas.registry import load_registry
 from tests.helpers import FakeRecords, tiny_params
@@ -463,6 +464,35 @@ async def test_a_short_store_outage_is_waited_out_without_handing_the_job_back(w
     assert store.records["e"].attempts == 1 and "jobs/e/video.mp4" in store.objects
 
 
+async def test_a_store_failure_on_the_read_after_a_refused_write_is_waited_out_too(worker) -> None:
+    """The decode's progress write is stored but its answer lost, so the encode's write is refused
+    and the record read back: that read failing once does not hand the job back either."""
+    w, store, runner, _ = worker
+    runner.calls = 1  # past the out-of-memory call
+    real_replace_record, real_get_record_tagged = store.replace_record, store.get_record_tagged
+    blips = {"write": 1, "read": 0}
+
+    async def replace_record(record, etag):
+        stored = await real_replace_record(record, etag)
+        if record.phase == Phase.DECODING and blips["write"]:
+            blips["write"], blips["read"] = 0, 1
+            raise ConnectionError("answer lost")
+        return stored
+
+    async def get_record_tagged(job_id):
+        if blips["read"]:
+            blips["read"] = 0
+            raise ConnectionError("connection reset")
+        return await real_get_record_tagged(job_id)
+
+    store.replace_record, store.get_record_tagged = replace_record, get_record_tagged
+    message = FakeMessage(encode(job("e")))
+    await asyncio.wait_for(w.handle(message, w.run_job), 30)
+    assert blips == {"write": 0, "read": 0}
+    assert message.settled == ["ack"] and store.records["e"].status == JobStatus.SUCCEEDED
+    assert store.records["e"].attempts == 1
+
+
 class FakeQueue:
     """A job queue the dispatcher reads with basic.get, as from aio-pika's Queue.get(fail=False)."""
 
@@ -742,6 +772,61 @@ async def test_a_run_taken_over_while_denoising_writes_nothing_more_and_uploads_
     await asyncio.wait_for(run, 10)
     assert store.records["a"] == taken_over and not store.objects
     assert messages["a"].settled == ["ack"] and [e.step for e in published if e.status == JobStatus.RUNNING][-1] == 1
+
+
+class LostRunWritesFirst(FakeStore):
+    """Between this run's read of the record and its `running` write, the record is written by
+    an earlier run whose delivery the broker has taken back (that worker has not noticed yet)."""
+
+    def __init__(self, lost_runs_write: Callable[[JobRecord], JobRecord]) -> None:
+        super().__init__()
+        self.lost_runs_write = lost_runs_write
+        self.written = False
+
+    async def replace_record(self, record, etag):
+        if not self.written and record.status == JobStatus.RUNNING and record.worker != "worker-old":
+            self.written = True
+            self.records[record.job_id] = self.lost_runs_write(self.records[record.job_id])
+        return await super().replace_record(record, etag)
+
+
+@pytest.mark.parametrize(
+    ("before", "lost_runs_write", "cancelled"),
+    [
+        # Its `running` write, held up by a slow store, lands after this run read the job queued.
+        (
+            "queued",
+            lambda r: r.advance(status=JobStatus.RUNNING, phase=Phase.LOADING, attempts=1, worker="worker-old"),
+            False,
+        ),
+        # It writes its next step.
+        ("running", lambda r: r.advance(step=4), False),
+        # The gateway marks a cancel on its record: this run takes the job over, and stops it.
+        ("running", lambda r: r.model_copy(update={"cancel_requested_at": utcnow()}), True),
+    ],
+    ids=["its-start", "its-progress", "a-cancel-mark-on-its-record"],
+)
+async def test_a_delivered_job_takes_over_the_record_of_a_run_that_lost_its_delivery(
+    before, lost_runs_write, cancelled
+) -> None:
+    """This worker holds the job's only delivery: it runs the job as the next attempt, instead of
+    taking itself for the run taken over (acknowledging the message, leaving the job `running`
+    for good) or handing the job back."""
+    runner, store = RecordingRunner(asyncio.get_running_loop()), LostRunWritesFirst(lost_runs_write)
+    w, messages, _ = dispatching_worker(runner, store, "a")
+    record = _record_from(decode(messages["a"].body))
+    if before == "running":
+        record = record.advance(
+            status=JobStatus.RUNNING, phase=Phase.DENOISING, attempts=1, worker="worker-old", step=3
+        )
+    store.records["a"] = record
+    await asyncio.wait_for(w.handle(messages["a"], w.run_job), 10)
+    end = store.records["a"]
+    assert messages["a"].settled == ["ack"] and end.attempts == 2 and end.worker == w.worker_id
+    if cancelled:
+        assert end.status == JobStatus.CANCELLED and runner.generated == []
+    else:
+        assert end.status == JobStatus.SUCCEEDED and runner.generated == ["a"]
 
 
 async def test_a_channel_that_closes_after_its_run_ended_does_not_stop_the_next_delivery(worker) -> None:
