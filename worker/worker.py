@@ -400,6 +400,7 @@ class Worker:
             finally:
                 if closing is not None:
                     closing.remove_done_callback(lose)
+                    closing.cancel()  # aiormq's observer of the channel, made for this run: detached
                 self._lost.discard(job.job_id)
                 del self._handling[job.job_id]
                 ended.set()

@@ -40,18 +40,32 @@ class FakeStore(FakeRecords):
 
 
 class FakeChannel:
-    """The channel a message came on, as aiormq's: `closing` completes when it closes."""
+    """The channel a message came on, as aiormq's: each read of `closing` while it is open makes
+    a new observer, a future that completes when the channel closes and stays attached to the
+    channel until then, or until it is cancelled."""
 
     def __init__(self) -> None:
-        self.closing = asyncio.get_running_loop().create_future()
+        self._closed = asyncio.get_running_loop().create_future()
+        self.observers: set[asyncio.Future[None]] = set()  # attached to the channel
+
+    @property
+    def closing(self) -> asyncio.Future[None]:
+        if self._closed.done():
+            return self._closed
+        observer = asyncio.get_running_loop().create_future()
+        self.observers.add(observer)
+        observer.add_done_callback(self.observers.discard)
+        return observer
 
     @property
     def is_closed(self) -> bool:
-        return self.closing.done()
+        return self._closed.done()
 
     def close(self) -> None:  # the connection dropped: the broker puts the message back in its queue
-        if not self.closing.done():
-            self.closing.set_result(None)
+        if not self._closed.done():
+            self._closed.set_result(None)
+            for observer in list(self.observers):
+                observer.set_result(None)
 
 
 class FakeControl:
@@ -491,6 +505,21 @@ async def test_a_store_failure_on_the_read_after_a_refused_write_is_waited_out_t
     assert blips == {"write": 0, "read": 0}
     assert message.settled == ["ack"] and store.records["e"].status == JobStatus.SUCCEEDED
     assert store.records["e"].attempts == 1
+
+
+async def test_settled_messages_leave_nothing_attached_to_their_channel(worker) -> None:
+    """The job channels live as long as the worker: watching one for a message's run must not
+    leave an observer on it once the message is settled."""
+    w, store, runner, _ = worker
+    runner.calls = 1  # past the out-of-memory call
+    channel = FakeChannel()
+    for job_id in "fgh":
+        message = FakeMessage(encode(job(job_id)))
+        message._channel = channel
+        await w.handle(message, w.run_job)
+        assert message.settled == ["ack"]
+    await asyncio.sleep(0)  # a future's done callbacks run on the loop's next turn
+    assert not channel.observers
 
 
 class FakeQueue:
