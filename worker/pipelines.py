@@ -241,17 +241,20 @@ class ModelRunner:
         )
         started = time.perf_counter()
         cached = self.uses_cache(mode, params)
-        if cached:
-            self._use_compiled_calls(fast=True)
-            pipe.transformer.enable_cache(self._cache_config(pipe))
         # The transformer's first call is where denoising starts.
         hook = pipe.transformer.register_forward_pre_hook(first_call)
         try:
+            if cached:
+                self._use_compiled_calls(fast=True)
+                pipe.transformer.enable_cache(self._cache_config(pipe))
             output = pipe(**kwargs)
         finally:
             hook.remove()
             if cached:
-                pipe.transformer.disable_cache()  # a cache holds one job's state: never carried over
+                # A cache holds one job's state: never carried over, nor a tier's calls (also
+                # when turning the cache on failed).
+                if pipe.transformer.is_cache_enabled:
+                    pipe.transformer.disable_cache()
                 restore_forwards(pipe.transformer)
                 self._use_compiled_calls(fast=False)
         frames = to_uint8_frames(output.frames[0])

@@ -152,6 +152,28 @@ def test_a_fast_job_leaves_the_transformer_as_it_found_it(runners) -> None:
     assert (before == after).all()
 
 
+def test_a_fast_job_whose_cache_cannot_be_turned_on_leaves_the_standard_calls(runners, monkeypatch) -> None:
+    """The blocks go back to the standard tier's compiled calls even when `enable_cache` raises."""
+    runner = fast_runner(runners)
+    transformer = runner.pipelines["text-to-video"].transformer
+
+    class Block:
+        _compiled_call_impl = "standard"
+
+    block = Block()
+    runner._compiled_calls = {block: ("standard", "fast")}
+
+    def refuse(config):
+        raise ValueError("Caching has already been enabled")
+
+    monkeypatch.setattr(transformer, "enable_cache", refuse)
+    p = params("ltx-tiny", num_inference_steps=2, tier="fast")
+    with pytest.raises(ValueError, match="already been enabled"):
+        runner.generate("text-to-video", p, Inputs(), lambda k, n: None)
+    assert block._compiled_call_impl == "standard"
+    assert not transformer._forward_pre_hooks  # the first-call hook is gone too
+
+
 def test_the_fast_tier_skips_its_cache_below_the_models_minimum_size(runners, monkeypatch) -> None:
     model_class = type(runners["ltx-tiny"].pipelines["text-to-video"].transformer)
     enabled = []
