@@ -22,7 +22,7 @@ from schemas.jobs import JobRecord, JobStatus, Phase, utcnow
 log = structlog.get_logger("gateway")
 
 LIST_LIMIT_MAX = 100
-_CURSOR = re.compile(r"^index/(owners/[a-z0-9][a-z0-9_-]*/)?jobs/\d{13}-[0-9a-f-]{36}(\.[a-z0-9-]+)?$")
+_CURSOR = re.compile(r"index/(owners/[a-z0-9][a-z0-9_-]*/)?jobs/[0-9]{13}-[0-9a-f-]{36}(\.[a-z0-9-]+)?")
 
 
 async def _load(request: web.Request) -> JobRecord:
@@ -142,7 +142,7 @@ def _list_problems(request: web.Request) -> tuple[list[tuple[str, str, str]], di
         problems.append(("limit", "range", f"limit must be an integer from 1 to {LIST_LIMIT_MAX}"))
     prefix = index_prefix(owner_of(request))
     cursor = query.get("cursor")
-    if cursor is not None and not (_CURSOR.match(cursor) and cursor.startswith(prefix)):
+    if cursor is not None and not (_CURSOR.fullmatch(cursor) and cursor.startswith(prefix)):
         problems.append(("cursor", "opaque", "cursor must be the next_cursor of an earlier page of the same listing"))
     return problems, {"status": status, "model": model, "prefix": prefix, "limit": limit, "cursor": cursor}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from urllib.parse import quote
 
 import aiohttp
 import pytest
@@ -309,6 +310,13 @@ async def test_list_jobs_newest_first_with_pages_and_filters(stack, http) -> Non
     ):
         status, body = await get_json(http, f"{stack.gateway_url}/api/v1/jobs?{query}")
         assert status == 422 and body["error"]["details"][0]["field"] == field
+    # No listing makes these (another script's digit, a line end after the cursor): they sort
+    # after every entry, and would read as the end of the listing.
+    real = page1["next_cursor"]
+    millis = real.split("jobs/")[1][:13]
+    for forged in (real.replace(millis, "\u0668" + millis[1:]), real + "\n"):
+        status, body = await get_json(http, f"{base}&cursor={quote(forged)}")
+        assert status == 422 and body["error"]["details"][0]["rule"] == "opaque", forged
 
 
 def _tiny_png_b64() -> str:
