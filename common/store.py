@@ -360,7 +360,9 @@ class ObjectStore:
             return changed, True
         raise RecordChanged(job_id)
 
-    def presign(self, key: str, expires_s: int) -> tuple[str, datetime]:
+    def presign(self, key: str, expires_s: int, method: str = "GET") -> tuple[str, datetime]:
+        """A link to the object for one HTTP method (`GET` or `HEAD`): the signature covers the
+        method, so the store refuses any other (403)."""
         expires = timedelta(seconds=expires_s)
-        url = self._signer.presigned_get_object(self.bucket, key, expires=expires)
+        url = self._signer.get_presigned_url(method, self.bucket, key, expires=expires)
         return url, datetime.now(UTC) + expires

@@ -61,11 +61,13 @@ async def job_output(request: web.Request) -> web.Response:
 
 
 def video_redirect(request: web.Request, record: JobRecord, not_ready: str) -> web.HTTPFound:
-    """The redirect to the job's video, through a fresh presigned link; while the job has none,
+    """The redirect to the job's video, through a fresh link presigned for the request's method
+    (a HEAD gets a HEAD link: the store refuses one signed for GET); while the job has none,
     404 `video_not_ready` with the message `not_ready`."""
     if record.output is None:
         raise ApiError(404, "video_not_ready", not_ready)
-    url, _ = request.app[STORE].presign(record.output.key, request.app[SETTINGS].presign_expiry_s)
+    method = "HEAD" if request.method == "HEAD" else "GET"
+    url, _ = request.app[STORE].presign(record.output.key, request.app[SETTINGS].presign_expiry_s, method)
     return web.HTTPFound(url)
 
 

@@ -82,6 +82,13 @@ async def test_job_runs_end_to_end(stack, http, tmp_path: Path) -> None:
         assert response.status == 302, await response.text()
         location = response.headers["Location"]
     assert (await download(location, tmp_path / "again.mp4")).read_bytes() == video.read_bytes()
+    # A HEAD is redirected to a link signed for HEAD (the store refuses a GET link to a HEAD); the
+    # key does not follow the redirect to the store's origin.
+    for path in (outputs, f"{stack.gateway_url}/v1/videos/{accepted['job_id']}/content"):
+        async with http.head(path, allow_redirects=True) as response:
+            assert response.status == 200, (path, response.status, response.headers)
+            assert int(response.headers["Content-Length"]) == result["bytes"]
+            assert response.headers["Content-Type"] == "video/mp4"
     head = video.read_bytes()[:4096]
     assert head.find(b"moov") != -1 and head.find(b"moov") < max(head.find(b"mdat"), 4096), "faststart"
 
