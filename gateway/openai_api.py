@@ -153,9 +153,24 @@ def _in_openai_terms(exc: ApiError) -> ApiError:
     if exc.details:
         joined = "; ".join(d["message"] for d in exc.details)
         more = exc.message[len(joined) :] if exc.message.startswith(joined) else ""  # "; and N more problems"
-        exc.details = [_renamed(d, names.get(d["field"])) for d in exc.details]
+        exc.details = _merged([_renamed(d, names.get(d["field"])) for d in exc.details])
         exc.message = "; ".join(d["message"] for d in exc.details) + more
     return exc
+
+
+def _merged(details: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One detail per problem: ours may name one problem for several fields (a job too large for
+    the GPUs names width, height and num_frames), which OpenAI's names fold into fewer (size,
+    seconds). The first detail of each problem stays, its message naming every field once."""
+    problems: dict[str, list[dict[str, Any]]] = {}
+    for detail in details:
+        text = detail["message"].removeprefix(f"{detail['field']}:").lstrip()
+        problems.setdefault(text, []).append(detail)
+    merged = []
+    for text, same in problems.items():
+        fields = list(dict.fromkeys(d["field"] for d in same))
+        merged.append(same[0] if len(fields) == 1 else same[0] | {"message": f"{', '.join(fields)}: {text}"})
+    return merged
 
 
 def _renamed(detail: dict[str, Any], name: str | None) -> dict[str, Any]:

@@ -146,6 +146,17 @@ def test_errors_name_openai_fields(client, stack) -> None:
     client.videos.poll(mine.id, poll_interval_ms=100)
 
 
+def test_a_problem_with_several_fields_is_named_once(client) -> None:
+    """A job too large for the GPUs is one problem of width, height and num_frames, which are size
+    and seconds here: the message names it once, with both fields."""
+    with pytest.raises(openai.BadRequestError) as error:
+        client.videos.create(prompt="huge", model="ltx-costed", size="256x256", seconds="8")  # 65 frames
+    body = error.value.body
+    assert (body["param"], body["code"]) == ("size", "validation_error"), body
+    assert body["message"].startswith("size, seconds: 256x256x65 needs about "), body
+    assert body["message"].count("needs about") == 1 and body["message"].count("seconds") == 1, body
+
+
 def test_a_deleted_job_is_not_replayed_by_its_idempotency_key(client, stack) -> None:
     import uuid
 
