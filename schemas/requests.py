@@ -46,10 +46,10 @@ class TextToVideoRequest(BaseModel):
         ),
     )
 
-    @field_validator("priority", "tier", mode="before")
+    @field_validator("priority", "tier", "webhook_url", mode="before")
     @classmethod
-    def _strip_choice(cls, value: Any) -> Any:
-        """Stripped like the other strings (`str_strip_whitespace` passes over choices)."""
+    def _strip(cls, value: Any) -> Any:
+        """Stripped like the other strings (`str_strip_whitespace` passes over choices and URLs)."""
         return value.strip() if isinstance(value, str) else value
 
     @field_validator("webhook_events", mode="before")

@@ -126,6 +126,13 @@ async def test_an_unreachable_receiver_never_holds_the_job(stack, http, webhook_
     assert frames[-1]["status"] == "succeeded"
 
 
+async def test_a_webhook_url_is_stripped_like_other_strings(stack, http, webhook_gateway) -> None:
+    url = f"http://127.0.0.1:{free_port_block(1)}/hook"
+    accepted = await submit(http, webhook_gateway, {"prompt": "spaced", "webhook_url": f"  {url}\n "})
+    frames = await watch(http, webhook_gateway, accepted["job_id"], timeout=30)
+    assert frames[-1]["job"]["webhook"]["url"] == url
+
+
 @pytest.mark.parametrize(
     ("url", "rule"),
     [
