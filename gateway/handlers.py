@@ -136,7 +136,16 @@ async def read_json(request: web.Request, limit: int, or_multipart: bool = False
     415 says so)."""
     if request.content_type != "application/json":
         expected = "application/json or multipart/form-data" if or_multipart else "application/json"
-        raise ApiError(415, "unsupported_media_type", f"expected Content-Type {expected}, got {request.content_type!r}")
+        # Without the header (or with an empty one) aiohttp reports application/octet-stream.
+        sent = request.headers.get(hdrs.CONTENT_TYPE, "").strip()
+        got = f"got {request.content_type!r}" if sent else "but the request sent no Content-Type"
+        raise ApiError(415, "unsupported_media_type", f"expected Content-Type {expected}, {got}")
+    if request.charset is not None and request.charset.lower() != "utf-8":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"JSON bodies must be UTF-8: the Content-Type's charset may only be utf-8, got {shown(request.charset)}",
+        )
     body = await read_body(request, limit)
     try:
         # Decoded here, strictly: json.loads would take UTF-16 and UTF-32 bodies, and a byte

@@ -199,6 +199,29 @@ async def test_wrong_content_type_is_415(stack, http) -> None:
     ) as response:
         payload = await response.json()
     assert response.status == 415 and "multipart/form-data" in payload["error"]["message"], payload
+    # No Content-Type at all is told as such (aiohttp would call it application/octet-stream).
+    async with http.post(
+        stack.gateway_url + URL, data=b'{"prompt": "x"}', skip_auto_headers=["Content-Type"]
+    ) as response:
+        payload = await response.json()
+    assert response.status == 415 and "sent no Content-Type" in payload["error"]["message"], payload
+    assert "octet-stream" not in payload["error"]["message"]
+
+
+@pytest.mark.parametrize("charset", ["utf-16", "latin-1", "UTF8"])
+async def test_a_json_charset_other_than_utf8_is_415(stack, http, charset) -> None:
+    body = b'{"prompt": "x", "num_inference_steps": 1}'
+    headers = {"Content-Type": f"application/json; charset={charset}"}
+    async with http.post(stack.gateway_url + URL, data=body, headers=headers) as response:
+        payload = await response.json()
+    assert response.status == 415 and payload["error"]["code"] == "unsupported_media_type", payload
+    assert "must be UTF-8" in payload["error"]["message"] and charset in payload["error"]["message"]
+    async with http.post(stack.gateway_url + "/v1/videos", data=body, headers=headers) as response:
+        assert response.status == 415, await response.text()
+    # utf-8, in any case, is the one charset a JSON body may name.
+    headers = {"Content-Type": "application/json; charset=UTF-8"}
+    async with http.post(stack.gateway_url + URL, data=body, headers=headers) as response:
+        assert response.status == 202, await response.text()
 
 
 async def test_oversized_body_is_413(stack, http) -> None:
