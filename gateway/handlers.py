@@ -489,6 +489,8 @@ def _form_numbers(model: type[BaseModel], fields: dict[str, Any]) -> dict[str, A
 
 
 def _check_input(field: str | None, data: bytes, params: GenerationParams, settings: Any) -> CheckedInput:
+    if not data:  # an empty file part, or a data URL with nothing after its comma: no file to read
+        raise bad_input(str(field), "empty", f"{field}: the file is empty (0 bytes)")
     if field == "image":
         return check_image(data, settings.max_image_pixels)
     return check_video(

@@ -72,13 +72,15 @@ class TextToVideoRequest(BaseModel):
 class ImageToVideoRequest(TextToVideoRequest):
     """`POST /api/v1/generate/image-to-video`: JSON with a base64 `image`, or multipart with an `image` file."""
 
-    image: str | None = Field(default=None, description="Base64-encoded PNG, JPEG or WebP (JSON requests).")
+    image: str | None = Field(
+        default=None, min_length=1, description="Base64-encoded PNG, JPEG or WebP (JSON requests)."
+    )
 
 
 class VideoToVideoRequest(TextToVideoRequest):
     """`POST /api/v1/generate/video-to-video`: multipart with a `video` file, or JSON with a base64 `video`."""
 
-    video: str | None = Field(default=None, description="Base64-encoded video (JSON requests).")
+    video: str | None = Field(default=None, min_length=1, description="Base64-encoded video (JSON requests).")
     strength: float | None = Field(default=None, gt=0.0, le=1.0)
 
 

@@ -436,6 +436,11 @@ async def test_openai_errors_speak_of_openai_fields(stack, http) -> None:
         payload = await response.json()
     assert response.status == 400 and payload["error"]["param"] == "input_reference", payload
     assert payload["error"]["message"].startswith("input_reference: ") and "image:" not in payload["error"]["message"]
+    parts = form_with_file("input_reference", "empty.png", b"", ("prompt", b"p"))
+    async with http.post(stack.gateway_url + "/v1/videos", data=parts, headers=headers) as response:
+        payload = await response.json()
+    assert response.status == 400 and payload["error"]["param"] == "input_reference", payload
+    assert payload["error"]["message"] == "input_reference: the file is empty (0 bytes)"
 
 
 async def test_a_plain_get_of_a_jobs_websocket_says_what_it_needs(stack, http) -> None:

@@ -121,6 +121,12 @@ BAD_UPLOADS = [
     ("image-to-video", {}, {"image": png_bytes(32, 32, fmt="GIF")}, 422, "image", "format"),
     ("image-to-video", {}, {"image": png_bytes(4200, 4200)}, 422, "image", "max_pixels"),
     ("image-to-video", {"image": "@@not-base64@@"}, {}, 422, "image", "base64"),
+    # Empty: a JSON string like any other (spaces stripped), or no bytes in a file part or data URL.
+    ("image-to-video", {"image": ""}, {}, 422, "image", "string_too_short"),
+    ("image-to-video", {"image": "data:image/png;base64,"}, {}, 422, "image", "empty"),
+    ("image-to-video", {}, {"image": b""}, 422, "image", "empty"),
+    ("video-to-video", {"video": "  "}, {}, 422, "video", "string_too_short"),
+    ("video-to-video", {}, {"video": b""}, 422, "video", "empty"),
     ("video-to-video", {}, {"video": b"\x00\x00\x00\x18ftypmp42 but not really"}, 422, "video", "decodable"),
     ("video-to-video", {"num_frames": 25}, {"video": mp4_bytes(21, 64, 32)}, 422, "video", "min_frames"),
     ("video-to-video", {"strength": 1.5}, {"video": mp4_bytes(9, 64, 32)}, 422, "strength", "less_than_equal"),
