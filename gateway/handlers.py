@@ -59,7 +59,7 @@ REMEMBER_PATIENCE_S = 5.0
 # A model's queues may hold this many times its max_queue_depth in all, counting the messages of
 # jobs that ended while queued (see _queue_full).
 ENDED_ALLOWANCE = 10
-_JOB_ID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+_JOB_ID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")
 
 # Mode → (request model, name of its file input or None).
 MODES: dict[GenerationMode, tuple[type[TextToVideoRequest], str | None]] = {
@@ -78,7 +78,7 @@ ANNOUNCE_LATER = web.RequestKey("announce_later", bool)
 
 def parse_job_id(value: str | None) -> str:
     """Job ids are UUIDs we made; anything else cannot name a job (and never reaches a store key)."""
-    if value is None or not _JOB_ID.match(value):
+    if value is None or not _JOB_ID.fullmatch(value):
         raise ApiError(404, "job_not_found", f"no job with id {value if value is None else shown(value)}")
     return value
 

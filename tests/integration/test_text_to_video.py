@@ -139,7 +139,12 @@ async def test_record_survives_gateway_restart(stack, http) -> None:
 
 
 async def test_unknown_job_is_404(stack, http) -> None:
-    for job_id in ("0b6f2ad6-4f7e-4c55-9b1f-3f0a2c1d9e11", "not-a-job", "..%2F..%2Fetc"):
+    for job_id in (
+        "0b6f2ad6-4f7e-4c55-9b1f-3f0a2c1d9e11",
+        "0b6f2ad6-4f7e-4c55-9b1f-3f0a2c1d9e11%0A",
+        "not-a-job",
+        "..%2F..%2Fetc",
+    ):
         status, body = await get_json(http, f"{stack.gateway_url}/api/v1/jobs/{job_id}")
         assert status == 404 and body["error"]["code"] == "job_not_found"
     async with http.get(
