@@ -90,6 +90,12 @@ class GatewaySettings(CommonSettings):
         ge=1024,
         description="Limit for an uploaded image or video (multipart, or base64 in JSON).",
     )
+    max_concurrent_uploads: int = Field(
+        default=3,
+        ge=1,
+        description="Submissions that may carry a file (a body larger than max_body_bytes, or of unknown "
+        "length) read and held at once; more wait up to 30 s for their turn, then 503 uploads_busy.",
+    )
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
     max_video_frames: int = Field(default=1000, ge=1)
     max_video_seconds: float = Field(default=120.0, gt=0)

@@ -13,7 +13,8 @@ import re
 import sys
 import typing
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
+from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import structlog
@@ -28,7 +29,7 @@ from gateway.auth import owner_of, require_admin
 from gateway.broker import QueueStats
 from gateway.errors import ApiError, bad_field, store_call, store_unavailable, validation_error
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
-from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE, SUBMISSIONS
+from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE, SUBMISSIONS, UPLOAD_SLOTS
 from gateway.metrics import SUBMITTED
 from gateway.webhooks import destination_problem
 from schemas.api import Health, Readiness
@@ -285,7 +286,48 @@ def submit_handler(mode: GenerationMode):
     return handler
 
 
+# How long a submission that may carry a file waits for its turn to be read (upload_slot).
+UPLOAD_WAIT_S = 30.0
+
+
+@asynccontextmanager
+async def upload_slot(request: web.Request) -> AsyncIterator[None]:
+    """Hold one of the gateway's `max_concurrent_uploads` slots while a body that may carry a file
+    (larger than `max_body_bytes`, or of unknown length) is read, checked and stored: each is held
+    in memory, several times over while it is parsed (a 100 MiB file in JSON about 0.4 GiB at its
+    peak), so how many at once bounds the gateway's memory. A request waits for its turn up to
+    UPLOAD_WAIT_S (its body unread), then gets 503 `uploads_busy`."""
+    settings = request.app[SETTINGS]
+    if request.content_length is not None and request.content_length <= settings.max_body_bytes:
+        yield
+        return
+    slots = request.app[UPLOAD_SLOTS]
+    try:
+        async with asyncio.timeout(UPLOAD_WAIT_S):
+            await slots.acquire()
+    except TimeoutError:
+        log.warning("uploads_busy", waited_s=UPLOAD_WAIT_S, slots=settings.max_concurrent_uploads)
+        raise ApiError(
+            503,
+            "uploads_busy",
+            f"the gateway is reading {settings.max_concurrent_uploads} uploads already and this one waited "
+            f"{UPLOAD_WAIT_S:g} s for its turn; retry later",
+            headers={"Retry-After": "5"},
+        ) from None
+    try:
+        yield
+    finally:
+        slots.release()
+
+
 async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
+    if MODES[mode][1] is None:  # no file: the body is at most max_body_bytes
+        return await _submit(request, mode)
+    async with upload_slot(request):
+        return await _submit(request, mode)
+
+
+async def _submit(request: web.Request, mode: GenerationMode) -> web.Response:
     settings = request.app[SETTINGS]
     key = idempotency.key_of(request)
     request_model, file_field = MODES[mode]

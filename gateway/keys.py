@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from aiohttp import web
 
 from common.settings import GatewaySettings
@@ -20,3 +22,5 @@ HUB = web.AppKey("hub", EventHub)
 WEBHOOKS = web.AppKey("webhooks", WebhookDeliverer)
 KEYS = web.AppKey("keys", Keys | None)  # None: auth disabled
 SUBMISSIONS = web.AppKey("submissions", set)  # submissions running to their end (handlers.run_to_end)
+# Submissions that may carry a file and are being read or held (handlers.upload_slot).
+UPLOAD_SLOTS = web.AppKey("upload_slots", asyncio.Semaphore)

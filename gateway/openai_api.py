@@ -19,7 +19,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from common.store import index_key, index_prefix, job_id_of_index, output_key
 from gateway.auth import owner_of, visible
 from gateway.errors import ApiError, bad_field, problem, problems_error, store_call, validation_error
-from gateway.handlers import QUEUED_RECORD, accept, ascii_int, parse_job_id, read_json, read_multipart
+from gateway.handlers import (
+    QUEUED_RECORD,
+    accept,
+    ascii_int,
+    parse_job_id,
+    read_json,
+    read_multipart,
+    upload_slot,
+)
 from gateway.jobs import cancel, load_video, video_redirect
 from gateway.keys import REGISTRY, SETTINGS, STORE
 from schemas.errors import shown
@@ -89,6 +97,11 @@ def _seconds_text(seconds: float) -> str:
 
 
 async def create_video(request: web.Request) -> web.Response:
+    async with upload_slot(request):  # an input_reference may come with it
+        return await _create_video(request)
+
+
+async def _create_video(request: web.Request) -> web.Response:
     settings = request.app[SETTINGS]
     data: bytes | None = None
     if request.content_type == "multipart/form-data":

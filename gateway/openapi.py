@@ -31,7 +31,7 @@ ERRORS = {
     "415": "Unsupported content type or media format.",
     "422": "A field broke a rule; `details` name the field and the rule (`validation_error`).",
     "429": "Over the key's rate limit (`rate_limited`) or concurrent-job quota (`quota_exceeded`); see Retry-After.",
-    "503": "Queue full (`queue_full`), the broker or object store unavailable, or a job record that kept changing (`record_busy`); see Retry-After.",
+    "503": "Queue full (`queue_full`), uploads busy (`uploads_busy`), the broker or object store unavailable, or a job record that kept changing (`record_busy`); see Retry-After.",
     "504": "The request took longer than the gateway's request timeout (`timeout`).",
 }
 AUTHED = ("401", "429", "504")

@@ -5,6 +5,8 @@ an Idempotency-Key, leave behind."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,14 +17,14 @@ from aiohttp.test_utils import TestClient, TestServer
 
 from common.settings import GatewaySettings
 from common.store import ObjectStore, index_key, job_id_of_index
-from gateway import idempotency, openai_api
+from gateway import handlers, idempotency, openai_api
 from gateway.app import create_app
 from gateway.broker import GatewayBroker
-from gateway.keys import HUB
+from gateway.keys import HUB, UPLOAD_SLOTS
 from schemas.jobs import JobStatus, utcnow
 from scripts import devstack
 from tests.conftest import delete_test_namespace
-from tests.helpers import queued_record, until
+from tests.helpers import png_bytes, queued_record, until
 
 
 @pytest.fixture
@@ -502,3 +504,42 @@ async def test_a_store_failure_at_submission_leaves_no_queued_record(settings, m
         response = await client.post("/api/v1/generate/text-to-video", json={"prompt": "p", "model": "ltx-tiny"})
         record = await store.get_record(made[0])
     assert response.status == 503 and record.status == JobStatus.FAILED and record.error.code == "not_queued"
+
+
+async def test_uploads_past_the_gateways_slots_wait_their_turn_then_get_503(settings, monkeypatch) -> None:
+    """With one upload slot: a second body that may carry a file waits while the first is read,
+    and gets 503 uploads_busy once it has waited its limit; a small body (its length known and
+    within max_body_bytes) does not wait; once the first is done, the next upload gets its turn."""
+    monkeypatch.setattr(handlers, "UPLOAD_WAIT_S", 0.5)
+    settings = settings.model_copy(update={"max_concurrent_uploads": 1})
+    image = base64.b64encode(png_bytes(32, 32)).decode()
+    body = json.dumps({"prompt": "an upload", "model": "wan-i2v-tiny", "image": image}).encode()
+    path = "/api/v1/generate/image-to-video"
+    headers = {"Content-Type": "application/json"}
+    go_on = asyncio.Event()
+
+    async def slowly():  # chunked: its length is not known up front
+        yield body[:10]
+        await go_on.wait()
+        yield body[10:]
+
+    async def at_once():
+        yield body
+
+    async with TestClient(TestServer(create_app(settings))) as client:
+        first = asyncio.create_task(client.post(path, data=slowly(), headers=headers))
+
+        async def first_reading() -> bool:
+            return client.app[UPLOAD_SLOTS].locked()
+
+        await until(first_reading, 10, "the first upload to take the slot")
+        busy = await client.post(path, data=at_once(), headers=headers)
+        assert busy.status == 503 and busy.headers["Retry-After"] == "5"
+        assert (await busy.json())["error"]["code"] == "uploads_busy"
+        small = await client.post(path, data=body, headers=headers)  # Content-Length: 100-odd bytes
+        assert small.status == 202, await small.text()
+        go_on.set()
+        assert (await first).status == 202
+        later = await client.post(path, data=at_once(), headers=headers)
+        assert later.status == 202, await later.text()
+        assert not client.app[UPLOAD_SLOTS].locked()

@@ -66,6 +66,7 @@ def test_a_bad_setting_stops_the_process_with_one_line_naming_it(module, program
         (GatewaySettings, "VIDEOGEN_MODELS_FILE", "/no/such/models.toml", "cannot read '/no/such/models.toml'"),
         (GatewaySettings, "VIDEOGEN_LOG_LEVEL", "LOUD", "must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL"),
         (GatewaySettings, "VIDEOGEN_PORT", "70000", "less than or equal to 65535"),
+        (GatewaySettings, "VIDEOGEN_MAX_CONCURRENT_UPLOADS", "0", "greater than or equal to 1"),
         (GatewaySettings, "VIDEOGEN_WEBHOOK_SECRET", "whsec_", "must be a non-empty key in base64"),
         (GatewaySettings, "VIDEOGEN_WEBHOOK_SECRET", "not-base64!!", "(got a value, not shown)"),
         (WorkerSettings, "VIDEOGEN_DEVICE", "tpu", "must be auto or a torch device"),
