@@ -27,6 +27,12 @@ class DeliveryLost(Exception):
     """The job's message went back to the broker (its channel closed): another run owns the job now."""
 
 
+class StartRefused(Exception):
+    """This run's `running` write was refused: another run wrote the record since this one read
+    it. One of the two holds a delivery the broker has taken back, and the record cannot tell
+    which: this run hands its message back, and the next delivery starts the job afresh."""
+
+
 class EndedElsewhere(Exception):
     """Somebody else ended the job while this run held it (the gateway cancelled or expired it
     just as the run started): this run writes nothing more."""
@@ -75,13 +81,9 @@ class JobReporter:
         self._unconfirmed: set[bytes] = set()
 
     async def start(self, **changes: Any) -> JobRecord:
-        """This run's first write: the job runs here, as the record's next attempt.
-
-        The broker hands a job's message to one consumer at a time, so while this run holds it, a
-        run that wrote the record since this one read it has lost its delivery (it finds out at
-        its next write, which is refused): its record is taken over, with one more attempt,
-        rather than taken for a sign that this run was the one taken over."""
-        return await self.update(_start=True, **changes)
+        """This run's first write: the job runs here, as the record's next attempt (with no step
+        of its own yet). StartRefused if another run wrote the record since this one read it."""
+        return await self.update(_start=True, step=None, total_steps=None, **changes)
 
     async def update(self, patient: bool = True, _start: bool = False, **changes: Any) -> JobRecord:
         """Apply a change now; raises if the record cannot be written (within the store patience),
@@ -92,9 +94,9 @@ class JobReporter:
             lost = self._lost()
             if lost and not changes.get("status", self.record.status).is_terminal:
                 raise DeliveryLost()
+            if _start:
+                changes["attempts"] = self.record.attempts + 1
             while True:
-                if _start:
-                    changes["attempts"] = self.record.attempts + 1
                 record = self.record.advance(**changes)
                 try:
                     self.etag = await patiently(
@@ -111,6 +113,8 @@ class JobReporter:
                         self._patience_s if patient else 0.0,
                         "read_record",
                     )
+                    if self._lost():  # learnt during the read
+                        raise DeliveryLost() from None
                     if found is not None and _digest(found[0]) in self._unconfirmed:
                         # A write of this run that failed without an answer, though the store
                         # took it (progress writes are not tried again): go on from it.
@@ -126,12 +130,12 @@ class JobReporter:
                     if found is not None and found[0].status.is_terminal:
                         raise EndedElsewhere(found[0]) from None
                     if found is not None and _start:
-                        log.warning("job_taken_from_a_lost_run", attempts=found[0].attempts, worker=found[0].worker)
-                        self.record, self.etag = found
-                        self._unconfirmed = set()
-                        if found[0].cancel_requested_at is not None:
-                            self._on_cancel_requested()
-                        continue
+                        # A run whose delivery was lost but that has not noticed yet wrote since
+                        # this one's read (its start, held up by a slow store, or a step), or this
+                        # run's own delivery is the lost one: whichever, handing this message back
+                        # loses nothing, where acknowledging it could leave the job to a dead run.
+                        log.warning("job_start_refused", attempts=found[0].attempts, worker=found[0].worker)
+                        raise StartRefused() from None
                     if found is not None and found[0].attempts > self.record.attempts:
                         # Another run started the job since (the broker handed it to another
                         # worker before this one noticed that its delivery was lost).

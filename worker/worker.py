@@ -66,7 +66,7 @@ from worker.eta import EtaEstimator, FinishTimes
 from worker.inputs import load_image, load_video
 from worker.metrics import BUSY, RUNNING, job_ended
 from worker.pipelines import Generated, Inputs, ModelRunner
-from worker.reporter import DeliveryLost, EndedElsewhere, JobReporter
+from worker.reporter import DeliveryLost, EndedElsewhere, JobReporter, StartRefused
 
 T = TypeVar("T")
 
@@ -487,9 +487,11 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await message.nack(requeue=True)
                 return
-            # Infrastructure trouble (store or broker): give the job back for another try.
-            # The queue's delivery limit dead-letters a job that keeps failing this way.
-            log.exception("job_interrupted")
+            # Infrastructure trouble (store or broker), or another run's write refused this
+            # run's start: give the job back for another try. The queue's delivery limit
+            # dead-letters a job that keeps failing this way.
+            if not isinstance(exc, StartRefused):  # logged as job_start_refused
+                log.exception("job_interrupted")
             await asyncio.sleep(REQUEUE_DELAY_S)
             with contextlib.suppress(Exception):
                 await message.nack(requeue=True)

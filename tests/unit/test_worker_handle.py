@@ -16,7 +16,7 @@ from prometheus_client import REGISTRY
 
 from common.settings import WorkerSettings
 from common.store import output_key
-from schemas.jobs import DownloadParams, JobRecord, JobStatus, Phase, utcnow
+from schemas.jobs import DownloadParams, JobRecord, JobStatus, Phase
 from schemas.messages import CancelMessage, JobMessage, decode, encode
 from schemas.registry import load_registry
 from tests.helpers import FakeRecords, tiny_params
@@ -223,6 +223,21 @@ async def test_a_failed_generations_tensors_are_freed_before_the_next_job_genera
     assert runner.alive_at_release == [False], "released while the failed job's tensors were still referenced"
     assert runner.alive_at_next_start is False
     assert store.records["b"].status == JobStatus.SUCCEEDED
+
+
+async def test_a_run_of_a_job_started_before_begins_with_no_step(worker) -> None:
+    """The record of a job handed back mid-denoising keeps its last step; the next run's start
+    clears it: no step of this run has run yet."""
+    w, store, runner, published = worker
+    runner.calls = 1  # past the out-of-memory call
+    message = FakeMessage(encode(job("r")))
+    store.records["r"] = _record_from(decode(message.body)).advance(
+        status=JobStatus.RUNNING, phase=Phase.DENOISING, attempts=1, worker="worker-old", step=3, total_steps=4
+    )
+    await w.handle(message, w.run_job)
+    start = next(e for e in published if e.phase == Phase.LOADING)
+    assert (start.step, start.total_steps) == (None, None)
+    assert store.records["r"].status == JobStatus.SUCCEEDED and store.records["r"].attempts == 2
 
 
 async def test_a_finished_job_delivered_again_is_acked_without_running(worker) -> None:
@@ -820,27 +835,22 @@ class LostRunWritesFirst(FakeStore):
 
 
 @pytest.mark.parametrize(
-    ("before", "lost_runs_write", "cancelled"),
+    ("before", "lost_runs_write"),
     [
         # Its `running` write, held up by a slow store, lands after this run read the job queued.
-        (
-            "queued",
-            lambda r: r.advance(status=JobStatus.RUNNING, phase=Phase.LOADING, attempts=1, worker="worker-old"),
-            False,
-        ),
+        ("queued", lambda r: r.advance(status=JobStatus.RUNNING, phase=Phase.LOADING, attempts=1, worker="worker-old")),
         # It writes its next step.
-        ("running", lambda r: r.advance(step=4), False),
-        # The gateway marks a cancel on its record: this run takes the job over, and stops it.
-        ("running", lambda r: r.model_copy(update={"cancel_requested_at": utcnow()}), True),
+        ("running", lambda r: r.advance(step=4)),
     ],
-    ids=["its-start", "its-progress", "a-cancel-mark-on-its-record"],
+    ids=["its-start", "its-progress"],
 )
-async def test_a_delivered_job_takes_over_the_record_of_a_run_that_lost_its_delivery(
-    before, lost_runs_write, cancelled
+async def test_a_start_refused_by_another_runs_write_hands_the_message_back(
+    monkeypatch, before, lost_runs_write
 ) -> None:
-    """This worker holds the job's only delivery: it runs the job as the next attempt, instead of
-    taking itself for the run taken over (acknowledging the message, leaving the job `running`
-    for good) or handing the job back."""
+    """Which of the two runs holds the live delivery the record cannot tell: this one hands its
+    message back (acknowledged, it could leave the job `running` for good with a dead run), and
+    the next delivery runs the job as the next attempt."""
+    monkeypatch.setattr("worker.worker.REQUEUE_DELAY_S", 0.0)
     runner, store = RecordingRunner(asyncio.get_running_loop()), LostRunWritesFirst(lost_runs_write)
     w, messages, _ = dispatching_worker(runner, store, "a")
     record = _record_from(decode(messages["a"].body))
@@ -850,12 +860,14 @@ async def test_a_delivered_job_takes_over_the_record_of_a_run_that_lost_its_deli
         )
     store.records["a"] = record
     await asyncio.wait_for(w.handle(messages["a"], w.run_job), 10)
+    assert messages["a"].settled == ["nack(requeue=True)"] and runner.generated == []
+    assert store.records["a"].worker == "worker-old" and store.records["a"].attempts == 1
+
+    again = FakeMessage(messages["a"].body)  # the broker delivers it again
+    await asyncio.wait_for(w.handle(again, w.run_job), 10)
     end = store.records["a"]
-    assert messages["a"].settled == ["ack"] and end.attempts == 2 and end.worker == w.worker_id
-    if cancelled:
-        assert end.status == JobStatus.CANCELLED and runner.generated == []
-    else:
-        assert end.status == JobStatus.SUCCEEDED and runner.generated == ["a"]
+    assert again.settled == ["ack"] and runner.generated == ["a"]
+    assert end.status == JobStatus.SUCCEEDED and end.attempts == 2 and end.worker == w.worker_id
 
 
 async def test_a_channel_that_closes_after_its_run_ended_does_not_stop_the_next_delivery(worker) -> None:
