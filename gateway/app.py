@@ -38,7 +38,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     keys = build_keys(settings)
     # Body limits are enforced per route by the handlers (JSON vs uploads); this is the outer bound.
     app = web.Application(
-        client_max_size=settings.max_upload_bytes * 4 // 3 + 65536,
+        client_max_size=handlers.json_upload_limit(settings),
         middlewares=[
             metrics_middleware,
             error_middleware,

@@ -132,9 +132,9 @@ def _finite(text: str) -> float:
     return value
 
 
-async def read_json(request: web.Request, limit: int, or_multipart: bool = False) -> dict[str, Any]:
-    """The JSON object of the body; `or_multipart`: the route also takes multipart/form-data (the
-    415 says so)."""
+def check_json_headers(request: web.Request, limit: int, or_multipart: bool = False) -> None:
+    """What can be refused of a JSON body before it is read: its Content-Type (`or_multipart`: the
+    route also takes multipart/form-data, and the 415 says so), its charset, its Content-Length."""
     if request.content_type != "application/json":
         expected = "application/json or multipart/form-data" if or_multipart else "application/json"
         # Without the header (or with an empty one) aiohttp reports application/octet-stream.
@@ -147,6 +147,13 @@ async def read_json(request: web.Request, limit: int, or_multipart: bool = False
             "unsupported_media_type",
             f"JSON bodies must be UTF-8: the Content-Type's charset may only be utf-8, got {shown(request.charset)}",
         )
+    if request.content_length is not None and request.content_length > limit:
+        raise _too_large(limit)
+
+
+async def read_json(request: web.Request, limit: int, or_multipart: bool = False) -> dict[str, Any]:
+    """The JSON object of the body (see check_json_headers)."""
+    check_json_headers(request, limit, or_multipart)
     body = await read_body(request, limit)
     try:
         # Decoded here, strictly: json.loads would take UTF-16 and UTF-32 bodies, and a byte
@@ -180,12 +187,9 @@ async def read_json(request: web.Request, limit: int, or_multipart: bool = False
     return payload
 
 
-async def read_multipart(request: web.Request, file_field: str, limit: int) -> tuple[dict[str, str], bytes | None]:
-    """Form fields as strings (pydantic parses the numbers) and the one file, each bounded, and
-    at most MAX_FORM_FIELDS fields: a body holds at most `limit` + MAX_FORM_FIELDS x
-    MAX_FORM_FIELD_BYTES bytes in memory."""
-    fields: dict[str, str] = {}
-    data: bytes | None = None
+def check_multipart_headers(request: web.Request, limit: int) -> None:
+    """What can be refused of a multipart body whose file may have `limit` bytes before it is
+    read: its Content-Length, a Content-Type without a boundary."""
     body_limit = limit + MAX_FORM_FIELDS * MAX_FORM_FIELD_BYTES
     if request.content_length is not None and request.content_length > body_limit:
         raise _too_large(body_limit)
@@ -193,6 +197,15 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
     content_type["Content-Type"] = request.headers.get(hdrs.CONTENT_TYPE, "")
     if not content_type.get_param("boundary"):  # missing, or empty (then a bare "--" would delimit parts)
         raise ApiError(400, "bad_request", "malformed multipart body: the Content-Type has no boundary")
+
+
+async def read_multipart(request: web.Request, file_field: str, limit: int) -> tuple[dict[str, str], bytes | None]:
+    """Form fields as strings (pydantic parses the numbers) and the one file, each bounded, and
+    at most MAX_FORM_FIELDS fields: a body holds at most `limit` + MAX_FORM_FIELDS x
+    MAX_FORM_FIELD_BYTES bytes in memory."""
+    fields: dict[str, str] = {}
+    data: bytes | None = None
+    check_multipart_headers(request, limit)
     try:
         reader = await request.multipart()
     except ValueError as exc:  # e.g. no boundary in the Content-Type
@@ -256,21 +269,21 @@ BASE64_PIECE = 1 << 20
 
 
 async def _decode_base64(field: str, text: str) -> bytes:
-    if text.startswith("data:") and "," in text:  # accept data URLs too
-        text = text.split(",", 1)[1]
+    # A data URL is accepted too: its data starts after the first comma (read in place, not copied).
+    begin = text.index(",") + 1 if text.startswith("data:") and "," in text else 0
     try:
-        if len(text) <= BASE64_PIECE:
-            return base64.b64decode(text, validate=True)
-        return await asyncio.to_thread(_decode_base64_in_pieces, text)
+        if len(text) - begin <= BASE64_PIECE:
+            return base64.b64decode(text[begin:], validate=True)
+        return await asyncio.to_thread(_decode_base64_in_pieces, text, begin)
     except (binascii.Error, ValueError) as exc:
         raise bad_input(field, "base64", f"{field}: not valid base64 ({exc})") from exc
 
 
-def _decode_base64_in_pieces(text: str) -> bytes:
-    """As `b64decode(text, validate=True)`: padding only at the very end."""
+def _decode_base64_in_pieces(text: str, begin: int) -> bytes:
+    """As `b64decode(text[begin:], validate=True)`: padding only at the very end."""
     last = len(text) - BASE64_PIECE
     pieces = []
-    for start in range(0, len(text), BASE64_PIECE):
+    for start in range(begin, len(text), BASE64_PIECE):
         piece = text[start : start + BASE64_PIECE]
         if start < last and "=" in piece:
             raise ValueError("padding before the end of the data")
@@ -323,8 +336,25 @@ async def upload_slot(request: web.Request) -> AsyncIterator[None]:
 async def submit(request: web.Request, mode: GenerationMode) -> web.Response:
     if MODES[mode][1] is None:  # no file: the body is at most max_body_bytes
         return await _submit(request, mode)
+    idempotency.key_of(request)  # what is refused without the body is refused without waiting
+    settings = request.app[SETTINGS]
+    check_upload_headers(request, json_upload_limit(settings), settings.max_upload_bytes)
     async with upload_slot(request):
         return await _submit(request, mode)
+
+
+def check_upload_headers(request: web.Request, json_limit: int, file_limit: int) -> None:
+    """The checks of a body that may carry a file that need no byte of it, made before it waits
+    for an upload slot: a request that cannot succeed is not told to retry later."""
+    if request.content_type == "multipart/form-data":
+        check_multipart_headers(request, file_limit)
+    else:
+        check_json_headers(request, json_limit, or_multipart=True)
+
+
+def json_upload_limit(settings: Any) -> int:
+    """A JSON body with a base64 file: 4/3 of the file, and room for the other fields."""
+    return settings.max_upload_bytes * 4 // 3 + 65536
 
 
 async def _submit(request: web.Request, mode: GenerationMode) -> web.Response:
@@ -337,10 +367,10 @@ async def _submit(request: web.Request, mode: GenerationMode) -> web.Response:
         fields, data = await read_multipart(request, file_field, settings.max_upload_bytes)
         payload: dict[str, Any] = dict(fields)
     else:
-        # Base64 inflates by 4/3; leave room for the other fields.
-        limit = settings.max_body_bytes if file_field is None else settings.max_upload_bytes * 4 // 3 + 65536
+        limit = settings.max_body_bytes if file_field is None else json_upload_limit(settings)
         payload = await read_json(request, limit, or_multipart=file_field is not None)
     req = _validate(request_model, payload, strict=not form)
+    del payload  # the base64 text of a file, once more
     if file_field is not None and data is None:
         encoded = getattr(req, file_field)
         if encoded is None:
@@ -350,6 +380,8 @@ async def _submit(request: web.Request, mode: GenerationMode) -> web.Response:
                 f"{file_field}: required for {mode} (a multipart file part named {file_field!r}, or base64 in JSON)",
             )
         data = await _decode_base64(file_field, encoded)
+        del encoded
+        req = req.model_copy(update={file_field: None})  # decoded: the text is not needed again
         if len(data) > settings.max_upload_bytes:
             raise _upload_too_large(file_field, settings.max_upload_bytes)
 

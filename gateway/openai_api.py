@@ -23,6 +23,7 @@ from gateway.handlers import (
     QUEUED_RECORD,
     accept,
     ascii_int,
+    check_upload_headers,
     parse_job_id,
     read_json,
     read_multipart,
@@ -97,6 +98,8 @@ def _seconds_text(seconds: float) -> str:
 
 
 async def create_video(request: web.Request) -> web.Response:
+    settings = request.app[SETTINGS]
+    check_upload_headers(request, settings.max_body_bytes, settings.max_upload_bytes)
     async with upload_slot(request):  # an input_reference may come with it
         return await _create_video(request)
 

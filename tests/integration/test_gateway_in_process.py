@@ -538,6 +538,14 @@ async def test_uploads_past_the_gateways_slots_wait_their_turn_then_get_503(sett
         assert (await busy.json())["error"]["code"] == "uploads_busy"
         small = await client.post(path, data=body, headers=headers)  # Content-Length: 100-odd bytes
         assert small.status == 202, await small.text()
+        # What is refused without reading the body is refused at once, not told to retry later.
+        for refused, status in (
+            (client.post(path, data=at_once(), headers={"Content-Type": "text/plain"}), 415),
+            (client.post(path, data=at_once(), headers=headers | {"Idempotency-Key": "\t"}), 400),
+            (client.post(path, data=at_once(), headers=headers | {"Content-Length": str(10**10)}), 413),
+            (client.post("/v1/videos", data=at_once(), headers={"Content-Type": "text/plain"}), 415),
+        ):
+            assert (await asyncio.wait_for(refused, 5)).status == status
         go_on.set()
         assert (await first).status == 202
         later = await client.post(path, data=at_once(), headers=headers)
