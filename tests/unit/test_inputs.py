@@ -112,3 +112,12 @@ async def test_a_long_base64_file_is_decoded_off_the_event_loop_a_piece_at_a_tim
     data = bytes(range(30))
     assert await handlers._decode_base64("image", base64.b64encode(data).decode()) == data
     assert calls == [(False, 8), (False, 8), (False, 8), (False, 8), (False, 8)]
+
+
+@pytest.mark.parametrize("suffix", ["\n", "\u0661", " "])
+def test_a_job_id_is_a_whole_uuid_and_nothing_after_it(suffix) -> None:
+    job_id = "0b6f2ad6-4f7e-4c55-9b1f-3f0a2c1d9e11"
+    assert handlers.parse_job_id(job_id) == job_id
+    with pytest.raises(ApiError) as refused:
+        handlers.parse_job_id(job_id + suffix)
+    assert refused.value.status == 404
