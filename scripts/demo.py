@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from scripts.devstack import StackState  # noqa: E402
 from worker.encode import probe_mp4  # noqa: E402
 
 
-async def run(gateway: str, token: str, prompt: str, out_dir: Path) -> int:
+async def run(gateway: str, token: str, key_source: str, prompt: str, out_dir: Path) -> int:
     auth = {"Authorization": f"Bearer {token}"}  # for the gateway only: presigned links carry their own
     async with aiohttp.ClientSession(raise_for_status=False) as http:
         async with http.post(
@@ -25,7 +26,8 @@ async def run(gateway: str, token: str, prompt: str, out_dir: Path) -> int:
         ) as response:
             body = await response.json()
             if response.status != 202:
-                print(f"submission refused ({response.status}): {body}", file=sys.stderr)
+                whose = f" (the API key from {key_source})" if response.status in (401, 403) else ""
+                print(f"submission refused ({response.status}){whose}: {body}", file=sys.stderr)
                 return 1
         job_id = body["job_id"]
         req = body["request"]
@@ -65,29 +67,67 @@ async def run(gateway: str, token: str, prompt: str, out_dir: Path) -> int:
     return 0
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("prompt", nargs="?", default="a red fox running through fresh snow, golden hour")
-    parser.add_argument(
-        "--gateway", default=StackState.load().gateway_url, help="default: the gateway of scripts/stack up"
+DEFAULT_KEY_FILE = ROOT / ".stack" / "api-key"
+DEFAULT_PROMPT = "a red fox running through fresh snow, golden hour"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="scripts/demo",
+        description=__doc__ + " Brings the local stack up first (scripts/stack up), unless --gateway is given.",
     )
+    parser.add_argument("prompt", nargs="?", default=DEFAULT_PROMPT, help=f"default: {DEFAULT_PROMPT!r}")
+    parser.add_argument("--gateway", help="submit to this gateway instead, without bringing the local stack up")
+    parser.add_argument("--port-offset", type=int, help="for scripts/stack up: add this to every port of the stack")
+    parser.add_argument("--namespace", help="for scripts/stack up: the stack's broker namespace")
     parser.add_argument("--out", type=Path, default=ROOT / "outputs")
     parser.add_argument(
         "--api-key-file",
         type=Path,
-        default=ROOT / ".stack" / "api-key",
-        help="file holding the API key (scripts/stack up writes one); or set VIDEOGEN_API_KEY",
+        help=f"file holding the API key (default: VIDEOGEN_API_KEY if set, else {DEFAULT_KEY_FILE.relative_to(ROOT)}, "
+        "which scripts/stack up writes)",
     )
-    args = parser.parse_args()
-    token = os.environ.get("VIDEOGEN_API_KEY") or (
-        args.api_key_file.read_text().strip() if args.api_key_file.exists() else None
-    )
+    args = parser.parse_args(argv)
+    if args.gateway is not None and (args.port_offset is not None or args.namespace is not None):
+        parser.error("--port-offset and --namespace are for the local stack; --gateway names another gateway")
+    gateway = args.gateway
+    if gateway is None:
+        up = [sys.executable, str(ROOT / "scripts" / "devstack.py"), "up"]
+        if args.port_offset is not None:
+            up += ["--port-offset", str(args.port_offset)]
+        if args.namespace is not None:
+            up += ["--namespace", args.namespace]
+        if subprocess.run(up, cwd=ROOT).returncode != 0:
+            return 1  # scripts/stack said why
+        gateway = StackState.load().gateway_url
+    token, source = api_key(args.api_key_file)
     if not token:
         print(
-            f"no API key: run scripts/stack up (it writes {args.api_key_file}) or set VIDEOGEN_API_KEY", file=sys.stderr
+            f"no API key: {source} is empty or missing (scripts/stack up writes one), or set VIDEOGEN_API_KEY",
+            file=sys.stderr,
         )
         return 1
-    return asyncio.run(run(args.gateway, token, args.prompt, args.out))
+    try:
+        return asyncio.run(run(gateway, token, source, args.prompt, args.out))
+    except aiohttp.ClientConnectionError as exc:
+        print(f"cannot reach the gateway at {gateway}: {exc}", file=sys.stderr)
+        return 1
+
+
+def api_key(key_file: Path | None) -> tuple[str | None, str]:
+    """The API key and where it came from: the file asked for, else VIDEOGEN_API_KEY, else the
+    stack's key file."""
+    if key_file is None and (token := os.environ.get("VIDEOGEN_API_KEY")):
+        return token.strip(), "VIDEOGEN_API_KEY"
+    path = key_file or DEFAULT_KEY_FILE
+    try:
+        return path.read_text().strip(), str(path)
+    except FileNotFoundError:
+        if key_file is not None:
+            raise SystemExit(f"no API key file at {key_file}") from None
+        return None, str(path)
+    except OSError as exc:
+        raise SystemExit(f"cannot read the API key file {path}: {exc.strerror}") from None
 
 
 if __name__ == "__main__":
