@@ -97,7 +97,7 @@ class ServerError(APIError):
 
 
 class ServiceUnavailableError(ServerError):
-    """503: `queue_full`, `store_unavailable` or `broker_unavailable`; retry after `retry_after` seconds."""
+    """503: `queue_full`, `uploads_busy`, `store_unavailable` or `broker_unavailable`; retry after `retry_after` seconds."""
 
 
 class GatewayUnreachableError(VideogenError):
