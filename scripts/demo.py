@@ -90,6 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gateway is not None and (args.port_offset is not None or args.namespace is not None):
         parser.error("--port-offset and --namespace are for the local stack; --gateway names another gateway")
+    if args.api_key_file is not None:
+        api_key(args.api_key_file)  # a file that is not there is said before anything starts
     gateway = args.gateway
     if gateway is None:
         up = [sys.executable, str(ROOT / "scripts" / "devstack.py"), "up"]
@@ -97,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             up += ["--port-offset", str(args.port_offset)]
         if args.namespace is not None:
             up += ["--namespace", args.namespace]
-        if subprocess.run(up, cwd=ROOT).returncode != 0:
-            return 1  # scripts/stack said why
+        returncode = run_to_its_end(up)
+        if returncode != 0:
+            return returncode  # scripts/stack said why (130: interrupted)
         gateway = StackState.load().gateway_url
     token, source = api_key(args.api_key_file)
     if not token:
@@ -112,6 +115,21 @@ def main(argv: list[str] | None = None) -> int:
     except aiohttp.ClientConnectionError as exc:
         print(f"cannot reach the gateway at {gateway}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("scripts/demo: interrupted (the job may still run: the stack is up)", file=sys.stderr)
+        return 130
+
+
+def run_to_its_end(command: list[str]) -> int:
+    """Run a command to its end, also when Ctrl-C comes: the command gets the interrupt too (same
+    process group) and stops what it was starting; killing it then (as subprocess.run does after
+    a quarter of a second) would leave that half done."""
+    proc = subprocess.Popen(command, cwd=ROOT)
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:
+            continue
 
 
 def api_key(key_file: Path | None) -> tuple[str | None, str]:

@@ -638,8 +638,17 @@ class StackState:
             return cls()
         try:
             data = json.loads(path.read_text())
+            if not isinstance(data, dict) or not data:
+                raise ValueError("not the object scripts/stack writes")
             state = cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
-            if not all(isinstance(e, dict) and ("pid" in e or "node" in e) for e in dict(state.started).values()):
+            if not (
+                isinstance(state.started, dict)
+                and type(state.port_offset) is int
+                and isinstance(state.namespace, str)
+                and isinstance(state.amqp_url, str | None)
+            ):
+                raise ValueError("a field holds a value of the wrong type")
+            if not all(isinstance(e, dict) and ("pid" in e or "node" in e) for e in state.started.values()):
                 raise ValueError("an entry of started is neither a process nor a RabbitMQ node")
             return state
         except (ValueError, TypeError, AttributeError) as exc:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-
 import pytest
 
 from scripts import demo
@@ -14,11 +12,11 @@ def ups(monkeypatch) -> list[list[str]]:
     """The `scripts/stack up` commands the demo runs (each answered as a failure: the demo stops there)."""
     ran: list[list[str]] = []
 
-    def run(command, **kwargs):
+    def run(command):
         ran.append(command[1:])
-        return subprocess.CompletedProcess(command, 1)
+        return 1
 
-    monkeypatch.setattr(demo.subprocess, "run", run)
+    monkeypatch.setattr(demo, "run_to_its_end", run)
     return ran
 
 
@@ -58,3 +56,27 @@ def test_a_key_file_asked_for_wins_over_the_environment(monkeypatch, tmp_path) -
     assert demo.api_key(None) == ("from-the-stack", str(tmp_path / "stack-key"))
     with pytest.raises(SystemExit, match="no API key file at"):
         demo.api_key(tmp_path / "missing")
+
+
+def test_ctrl_c_lets_scripts_stack_up_finish_stopping_what_it_started(monkeypatch) -> None:
+    """The interrupt reaches `up` too; the demo waits for it to stop what it was starting (however
+    many times Ctrl-C comes) instead of killing it half way, and ends with its status."""
+
+    class Up:
+        def __init__(self, command, cwd):
+            self.interrupts = 2
+
+        def wait(self):
+            if self.interrupts:
+                self.interrupts -= 1
+                raise KeyboardInterrupt
+            return 130
+
+    monkeypatch.setattr(demo.subprocess, "Popen", Up)
+    assert demo.run_to_its_end(["up"]) == 130
+
+
+def test_a_missing_key_file_is_said_before_anything_starts(ups, tmp_path) -> None:
+    with pytest.raises(SystemExit, match="no API key file at"):
+        demo.main(["--api-key-file", str(tmp_path / "missing")])
+    assert ups == []

@@ -308,7 +308,18 @@ def test_a_second_up_or_down_waits_for_the_first(state_dir) -> None:
     thread.join(30)
 
 
-@pytest.mark.parametrize("content", ["", '{"started": {"gateway": ', "[]", '{"started": 3}'])
+@pytest.mark.parametrize(
+    "content",
+    [
+        "",
+        '{"started": {"gateway": ',
+        "[]",
+        "{}",
+        '{"started": 3}',
+        '{"started": []}',
+        '{"started": {}, "port_offset": "700"}',
+    ],
+)
 def test_a_broken_state_file_is_explained_in_one_line(state_dir, monkeypatch, content) -> None:
     (state_dir / "state.json").write_text(content)
     with pytest.raises(SystemExit) as failed:
