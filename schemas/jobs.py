@@ -184,6 +184,11 @@ class JobRecord(BaseModel):
     owner: str | None = Field(
         default=None, description="The API key (its id) that created the job; None when the gateway runs without keys."
     )
+    ended_by: str | None = Field(
+        default=None,
+        description="The worker that wrote the job's end (also one that ended it without starting it); None while "
+        "the job runs, and when a gateway ended it.",
+    )
     events: list[EventEntry] = Field(default_factory=list, description="Every event so far, by seq.")
 
     def advance(self, **changes: Any) -> JobRecord:

@@ -62,8 +62,10 @@ class JobReporter:
         lost: Callable[[], bool] = lambda: False,
         on_cancel_requested: Callable[[], None] = lambda: None,
         on_taken_over: Callable[[], None] = lambda: None,
+        worker_id: str | None = None,
     ) -> None:
         self.record = record
+        self._worker_id = worker_id
         self.etag = etag
         self._lost = lost
         self._on_cancel_requested = on_cancel_requested
@@ -96,6 +98,8 @@ class JobReporter:
                 raise DeliveryLost()
             if _start:
                 changes["attempts"] = self.record.attempts + 1
+            if changes.get("status", self.record.status).is_terminal:
+                changes["ended_by"] = self._worker_id
             while True:
                 record = self.record.advance(**changes)
                 try:

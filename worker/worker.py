@@ -455,6 +455,7 @@ class Worker:
                 lost=lambda: job.job_id in self._lost,
                 on_cancel_requested=lambda: self._cancel(job.job_id),
                 on_taken_over=lambda: self._lose(job.job_id),
+                worker_id=self.worker_id,
             )
             try:
                 await self._run_to_end(job, reporter, run)
@@ -766,11 +767,11 @@ class Worker:
             log.warning("output_not_removed", key=key, why=why, error=f"{type(exc).__name__}: {exc}")
 
     async def _publish_end_again(self, record: JobRecord) -> None:
-        """A job a worker ran, delivered again after its end was written: the run that wrote the
-        end may not have got its event out (the broker went away before it could, and the
+        """A job a worker ended (ran, or ended as it took it), delivered again after its end was
+        written: the run that wrote the end may not have got its event out (the broker went away before it could, and the
         message came back), so it is published again, once, best effort. Clients may see the end
         twice, with the same seq (streams drop the copy; webhooks carry the same webhook-id)."""
-        if record.attempts == 0 or record.deleted_at is not None:
+        if (record.attempts == 0 and record.ended_by is None) or record.deleted_at is not None:
             return  # ended by a gateway, which published it; or deleted since, and its video with it
         try:
             await self._publish_event(JobEvent.from_record(record))

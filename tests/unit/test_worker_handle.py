@@ -255,6 +255,22 @@ async def test_a_finished_job_delivered_again_is_acked_without_running(worker) -
     assert published[-2] == end and same[0] == same[1]  # the same event again, seq and all
 
 
+async def test_the_end_of_a_job_a_worker_ended_without_starting_it_is_published_again(worker, monkeypatch) -> None:
+    """Expired as this worker took it (attempts 0): if its message comes back (its end's event
+    may have been lost with the broker), the end goes out again; a gateway's end does not."""
+    w, store, runner, published = worker
+    monkeypatch.setitem(w._registry.models["ltx-tiny"].__dict__, "max_queue_s", 0)  # it waited too long
+    await w.handle(FakeMessage(encode(job("x"))), w.run_job)
+    ended = store.records["x"]
+    assert ended.error.code == "expired" and ended.attempts == 0 and ended.ended_by == w.worker_id
+    await w.handle(FakeMessage(encode(job("x"))), w.run_job)
+    assert [(e.job_id, e.seq, e.status) for e in published] == [("x", ended.seq, JobStatus.FAILED)] * 2
+
+    store.records["g"] = _record_from(job("g")).advance(status=JobStatus.CANCELLED, phase=Phase.CANCELLED)
+    await w.handle(FakeMessage(encode(job("g"))), w.run_job)
+    assert [e.job_id for e in published] == ["x", "x"] and runner.calls == 0
+
+
 async def test_dropping_a_job_that_ended_while_queued_tells_the_gateways(worker, monkeypatch) -> None:
     """Cancelled, or expired, before any worker started it: its message leaves the queue here."""
     w, store, runner, published = worker
