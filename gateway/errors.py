@@ -92,7 +92,7 @@ def validation_error(exc: ValidationError) -> ApiError:
         field = ".".join(str(p) for p in err["loc"]) or "body"
         if len(field) > 80:  # a client's unknown key, however long, is named by its start
             field = f"{field[:80]}... ({len(field)} characters)"
-        details.append({"field": field, "rule": err["type"], "message": f"{field}: {err['msg']}"})
+        details.append(problem(field, err["type"], f"{field}: {err['msg']}"))
     return problems_error(details)
 
 

@@ -27,7 +27,7 @@ from common.store import index_key, input_key
 from gateway import idempotency, quota
 from gateway.auth import owner_of, require_admin
 from gateway.broker import QueueStats
-from gateway.errors import ApiError, bad_field, store_call, store_unavailable, validation_error
+from gateway.errors import ApiError, bad_field, problem, store_call, store_unavailable, validation_error
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE, SUBMISSIONS, UPLOAD_SLOTS
 from gateway.metrics import SUBMITTED
@@ -85,8 +85,7 @@ def parse_job_id(value: str | None) -> str:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None and request.content_length > limit:
-        raise _too_large(limit)
+    """The body, at most `limit` bytes (a Content-Length over it is refused by check_json_headers)."""
     chunks, size = [], 0
     while chunk := await request.content.read(65536):
         size += len(chunk)
@@ -102,7 +101,7 @@ def _too_large(limit: int) -> ApiError:
 
 def _upload_too_large(field: str, limit: int) -> ApiError:
     message = f"{field}: larger than the limit of {limit} bytes"
-    return ApiError(413, "body_too_large", message, [{"field": field, "rule": "max_bytes", "message": message}])
+    return ApiError(413, "body_too_large", message, [problem(field, "max_bytes", message)])
 
 
 # Python reads integers of at most this many digits (sys.get_int_max_str_digits()).
@@ -182,7 +181,7 @@ async def read_json(request: web.Request, limit: int, or_multipart: bool = False
             422,
             "validation_error",
             "request body must be a JSON object",
-            [{"field": "body", "rule": "object", "message": "request body must be a JSON object"}],
+            [problem("body", "object", "request body must be a JSON object")],
         )
     return payload
 
@@ -491,7 +490,7 @@ def _preflight(request: web.Request, mode: GenerationMode, params: GenerationPar
             422,
             "validation_error",
             message,
-            [{"field": f, "rule": "fits_gpu_memory", "message": message} for f in ("width", "height", "num_frames")],
+            [problem(f, "fits_gpu_memory", message) for f in ("width", "height", "num_frames")],
         ) from exc
 
 

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ValidationError
 
 from common.store import RecordChanged
 from gateway.auth import owner_of
-from gateway.errors import ApiError
+from gateway.errors import ApiError, problem
 from gateway.keys import BROKER, SETTINGS, STORE
 from schemas.jobs import utcnow
 
@@ -139,7 +139,7 @@ async def earlier_job(request: web.Request, key: str, print_: str) -> tuple[str 
             422,
             "validation_error",
             message,
-            [{"field": HEADER, "rule": "reused_with_different_body", "message": message}],
+            [problem(HEADER, "reused_with_different_body", message)],
         )
     return remembered.job_id, etag
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import av
 from PIL import Image, UnidentifiedImageError
 
-from gateway.errors import ApiError
+from gateway.errors import ApiError, problem
 
 IMAGE_FORMATS = {
     "PNG": ("png", "image/png"),
@@ -37,7 +37,7 @@ class CheckedInput:
 
 
 def bad_input(field: str, rule: str, message: str) -> ApiError:
-    return ApiError(422, "invalid_input", message, [{"field": field, "rule": rule, "message": message}])
+    return ApiError(422, "invalid_input", message, [problem(field, rule, message)])
 
 
 def check_image(data: bytes, max_pixels: int) -> CheckedInput:

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from common.store import index_prefix, job_id_of_index, model_of_index
 from gateway.auth import owner_of, visible
-from gateway.errors import ApiError
+from gateway.errors import ApiError, problem
 from gateway.handlers import announce, ascii_int, parse_job_id
 from gateway.keys import BROKER, REGISTRY, SETTINGS, STORE
 from gateway.views import job_view
@@ -162,7 +162,7 @@ async def list_jobs(request: web.Request) -> web.Response:
             422,
             "validation_error",
             "; ".join(p[2] for p in problems),
-            [{"field": f, "rule": r, "message": m} for f, r, m in problems],
+            [problem(f, r, m) for f, r, m in problems],
         )
     store, status, model, limit = request.app[STORE], args["status"], args["model"], args["limit"]
     budget = max(limit * 5, 200) if status else max(limit * 10, 1000) if model else limit

@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.gateway is not None and (args.port_offset is not None or args.namespace is not None):
         parser.error("--port-offset and --namespace are for the local stack; --gateway names another gateway")
-    if args.api_key_file is not None:
-        api_key(args.api_key_file)  # a file that is not there is said before anything starts
+    # A file asked for is read (and one that is not there said) before anything starts; the stack's
+    # own key file may be written by `up`.
+    asked = api_key(args.api_key_file) if args.api_key_file is not None else None
     gateway = args.gateway
     if gateway is None:
         up = [sys.executable, str(ROOT / "scripts" / "devstack.py"), "up"]
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         if returncode != 0:
             return returncode  # scripts/stack said why (130: interrupted)
         gateway = StackState.load().gateway_url
-    token, source = api_key(args.api_key_file)
+    token, source = asked or api_key(None)
     if not token:
         print(
             f"no API key: {source} is empty or missing (scripts/stack up writes one), or set VIDEOGEN_API_KEY",
