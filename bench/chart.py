@@ -27,6 +27,9 @@ GPU_RESULTS = (
     ("gpu-pipeline-h100-wan-large.json", None, RENAMED_SINCE),
     # Wan's eager at 256x256x17 with 5 repeats and the fast tier at the two larger sizes, 10 steps.
     ("gpu-pipeline-h100-wan-fast-large.json", None, {}),
+    # Wan at 768x768x129, 20 steps: eager (its bare time is the fast row's reference), then the fast tier.
+    ("gpu-pipeline-h100-wan-eager-768x768-20.json", None, {}),
+    ("gpu-pipeline-h100-wan-fast-768x768-20.json", None, {}),
     ("gpu-pipeline-h100-ltx.json", {"fast-schedule"}, {}),
     ("gpu-pipeline-h100-wan-256.json", {"fast-schedule"}, {}),
     ("gpu-pipeline-h100-wan-512.json", {"fast-schedule"}, {}),

@@ -14,13 +14,22 @@ REGISTRY = load_registry()
 LTX, WAN = REGISTRY.models["ltx-video"].cost, REGISTRY.models["wan2-1-t2v-1-3b"].cost
 
 # Bare diffusers on an H100, bf16 (the project's GPU reference runs, docs/PERFORMANCE.md):
-# (width, height, frames, 50-step seconds with CFG) and (width, height, frames, tiled?, peak GiB
+# (width, height, frames, steps, seconds with CFG, eager) and (width, height, frames, tiled?, peak GiB
 # without the text encoder).
 SECONDS = [
     (cost, *row)
     for cost, rows in (
-        (LTX, [(256, 256, 17, 1.9), (512, 512, 65, 3.7), (768, 512, 121, 9.5), (768, 768, 129, 17.5)]),
-        (WAN, [(832, 480, 81, 67.0)]),
+        (LTX, [(256, 256, 17, 50, 1.9), (512, 512, 65, 50, 3.7), (768, 512, 121, 50, 9.5), (768, 768, 129, 50, 17.5)]),
+        (
+            WAN,
+            [
+                (832, 480, 81, 50, 67.0),
+                # bench/results/gpu-pipeline-h100-wan-large.json and -wan-eager-768x768-20.json
+                (768, 512, 121, 10, 27.09),
+                (768, 768, 129, 10, 55.83),
+                (768, 768, 129, 20, 101.96),
+            ],
+        ),
     )
     for row in rows
 ]
@@ -35,9 +44,9 @@ PEAKS = [
 ]
 
 
-@pytest.mark.parametrize("cost, width, height, frames, measured", SECONDS)
-def test_seconds_are_within_a_fifth_of_measurements(cost, width, height, frames, measured) -> None:
-    assert seconds(cost, width, height, frames, 50, 3.0) == pytest.approx(measured, rel=0.2)
+@pytest.mark.parametrize("cost, width, height, frames, steps, measured", SECONDS)
+def test_seconds_are_within_a_fifth_of_measurements(cost, width, height, frames, steps, measured) -> None:
+    assert seconds(cost, width, height, frames, steps, 3.0) == pytest.approx(measured, rel=0.2)
 
 
 @pytest.mark.parametrize("cost, width, height, frames, tiled, measured", PEAKS)
@@ -114,7 +123,8 @@ def test_video_to_video_counts_the_steps_its_strength_leaves() -> None:
 # The fast tier's time over the standard tier's, compiled both, in the same H100 run: 20 steps,
 # fast-taylorseer and compile rows of bench/results/gpu-pipeline-h100-{ltx,wan}-taylorseer.json; Wan at
 # the larger sizes, the fast rows' served and bare (compiled, standard) times of
-# gpu-pipeline-h100-wan-fast-large.json (10 steps) and gpu-pipeline-h100-wan-fast-768x512-20.json.
+# gpu-pipeline-h100-wan-fast-large.json (10 steps), gpu-pipeline-h100-wan-fast-768x512-20.json and
+# gpu-pipeline-h100-wan-fast-768x768-20.json.
 FAST_SECONDS = [
     ("ltx-video", 512, 512, 65, 20, 0.448 / 0.946),
     ("ltx-video", 768, 512, 121, 20, 1.236 / 2.79),
@@ -123,6 +133,7 @@ FAST_SECONDS = [
     ("wan2-1-t2v-1-3b", 768, 512, 121, 10, 14.42 / 24.051),
     ("wan2-1-t2v-1-3b", 768, 768, 129, 10, 29.48 / 51.573),
     ("wan2-1-t2v-1-3b", 768, 512, 121, 20, 18.199 / 42.701),
+    ("wan2-1-t2v-1-3b", 768, 768, 129, 20, 37.757 / 93.982),
 ]
 
 
