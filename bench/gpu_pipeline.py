@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from schemas.jobs import GenerationParams  # noqa: E402
 from schemas.registry import ModelSpec, load_registry  # noqa: E402
 from worker.encode import encode_mp4  # noqa: E402
-from worker.pipelines import Inputs, ModelRunner, compiled_frames  # noqa: E402
+from worker.pipelines import Inputs, ModelRunner, compiled_graphs  # noqa: E402
 
 # (width, height, frames): the seed's three sizes and LTX's 768x512x121 reference.
 SIZES = [(256, 256, 17), (512, 512, 65), (768, 512, 121), (768, 768, 129)]
@@ -435,9 +435,9 @@ def measure(
         with tempfile.TemporaryDirectory() as tmp:
             encode.append(timed(functools.partial(encode_mp4, out.frames, p.fps, Path(tmp) / "v.mp4"), device))
     bare_s, served_s, encode_s = statistics.median(bare), statistics.median(served), statistics.median(encode)
-    # How many compiled frames a bare (standard) call runs through now: 0 means it ran eagerly.
+    # How many compiled graphs a bare (standard) call runs through now: 0 means it ran eagerly.
     short = functools.partial(bare_call, pipe, family, p.model_copy(update={"num_inference_steps": 2}))
-    bare_frames = None if config == "eager" else len(compiled_frames(short))
+    bare_frames = None if config == "eager" else len(compiled_graphs(short))
     return {
         "family": family,
         "config": config,
@@ -458,7 +458,7 @@ def measure(
         "step_callbacks": len(steps_seen) // args.repeats,
         "frames_out": list(out.frames.shape),
         "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None,
-        "bare_compiled_frames": bare_frames,
+        "bare_compiled_frames": bare_frames,  # the name of earlier runs: graphs, not frames
     }
 
 

@@ -79,30 +79,41 @@ def _compile_for_the_fast_tier(model: torch.nn.Module, compiled: bool) -> dict[t
     """A second compiled call for each compiled block, used while a fast-tier cache is on (None, for
     eager blocks, when the tier is not `compiled`).
 
-    torch.compile keeps the graphs it traces per compiled callable. With one callable for both
-    tiers, the graphs traced around the cache's hooks (broken into pieces at each hooked
-    attention) had no guard that fails once the hooks are gone, so after a fast job the standard
-    jobs ran on those pieces: slower, most of all on small videos (docs/PERFORMANCE.md, section 5).
-    With a callable per tier, each tier only ever runs the graphs traced for it, and the standard
-    tier keeps whole-block graphs (fullgraph).
+    The graphs traced around the cache's hooks (broken into pieces at each hooked attention) have
+    no guard that fails once the hooks are gone: a standard call that could run them would, after
+    any fast job, run on those pieces, slower, most of all on small videos (docs/PERFORMANCE.md,
+    section 5). Each tier's call has a backend of its own (`_fast_call`), so each only ever runs
+    the graphs traced for it, and the standard tier keeps its whole-block graphs (fullgraph).
     """
     blocks = [m for m in model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
     return {block: (block._compiled_call_impl, _fast_call(block) if compiled else None) for block in blocks}
 
 
 def _fast_call(block: torch.nn.Module) -> Any:
-    """A block's compiled call for fast jobs: without fullgraph, since the cache's hooks break graphs."""
-    return torch.compile(block._call_impl, fullgraph=False)
+    """A block's compiled call for fast jobs: without fullgraph, since the cache's hooks break graphs.
+
+    torch.compile keeps the graphs of a function on its code object, and a call uses the first
+    whose guards pass and whose backend equals its own, newest first. Both tiers' calls start in
+    the block's `forward`, and a graph traced with a hook on a submodule (PyramidAttentionBroadcast
+    hooks the attention) breaks before that submodule without guarding on the hook, so it would
+    pass a standard call's guards too, and the standard tier would run the fast tier's pieces from
+    then on. Backends are equal when their inductor options are: this one's options name one
+    setting at the value it has, which changes nothing compiled but makes the backends unequal.
+    """
+    import torch._inductor.config as inductor
+
+    return torch.compile(block._call_impl, fullgraph=False, options={"max_autotune": inductor.max_autotune})
 
 
-def compiled_frames(call: Callable[[], Any]) -> set[str]:
-    """The torch.compile frames (by frame id) one call runs through: one per whole-block graph,
-    more when graphs were broken into pieces, none when it ran eagerly. A diagnostic, for the tests
-    and the GPU benchmark."""
+def compiled_graphs(call: Callable[[], Any]) -> set[str]:
+    """The torch.compile graphs one call runs through, as "frame/graph" ids ("0/0": frame 0's
+    first graph): one per whole-block graph, more when graphs were broken into pieces, another
+    graph of the same frame when a call ran one traced for something else, none when it ran
+    eagerly. A diagnostic, for the tests and the GPU benchmark."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         call()
     prefix = "Torch-Compiled Region:"
-    return {e.name[len(prefix) :].split("/")[0].strip() for e in profile.events() if e.name.startswith(prefix)}
+    return {e.name[len(prefix) :].strip() for e in profile.events() if e.name.startswith(prefix)}
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:

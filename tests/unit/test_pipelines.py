@@ -9,7 +9,7 @@ from PIL import Image
 
 from schemas.jobs import GenerationParams
 from schemas.registry import load_registry
-from worker.pipelines import Inputs, ModelRunner, compiled_frames, pick_device, pick_dtype
+from worker.pipelines import Inputs, ModelRunner, compiled_graphs, pick_device, pick_dtype
 from worker.tiny_models import build_all
 
 
@@ -252,16 +252,28 @@ def test_the_registrys_fast_tier_skips_the_blocks_in_the_modes_it_serves(
     assert [name for name, m in transformer.named_modules() if "forward" in m.__dict__] == []
 
 
+def fresh_runner(model_root, fast: dict) -> ModelRunner:
+    """ltx-tiny with blocks compiled and this fast tier, on weights of its own, compiled afresh:
+    torch.compile keeps graphs per function (the block class's `forward`), for every instance, so
+    graphs that earlier tests traced would otherwise serve this runner's calls."""
+    torch._dynamo.reset()
+    patch = {"modes": ["text-to-video"], "speed": {"compile": True, "fast": fast}}
+    spec = load_registry(overrides={"ltx-tiny": patch}).get("ltx-tiny")
+    runner = ModelRunner.load(spec, model_root, torch.device("cpu"), torch.float32)
+    runner.prepare()
+    return runner
+
+
 def compiled_regions(runner: ModelRunner, p: GenerationParams) -> set[str]:
-    """The torch.compile frames (by id) one generation ran through: one per whole-block graph, more
-    when graphs were broken into pieces."""
-    return compiled_frames(lambda: runner.generate("text-to-video", p, Inputs(), lambda k, n: None))
+    """The torch.compile graphs one generation ran through ("frame/graph" ids): one per whole-block
+    graph, more when graphs were broken into pieces."""
+    return compiled_graphs(lambda: runner.generate("text-to-video", p, Inputs(), lambda k, n: None))
 
 
 LITE = {"use_lite_mode": True, "cache_interval": 5, "disable_cache_before_step": 3}
 
 
-@pytest.mark.parametrize(
+FAST_TIERS = pytest.mark.parametrize(
     "fast",
     [
         {"cache": "pyramid_attention_broadcast", "options": {"spatial_attention_block_skip_range": 2}},
@@ -270,14 +282,16 @@ LITE = {"use_lite_mode": True, "cache_interval": 5, "disable_cache_before_step":
     ],
     ids=["pyramid_attention_broadcast", "taylorseer_lite", "taylorseer_lite_eager_blocks"],
 )
+
+
+@FAST_TIERS
 def test_standard_jobs_after_a_fast_one_run_the_same_whole_block_graphs(model_root, fast) -> None:
     """Each tier has its own compiled calls: the graphs traced around the cache's hooks (in pieces)
-    never serve a standard job, which before ran on them after any fast job. A fast tier that is
+    never serve a standard job, which before ran on them after any fast job (with
+    PyramidAttentionBroadcast also when each tier had a compiled call of its own, whose backends
+    torch.compile took for the same). A fast tier that is
     not `compiled` runs its jobs on eager blocks: no graph is traced around its hooks at all."""
-    patch = {"modes": ["text-to-video"], "speed": {"compile": True, "fast": fast}}
-    spec = load_registry(overrides={"ltx-tiny": patch}).get("ltx-tiny")
-    runner = ModelRunner.load(spec, model_root, torch.device("cpu"), torch.float32)  # its own weights
-    runner.prepare()
+    runner = fresh_runner(model_root, fast)
     p = params("ltx-tiny", guidance_scale=3.0, num_inference_steps=4)
     before = compiled_regions(runner, p)
     fast_regions = compiled_regions(runner, p.model_copy(update={"tier": "fast"}))
@@ -310,7 +324,8 @@ def test_after_the_warm_up_a_taylorseer_job_compiles_nothing(model_root) -> None
     assert (counters["stats"]["unique_graphs"], counters["frames"]["total"]) == (compiled, traced)
 
 
-def test_a_standard_job_after_a_fast_one_does_the_same_work_on_the_host(model_root) -> None:
+@FAST_TIERS
+def test_a_standard_job_after_a_fast_one_does_the_same_work_on_the_host(model_root, fast) -> None:
     """Where the GPU waits on the host (small videos), the host's work per job sets its time: after
     a fast job, a standard job runs the same torch operations as before it, and the same Python
     calls within 0.1 % (diffusers visits the empty hook registries the cache leaves; it walks the
@@ -319,10 +334,7 @@ def test_a_standard_job_after_a_fast_one_does_the_same_work_on_the_host(model_ro
     import cProfile
     import pstats
 
-    patch = {"modes": ["text-to-video"], "speed": {"compile": True, "fast": {"cache": "taylorseer", "options": LITE}}}
-    spec = load_registry(overrides={"ltx-tiny": patch}).get("ltx-tiny")
-    runner = ModelRunner.load(spec, model_root, torch.device("cpu"), torch.float32)  # its own weights
-    runner.prepare()
+    runner = fresh_runner(model_root, fast)
     p = params("ltx-tiny", guidance_scale=3.0, num_inference_steps=6)
 
     def census(tier: str = "standard") -> tuple[int, collections.Counter]:
