@@ -17,7 +17,7 @@ from gateway import handlers, jobs, metrics, models, openai_api, quota, ws
 from gateway.auth import Keys, auth_middleware, load_keys
 from gateway.broker import GatewayBroker
 from gateway.deadletters import dead_letter_handler, expiry_handler
-from gateway.errors import error_middleware, single_query_values, timeout_middleware
+from gateway.errors import error_middleware, query_values, timeout_middleware
 from gateway.events import EventHub
 from gateway.keys import BROKER, HUB, KEYS, REGISTRY, SETTINGS, STORE, SUBMISSIONS, UPLOAD_SLOTS, WEBHOOKS
 from gateway.metrics import metrics_middleware
@@ -43,7 +43,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
             metrics_middleware,
             error_middleware,
             auth_middleware(keys),
-            single_query_values,
+            query_values,
             timeout_middleware(settings.request_timeout_s),
         ],
     )

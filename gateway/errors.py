@@ -4,6 +4,7 @@ OpenAI-compatible routes (`/v1/...`), in OpenAI's shape: `{"error": {"message", 
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -175,14 +176,35 @@ def timeout_middleware(seconds: float) -> Callable[..., Awaitable[web.StreamResp
 # The query parameters the API reads, each once (the streams' job_id may repeat: several jobs);
 # others are ignored.
 SINGLE_QUERY = {"access_token", "after", "all", "cursor", "limit", "model", "order", "since", "status", "variant"}
+READ_QUERY = SINGLE_QUERY | {"job_id"}
+
+
+def _not_utf8(raw_query: str) -> str | None:
+    """The first query parameter the API reads whose value, percent-decoded, is not UTF-8 (which
+    the request's parsed query would carry with U+FFFD in place of the bytes)."""
+    for pair in raw_query.split("&"):
+        name, _, value = pair.partition("=")
+        try:
+            name = urllib.parse.unquote_to_bytes(name.replace("+", " ")).decode()
+        except UnicodeDecodeError:
+            continue  # not a name the API reads
+        if name in READ_QUERY:
+            try:
+                urllib.parse.unquote_to_bytes(value.replace("+", " ")).decode()
+            except UnicodeDecodeError:
+                return name
+    return None
 
 
 @web.middleware
-async def single_query_values(
+async def query_values(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
-    """A query parameter given twice is refused rather than one of its values picked silently."""
+    """A query parameter given twice is refused rather than one of its values picked silently, and
+    one that is not UTF-8 rather than read with its bytes replaced."""
     for name in SINGLE_QUERY.intersection(request.query):
         if len(request.query.getall(name)) > 1:
             raise bad_field(name, "single_value", f"{name}: given more than once; give each query parameter once")
+    if "%" in request.rel_url.raw_query_string and (name := _not_utf8(request.rel_url.raw_query_string)):
+        raise bad_field(name, "utf8", f"{name}: not UTF-8 once percent-decoded")
     return await handler(request)

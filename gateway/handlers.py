@@ -162,6 +162,10 @@ async def read_json(request: web.Request, limit: int, or_multipart: bool = False
         raise ApiError(
             400, "invalid_json", f"request body is not valid JSON: not UTF-8 ({exc.reason} at byte {exc.start})"
         ) from exc
+    if text.startswith("\ufeff"):
+        raise ApiError(
+            400, "invalid_json", "request body is not valid JSON: it starts with a byte order mark; send it without one"
+        )
     try:
         payload = json.loads(text, parse_constant=_not_json, parse_float=_finite, object_pairs_hook=_object)
     except ValueError as exc:  # not JSON, a key twice, or an integer beyond Python's digit limit
@@ -239,7 +243,10 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
                 except UnicodeDecodeError:
                     raise bad_input(part.name, "utf8", f"{part.name}: not valid UTF-8 text") from None
     except (ValueError, HttpProcessingError) as exc:  # a missing or wrong boundary, a body cut short, a bad part header
-        raise ApiError(400, "bad_request", f"malformed multipart body: {getattr(exc, 'message', None) or exc}") from exc
+        reason = str(getattr(exc, "message", None) or exc)
+        if "EOF" in reason:  # aiohttp's "Reading after EOF"
+            reason = "it ends before its closing boundary (--BOUNDARY--)"
+        raise ApiError(400, "bad_request", f"malformed multipart body: {reason}") from exc
     return fields, data
 
 
@@ -275,7 +282,10 @@ async def _decode_base64(field: str, text: str) -> bytes:
             return base64.b64decode(text[begin:], validate=True)
         return await asyncio.to_thread(_decode_base64_in_pieces, text, begin)
     except (binascii.Error, ValueError) as exc:
-        raise bad_input(field, "base64", f"{field}: not valid base64 ({exc})") from exc
+        reason = str(exc).strip("()")
+        if reason == "Only base64 data is allowed":  # binascii's words for any other character
+            reason = "a character outside the base64 alphabet (A-Z, a-z, 0-9, +, /, = at the end), or a line break"
+        raise bad_input(field, "base64", f"{field}: not valid base64: {reason}") from exc
 
 
 def _decode_base64_in_pieces(text: str, begin: int) -> bytes:
@@ -599,7 +609,7 @@ async def download_model(request: web.Request) -> web.Response:
     req = _validate(DownloadRequest, await read_json(request, request.app[SETTINGS].max_body_bytes))
     spec = request.app[REGISTRY].get(req.model)
     if spec is None:
-        raise bad_field("model", "known_model", f"unknown model {req.model!r}")
+        raise bad_field("model", "known_model", request.app[REGISTRY].unknown(req.model))
     params = DownloadParams(model=spec.id, repo=spec.repo, revision=spec.revision)
     return _accepted_response(await enqueue(request, "download", params, []))
 

@@ -108,7 +108,8 @@ def check_video(data: bytes, min_frames: int, max_frames: int, max_seconds: floa
     except ApiError:
         raise
     except Exception as exc:
-        raise bad_input("video", "decodable", f"video: not a readable video file ({exc})") from exc
+        reason = exc.strerror if isinstance(exc, av.FFmpegError) and exc.strerror else str(exc)  # not FFmpeg's errno
+        raise bad_input("video", "decodable", f"video: not a readable video file ({reason})") from exc
     if frames < min_frames:
         raise bad_input(
             "video",

@@ -16,7 +16,6 @@ from gateway.handlers import announce, ascii_int, parse_job_id
 from gateway.keys import BROKER, REGISTRY, SETTINGS, STORE
 from gateway.views import job_view
 from schemas.api import JobList
-from schemas.errors import shown
 from schemas.jobs import JobRecord, JobStatus, Phase, utcnow
 
 log = structlog.get_logger("gateway")
@@ -134,7 +133,7 @@ def _list_problems(request: web.Request) -> tuple[list[tuple[str, str, str]], di
         problems.append(("status", "enum", f"status must be one of {', '.join(s.value for s in JobStatus)}"))
     model = query.get("model")
     if model is not None and registry.get(model) is None:
-        problems.append(("model", "known_model", f"unknown model {shown(model)}"))
+        problems.append(("model", "known_model", registry.unknown(model)))
     limit = 20
     try:
         limit = ascii_int(query.get("limit", "20"))

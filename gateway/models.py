@@ -12,7 +12,6 @@ from gateway.broker import QueueStats
 from gateway.errors import ApiError
 from gateway.keys import BROKER, REGISTRY, SETTINGS
 from schemas.api import ModelInfo, ModelList
-from schemas.errors import shown
 from schemas.registry import ModelSpec
 
 
@@ -65,11 +64,7 @@ async def model_info(request: web.Request) -> web.Response:
     model_id = request.query.get("model", registry.default_model)
     spec = registry.get(model_id)
     if spec is None:
-        raise ApiError(
-            404,
-            "model_not_found",
-            f"unknown model {shown(model_id)}; known models: {', '.join(sorted(registry.models))}",
-        )
+        raise ApiError(404, "model_not_found", registry.unknown(model_id))
     info = describe(spec, await _stats(request, spec.id))
     downloads = await _stats(request, DOWNLOAD_KEY)
     info["download_workers"] = None if downloads is None else downloads.consumers

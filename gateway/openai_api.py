@@ -14,7 +14,7 @@ import math
 from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.store import index_key, index_prefix, job_id_of_index, output_key
 from gateway.auth import owner_of, visible
@@ -31,9 +31,8 @@ from gateway.handlers import (
 )
 from gateway.jobs import cancel, load_video, video_redirect
 from gateway.keys import REGISTRY, SETTINGS, STORE
-from schemas.errors import shown
 from schemas.jobs import JobRecord, JobStatus, utcnow
-from schemas.requests import ImageToVideoRequest, TextToVideoRequest
+from schemas.requests import ImageToVideoRequest, TextToVideoRequest, check_prompt_text
 
 LIST_LIMIT_MAX = 100
 # How many index entries `order=asc` reads at most: the index lists newest first, so a listing
@@ -62,6 +61,11 @@ class CreateVideo(BaseModel):
     model: str | None = Field(default=None, min_length=1, max_length=100)
     seconds: str | None = Field(default=None, pattern=r"^[0-9]{1,3}(\.[0-9]+)?$", description='Duration, e.g. "4".')
     size: str | None = Field(default=None, pattern=r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$", description='"WIDTHxHEIGHT".')
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value: str) -> str:
+        return check_prompt_text(value)
 
 
 def video_object(request: web.Request, record: JobRecord) -> dict[str, Any]:
@@ -120,11 +124,7 @@ async def _create_video(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     spec = registry.get(create.model or registry.default_model)
     if spec is None:
-        raise bad_field(
-            "model",
-            "known_model",
-            f"model: unknown model {shown(str(create.model))}; known: {', '.join(sorted(registry.models))}",
-        )
+        raise bad_field("model", "known_model", f"model: {registry.unknown(str(create.model))}")
     fields: dict[str, Any] = {"prompt": create.prompt, "model": spec.id}
     problems: list[dict[str, Any]] = []  # all of them, in one answer
     if create.size is not None:
@@ -208,16 +208,15 @@ async def _load_video(request: web.Request) -> JobRecord:
 
 
 async def delete_video(request: web.Request) -> web.Response:
-    """A job still queued or running is cancelled; an ended one is deleted with its video (also
-    one that ended on its own while the cancel was being made)."""
+    """An ended job is deleted with its video, and so is a queued one, cancelled first; a running
+    one is cancelled, and `deleted` is false: it stops at its next stopping point, and a delete
+    once it has ended removes it."""
     record = await _load_video(request)
     if not record.status.is_terminal:
         record, _ = await cancel(request, record)
-        if record.status.is_terminal and record.status != JobStatus.CANCELLED:
-            await _delete_ended(request, record)
-    else:
+    if record.status.is_terminal:
         await _delete_ended(request, record)
-    return web.json_response({"id": record.job_id, "object": "video.deleted", "deleted": True})
+    return web.json_response({"id": record.job_id, "object": "video.deleted", "deleted": record.status.is_terminal})
 
 
 async def _delete_ended(request: web.Request, record: JobRecord) -> None:

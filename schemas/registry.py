@@ -239,17 +239,16 @@ class Registry(BaseModel):
     def get(self, model_id: str) -> ModelSpec | None:
         return self.models.get(model_id)
 
+    def unknown(self, model_id: str) -> str:
+        """The message for a model id not in the registry, with the ids that are."""
+        return f"unknown model {shown(model_id)}; known models: {', '.join(sorted(self.models))}"
+
     def resolve(self, request: Any, mode: GenerationMode) -> tuple[GenerationParams | None, list[FieldProblem]]:
         """Fill a request's unset fields from its model's defaults and check the model's rules."""
         model_id = request.model or self.default_model
         spec = self.models.get(model_id)
         if spec is None:
-            known = ", ".join(sorted(self.models))
-            return None, [
-                FieldProblem(
-                    field="model", rule="known_model", message=f"unknown model {shown(model_id)}; known models: {known}"
-                )
-            ]
+            return None, [FieldProblem(field="model", rule="known_model", message=self.unknown(model_id))]
         if mode not in spec.modes:
             return None, [
                 FieldProblem(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
@@ -11,6 +12,26 @@ from schemas.cost import Estimate
 from schemas.jobs import DownloadParams, GenerationParams, JobStatus, Priority, Tier, WebhookEventType
 
 MAX_SEED = 2**32 - 1
+# Control characters a prompt may hold: tab and line breaks.
+_ALLOWED_CONTROLS = {"\t", "\n", "\r"}
+
+
+def check_prompt_text(value: str | None, visible: bool = True) -> str | None:
+    """A prompt's text: no control characters but tab and line breaks, and (`visible`) at least
+    one character that shows (a prompt of only zero-width or other format characters says
+    nothing to the model, as one of only spaces)."""
+    if value is None:
+        return value
+    controls = sorted({c for c in value if unicodedata.category(c) == "Cc" and c not in _ALLOWED_CONTROLS})
+    if controls:
+        raise PydanticCustomError(
+            "control_characters",
+            "no control characters but tab and line breaks; found {found}",
+            {"found": ", ".join(f"U+{ord(c):04X}" for c in controls)},
+        )
+    if visible and value and all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in value):
+        raise PydanticCustomError("visible_text", "at least one visible character; only invisible ones were sent")
+    return value
 
 
 class TextToVideoRequest(BaseModel):
@@ -45,6 +66,16 @@ class TextToVideoRequest(BaseModel):
             1, {"type": "string", "description": 'Comma-separated, e.g. "job.running,job.succeeded".'}
         ),
     )
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt_text(cls, value: str) -> str:
+        return check_prompt_text(value)
+
+    @field_validator("negative_prompt")
+    @classmethod
+    def _negative_prompt_text(cls, value: str | None) -> str | None:
+        return check_prompt_text(value, visible=False)
 
     @field_validator("priority", "tier", "webhook_url", mode="before")
     @classmethod

@@ -70,6 +70,17 @@ CASES = [
         "at most 20",
     ),
     ({"prompt": "x", "model": "sora"}, 422, "validation_error", "model", "known_model", "unknown model 'sora'"),
+    # A prompt says something to the model: no control characters, and not only invisible ones.
+    ({"prompt": "a\u0000b"}, 422, "validation_error", "prompt", "control_characters", "U+0000"),
+    ({"prompt": " \u200b\u200d "}, 422, "validation_error", "prompt", "visible_text", "visible character"),
+    (
+        {"prompt": "x", "negative_prompt": "\u0007"},
+        422,
+        "validation_error",
+        "negative_prompt",
+        "control_characters",
+        "U+0007",
+    ),
     (  # an empty item is refused, not dropped
         {"prompt": "x", "webhook_url": "https://example.com/h", "webhook_events": "job.running,,job.succeeded"},
         422,
@@ -137,6 +148,29 @@ async def test_a_key_twice_and_a_body_not_in_utf8_are_named(stack, http) -> None
     utf16le = '{"prompt": "x"}'.encode("utf-16-le")  # no byte order mark: NULs, which decode
     async with http.post(stack.gateway_url + URL, data=utf16le, headers={"Content-Type": "application/json"}) as r:
         assert "send it in UTF-8" in (await r.json())["error"]["message"]
+
+
+async def test_errors_speak_of_the_request_not_of_the_libraries_reading_it(stack, http) -> None:
+    json_type = {"Content-Type": "application/json"}
+    bom = b'\xef\xbb\xbf{"prompt": "x"}'
+    async with http.post(stack.gateway_url + URL, data=bom, headers=json_type) as r:
+        message = (await r.json())["error"]["message"]
+    assert message.endswith("it starts with a byte order mark; send it without one"), message
+    cut = b'--b\r\nContent-Disposition: form-data; name="prompt"\r\n\r\nx\r\n'
+    url = stack.gateway_url + "/api/v1/generate/image-to-video"
+    async with http.post(url, data=cut, headers={"Content-Type": "multipart/form-data; boundary=b"}) as r:
+        message = (await r.json())["error"]["message"]
+    assert message == "malformed multipart body: it ends before its closing boundary (--BOUNDARY--)", message
+    async with http.post(url, json={"prompt": "x", "image": "abc!"}) as r:
+        detail = (await r.json())["error"]["details"][0]
+    assert detail["rule"] == "base64" and "outside the base64 alphabet" in detail["message"], detail
+    junk = base64.b64encode(b"not a video" * 50).decode()
+    async with http.post(
+        stack.gateway_url + "/api/v1/generate/video-to-video", json={"prompt": "x", "video": junk}
+    ) as r:
+        detail = (await r.json())["error"]["details"][0]
+    assert detail["rule"] == "decodable", detail
+    assert detail["message"] == "video: not a readable video file (Invalid data found when processing input)", detail
 
 
 MALFORMED_MULTIPART = {
@@ -315,6 +349,36 @@ async def test_a_query_parameter_given_twice_is_refused(stack, http) -> None:
         payload = await response.json()
     assert response.status == 422, payload
     assert [(d["field"], d["rule"]) for d in payload["error"]["details"]] == [("limit", "single_value")]
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["/api/v1/jobs?model=%ff", "/api/v1/model/info?model=%C3", "/api/v1/events?job_id=%ff", "/v1/videos?after=%ff"],
+)
+async def test_a_query_value_that_is_not_utf8_is_refused_not_replaced(stack, http, query) -> None:
+    async with http.get(stack.gateway_url + query) as response:
+        payload = await response.json()
+    name = query.split("?")[1].split("=")[0]
+    if query.startswith("/v1/"):  # in OpenAI's shape
+        assert response.status == 400, payload
+        assert (payload["error"]["param"], payload["error"]["code"]) == (name, "validation_error"), payload
+    else:
+        assert response.status == 422, payload
+        assert [(d["field"], d["rule"]) for d in payload["error"]["details"]] == [(name, "utf8")]
+
+
+async def test_an_unknown_model_is_named_with_the_known_ones_everywhere(stack, http) -> None:
+    for method, path, body in [
+        ("GET", "/api/v1/jobs?model=sora", None),
+        ("GET", "/api/v1/model/info?model=sora", None),
+        ("POST", "/api/v1/models/download", {"model": "sora"}),
+        ("POST", "/api/v1/generate/text-to-video", {"prompt": "p", "model": "sora"}),
+    ]:
+        async with http.request(method, stack.gateway_url + path, json=body) as response:
+            payload = await response.json()
+        assert response.status in (404, 422), payload
+        assert "unknown model 'sora'; known models: " in payload["error"]["message"], (path, payload)
+        assert "ltx-tiny" in payload["error"]["message"]
 
 
 async def test_static_file_errors_are_json(stack, http) -> None:

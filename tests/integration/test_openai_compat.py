@@ -107,6 +107,37 @@ def test_delete_cancels_or_removes(client, stack) -> None:
     assert job.status_code == 404
 
 
+def test_delete_of_a_queued_video_deletes_it_of_a_running_one_cancels_it(client, stack) -> None:
+    """Queued (a model no worker serves): cancelled and deleted at once. Running: cancelled, and
+    `deleted` false until a delete after its end."""
+    import time
+
+    import requests
+
+    queued = client.videos.create(prompt="never runs", model="ltx-video", size="256x256", seconds="1")
+    assert client.videos.delete(queued.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(queued.id)
+
+    headers = {"Authorization": f"Bearer {TOKENS['tester']}"}
+    slow = {"prompt": "long", "model": "ltx-slow", "num_inference_steps": 200}
+    started = requests.post(
+        f"{stack.gateway_url}/api/v1/generate/text-to-video", json=slow, headers=headers, timeout=30
+    )
+    job_id = started.json()["job_id"]
+    deadline = time.monotonic() + 60
+    while client.videos.retrieve(job_id).status != "in_progress":
+        assert time.monotonic() < deadline, "the slow job did not start"
+        time.sleep(0.05)
+    first = client.videos.delete(job_id)
+    assert (first.id, first.deleted) == (job_id, False)
+    ended = client.videos.poll(job_id, poll_interval_ms=100)
+    assert (ended.status, ended.error.code) == ("failed", "cancelled")
+    assert client.videos.delete(job_id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.videos.retrieve(job_id)
+
+
 def test_errors_name_openai_fields(client, stack) -> None:
     with pytest.raises(openai.BadRequestError) as error:
         client.videos.create(prompt="odd size", model="ltx-tiny", size="33x32", seconds="1")
