@@ -36,6 +36,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from dataclasses import dataclass
 
 import aio_pika
@@ -210,8 +211,22 @@ def to_amqp(envelope: EnvelopeHeader, persistent: bool = False, expiration: int 
     )
 
 
+class BrokerUnreachable(Exception):
+    """RabbitMQ did not take a connection within the time a process gives it at start. (Not an
+    OSError, which the processes take for a port they cannot listen on.)"""
+
+
+def shown_url(url: str) -> str:
+    """An AMQP URL as logs and messages show it: without its password."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.password is None:
+        return url
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.replace(f":{parts.password}@", ":***@", 1)))
+
+
 async def connect(url: str, timeout: float = 30.0) -> AbstractRobustConnection:
-    """Open a robust (self-reconnecting) connection, retrying until `timeout`: the broker may be starting."""
+    """Open a robust (self-reconnecting) connection, retrying until `timeout`: the broker may be
+    starting. BrokerUnreachable after that."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while True:
@@ -219,6 +234,8 @@ async def connect(url: str, timeout: float = 30.0) -> AbstractRobustConnection:
             return await aio_pika.connect_robust(url)
         except (ConnectionError, OSError, aio_pika.exceptions.AMQPConnectionError) as exc:
             if loop.time() > deadline:
-                raise
+                raise BrokerUnreachable(
+                    f"RabbitMQ at {shown_url(url)} did not take a connection within {timeout:g} s ({exc})"
+                ) from exc
             log.warning("broker_unreachable", error=str(exc))
             await asyncio.sleep(1.0)

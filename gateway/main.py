@@ -9,6 +9,7 @@ from aiohttp import web
 
 from common.logs import configure_logging
 from common.settings import GatewaySettings, settings_or_exit
+from common.topology import BrokerUnreachable
 from gateway.app import ConfigError, create_app
 
 log = structlog.get_logger("gateway")
@@ -30,6 +31,9 @@ def main() -> None:
 
     try:
         web.run_app(app, host=settings.host, port=settings.port, print=serving, access_log=None, shutdown_timeout=10.0)
+    except BrokerUnreachable as exc:
+        print(f"videogen-gateway: {exc}", file=sys.stderr)
+        sys.exit(1)
     except OSError as exc:  # the port is taken, or the host is not this machine's
         print(
             f"videogen-gateway: cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",

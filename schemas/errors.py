@@ -32,7 +32,8 @@ def worker_crashed() -> JobError:
     return JobError(
         code="worker_crashed",
         message="the job was handed to workers repeatedly and none finished it "
-        "(they crashed or were stopped while running it)",
+        "(they crashed or were stopped while running it, or handed it back while the object store "
+        "or the broker did not answer)",
     )
 
 

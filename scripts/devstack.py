@@ -464,10 +464,13 @@ def service_env(store: S3Store, amqp_url: str, namespace: str, models_dir: Path,
     return env
 
 
-async def delete_namespace(amqp_url: str, namespace: str, model_ids: list[str], timeout: float = 120.0) -> None:
+async def delete_namespace(
+    amqp_url: str, namespace: str, model_ids: list[str], timeout: float = 120.0, also: list[str] = ()
+) -> None:
     """Delete every queue and exchange of a broker namespace (tests and benchmarks clean up after
-    themselves). Raises TimeoutError after `timeout` seconds rather than wait for ever on a broker
-    that stopped answering (a clean-up in a test's teardown must not hang the whole run)."""
+    themselves), with the queues `also` names. Raises TimeoutError after `timeout` seconds rather
+    than wait for ever on a broker that stopped answering (a clean-up in a test's teardown must
+    not hang the whole run)."""
     import aio_pika
 
     from common.topology import Topology
@@ -477,12 +480,40 @@ async def delete_namespace(amqp_url: str, namespace: str, model_ids: list[str], 
         async with connection:
             channel = await connection.channel()
             topology = Topology(namespace)
-            for queue in topology.queue_names(model_ids):
+            for queue in [*topology.queue_names(model_ids), *also]:
                 await channel.queue_delete(queue)
             for exchange in topology.exchange_names():
                 await channel.exchange_delete(exchange)
 
     await asyncio.wait_for(delete(), timeout)
+
+
+def other_queues(namespace: str, known_models: list[str], node: str | None = None) -> list[str] | None:
+    """The namespace's queues of models other than `known_models`: those that processes with other
+    registry settings declared (`VIDEOGEN_MODEL_OVERRIDES`, say), listed with rabbitmqctl (of
+    `node`, else the machine's default node); None when rabbitmqctl cannot list them. A listed
+    name counts only as one of the namespace's model queues (`<ns>.jobs.<model>[.high|.low]`,
+    `<ns>.expiry.<model>`, `<ns>.workers.<model>`, a model id as the registry allows), so no
+    queue of a namespace whose name starts with this one's is taken; and the names are deleted
+    through the stack's own connection, so a listing of another broker deletes nothing else."""
+    from common.topology import Topology
+
+    if shutil.which("rabbitmqctl") is None:
+        return None
+    command = ["rabbitmqctl", *(["-n", node] if node else []), "list_queues", "-q", "--no-table-headers", "name"]
+    try:
+        listing = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    model_queue = re.compile(
+        rf"{re.escape(namespace)}\.(?:jobs|expiry|workers)\.([a-z0-9][a-z0-9-]{{0,62}})(?:\.high|\.low)?"
+    )
+    listed = set(listing.split())
+    models = {m.group(1) for name in listed if (m := model_queue.fullmatch(name))} - set(known_models)
+    return sorted(
+        listed
+        & set(Topology(namespace).queue_names(sorted(models))) - set(Topology(namespace).queue_names(known_models))
+    )
 
 
 def write_api_keys(path: Path, keys: dict[str, dict[str, object]]) -> None:
@@ -911,11 +942,22 @@ def _stack_down(delete_namespace_too: bool) -> int:
 
         amqp_url: str = stack_config(state)["amqp_url"]  # type: ignore[assignment]
         if amqp_answers(amqp_url):
-            asyncio.run(delete_namespace(amqp_url, state.namespace, sorted(load_registry().models)))
+            models = sorted(load_registry().models)
+            node = state.started.get("rabbitmq", {}).get("node")  # type: ignore[union-attr]
+            others = other_queues(state.namespace, models, node)
+            asyncio.run(delete_namespace(amqp_url, state.namespace, models, also=others or []))
             print(
                 f"deleted the broker namespace {state.namespace!r} at {_redact(amqp_url)}: "
                 "its queues (and the jobs in them) and exchanges"
             )
+            if others:
+                print(f"  with the queues of models outside this registry: {', '.join(others)}")
+            elif others is None:
+                print(
+                    "  queues of models outside this registry (declared by processes with other "
+                    "registry settings), if any, were not looked for: rabbitmqctl cannot list the "
+                    "broker's queues here"
+                )
         else:
             print(f"RabbitMQ does not answer at {_redact(amqp_url)}: the namespace was not deleted", file=sys.stderr)
             status = 1
@@ -981,8 +1023,9 @@ def stack_status() -> int:
 
 
 def _redact(url: str) -> str:
-    parts = urlsplit(url)
-    return url.replace(f":{parts.password}@", ":***@") if parts.password else url
+    from common.topology import shown_url
+
+    return shown_url(url)
 
 
 def main() -> int:

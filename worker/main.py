@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+import time
 
 import structlog
 
 from common.logs import configure_logging
 from common.settings import WorkerSettings, settings_or_exit
 from common.store import ObjectStore
+from common.topology import BrokerUnreachable
 from worker.health import serve_health
 from worker.pipelines import ModelRunner, pick_device, pick_dtype
 from worker.worker import Worker
@@ -34,21 +37,55 @@ async def run(settings: WorkerSettings) -> bool:
     runners = {}
     for model_id in settings.serve_models:
         spec = registry.models[model_id]
-        runners[model_id] = await asyncio.to_thread(ModelRunner.load, spec, settings.models_dir, device, dtype)
-        await asyncio.to_thread(runners[model_id].prepare, settings.compile)
+        try:
+            runners[model_id] = await asyncio.to_thread(ModelRunner.load, spec, settings.models_dir, device, dtype)
+            await asyncio.to_thread(runners[model_id].prepare, settings.compile)
+        except Exception as exc:  # not there, not a pipeline, no memory for it...: the worker cannot serve it
+            log.exception("model_load_failed", model=model_id)
+            raise SystemExit(f"model {model_id!r} could not be loaded and prepared: {exc!r}"[:2000]) from None
 
     store = ObjectStore(settings)
-    await store.ensure_bucket()
+    await _bucket_checked(store, settings)
     worker = Worker(settings, store, runners, registry)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    async with serve_health(worker, settings.health_host, settings.health_port):
-        await worker.start()
+    async with contextlib.AsyncExitStack() as serving:
+        try:
+            await serving.enter_async_context(serve_health(worker, settings.health_host, settings.health_port))
+        except OSError as exc:
+            raise SystemExit(
+                f"cannot listen on {settings.health_host}:{settings.health_port} (VIDEOGEN_HEALTH_PORT): "
+                f"{exc.strerror or exc}"
+            ) from None
+        try:
+            await worker.start()
+        except BrokerUnreachable as exc:
+            raise SystemExit(str(exc)) from None
         await stop.wait()
         log.info("worker_stopping", grace_s=settings.shutdown_grace_s)
         return await worker.stop(settings.shutdown_grace_s)
+
+
+async def _bucket_checked(
+    store: ObjectStore, settings: WorkerSettings, patience_s: float = 30.0, pause_s: float = 1.0
+) -> None:
+    """The bucket checked (made if missing), retrying for `patience_s` while the store does not
+    answer (`store_unreachable_at_start`), as for the broker: the store may be starting too."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            await store.ensure_bucket()
+            return
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise SystemExit(
+                    f"the object store at {settings.s3_endpoint} did not let the bucket be checked within "
+                    f"{patience_s:g} s ({exc})"
+                ) from None
+            log.warning("store_unreachable_at_start", error=str(exc))
+            await asyncio.sleep(pause_s)
 
 
 def main() -> None:

@@ -134,7 +134,7 @@ class Worker:
         self._stop_downloads = threading.Event()  # set when the worker stops: downloads end early
         self._handling: dict[str, asyncio.Event] = {}  # job id → set when its handling ends (downloads too)
         self._cancelled: OrderedDict[str, None] = OrderedDict()
-        self._running: dict[str, threading.Event] = {}
+        self._running: dict[str, tuple[threading.Event, JobMessage]] = {}  # job id -> its stop flag, the job
         self._lost: set[str] = set()  # jobs in hand whose message went back to the broker
         self._finish_times = FinishTimes()
         for model_id in runners:  # every served model appears in the metrics from the start
@@ -358,9 +358,10 @@ class Worker:
         self._cancelled[job_id] = None
         while len(self._cancelled) > CANCELLED_MEMORY:
             self._cancelled.popitem(last=False)
-        if (flag := self._running.get(job_id)) is not None:
+        if (running := self._running.get(job_id)) is not None:
+            flag, job = running
             flag.set()
-            log.info("cancel_requested", job_id=job_id)
+            log.info("cancel_requested", job_id=job_id, model=job.params.model, mode=job.mode)
 
     async def _on_download(self, message: AbstractIncomingMessage) -> None:
         # Downloads use the network and disk, not the GPU: they do not wait for the current job.
@@ -551,14 +552,15 @@ class Worker:
         )
         inputs = await self._fetch_inputs(job)
 
-        cancel = self._running[job.job_id] = threading.Event()
+        cancel = threading.Event()
+        self._running[job.job_id] = (cancel, job)
         if job.job_id in self._cancelled:  # asked while the inputs were fetched
             cancel.set()
         RUNNING.labels(params.model).inc()
         try:
             await self._generate_and_deliver(job, reporter, inputs, cancel, queued_s, started, on_gpu_free)
         finally:
-            if self._running.get(job.job_id) is cancel:
+            if self._running.get(job.job_id, (None,))[0] is cancel:
                 del self._running[job.job_id]
             RUNNING.labels(params.model).dec()
 

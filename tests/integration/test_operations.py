@@ -157,3 +157,41 @@ def test_a_gateway_whose_port_is_taken_says_so_in_one_line(stack) -> None:
     assert lines[-1].startswith(f"videogen-gateway: cannot listen on 127.0.0.1:{port}: "), lines[-1]
     assert "address already in use" in lines[-1]
     assert "Traceback" not in done.stderr and "gateway_started" not in done.stderr
+
+
+@pytest.mark.parametrize("cause", ["health port taken", "model missing"])
+def test_a_worker_that_cannot_start_logs_worker_exit_and_exits_2(stack, tmp_path, cause) -> None:
+    """One `worker_exit` line saying why, and status 2, not a traceback and status 1 (as for the
+    other failures at start: the store or the broker not answering in time)."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = dict(
+            stack.env,
+            VIDEOGEN_SERVE_MODELS="ltx-tiny",
+            VIDEOGEN_HEALTH_HOST="127.0.0.1",
+            VIDEOGEN_HEALTH_PORT=str(port),
+            VIDEOGEN_WORKER_ID="worker-that-cannot-start",
+        )
+        if cause == "model missing":
+            env["VIDEOGEN_MODELS_DIR"] = str(tmp_path)  # empty
+        done = subprocess.run(
+            [sys.executable, "-m", "worker.main"], env=env, capture_output=True, text=True, timeout=120
+        )
+    output = done.stdout + done.stderr
+    assert done.returncode == 2, output
+    exits = [json.loads(line) for line in output.splitlines() if '"worker_exit"' in line]
+    reason = (
+        f"cannot listen on 127.0.0.1:{port}" if cause == "health port taken" else "model 'ltx-tiny' could not be loaded"
+    )
+    assert len(exits) == 1 and exits[0]["reason"].startswith(reason), output
+    if cause == "health port taken":
+        assert "Traceback" not in output
+    else:  # the model's own error, with its traceback, in a line of its own
+        failed = [json.loads(line) for line in output.splitlines() if '"model_load_failed"' in line]
+        assert [f["model"] for f in failed] == ["ltx-tiny"], output

@@ -30,14 +30,22 @@ async def exists(connection: aio_pika.abc.AbstractConnection, kind: str, name: s
 
 
 async def test_down_with_delete_namespace_removes_the_stacks_queues_and_exchanges(
-    amqp_url, tmp_path, monkeypatch
+    amqp_url, tmp_path, monkeypatch, capsys
 ) -> None:
+    """The queues of the registry's models, and those of a model a process with other registry
+    settings declared (found with rabbitmqctl), but not those of a namespace whose name starts
+    with this one's."""
     namespace = f"stack-down-{uuid.uuid4().hex[:8]}"
     topology = Topology(namespace)
-    queues, exchanges = topology.queue_names(sorted(load_registry().models)), topology.exchange_names()
+    extra = topology.queue_names(["model-from-overrides"])[-5:]  # its job, expiry and presence queues
+    queues = [*topology.queue_names(sorted(load_registry().models)), *extra]
+    exchanges = topology.exchange_names()
+    neighbour = Topology(f"{namespace}.jobs").queue_names(["x"])[-5:]  # "<ns>.jobs.jobs.x": not ours
     connection = await aio_pika.connect(amqp_url)
     async with connection:
         channel = await connection.channel()
+        for name in neighbour:
+            await channel.declare_queue(name)
         for name in queues:
             queue = await channel.declare_queue(name, durable=True)
         await channel.default_exchange.publish(aio_pika.Message(b"a job left behind"), routing_key=queue.name)
@@ -53,6 +61,11 @@ async def test_down_with_delete_namespace_removes_the_stacks_queues_and_exchange
 
         assert [name for name in queues if await exists(connection, "queue", name)] == []
         assert [name for name in exchanges if await exists(connection, "exchange", name)] == []
+        assert [name for name in neighbour if await exists(connection, "queue", name)] == neighbour
+        channel = await connection.channel()
+        for name in neighbour:
+            await channel.queue_delete(name)
+        assert f"with the queues of models outside this registry: {', '.join(sorted(extra))}" in capsys.readouterr().out
 
 
 def test_delete_namespace_is_only_for_down(monkeypatch, capsys) -> None:
