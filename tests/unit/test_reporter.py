@@ -19,9 +19,13 @@ class FakeStore(FakeRecords):
         super().__init__()
         self.written: list[JobRecord] = []
         self.fail = False
+        self.fail_after_s = 0.0  # how long a failing write takes (retries, timeouts)
+        self.attempts = 0
 
     async def replace_record(self, record: JobRecord, etag: str | None) -> str:
+        self.attempts += 1
         if self.fail:
+            await asyncio.sleep(self.fail_after_s)
             raise ConnectionError("store down")
         etag = await super().replace_record(record, etag)
         self.written.append(record)
@@ -74,6 +78,28 @@ async def test_failed_write_raises_and_publishes_nothing(published) -> None:
     await asyncio.sleep(0)
     await reporter.flush()
     assert published == []
+
+
+async def test_while_the_store_fails_progress_updates_join_the_one_waiting(published) -> None:
+    """Steps come faster than failing writes end: instead of a write queued per step (and the
+    job's end waiting for all of them), the changes join the update waiting for its turn, and the
+    first write after the outage carries the latest step."""
+    store = FakeStore()
+
+    async def publish(event):
+        published.append(event)
+
+    reporter = JobReporter(queued_record(), None, store, publish)
+    await reporter.update(status=JobStatus.RUNNING, phase=Phase.LOADING)
+    store.fail, store.fail_after_s, before = True, 0.05, store.attempts
+    for step in range(1, 41):
+        reporter.update_threadsafe(phase=Phase.DENOISING, step=step, total_steps=40, progress=0.9 * step / 40)
+        await asyncio.sleep(0.005)
+    store.fail = False
+    await reporter.flush()
+    assert store.attempts - before < 25, store.attempts - before  # one per step: 40
+    assert reporter.record.step == 40 and published[-1].step == 40
+    assert [e.seq for e in published] == list(range(1, len(published) + 1))
 
 
 async def started(store: FakeStore, published: list, lost=lambda: False, **options) -> JobReporter:
