@@ -161,6 +161,7 @@ class JobReporter:
                 self._unconfirmed.add(_digest(record))
                 raise
         self._unconfirmed = set()
+        self._failing = False
         self.record = record
         if record.status.is_terminal:
             await self._publish_end(JobEvent.from_record(record))
@@ -203,7 +204,6 @@ class JobReporter:
             try:
                 # One try: a progress event is not worth waiting out an outage for (the next change is).
                 await self._apply(changes, patient=False, _start=False)
-                self._failing = False
             except (DeliveryLost, EndedElsewhere):
                 pass
             except Exception as exc:  # a lost progress event is not worth failing the job over
