@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -93,6 +94,12 @@ def sleeper() -> Iterator[Callable[..., subprocess.Popen]]:
     def start(*args: str) -> subprocess.Popen:
         cmd = [sys.executable, "-c", "import time; time.sleep(120)", *args] if args else ["sleep", "120"]
         procs.append(subprocess.Popen(cmd, cwd=devstack.ROOT))
+        # Just after the start, /proc/<pid>/cmdline can read empty here for a while: wait until
+        # it shows the command, as it does for the long-running processes the stack records.
+        deadline = time.monotonic() + 10
+        while devstack.process_cmdline(procs[-1].pid) != cmd:
+            assert time.monotonic() < deadline, f"the command line of {cmd} never showed"
+            time.sleep(0.01)
         return procs[-1]
 
     yield start
