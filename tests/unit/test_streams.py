@@ -301,3 +301,20 @@ def _a_queued_jobs_stream(sub) -> tuple[JobStream, JobRecord]:
     record.events = [record.last_event()]
     settings = GatewaySettings()
     return JobStream({STORE: FakeRecords(), SETTINGS: settings}, StreamRequest([JOB], -1), {JOB: record}, sub), record  # type: ignore[arg-type]
+
+
+def test_the_resume_forms_the_docs_name_for_a_stream_of_one_job() -> None:
+    """A Last-Event-ID without a `:` is the seq alone, a `seqs:` one with one position works too,
+    and a job_id given twice counts once (docs/API.md, the streams)."""
+    from aiohttp.test_utils import make_mocked_request
+
+    job = "33e8a532-5095-4c26-82cb-3ee7a8c59e49"
+
+    def parsed(query: str, last_event_id: str | None) -> StreamRequest:
+        return StreamRequest.parse(make_mocked_request("GET", f"/api/v1/events?{query}"), last_event_id)
+
+    assert parsed(f"job_id={job}", "9").since_of(job) == 9
+    assert parsed(f"job_id={job}", f"{job}:9").since_of(job) == 9
+    assert parsed(f"job_id={job}", "seqs:5").since_of(job) == 5
+    twice = parsed(f"job_id={job}&job_id={job}&since=1", None)
+    assert twice.job_ids == [job] and twice.since_of(job) == 1
