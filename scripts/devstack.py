@@ -508,12 +508,10 @@ def other_queues(namespace: str, known_models: list[str], node: str | None = Non
     model_queue = re.compile(
         rf"{re.escape(namespace)}\.(?:jobs|expiry|workers)\.([a-z0-9][a-z0-9-]{{0,62}})(?:\.high|\.low)?"
     )
-    listed = set(listing.split())
+    listed, topology = set(listing.split()), Topology(namespace)
     models = {m.group(1) for name in listed if (m := model_queue.fullmatch(name))} - set(known_models)
-    return sorted(
-        listed
-        & set(Topology(namespace).queue_names(sorted(models))) - set(Topology(namespace).queue_names(known_models))
-    )
+    # The namespace's own queues (dead letters, webhooks...) are in both lists: only the models' stay.
+    return sorted(listed & set(topology.queue_names(sorted(models))) - set(topology.queue_names(known_models)))
 
 
 def write_api_keys(path: Path, keys: dict[str, dict[str, object]]) -> None:
