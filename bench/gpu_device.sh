@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run benchmark 5 on a GPU machine, within a time budget, writing JSON and logs to $OUT (or gpu-out/).
-#   bash bench/gpu_device.sh [all|after-fast|after-fast-256|wan-large|wan-768x512|wan-768x768|wan-fast|wan-fast-20|tiny] [seconds]
+#   bash bench/gpu_device.sh [all|after-fast|after-fast-256|after-pab|wan-large|wan-768x512|wan-768x768|wan-fast|wan-fast-20|tiny] [seconds]
 # all (default): LTX 2B at the four sizes (eager, compile, the fast tier on eager blocks and standard
 # jobs after it, the fast tier compiled and standard jobs after it, fast-schedule, and the overlap of
 # generation and encoding at 768x512x121), then Wan2.1 1.3B at 256x256x17 and 512x512x65 with what
@@ -13,6 +13,8 @@
 # BENCH_ARGS: more options for gpu_pipeline.py, added to each run's.
 # wan-fast: Wan, 10 steps: eager at 256x256x17 with 5 repeats, then the fast tier (compiled) at
 # 768x512x121 and 768x768x129. wan-fast-20: the fast tier at 768x768x129 with 20 steps.
+# after-pab: LTX at 768x512x121 and 768x768x129, compiled standard jobs, the fast tier as
+# PyramidAttentionBroadcast (a registry that sets it), then standard jobs after it, 3 calls each.
 # tiny: the tiny models, to try this script on a machine without a GPU.
 # Wheels found in .whl/ (bench/gpu_wheels.sh) are installed first when diffusers is missing.
 set -uo pipefail
@@ -78,12 +80,16 @@ case $plan in
     run gpu-pipeline-wan-fast "$budget" --families wan --steps 10 --repeats 1 \
       --configs 'eager@256x256x17*5,fast@768x512x121+768x768x129'
     ;;
+  after-pab)
+    run gpu-pipeline-ltx-after-pab "$budget" --families ltx --steps 20 --repeats 3 \
+      --sizes 768x512x121,768x768x129 --configs 'compile,fast-pab*1,after-fast-pab'
+    ;;
   wan-fast-20)
     run gpu-pipeline-wan-fast-20 "$budget" --families wan --steps 20 --repeats 1 --configs 'fast@768x768x129'
     ;;
   tiny)
     run gpu-pipeline-tiny "$budget" --tiny --steps 2 --repeats 1 --attention-backends native --overlap 2 \
-      --configs 'eager*2,compile,fast-eager,after-fast-eager,fast,after-fast,fast-pab,fast-schedule'
+      --configs 'eager*2,compile,fast-eager,after-fast-eager,fast,after-fast,fast-pab,after-fast-pab,fast-schedule'
     ;;
   *)
     echo "unknown plan: $plan" >&2

@@ -43,6 +43,7 @@ CONFIGS = (
     "after-fast-eager",
     "fast-schedule",
     "fast-pab",
+    "after-fast-pab",
     "fast-wide",
 )
 PROMPT = "a red fox running through fresh snow at golden hour, cinematic"
@@ -244,6 +245,7 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
     sizes = [fit_frames(family, size) for size in sizes]
     eager_bare: dict[tuple[int, int, int], float] = {}
     compiled = False
+    pab_runner: ModelRunner | None = None
     # Eager first: compilation cannot be undone on a pipeline object.
     for config, only_sizes, repeats in args.parsed_configs:
         if config != "eager" and not compiled:  # as a worker compiles: whole blocks, a compiled call per tier
@@ -258,9 +260,11 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
             eager_fast = ModelRunner(spec_for(family, tier.model_dump() | {"compiled": False}), pipe, device)
             eager_fast.compile_blocks(like=runner)
             served_runner = eager_fast if config == "fast-eager" else runner
-        if config == "fast-pab":
-            served_runner = ModelRunner(spec_for(family, PAB_FAST), pipe, device)
-            served_runner.compile_blocks(like=runner)
+        if config in ("fast-pab", "after-fast-pab"):  # one runner for both: a worker's with that tier
+            if pab_runner is None:
+                pab_runner = ModelRunner(spec_for(family, PAB_FAST), pipe, device)
+                pab_runner.compile_blocks(like=runner)
+            served_runner = pab_runner
         if config == "fast-wide":
             served_runner = ModelRunner(spec_for(family, WIDE_FAST), pipe, device)
             served_runner.compile_blocks(like=runner)
@@ -283,15 +287,16 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
                 "fast-eager": p.model_copy(update={"tier": "fast"}),
                 "after-fast": p,
                 "after-fast-eager": p,
+                "after-fast-pab": p,
                 # What a step-distilled checkpoint runs: 8 steps without classifier-free guidance.
                 "fast-schedule": p.model_copy(update={"num_inference_steps": 8, "guidance_scale": 1.0}),
             }[config]
             try:
-                if config in ("after-fast", "after-fast-eager"):  # standard jobs once a fast job has run
+                if config.startswith("after-fast"):  # standard jobs once a fast job has run
                     fast_p = p.model_copy(update={"tier": "fast"})
-                    (eager_fast if config == "after-fast-eager" else runner).generate(
-                        "text-to-video", fast_p, Inputs(), lambda k, n: None
-                    )
+                    fast_runner = {"after-fast-eager": eager_fast, "after-fast-pab": pab_runner}.get(config, runner)
+                    assert fast_runner is not None
+                    fast_runner.generate("text-to-video", fast_p, Inputs(), lambda k, n: None)
                 row = measure(family, config, pipe, served_runner, p, served_p, config_args, device)
             except Exception as exc:  # one failing configuration must not cost the others' numbers
                 import traceback
@@ -484,7 +489,7 @@ def main() -> int:
         "fast tier (TaylorSeer in lite mode: blocks skipped on 4 steps in 5 after the first 3) on the compiled "
         "pipeline; after-fast: both standard and compiled, once a fast job has run; fast-schedule: served with a "
         "distilled checkpoint's 8 steps without guidance; fast-pab: served with PyramidAttentionBroadcast, the "
-        "fast tier before; fast-wide: PyramidAttentionBroadcast skipping more, at 768x512x121 only; fast-eager "
+        "fast tier before; after-fast-pab: as after-fast, once a PyramidAttentionBroadcast fast job has run; fast-wide: PyramidAttentionBroadcast skipping more, at 768x512x121 only; fast-eager "
         "and after-fast-eager: as fast and after-fast with the fast tier on eager blocks (`compiled = false`). "
         "Each row also gives the speed-up over bare eager (measured in the same run). A configuration may "
         "name its own sizes and repeats: eager@256x256x17*5,fast@768x512x121+768x768x129. The blocks are "
