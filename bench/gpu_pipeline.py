@@ -246,6 +246,7 @@ def run_family(family: str, args: argparse.Namespace, device: torch.device, resu
     eager_bare: dict[tuple[int, int, int], float] = {}
     compiled = False
     pab_runner: ModelRunner | None = None
+    eager_fast: ModelRunner | None = None
     # Eager first: compilation cannot be undone on a pipeline object.
     for config, only_sizes, repeats in args.parsed_configs:
         if config != "eager" and not compiled:  # as a worker compiles: whole blocks, a compiled call per tier
