@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run benchmark 5 on a GPU machine, within a time budget, writing JSON and logs to $OUT (or gpu-out/).
-#   bash bench/gpu_device.sh [all|after-fast|after-fast-256|after-pab|wan-large|wan-768x512|wan-768x768|wan-fast|wan-fast-20|tiny] [seconds]
+#   bash bench/gpu_device.sh [all|after-fast|after-fast-256|after-pab|ltx-fast-50|wan-large|wan-768x512|wan-768x768|wan-fast|wan-fast-20|tiny] [seconds]
 # all (default): LTX 2B at the four sizes (eager, compile, the fast tier on eager blocks and standard
 # jobs after it, the fast tier compiled and standard jobs after it, fast-schedule, and the overlap of
 # generation and encoding at 768x512x121), then Wan2.1 1.3B at 256x256x17 and 512x512x65 with what
@@ -15,6 +15,7 @@
 # 768x512x121 and 768x768x129. wan-fast-20: the fast tier at 768x768x129 with 20 steps.
 # after-pab: LTX at 768x512x121 and 768x768x129, compiled standard jobs, the fast tier as
 # PyramidAttentionBroadcast (a registry that sets it), then standard jobs after it, 3 calls each.
+# ltx-fast-50: LTX at 768x512x121 with the models' default 50 steps, eager and the fast tier, once.
 # tiny: the tiny models, to try this script on a machine without a GPU.
 # Wheels found in .whl/ (bench/gpu_wheels.sh) are installed first when diffusers is missing.
 set -uo pipefail
@@ -83,6 +84,10 @@ case $plan in
   after-pab)
     run gpu-pipeline-ltx-after-pab "$budget" --families ltx --steps 20 --repeats 3 \
       --sizes 768x512x121,768x768x129 --configs 'compile,fast-pab*1,after-fast-pab'
+    ;;
+  ltx-fast-50)
+    run gpu-pipeline-ltx-fast-50 "$budget" --families ltx --steps 50 --repeats 1 --sizes 768x512x121 \
+      --configs eager,fast
     ;;
   wan-fast-20)
     run gpu-pipeline-wan-fast-20 "$budget" --families wan --steps 20 --repeats 1 --configs 'fast@768x768x129'
