@@ -124,10 +124,12 @@ def test_video_to_video_counts_the_steps_its_strength_leaves() -> None:
 # fast-taylorseer and compile rows of bench/results/gpu-pipeline-h100-{ltx,wan}-taylorseer.json; Wan at
 # the larger sizes, the fast rows' served and bare (compiled, standard) times of
 # gpu-pipeline-h100-wan-fast-large.json (10 steps), gpu-pipeline-h100-wan-fast-768x512-20.json and
-# gpu-pipeline-h100-wan-fast-768x768-20.json.
+# gpu-pipeline-h100-wan-fast-768x768-20.json; LTX at 50 steps, the fast row's served and bare of
+# gpu-pipeline-h100-ltx-fast-50.json.
 FAST_SECONDS = [
     ("ltx-video", 512, 512, 65, 20, 0.448 / 0.946),
     ("ltx-video", 768, 512, 121, 20, 1.236 / 2.79),
+    ("ltx-video", 768, 512, 121, 50, 2.015 / 6.895),
     ("ltx-video", 768, 768, 129, 20, 2.249 / 5.475),
     ("wan2-1-t2v-1-3b", 512, 512, 65, 20, 4.639 / 9.527),
     ("wan2-1-t2v-1-3b", 768, 512, 121, 10, 14.42 / 24.051),
