@@ -75,7 +75,8 @@ class TextToVideoRequest(BaseModel):
     @field_validator("negative_prompt")
     @classmethod
     def _negative_prompt_text(cls, value: str | None) -> str | None:
-        return check_prompt_text(value, visible=False)
+        """Empty once stripped (or sent empty) means none: recorded as null, as when absent."""
+        return check_prompt_text(value, visible=False) or None
 
     @field_validator("priority", "tier", "webhook_url", mode="before")
     @classmethod

@@ -22,6 +22,13 @@ def test_defaults_fill_unset_fields(registry) -> None:
     assert (params.num_inference_steps, params.guidance_scale, params.seed) == (50, 3.0, 3)
 
 
+@pytest.mark.parametrize("sent", [None, "", "   ", "\n\t "])
+def test_a_negative_prompt_empty_once_stripped_is_recorded_as_none(registry, sent) -> None:
+    params, _ = resolve(registry, negative_prompt=sent)
+    assert params.negative_prompt is None
+    assert resolve(registry, negative_prompt="  blurry ")[0].negative_prompt == "blurry"
+
+
 def test_default_model_and_random_seed(registry) -> None:
     params, _ = resolve(registry)
     assert params.model == registry.default_model == "ltx-video"
