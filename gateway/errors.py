@@ -173,22 +173,31 @@ def timeout_middleware(seconds: float) -> Callable[..., Awaitable[web.StreamResp
     return middleware
 
 
-# The query parameters the API reads, each once (the streams' job_id may repeat: several jobs);
-# others are ignored.
-SINGLE_QUERY = {"access_token", "after", "all", "cursor", "limit", "model", "order", "since", "status", "variant"}
-READ_QUERY = SINGLE_QUERY | {"job_id"}
+QUERY_NAMES = "query_names"  # the attribute `reads_query` sets on a handler
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _not_utf8(raw_query: str) -> str | None:
-    """The first query parameter the API reads whose value, percent-decoded, is not UTF-8 (which
-    the request's parsed query would carry with U+FFFD in place of the bytes)."""
+def reads_query(*names: str, repeatable: tuple[str, ...] = ()) -> Callable[[Handler], Handler]:
+    """Declares the query parameters a route's handler reads: `query_values` checks those (each
+    given once, except the `repeatable` ones, and UTF-8) and no others, which the route ignores."""
+
+    def mark(handler: Handler) -> Handler:
+        setattr(handler, QUERY_NAMES, (frozenset(names), frozenset(repeatable)))
+        return handler
+
+    return mark
+
+
+def _not_utf8(raw_query: str, read: frozenset[str]) -> str | None:
+    """The first query parameter in `read` whose value, percent-decoded, is not UTF-8 (which the
+    request's parsed query would carry with U+FFFD in place of the bytes)."""
     for pair in raw_query.split("&"):
         name, _, value = pair.partition("=")
         try:
             name = urllib.parse.unquote_to_bytes(name.replace("+", " ")).decode()
         except UnicodeDecodeError:
-            continue  # not a name the API reads
-        if name in READ_QUERY:
+            continue  # not a name the route reads
+        if name in read:
             try:
                 urllib.parse.unquote_to_bytes(value.replace("+", " ")).decode()
             except UnicodeDecodeError:
@@ -197,14 +206,15 @@ def _not_utf8(raw_query: str) -> str | None:
 
 
 @web.middleware
-async def query_values(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """A query parameter given twice is refused rather than one of its values picked silently, and
-    one that is not UTF-8 rather than read with its bytes replaced."""
-    for name in SINGLE_QUERY.intersection(request.query):
+async def query_values(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """A query parameter the route reads given twice is refused rather than one of its values
+    picked silently, and one that is not UTF-8 rather than read with its bytes replaced. Routes
+    that read none (health, metrics, submissions...) ignore the query string."""
+    single, repeatable = getattr(request.match_info.handler, QUERY_NAMES, (frozenset(), frozenset()))
+    for name in sorted(single.intersection(request.query)):
         if len(request.query.getall(name)) > 1:
             raise bad_field(name, "single_value", f"{name}: given more than once; give each query parameter once")
-    if "%" in request.rel_url.raw_query_string and (name := _not_utf8(request.rel_url.raw_query_string)):
+    read = single | repeatable
+    if read and "%" in request.rel_url.raw_query_string and (name := _not_utf8(request.rel_url.raw_query_string, read)):
         raise bad_field(name, "utf8", f"{name}: not UTF-8 once percent-decoded")
     return await handler(request)

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from common.store import index_prefix, job_id_of_index, model_of_index
 from gateway.auth import owner_of, visible
-from gateway.errors import ApiError, problem
+from gateway.errors import ApiError, problem, reads_query
 from gateway.handlers import announce, ascii_int, parse_job_id
 from gateway.keys import BROKER, REGISTRY, SETTINGS, STORE
 from gateway.views import job_view
@@ -148,6 +148,7 @@ def _list_problems(request: web.Request) -> tuple[list[tuple[str, str, str]], di
     return problems, {"status": status, "model": model, "prefix": prefix, "limit": limit, "cursor": cursor}
 
 
+@reads_query("status", "model", "limit", "cursor")
 async def list_jobs(request: web.Request) -> web.Response:
     """`GET /api/v1/jobs?status=&model=&limit=&cursor=`: newest first, a page at a time.
 

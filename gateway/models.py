@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from common.topology import DOWNLOAD_KEY, Topology
 from gateway.broker import QueueStats
-from gateway.errors import ApiError
+from gateway.errors import ApiError, reads_query
 from gateway.keys import BROKER, REGISTRY, SETTINGS
 from schemas.api import ModelInfo, ModelList
 from schemas.registry import ModelSpec
@@ -59,6 +59,7 @@ async def list_models(request: web.Request) -> web.Response:
     return _json(ModelList(default_model=registry.default_model, models=models))
 
 
+@reads_query("model")
 async def model_info(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     model_id = request.query.get("model", registry.default_model)

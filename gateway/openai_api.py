@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.store import index_key, index_prefix, job_id_of_index, output_key
 from gateway.auth import owner_of, visible
-from gateway.errors import ApiError, bad_field, problem, problems_error, store_call, validation_error
+from gateway.errors import ApiError, bad_field, problem, problems_error, reads_query, store_call, validation_error
 from gateway.handlers import (
     QUEUED_RECORD,
     accept,
@@ -235,6 +235,7 @@ async def _delete_ended(request: web.Request, record: JobRecord) -> None:
     await store_call(asyncio.gather(*(store.delete(key) for key in keys)))
 
 
+@reads_query("variant")
 async def video_content(request: web.Request) -> web.Response:
     record = await _load_video(request)
     variant = request.query.get("variant", "video")
@@ -243,6 +244,7 @@ async def video_content(request: web.Request) -> web.Response:
     raise video_redirect(request, record, f"video {record.job_id} has no content ({STATUS[record.status]})")
 
 
+@reads_query("limit", "order", "after")
 async def list_videos(request: web.Request) -> web.Response:
     query = request.query
     try:

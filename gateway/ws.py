@@ -13,7 +13,7 @@ import json
 from aiohttp import WSCloseCode, WSMsgType, web
 from aiohttp_sse import sse_response
 
-from gateway.errors import ApiError
+from gateway.errors import ApiError, reads_query
 from gateway.streams import Ended, StreamRequest, open_stream, pump
 
 # The close code of a stream by why it ended: 1000 only when every listed job has ended (a
@@ -29,6 +29,7 @@ CLOSE = {
 MAX_CLIENT_FRAME = 64 * 1024
 
 
+@reads_query("all", "since", "access_token", repeatable=("job_id",))
 async def job_events(request: web.Request) -> web.WebSocketResponse:
     async with open_stream(request.app, StreamRequest.parse(request)) as stream:
         # aiohttp refuses a message of max_msg_size bytes itself: one more allows MAX_CLIENT_FRAME.
@@ -59,6 +60,7 @@ async def job_events(request: web.Request) -> web.WebSocketResponse:
         return ws
 
 
+@reads_query("all", "since", "access_token", repeatable=("job_id",))
 async def job_events_sse(request: web.Request) -> web.StreamResponse:
     stream_request = StreamRequest.parse(request, request.headers.get("Last-Event-ID"))
     async with open_stream(request.app, stream_request) as stream:

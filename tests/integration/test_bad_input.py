@@ -351,6 +351,21 @@ async def test_a_query_parameter_given_twice_is_refused(stack, http) -> None:
     assert [(d["field"], d["rule"]) for d in payload["error"]["details"]] == [("limit", "single_value")]
 
 
+# Names other routes read, given twice and not in UTF-8: ignored where the route reads none.
+FOREIGN_QUERY = "?limit=1&limit=2&status=%FF&since=1&since=2&cursor=a&cursor=b&model=a&model=b&job_id=%FF"
+
+
+async def test_routes_ignore_query_parameters_they_do_not_read(stack, http) -> None:
+    async with http.post(stack.gateway_url + URL + FOREIGN_QUERY, json={"prompt": "p"}) as response:
+        job = await response.json()
+    assert response.status == 202, job
+    for path in ["/health", "/ready", "/openapi.json", "/metrics", "/", "/api/v1/models", f"/api/v1/jobs/{job['job_id']}"]:
+        async with http.get(stack.gateway_url + path + FOREIGN_QUERY) as response:
+            assert response.status == 200, (path, await response.text())
+    async with http.get(stack.gateway_url + "/v1/videos" + FOREIGN_QUERY.replace("limit", "variant")) as response:
+        assert response.status == 200, await response.text()
+
+
 @pytest.mark.parametrize(
     "query",
     ["/api/v1/jobs?model=%ff", "/api/v1/model/info?model=%C3", "/api/v1/events?job_id=%ff", "/v1/videos?after=%ff"],
