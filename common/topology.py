@@ -10,11 +10,16 @@
                 requeue and expire a job handed back by a crashed worker).
 - `<ns>.workers.<model>` one queue per model that never holds a message: each worker serving the
                 model keeps a consumer on it, so its consumer count is the number of such workers.
-- `<ns>.expiry.<model>` one delay queue per model: an `ExpiryCheck` per job, with a per-message TTL
-                of the model's `max_queue_s` (downloads: `<ns>.expiry._download`, with the
-                gateway's `download_max_queue_s`), dead-lettered on expiry through the fanout exchange
-                `<ns>.expiry.due` to the queue `<ns>.expiry.due`, which gateways consume: a job still
-                queued then fails with code `expired`.
+- `<ns>.expiry.wait.<n>s` delay queues of fixed lengths, powers of two from 1 s to 65536 s
+                (`EXPIRY_STEPS_S`), each with a queue time-to-live of its length: an `ExpiryCheck`
+                per job waits in the longest that fits its time left (the model's `max_queue_s`,
+                a download's `download_max_queue_s`), is dead-lettered through the fanout exchange
+                `<ns>.expiry.due` to the queue `<ns>.expiry.due`, which gateways consume, and goes
+                round again for the time still left while the job is still queued; a job still
+                queued at its limit fails with code `expired`. Every check in a queue has the same
+                time-to-live, so none waits behind a longer one (RabbitMQ expires messages only
+                from a queue's head). Earlier versions' `<ns>.expiry.<model>` queues (one per
+                model, per-message TTLs) still drain into `<ns>.expiry.due`.
 - `<ns>.events` topic exchange; routing key `job.<job_id>.<status>`. Messages: `JobEvent`
                 (workers publish theirs with publisher confirms; gateways publish theirs without,
                 best effort, since the job's record holds the same state).
@@ -54,6 +59,15 @@ DELIVERY_LIMIT = 5
 WEBHOOK_PAUSES_S = (1, 2, 4, 8, 16, 32, 60)
 # Routing key of model download jobs; model ids cannot contain "_", so it never names a model.
 DOWNLOAD_KEY = "_download"
+# The lengths of the expiry checks' delay queues, in seconds: a check takes the longest that fits
+# the time its job has left, and goes round again for the rest (at most one round per length).
+EXPIRY_STEPS_S = tuple(2**n for n in range(17))
+
+
+def expiry_step(delay_s: float) -> int:
+    """The delay queue (its length, s) for a check with `delay_s` left: the longest not past it
+    (at least the shortest)."""
+    return max([step for step in EXPIRY_STEPS_S if step <= delay_s], default=EXPIRY_STEPS_S[0])
 
 
 @dataclass(frozen=True)
@@ -89,7 +103,11 @@ class Topology:
         """Both the fanout exchange and the queue that expiry checks reach when they are due."""
         return f"{self.namespace}.expiry.due"
 
-    def expiry_queue(self, model_id: str) -> str:
+    def expiry_wait_queue(self, step_s: int) -> str:
+        return f"{self.namespace}.expiry.wait.{step_s}s"
+
+    def earlier_expiry_queue(self, model_id: str) -> str:
+        """Earlier versions' delay queue of a model's checks (per-message TTLs), deleted with the namespace."""
         return f"{self.namespace}.expiry.{model_id}"
 
     @property
@@ -125,12 +143,13 @@ class Topology:
             self.expiry_due,
             self.webhooks_queue,
             self.downloads_queue,
-            self.expiry_queue(DOWNLOAD_KEY),
+            self.earlier_expiry_queue(DOWNLOAD_KEY),
             *(self.webhook_wait_queue(pause) for pause in WEBHOOK_PAUSES_S),
+            *(self.expiry_wait_queue(step) for step in EXPIRY_STEPS_S),
         ]
         for model_id in model_ids:
             names += [self.job_queue(model_id, p) for p in PRIORITIES]
-            names += [self.expiry_queue(model_id), self.workers_queue(model_id)]
+            names += [self.earlier_expiry_queue(model_id), self.workers_queue(model_id)]
         return names
 
     def exchange_names(self) -> list[str]:
@@ -157,6 +176,26 @@ class Topology:
     async def declare_events(self, channel: AbstractChannel) -> AbstractExchange:
         return await channel.declare_exchange(self.events_exchange, aio_pika.ExchangeType.TOPIC, durable=True)
 
+    async def declare_expiry(self, channel: AbstractChannel) -> None:
+        """The expiry checks' delay queues (declared by gateways, which publish the checks) and the
+        exchange and queue they reach when due."""
+        due = await channel.declare_exchange(self.expiry_due, aio_pika.ExchangeType.FANOUT, durable=True)
+        due_queue = await channel.declare_queue(self.expiry_due, durable=True, arguments={"x-queue-type": "quorum"})
+        await due_queue.bind(due)
+        for step in EXPIRY_STEPS_S:
+            await channel.declare_queue(
+                self.expiry_wait_queue(step),
+                durable=True,
+                arguments={
+                    "x-queue-type": "quorum",
+                    "x-message-ttl": step * 1000,
+                    "x-dead-letter-exchange": self.expiry_due,
+                    # At least once: a check lost on its way would leave its job queued for ever.
+                    "x-dead-letter-strategy": "at-least-once",
+                    "x-overflow": "reject-publish",
+                },
+            )
+
     async def declare_jobs(
         self, channel: AbstractChannel, model_ids: list[str]
     ) -> tuple[AbstractExchange, dict[str, AbstractQueue]]:
@@ -169,16 +208,7 @@ class Topology:
         for name in (self.dead_letter_queue, self.dead_letter_notify_queue):
             dead = await channel.declare_queue(name, durable=True, arguments={"x-queue-type": "quorum"})
             await dead.bind(dlx)
-        due = await channel.declare_exchange(self.expiry_due, aio_pika.ExchangeType.FANOUT, durable=True)
-        due_queue = await channel.declare_queue(self.expiry_due, durable=True, arguments={"x-queue-type": "quorum"})
-        await due_queue.bind(due)
         queues = {}
-        for name in [*model_ids, DOWNLOAD_KEY]:
-            await channel.declare_queue(
-                self.expiry_queue(name),
-                durable=True,
-                arguments={"x-queue-type": "quorum", "x-dead-letter-exchange": self.expiry_due},
-            )
         for model_id in model_ids:
             presence = self.workers_queue(model_id)
             queues[presence] = await channel.declare_queue(presence, durable=True, arguments={"x-queue-type": "quorum"})

@@ -18,7 +18,7 @@ from aio_pika.exceptions import ChannelInvalidStateError
 
 from common.retry import patiently
 from common.store import STORE_ERRORS
-from common.topology import DOWNLOAD_KEY, Topology, connect, to_amqp
+from common.topology import DOWNLOAD_KEY, Topology, connect, expiry_step, to_amqp
 from gateway.events import EventHub
 from schemas.jobs import PRIORITIES, GenerationParams, JobRecord, Priority
 from schemas.messages import (
@@ -175,6 +175,7 @@ class GatewayBroker:
         # Declaring every model's queue here means a job accepted before any worker
         # started is stored, not dropped by an exchange with no bound queue.
         self._jobs, _ = await self._topology.declare_jobs(channel, model_ids)
+        await self._topology.declare_expiry(channel)
         self._control = await self._topology.declare_control(channel)
         self._end_events = await self._topology.declare_events(channel)
         notify_channel = await self._connection.channel(publisher_confirms=False)
@@ -226,16 +227,20 @@ class GatewayBroker:
     async def publish_expiry_check(self, message: JobMessage, max_queue_s: int) -> None:
         """The job's expiry check, confirmed: published before the job's record is stored and the
         job published, so that a record left `queued` by a gateway that died before publishing
-        the job still ends (`expired`) when the check falls due. A model's checks
-        share one delay queue, and downloads have their own, so that every check in a queue
-        has the same TTL (RabbitMQ expires messages only from a queue's head)."""
-        assert self._channel is not None
+        the job still ends (`expired`) when the check falls due."""
         download = message.mode == "download"
         model = message.params.model
         check = ExpiryCheck(job_id=message.job_id, model=model, max_queue_s=max_queue_s, download=download)
+        await self.publish_check(check, max_queue_s)
+
+    async def publish_check(self, check: ExpiryCheck, delay_s: float) -> None:
+        """An expiry check into the delay queue that fits `delay_s`, the time its job has left
+        (the longest not past it; when it falls due with time still left, the expiry handler
+        publishes it again for the rest), confirmed."""
+        assert self._channel is not None
         await self._channel.default_exchange.publish(
-            to_amqp(check, persistent=True, expiration=max_queue_s),
-            routing_key=self._topology.expiry_queue(DOWNLOAD_KEY if download else model),
+            to_amqp(check, persistent=True),
+            routing_key=self._topology.expiry_wait_queue(expiry_step(delay_s)),
             mandatory=True,
         )
 

@@ -493,7 +493,7 @@ def other_queues(namespace: str, known_models: list[str], node: str | None = Non
     registry settings declared (`VIDEOGEN_MODEL_OVERRIDES`, say), listed with rabbitmqctl (of
     `node`, else the machine's default node); None when rabbitmqctl cannot list them. A listed
     name counts only as one of the namespace's model queues (`<ns>.jobs.<model>[.high|.low]`,
-    `<ns>.expiry.<model>`, `<ns>.workers.<model>`, a model id as the registry allows), so no
+    earlier versions' `<ns>.expiry.<model>`, `<ns>.workers.<model>`, a model id as the registry allows), so no
     queue of a namespace whose name starts with this one's is taken; and the names are deleted
     through the stack's own connection, so a listing of another broker deletes nothing else."""
     from common.topology import Topology

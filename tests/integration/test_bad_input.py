@@ -359,7 +359,15 @@ async def test_routes_ignore_query_parameters_they_do_not_read(stack, http) -> N
     async with http.post(stack.gateway_url + URL + FOREIGN_QUERY, json={"prompt": "p"}) as response:
         job = await response.json()
     assert response.status == 202, job
-    for path in ["/health", "/ready", "/openapi.json", "/metrics", "/", "/api/v1/models", f"/api/v1/jobs/{job['job_id']}"]:
+    for path in [
+        "/health",
+        "/ready",
+        "/openapi.json",
+        "/metrics",
+        "/",
+        "/api/v1/models",
+        f"/api/v1/jobs/{job['job_id']}",
+    ]:
         async with http.get(stack.gateway_url + path + FOREIGN_QUERY) as response:
             assert response.status == 200, (path, await response.text())
     async with http.get(stack.gateway_url + "/v1/videos" + FOREIGN_QUERY.replace("limit", "variant")) as response:

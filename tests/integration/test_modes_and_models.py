@@ -240,17 +240,24 @@ async def test_download_of_an_unknown_model_is_422(stack, http) -> None:
 
 
 async def test_job_for_a_model_without_workers_is_accepted_then_expires(stack, http) -> None:
+    """Also when a job of the same model with a longer limit (the registry's 3600 s, before it was
+    lowered) was queued first: its check must not hold this one's back."""
+    earlier = await submit(http, stack.gateway_url, {"prompt": "a longer limit", "model": "ltx-video"})
     gateway, _ = stack.start_gateway(
-        "gateway-short-queue", VIDEOGEN_MODEL_OVERRIDES=json.dumps({"ltx-video": {"max_queue_s": 1}})
+        "gateway-short-queue", VIDEOGEN_MODEL_OVERRIDES=json.dumps({"ltx-video": {"max_queue_s": 3}})
     )
     accepted = await submit(http, gateway, {"prompt": "nobody home", "model": "ltx-video"})
     assert accepted["workers"] == 0
     frames = await watch(http, gateway, accepted["job_id"], timeout=30)
     job = frames[-1]["job"]
     assert (job["status"], job["error"]["code"]) == ("failed", "expired")
-    assert "1 s" in job["error"]["message"]
+    assert "3 s" in job["error"]["message"]
     status, record = await get_json(http, f"{stack.gateway_url}/api/v1/jobs/{accepted['job_id']}")
     assert record["status"] == "failed" and record["error"]["code"] == "expired"
+    status, record = await get_json(http, f"{stack.gateway_url}/api/v1/jobs/{earlier['job_id']}")
+    assert record["status"] == "queued", record
+    async with http.post(f"{stack.gateway_url}/api/v1/jobs/{earlier['job_id']}/cancel") as response:
+        assert response.status == 200, await response.text()
 
 
 async def test_queue_depth_and_workers_are_live(stack, http) -> None:

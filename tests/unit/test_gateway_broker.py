@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from common.topology import DOWNLOAD_KEY, Topology
+from common.topology import Topology, expiry_step
 from gateway import broker as broker_module
 from gateway.broker import GatewayBroker, QueueStats
 from gateway.events import EventHub
@@ -151,25 +151,40 @@ async def test_job_and_expiry_check_are_both_published() -> None:
     assert broker._jobs.sent == []  # type: ignore[union-attr]
     await broker.publish_job(job("low"))
     assert [key for key, _ in broker._jobs.sent] == [Topology.job_key(MODEL, "low")]  # type: ignore[union-attr]
-    assert [key for key, _ in broker._channel.default_exchange.sent] == [Topology("unit").expiry_queue(MODEL)]  # type: ignore[union-attr]
+    sent = broker._channel.default_exchange.sent  # type: ignore[union-attr]
+    assert [key for key, _ in sent] == [Topology("unit").expiry_wait_queue(2048)]  # 3600 s: 2048 s, then the rest
 
 
-async def test_checks_of_one_ttl_share_a_delay_queue_and_downloads_have_their_own() -> None:
-    """RabbitMQ expires a message only at its queue's head, so a queue must hold checks of one
-    time-to-live: a model's jobs share one, and downloads (another limit) have their own."""
+async def test_a_check_waits_in_the_longest_delay_queue_that_fits_its_time() -> None:
+    """RabbitMQ expires a message only at its queue's head, so each delay queue has one
+    time-to-live of its own, and a check takes the longest that its job's time left allows:
+    checks of different limits (models, downloads, registries changed) never wait behind
+    each other."""
     broker, _ = make_broker(Queues())
     download = JobMessage(
         job_id="5d0c8a57-9f7e-4d8a-b1b1-0c2e6f0a7d21", mode="download", params=DownloadParams(model=MODEL, repo=None)
     )
     await broker.publish_expiry_check(job(), 600)
     await broker.publish_expiry_check(download, 86400)
+    await broker.publish_expiry_check(job(), 1)
     exchange = broker._channel.default_exchange  # type: ignore[union-attr]
     topology = Topology("unit")
-    assert [key for key, _ in exchange.sent] == [topology.expiry_queue(MODEL), topology.expiry_queue(DOWNLOAD_KEY)]
+    assert [key for key, _ in exchange.sent] == [topology.expiry_wait_queue(step) for step in (512, 65536, 1)]
     checks = [decode(body) for _, body in exchange.sent]
     assert all(isinstance(check, ExpiryCheck) for check in checks)
-    assert [(c.download, c.max_queue_s, c.model) for c in checks] == [(False, 600, MODEL), (True, 86400, MODEL)]
-    assert [m.expiration for m in exchange.messages] == [600, 86400]
+    assert [(c.download, c.max_queue_s, c.model) for c in checks] == [
+        (False, 600, MODEL),
+        (True, 86400, MODEL),
+        (False, 1, MODEL),
+    ]
+    assert [m.expiration for m in exchange.messages] == [None, None, None]  # the queue's time-to-live
+
+
+@pytest.mark.parametrize(
+    ("left_s", "step"), [(0.2, 1), (1, 1), (1.9, 1), (2, 2), (600, 512), (3600, 2048), (65536, 65536), (10**6, 65536)]
+)
+def test_expiry_steps(left_s: float, step: int) -> None:
+    assert expiry_step(left_s) == step
 
 
 def ended(job_id: str, priority: str = "normal", **changes: object) -> JobEvent:
