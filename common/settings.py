@@ -6,6 +6,7 @@ import os
 import re
 import sys
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
@@ -13,6 +14,23 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from schemas.registry import Registry, load_registry
+
+
+def check_endpoint(value: str, url: str) -> urllib.parse.SplitResult:
+    """`url` (made from `value`) names a host and, optionally, a port, and nothing else (no user,
+    path, query or fragment: the store client would refuse or drop them); ValueError otherwise."""
+    parts = urllib.parse.urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = 0
+    if not parts.hostname:
+        raise ValueError("must name a host")
+    if port == 0:
+        raise ValueError("has a port that is not a number from 1 to 65535")
+    if parts.username is not None or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError("must be only a host and a port (no user, path, query or fragment)")
+    return parts
 
 
 def check_rate_limit(value: str) -> str:
@@ -63,6 +81,14 @@ class CommonSettings(BaseSettings):
 
     def registry(self) -> Registry:
         return load_registry(self.models_file, self.model_overrides, self.default_model)
+
+    @field_validator("s3_endpoint")
+    @classmethod
+    def _host_and_port(cls, value: str) -> str:
+        if "://" in value:
+            raise ValueError("must be host:port, without a scheme (VIDEOGEN_S3_SECURE=true for HTTPS)")
+        check_endpoint(value, f"//{value}")
+        return value
 
     @field_validator("log_level")
     @classmethod
@@ -144,6 +170,16 @@ class GatewaySettings(CommonSettings):
         description="Of those attempts, at most this many to one receiver (host and port) at a time; "
         "its other events wait in the broker meanwhile, so a slow receiver cannot hold every slot.",
     )
+
+    @field_validator("s3_public_endpoint")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value:
+            url = value if "://" in value else f"http://{value}"
+            if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+                raise ValueError("must be an http:// or https:// URL, or host:port for HTTP")
+            check_endpoint(value, url)
+        return value
 
     @field_validator("rate_limit")
     @classmethod
