@@ -357,3 +357,31 @@ def test_minio_tenant_is_distributed(docs) -> None:
     assert all(p["servers"] >= 4 for p in tenant["spec"]["pools"]) and drives >= 4
     bucket = named(docs, "ConfigMap", "videogen-common")["data"]["VIDEOGEN_S3_BUCKET"]
     assert bucket in {b["name"] for b in tenant["spec"].get("buckets", [])}
+
+
+def test_the_example_ingress_routes_every_api_path_and_not_metrics() -> None:
+    """Every route of the gateway's API reaches it through the example Ingress's API host; /metrics
+    and /ready (no API key; for scrapers and probes) stay inside the cluster."""
+    from aiohttp import web
+
+    from gateway.app import add_routes
+    from gateway.keys import SETTINGS
+
+    app = web.Application()
+    app[SETTINGS] = GatewaySettings()
+    add_routes(app)
+    paths = {resource.canonical for resource in app.router.resources()}
+    [api] = [
+        d
+        for d in yaml.safe_load_all((K8S / "ingress.example.yaml").read_text())
+        if d["metadata"]["name"] == "videogen-api"
+    ]
+    rules = [p for rule in api["spec"]["rules"] for p in rule["http"]["paths"]]
+
+    def routed(path: str) -> bool:
+        return any(
+            path == r["path"] if r["pathType"] == "Exact" else path == r["path"] or path.startswith(r["path"] + "/")
+            for r in rules
+        )
+
+    assert {p for p in paths if not routed(p)} == {"/metrics", "/ready"}
