@@ -7,7 +7,7 @@
 #
 # (every VIDEOGEN_* setting is listed in README.md, "Configuration").
 #
-# `pip install .` resolves torch>=2.4 from PyPI, which on Linux x86_64 is a CUDA build, so the
+# `pip install .` resolves torch>=2.5 from PyPI, which on Linux x86_64 is a CUDA build, so the
 # same image runs the worker on a GPU (with the NVIDIA container toolkit on the host) or on CPU.
 FROM python:3.11-slim
 
