@@ -118,9 +118,18 @@ def load_keys(path: Path) -> list[ApiKey]:
         raise ValueError(f"API key file {path}: {exc}") from exc
     except ValidationError as exc:
         raise ValueError(f"API key file {path}: {_problems(data, exc)}") from exc
-    ids = [k.id for k in keys]
-    if len(ids) != len(set(ids)):
-        raise ValueError(f"API key file {path}: key ids must be unique")
+    problems = []
+    for field, what in (("id", "id"), ("sha256", "token hash")):
+        first: dict[str, int] = {}
+        for place, key in enumerate(keys, 1):
+            value = getattr(key, field)
+            if value in first:
+                # One token for two keys would act as one of them: the other (an admin, say) shadowed.
+                shown = repr(value) if field == "id" else f"of {key.id!r}"
+                problems.append(f"[[keys]] {place} ({key.id!r}): the {what} {shown} is also entry {first[value]}'s")
+            first.setdefault(value, place)
+    if problems:
+        raise ValueError(f"API key file {path}: " + "; ".join(problems) + "; each key needs its own")
     return keys
 
 

@@ -67,10 +67,16 @@ def test_a_wrong_entry_is_named_by_its_place_and_id_one_line_per_problem(tmp_pat
     )
 
 
-def test_key_ids_are_unique(tmp_path: Path) -> None:
+def test_key_ids_and_token_hashes_are_unique(tmp_path: Path) -> None:
     entry = '[[keys]]\nid = "alice"\nsha256 = "' + "0" * 64 + '"\n'
-    with pytest.raises(ValueError, match="unique"):
-        load_keys(write(tmp_path, entry + entry))
+    with pytest.raises(ValueError) as error:
+        load_keys(write(tmp_path, entry + entry.replace("0" * 64, "1" * 64)))
+    assert str(error.value).endswith("[[keys]] 2 ('alice'): the id 'alice' is also entry 1's; each key needs its own")
+    # One token for two keys: the one looked up last would shadow the other (an admin, here).
+    second = '[[keys]]\nid = "root"\nadmin = true\nsha256 = "' + "0" * 64 + '"\n'
+    with pytest.raises(ValueError) as error:
+        load_keys(write(tmp_path, entry + second))
+    assert "[[keys]] 2 ('root'): the token hash of 'root' is also entry 1's" in str(error.value)
 
 
 async def test_the_rate_limit_counts_per_key(tmp_path: Path) -> None:
