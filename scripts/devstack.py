@@ -117,6 +117,18 @@ def http_ok(url: str) -> bool:
         return False
 
 
+def not_ready_answer(url: str) -> str | None:
+    """What a readiness endpoint answered other than 200 (its status and body, shortened), or None
+    when nothing answered: a process that is up but waits for a service is not a hung one."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return None if response.status == 200 else f"{response.status}"
+    except urllib.error.HTTPError as exc:
+        return f"{exc.code} {exc.read(300).decode(errors='replace').strip()}"
+    except (urllib.error.URLError, OSError):
+        return None
+
+
 def free_port_block(size: int) -> int:
     """A base port such that base..base+size-1 are all free now.
 
@@ -1008,15 +1020,20 @@ def stack_status() -> int:
     for name, (ok, url) in checks.items():
         entry = state.started.get(name)
         ours = entry is not None and _alive(entry, name)
+        answer = None if ok or name in ("s3", "rabbitmq") else not_ready_answer(url.split()[0] + "/ready")
+        started = "started by scripts/stack" if ours else "external"
         if ok:
-            owner = "started by scripts/stack" if ours else "external"
+            owner = started
+        elif answer is not None:  # up, waiting for the store or the broker (its /ready says which)
+            owner = f"{started}; answers but is not ready: /ready {answer}"
         elif not ours:
             owner = "-"
         elif "node" in entry:  # type: ignore[operator]
             owner = f"node {entry['node']} started by scripts/stack does not answer"  # type: ignore[index]
         else:
             owner = f"its process {entry['pid']} (started by scripts/stack) runs but does not answer; log: {_part_log(name)}"  # type: ignore[index]
-        print(f"{name:<12} {'up' if ok else 'down':<6} {url}  ({owner})")
+        shown = "up" if ok else "unready" if answer is not None else "down"
+        print(f"{name:<12} {shown:<6} {url}  ({owner})")
     return 0 if all(ok for ok, _ in checks.values()) else 1
 
 

@@ -164,11 +164,51 @@ def test_status_says_when_its_process_runs_but_does_not_answer(state_dir, sleepe
     StackState(started={"gateway": devstack.process_identity(gateway.pid)}).save()
     for check in ("bucket_ready", "amqp_answers", "http_ok"):
         monkeypatch.setattr(devstack, check, lambda *_: False)
+    monkeypatch.setattr(devstack, "not_ready_answer", lambda *_: None)
     assert devstack.stack_status() == 1
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert f"its process {gateway.pid} (started by scripts/stack) runs but does not answer" in lines["gateway"]
     assert str(state_dir / "logs" / "gateway.log") in lines["gateway"]
     assert lines["worker-ltx"].endswith("(-)")
+
+
+def test_status_tells_a_part_that_answers_but_is_not_ready_from_a_hung_one(
+    state_dir, sleeper, monkeypatch, capsys
+) -> None:
+    """A gateway whose store is away answers /ready with 503 and says why: it is up, not hung."""
+    import http.server
+    import threading
+
+    class NotReady(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            body = b'{"status": "unavailable", "broker": "ok", "store": "unreachable"}'
+            self.send_response(503 if self.path == "/ready" else 200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotReady)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        gateway = sleeper()
+        state = StackState(started={"gateway": devstack.process_identity(gateway.pid)})
+        state.save()
+        for check in ("bucket_ready", "amqp_answers"):
+            monkeypatch.setattr(devstack, check, lambda *_: True)
+        monkeypatch.setattr(StackState, "gateway_url", f"http://127.0.0.1:{server.server_port}")
+        assert devstack.stack_status() == 1
+    finally:
+        server.shutdown()
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
+    assert lines["gateway"].split()[1] == "unready", lines["gateway"]
+    assert (
+        'answers but is not ready: /ready 503 {"status": "unavailable", "broker": "ok", "store": "unreachable"}'
+        in (lines["gateway"])
+    )
+    assert "does not answer" not in lines["gateway"]
 
 
 # --- `up` records what it starts before waiting for it ------------------------------------------
