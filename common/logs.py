@@ -9,15 +9,16 @@ from typing import Any
 
 import structlog
 
-# An object's default repr, as some libraries' errors print it ("<aio_pika.robust_channel.RobustChannel
-# object at 0x7f...> closed"): the class name says as much, and the address nothing.
-_OBJECT_REPR = re.compile(r"<(?:[\w.]+\.)?(\w+) object at 0x[0-9a-fA-F]+>")
+# An object's repr with its address, as some libraries' errors print it ("<aio_pika.robust_channel.RobustChannel
+# object at 0x7f...> closed", aiormq's "<Channel: "4" at 0x7f...> closed"): the class name says as
+# much, and the address nothing.
+_OBJECT_REPR = re.compile(r"<(?:[\w.]+\.)?(\w+)(?: object|:[^<>]*?) at 0x[0-9a-fA-F]+>")
 
 
 def plain_errors(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
     """A log line's `error` with objects' default reprs shortened to their class names."""
     error = event.get("error")
-    if isinstance(error, str) and " object at 0x" in error:
+    if isinstance(error, str) and " at 0x" in error:
         event["error"] = _OBJECT_REPR.sub(r"\1", error)
     return event
 

@@ -12,6 +12,8 @@ def test_an_errors_object_reprs_become_class_names() -> None:
     event = {"error": "<aio_pika.robust_channel.RobustChannel object at 0x7f3c1a2b9d50> closed", "job_id": "j"}
     assert plain_errors(None, "error", event) == {"error": "RobustChannel closed", "job_id": "j"}
     assert plain_errors(None, "error", {"error": "connection refused"}) == {"error": "connection refused"}
+    aiormq = {"error": '<Channel: "4" at 0x7f919d5934d0> closed'}  # aiormq's own repr
+    assert plain_errors(None, "error", aiormq) == {"error": "Channel closed"}
 
 
 def test_console_lines_written_to_a_file_carry_no_colour_codes(tmp_path) -> None:
