@@ -132,18 +132,23 @@ async def _create_video(request: web.Request) -> web.Response:
         fields |= {"width": width, "height": height}
     if create.seconds is not None:
         fps = spec.defaults.fps or spec.native_fps
-        steps = round((float(create.seconds) * fps - 1) / spec.frame_step)
+        # Rounded half up (a half step more), as people round, not half to even as round() does.
+        steps = math.floor((float(create.seconds) * fps - 1) / spec.frame_step + 0.5)
         frames = steps * spec.frame_step + 1
-        if steps < 1:  # seconds * fps - 1 at most half a frame step: no step at all
-            shortest, rounds_to_none = spec.frame_step / fps, (spec.frame_step / 2 + 1) / fps
+        if steps < 1:  # seconds * fps - 1 under half a frame step: no step at all
+            shortest, rounds_to_one = spec.frame_step / fps, (spec.frame_step / 2 + 1) / fps
             message = (
                 f"seconds: model {spec.id!r} makes videos of at least {_seconds_text(shortest)} s "
-                f"({spec.frame_step + 1} frames at {fps} fps); {rounds_to_none:.3g} s or less rounds to none"
+                f"({spec.frame_step + 1} frames at {fps} fps); less than {rounds_to_one:.4g} s rounds to none"
             )
             problems.append(problem("seconds", "min_duration", message))
         elif frames > spec.limits.max_frames:
             longest = (spec.limits.max_frames - 1) / fps
-            message = f"seconds: model {spec.id!r} makes at most {longest:.1f} s"
+            rounds_past = (spec.limits.max_frames - 1 + spec.frame_step / 2 + 1) / fps
+            message = (
+                f"seconds: model {spec.id!r} makes at most {_seconds_text(longest)} s ({spec.limits.max_frames} "
+                f"frames at {fps} fps); {rounds_past:.4g} s or more rounds to more"
+            )
             problems.append(problem("seconds", "max_duration", message))
         else:
             fields["num_frames"] = frames

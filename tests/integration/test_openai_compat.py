@@ -148,16 +148,26 @@ def test_errors_name_openai_fields(client, stack) -> None:
     with pytest.raises(openai.BadRequestError) as error:
         client.videos.create(prompt="too short", model="ltx-tiny", size="32x32", seconds="0")
     assert error.value.body["param"] == "seconds" and error.value.body["message"] == (
-        "seconds: model 'ltx-tiny' makes videos of at least 1 s (9 frames at 8 fps); 0.625 s or less rounds to none"
+        "seconds: model 'ltx-tiny' makes videos of at least 1 s (9 frames at 8 fps); less than 0.625 s rounds to none"
     )
     with pytest.raises(openai.BadRequestError) as error:  # both problems at once
         client.videos.create(prompt="odd and long", model="ltx-tiny", size="33x32", seconds="60")
     assert error.value.body["param"] == "seconds"
-    assert error.value.body["message"].startswith("seconds: model 'ltx-tiny' makes at most ")
+    assert error.value.body["message"].startswith(
+        "seconds: model 'ltx-tiny' makes at most 8 s (65 frames at 8 fps); 8.625 s or more rounds to more; "
+    )
     assert "; size: width must be a multiple of 32" in error.value.body["message"], error.value.body
-    with pytest.raises(openai.BadRequestError) as error:  # the largest duration that rounds to no step
-        client.videos.create(prompt="too short", model="ltx-tiny", size="32x32", seconds="0.625")
+    with pytest.raises(openai.BadRequestError) as error:  # under half a step rounds to none
+        client.videos.create(prompt="too short", model="ltx-tiny", size="32x32", seconds="0.6")
     assert error.value.body["param"] == "seconds"
+    # Half a step rounds up, whether the step below is odd or even (round() would go to the even one).
+    # (the video object's seconds are its frames' duration: 9, 25, 33 and 65 frames at 8 fps)
+    for seconds, made in [("0.625", "1"), ("2.625", "3"), ("3.625", "4"), ("8.5", "8")]:
+        video = client.videos.create(prompt="halves", model="ltx-tiny", size="32x32", seconds=seconds)
+        assert video.seconds == made, seconds
+    with pytest.raises(openai.BadRequestError) as error:
+        client.videos.create(prompt="just too long", model="ltx-tiny", size="32x32", seconds="8.625")
+    assert error.value.body["param"] == "seconds" and "8.625 s or more rounds to more" in error.value.body["message"]
     with pytest.raises(openai.BadRequestError) as error:
         client.videos.create(prompt="who", model="sora-2")
     assert error.value.body["param"] == "model"
