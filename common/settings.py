@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import sys
@@ -284,6 +285,29 @@ def _split_commas(value: Any) -> Any:
 
 
 S = TypeVar("S", bound=CommonSettings)
+
+
+def arguments_or_exit(cls: type[CommonSettings], program: str, argv: list[str]) -> None:
+    """The processes take no arguments, only VIDEOGEN_* environment variables: `-h`/`--help` lists
+    those (with defaults and meanings) and exits 0; anything else is refused with exit status 2,
+    rather than ignored by a process that then starts with other settings than meant."""
+    if not argv:
+        return
+    if argv[0] in ("-h", "--help"):
+        print(f"usage: {program}  (no arguments; settings are environment variables, see README.md)\n")
+        for name, field in cls.model_fields.items():
+            default = "a secret" if "secret" in name else field.get_default(call_default_factory=True)
+            shown = "unset" if default is None else json.dumps(default, default=str)
+            print(f"VIDEOGEN_{name.upper()}  (default {shown})")
+            if field.description:
+                print(f"    {field.description}")
+        sys.exit(0)
+    print(
+        f"{program}: takes no arguments (got {' '.join(argv)!r}); it is configured with VIDEOGEN_* environment "
+        f"variables: {program} --help lists them",
+        file=sys.stderr,
+    )
+    sys.exit(2)
 
 
 def settings_or_exit(cls: type[S], program: str) -> S:

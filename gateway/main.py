@@ -8,7 +8,7 @@ import structlog
 from aiohttp import web
 
 from common.logs import configure_logging
-from common.settings import GatewaySettings, settings_or_exit
+from common.settings import GatewaySettings, arguments_or_exit, settings_or_exit
 from common.topology import BrokerUnreachable
 from gateway.app import ConfigError, create_app
 
@@ -16,6 +16,7 @@ log = structlog.get_logger("gateway")
 
 
 def main() -> None:
+    arguments_or_exit(GatewaySettings, "videogen-gateway", sys.argv[1:])
     settings = settings_or_exit(GatewaySettings, "videogen-gateway")
     configure_logging(settings.log_level, settings.log_format)
     try:

@@ -12,7 +12,7 @@ import time
 import structlog
 
 from common.logs import configure_logging
-from common.settings import WorkerSettings, settings_or_exit
+from common.settings import WorkerSettings, arguments_or_exit, settings_or_exit
 from common.store import ObjectStore
 from common.topology import BrokerUnreachable
 from worker.health import serve_health
@@ -89,6 +89,7 @@ async def _bucket_checked(
 
 
 def main() -> None:
+    arguments_or_exit(WorkerSettings, "videogen-worker", sys.argv[1:])
     settings = settings_or_exit(WorkerSettings, "videogen-worker")
     configure_logging(settings.log_level, settings.log_format)
     try:

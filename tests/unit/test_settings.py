@@ -47,6 +47,23 @@ def test_a_bad_setting_stops_the_process_with_one_line_naming_it(module, program
 
 
 @pytest.mark.parametrize(
+    ("module", "program"), [("gateway.main", "videogen-gateway"), ("worker.main", "videogen-worker")]
+)
+def test_help_lists_the_variables_and_other_arguments_are_refused(module, program) -> None:
+    import subprocess
+    import sys
+
+    helped = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith(f"usage: {program}") and "VIDEOGEN_AMQP_URL  (default " in helped.stdout
+    assert ("VIDEOGEN_PORT  (default 8080)" in helped.stdout) == (program == "videogen-gateway")
+    refused = subprocess.run([sys.executable, "-m", module, "--port", "1"], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2
+    [line] = refused.stderr.strip().splitlines()
+    assert line.startswith(f"{program}: takes no arguments (got '--port 1')") and f"{program} --help" in line
+
+
+@pytest.mark.parametrize(
     ("cls", "variable", "value", "says"),
     [
         (GatewaySettings, "VIDEOGEN_MODEL_OVERRIDES", "{bad json", "must be JSON"),
