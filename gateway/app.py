@@ -105,6 +105,7 @@ class ConfigError(Exception):
 
 def add_routes(app: web.Application) -> None:
     app[OPENAPI] = build_openapi()
+    later = handlers.expect_continue_later  # routes with a body: "100 Continue" once it is read
     app.router.add_get("/openapi.json", openapi_document)
     app.router.add_get("/metrics", metrics.metrics)
     app.router.add_get("/", _index)
@@ -112,10 +113,10 @@ def add_routes(app: web.Application) -> None:
     app.router.add_get("/health", handlers.health)
     app.router.add_get("/ready", handlers.ready)
     for mode in handlers.MODES:
-        app.router.add_post(f"/api/v1/generate/{mode}", handlers.submit_handler(mode))
+        app.router.add_post(f"/api/v1/generate/{mode}", handlers.submit_handler(mode), expect_handler=later)
     app.router.add_get("/api/v1/models", models.list_models)
     app.router.add_get("/api/v1/model/info", models.model_info)
-    app.router.add_post("/api/v1/models/download", handlers.download_model)
+    app.router.add_post("/api/v1/models/download", handlers.download_model, expect_handler=later)
     app.router.add_get("/api/v1/jobs", jobs.list_jobs)
     app.router.add_get("/api/v1/jobs/{job_id}", jobs.get_job)
     app.router.add_get("/api/v1/job/{job_id}", jobs.get_job)  # the seed's path

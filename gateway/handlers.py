@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import structlog
-from aiohttp import BodyPartReader, hdrs, web
+from aiohttp import BodyPartReader, HttpVersion11, hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
 from pydantic import BaseModel, ValidationError
 
@@ -84,8 +84,31 @@ def parse_job_id(value: str | None) -> str:
     return value
 
 
+# The request asked for "100 Continue" before sending its body; sent when the body is first read.
+_CONTINUE_PENDING = "continue_pending"
+
+
+async def expect_continue_later(request: web.Request) -> None:
+    """Expect handler of the routes with a body: "100 Continue" is sent only once the handler
+    starts reading the body (`continue_now`), so a request refused on its headers alone (its
+    Content-Length over the limit, its Content-Type, its key) gets its answer without having
+    been invited to upload the body first."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if expect.lower() != "100-continue":
+        raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
+    if request.version == HttpVersion11:
+        request[_CONTINUE_PENDING] = True
+
+
+async def continue_now(request: web.Request) -> None:
+    if request.pop(_CONTINUE_PENDING, False):
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the response proper has not started
+
+
 async def read_body(request: web.Request, limit: int) -> bytes:
     """The body, at most `limit` bytes (a Content-Length over it is refused by check_json_headers)."""
+    await continue_now(request)
     chunks, size = [], 0
     while chunk := await request.content.read(65536):
         size += len(chunk)
@@ -210,6 +233,7 @@ async def read_multipart(request: web.Request, file_field: str, limit: int) -> t
     data: bytes | None = None
     check_multipart_headers(request, limit)
     try:
+        await continue_now(request)
         reader = await request.multipart()
     except ValueError as exc:  # e.g. no boundary in the Content-Type
         raise ApiError(400, "bad_request", f"malformed multipart body: {exc}") from exc

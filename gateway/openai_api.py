@@ -24,6 +24,7 @@ from gateway.handlers import (
     accept,
     ascii_int,
     check_upload_headers,
+    expect_continue_later,
     parse_job_id,
     read_json,
     read_multipart,
@@ -350,7 +351,7 @@ async def _add_videos(request: web.Request, ids: list[str], data: list[dict[str,
 
 
 def add_routes(app: web.Application) -> None:
-    app.router.add_post("/v1/videos", create_video)
+    app.router.add_post("/v1/videos", create_video, expect_handler=expect_continue_later)
     app.router.add_get("/v1/videos", list_videos)
     app.router.add_get("/v1/videos/{video_id}", get_video)
     app.router.add_delete("/v1/videos/{video_id}", delete_video)

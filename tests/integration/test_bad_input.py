@@ -564,3 +564,49 @@ async def test_a_websocket_ignores_what_its_client_sends_up_to_64_kib(stack, htt
         msg = await asyncio.wait_for(closed(), 30)
     assert msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING)
     assert ws.close_code == 1009, (msg, ws.close_code)
+
+
+async def _expect_continue(gateway_url: str, path: str, body: bytes, length: int, content_type: str) -> list[str]:
+    """A raw HTTP/1.1 POST with `Expect: 100-continue` that sends its body only if invited: the
+    status lines it got, in order."""
+    import asyncio
+    from urllib.parse import urlsplit
+
+    from tests.helpers import TOKENS
+
+    url = urlsplit(gateway_url)
+    reader, writer = await asyncio.open_connection(url.hostname, url.port)
+    try:
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {TOKENS['tester']}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+        )
+        writer.write(head.encode())
+        await writer.drain()
+        first = (await asyncio.wait_for(reader.readline(), 10)).decode().strip()
+        lines = [first]
+        if first.endswith("100 Continue"):
+            await reader.readline()  # the blank line after it
+            writer.write(body)
+            await writer.drain()
+            lines.append((await asyncio.wait_for(reader.readline(), 30)).decode().strip())
+        return lines
+    finally:
+        writer.close()
+
+
+async def test_a_body_refused_on_its_headers_is_not_invited_with_100_continue(stack) -> None:
+    body = json.dumps({"prompt": "invited"}).encode()
+    ok = await _expect_continue(stack.gateway_url, URL, body, len(body), "application/json")
+    assert ok == ["HTTP/1.1 100 Continue", "HTTP/1.1 202 Accepted"], ok
+    huge = 10**9  # over every limit: refused by its Content-Length alone
+    for path, content_type in [
+        (URL, "application/json"),
+        ("/api/v1/generate/image-to-video", "multipart/form-data; boundary=b"),
+        ("/v1/videos", "application/json"),
+        ("/api/v1/models/download", "application/json"),
+    ]:
+        lines = await _expect_continue(stack.gateway_url, path, b"", huge, content_type)
+        assert lines[0].startswith("HTTP/1.1 413"), (path, lines)
+    wrong_type = await _expect_continue(stack.gateway_url, URL, body, len(body), "text/plain")
+    assert wrong_type[0].startswith("HTTP/1.1 415"), wrong_type
