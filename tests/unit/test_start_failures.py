@@ -24,6 +24,7 @@ def test_the_gateway_says_the_broker_did_not_answer_not_that_it_cannot_listen(mo
         raise BrokerUnreachable("RabbitMQ at amqp://guest:***@127.0.0.1:1/ did not take a connection within 30 s (x)")
 
     monkeypatch.setenv("VIDEOGEN_AUTH_DISABLED", "true")
+    monkeypatch.setattr("sys.argv", ["videogen-gateway"])  # not pytest's arguments
     monkeypatch.setattr(gateway.main.web, "run_app", run_app)
     monkeypatch.setattr(gateway.main, "configure_logging", lambda *_: None)  # the tests' logging stays
     with pytest.raises(SystemExit) as exited:
