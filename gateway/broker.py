@@ -233,14 +233,15 @@ class GatewayBroker:
         check = ExpiryCheck(job_id=message.job_id, model=model, max_queue_s=max_queue_s, download=download)
         await self.publish_check(check, max_queue_s)
 
-    async def publish_check(self, check: ExpiryCheck, delay_s: float) -> None:
-        """An expiry check into the delay queue that fits `delay_s`, the time its job has left
-        (the longest not past it; when it falls due with time still left, the expiry handler
-        publishes it again for the rest), confirmed."""
+    async def publish_check(self, check: ExpiryCheck, delay_s: int) -> None:
+        """An expiry check due in `delay_s`, confirmed: into the longest delay queue not past it,
+        carrying the seconds left after that round (`left_s`), for which the expiry handler
+        publishes it again; no clock is read, the queues' time-to-lives measure the time."""
         assert self._channel is not None
+        step = expiry_step(delay_s)
         await self._channel.default_exchange.publish(
-            to_amqp(check, persistent=True),
-            routing_key=self._topology.expiry_wait_queue(expiry_step(delay_s)),
+            to_amqp(check.model_copy(update={"left_s": max(0, delay_s - step)}), persistent=True),
+            routing_key=self._topology.expiry_wait_queue(step),
             mandatory=True,
         )
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import structlog
@@ -10,7 +9,7 @@ import structlog
 from common.store import ObjectStore
 from gateway.broker import DeadLetterHandler, ExpiryHandler, GatewayBroker
 from schemas import errors
-from schemas.jobs import JobError, JobRecord, JobStatus, Phase, utcnow
+from schemas.jobs import JobError, JobRecord, JobStatus, Phase
 from schemas.messages import ExpiryCheck, JobEvent, JobMessage
 from schemas.registry import Registry
 
@@ -72,24 +71,20 @@ def expiry_handler(store: ObjectStore, broker: GatewayBroker) -> ExpiryHandler:
             else errors.expired(check.model, check.max_queue_s)
         )
 
-        left_s = 0.0
+        waiting = False
 
         def expire(record: JobRecord) -> JobRecord | None:
             # Only a job that never started expires; a running or handed-back one runs to its end.
             # The write is conditional: a worker that takes the job meanwhile wins, and it runs.
-            nonlocal left_s
-            left_s = 0.0
-            if record.status != JobStatus.QUEUED or record.attempts:
-                return None
-            # A check waits in the longest delay queue that fits, then goes round for the rest.
-            left_s = check.max_queue_s - (utcnow() - record.created_at).total_seconds()
-            if left_s > 0:
+            nonlocal waiting
+            waiting = record.status == JobStatus.QUEUED and not record.attempts and check.left_s > 0
+            if record.status != JobStatus.QUEUED or record.attempts or waiting:
                 return None
             return record.advance(status=JobStatus.FAILED, phase=Phase.FAILED, error=error)
 
         expired, changed = await store.update_record(check.job_id, expire)
-        if left_s > 0:
-            await broker.publish_check(check, math.ceil(left_s))
+        if waiting:  # the check waited in the longest delay queue that fitted: round again for the rest
+            await broker.publish_check(check, check.left_s)
             return
         if expired is None or not (changed or (expired.attempts == 0 and _ended_by_an_earlier_try(expired, error))):
             return

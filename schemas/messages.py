@@ -114,6 +114,9 @@ class ExpiryCheck(EnvelopeHeader):
     model: str
     max_queue_s: int
     download: bool = False
+    # Seconds still to wait once this round falls due: a check waits in the longest delay queue
+    # that fits its time and goes round again for the rest (0: due now; checks of earlier versions).
+    left_s: int = Field(default=0, ge=0)
 
 
 Message = JobMessage | JobEvent | CancelMessage | JobAvailable | JobDropped | ExpiryCheck

@@ -5,14 +5,12 @@ test_gateway_in_process.py, the worker's side in tests/unit/test_worker_handle.p
 
 from __future__ import annotations
 
-from datetime import timedelta
-
 import pytest
 
 from common.settings import CommonSettings
 from common.store import ObjectStore, RecordChanged
 from gateway.deadletters import dead_letter_handler, expiry_handler
-from schemas.jobs import JobRecord, JobStatus, Phase, utcnow
+from schemas.jobs import JobRecord, JobStatus, Phase
 from schemas.messages import ExpiryCheck, JobMessage, new_id
 from schemas.registry import load_registry
 from tests.helpers import queued_record
@@ -48,12 +46,6 @@ class RacedStore(ObjectStore):
             self.raced = True
             await self.put_record(self.race(found[0]))
         return found
-
-
-def waited(seconds: float) -> JobRecord:
-    """A queued job's record, submitted `seconds` ago."""
-    created = utcnow() - timedelta(seconds=seconds)
-    return queued_record(new_id(), created_at=created, updated_at=created)
 
 
 class Broker:
@@ -98,7 +90,7 @@ async def test_a_write_retried_after_its_answer_was_lost_counts_as_done(s3_store
 
 async def test_expiry_leaves_a_job_a_worker_took_meanwhile_to_run(s3_store) -> None:
     store, broker = RacedStore(s3_store, taken_by_a_worker), Broker()
-    record = waited(2)
+    record = queued_record(new_id())
     await store.put_record(record)
     await expiry_handler(store, broker)(ExpiryCheck(job_id=record.job_id, model="ltx-tiny", max_queue_s=1))
     now = await store.get_record(record.job_id)
@@ -108,7 +100,7 @@ async def test_expiry_leaves_a_job_a_worker_took_meanwhile_to_run(s3_store) -> N
 
 async def test_expiry_still_fails_a_job_nobody_took(s3_store) -> None:
     store, broker = store_of(s3_store), Broker()
-    record = waited(2)
+    record = queued_record(new_id())
     await store.put_record(record)
     await expiry_handler(store, broker)(ExpiryCheck(job_id=record.job_id, model="ltx-tiny", max_queue_s=1))
     now = await store.get_record(record.job_id)
@@ -116,18 +108,24 @@ async def test_expiry_still_fails_a_job_nobody_took(s3_store) -> None:
     assert [e.status for e in broker.events] == [JobStatus.FAILED] and broker.cancels == [record.job_id]
 
 
-async def test_a_check_due_before_its_jobs_limit_goes_round_again_for_the_time_left(s3_store) -> None:
-    """A check waits in the longest delay queue that fits its job's time left (a 3600 s limit:
-    2048 s), and when it falls due the gateway publishes it again for the rest."""
+async def test_a_check_with_time_left_goes_round_again_for_it(s3_store) -> None:
+    """A check waits in the longest delay queue that fits its job's limit (3600 s: 2048 s, with
+    1552 s left), and when it falls due with time left the gateway publishes it again for that
+    time, leaving a queued job as it is; with none left, it ends the job."""
     store, broker = store_of(s3_store), Broker()
-    record = waited(2048)
+    record = queued_record(new_id())
     await store.put_record(record)
-    check = ExpiryCheck(job_id=record.job_id, model="ltx-tiny", max_queue_s=3600)
+    check = ExpiryCheck(job_id=record.job_id, model="ltx-tiny", max_queue_s=3600, left_s=1552)
     await expiry_handler(store, broker)(check)
     assert (await store.get_record(record.job_id)) == record, "still queued, unchanged"
-    [(again, left_s)] = broker.checks
-    assert again == check and 3600 - 2048 - 5 <= left_s <= 3600 - 2048, left_s  # whole seconds, rounded up
-    assert broker.events == [] and broker.cancels == []
+    assert broker.checks == [(check, 1552)] and broker.events == [] and broker.cancels == []
+    await expiry_handler(store, broker)(check.model_copy(update={"left_s": 0}))
+    assert (await store.get_record(record.job_id)).error.code == "expired"
+    # A job that started meanwhile stops its check at once, whatever time it had left.
+    started = taken_by_a_worker(queued_record(new_id()))
+    await store.put_record(started)
+    await expiry_handler(store, broker)(check.model_copy(update={"job_id": started.job_id}))
+    assert len(broker.checks) == 1 and (await store.get_record(started.job_id)) == started
 
 
 async def test_a_dead_letter_does_not_overwrite_a_job_that_ended_meanwhile(s3_store) -> None:
@@ -155,7 +153,7 @@ class FailingOnceBroker(Broker):
 
 async def test_an_expiry_whose_event_was_not_sent_sends_it_when_the_check_comes_again(s3_store) -> None:
     store, broker = store_of(s3_store), FailingOnceBroker()
-    record = waited(2)
+    record = queued_record(new_id())
     await store.put_record(record)
     check = ExpiryCheck(job_id=record.job_id, model="ltx-tiny", max_queue_s=1)
     with pytest.raises(ConnectionError):  # handled again, after a pause

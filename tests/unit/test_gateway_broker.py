@@ -172,10 +172,11 @@ async def test_a_check_waits_in_the_longest_delay_queue_that_fits_its_time() -> 
     assert [key for key, _ in exchange.sent] == [topology.expiry_wait_queue(step) for step in (512, 65536, 1)]
     checks = [decode(body) for _, body in exchange.sent]
     assert all(isinstance(check, ExpiryCheck) for check in checks)
-    assert [(c.download, c.max_queue_s, c.model) for c in checks] == [
-        (False, 600, MODEL),
-        (True, 86400, MODEL),
-        (False, 1, MODEL),
+    # Each carries the seconds it still has to wait once that queue's time is out.
+    assert [(c.download, c.max_queue_s, c.model, c.left_s) for c in checks] == [
+        (False, 600, MODEL, 600 - 512),
+        (True, 86400, MODEL, 86400 - 65536),
+        (False, 1, MODEL, 0),
     ]
     assert [m.expiration for m in exchange.messages] == [None, None, None]  # the queue's time-to-live
 
