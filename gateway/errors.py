@@ -47,10 +47,16 @@ class ApiError(Exception):
         return web.json_response(body, status=400 if self.status == 422 else self.status, headers=self.headers)
 
 
+# Set on a request that asked for "100 Continue" until the handler starts reading its body.
+CONTINUE_PENDING = "continue_pending"
+
+
 def respond(request: web.Request, exc: ApiError) -> web.Response:
     """The error in the shape the route's clients expect: OpenAI's on `/v1/...`, ours elsewhere."""
     response = exc.openai_response() if request.path == "/v1" or request.path.startswith("/v1/") else exc.response()
-    if exc.status == 413:  # the rest of the body is left unread: the connection cannot carry another request
+    # The rest of the body is left unread (413), or the client was never invited to send it and
+    # may not: either way the connection cannot carry another request.
+    if exc.status == 413 or request.get(CONTINUE_PENDING):
         response.force_close()
     return response
 

@@ -27,7 +27,15 @@ from common.store import index_key, input_key
 from gateway import idempotency, quota
 from gateway.auth import owner_of, require_admin
 from gateway.broker import QueueStats
-from gateway.errors import ApiError, bad_field, problem, store_call, store_unavailable, validation_error
+from gateway.errors import (
+    CONTINUE_PENDING,
+    ApiError,
+    bad_field,
+    problem,
+    store_call,
+    store_unavailable,
+    validation_error,
+)
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
 from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE, SUBMISSIONS, UPLOAD_SLOTS
 from gateway.metrics import SUBMITTED
@@ -84,24 +92,21 @@ def parse_job_id(value: str | None) -> str:
     return value
 
 
-# The request asked for "100 Continue" before sending its body; sent when the body is first read.
-_CONTINUE_PENDING = "continue_pending"
-
-
 async def expect_continue_later(request: web.Request) -> None:
     """Expect handler of the routes with a body: "100 Continue" is sent only once the handler
     starts reading the body (`continue_now`), so a request refused on its headers alone (its
     Content-Length over the limit, its Content-Type, its key) gets its answer without having
     been invited to upload the body first."""
+    if request.version != HttpVersion11:  # HTTP/1.0 knows no Expect: ignored, as aiohttp does
+        return
     expect = request.headers.get(hdrs.EXPECT, "")
     if expect.lower() != "100-continue":
         raise web.HTTPExpectationFailed(text=f"Unknown Expect: {expect}")
-    if request.version == HttpVersion11:
-        request[_CONTINUE_PENDING] = True
+    request[CONTINUE_PENDING] = True
 
 
 async def continue_now(request: web.Request) -> None:
-    if request.pop(_CONTINUE_PENDING, False):
+    if request.pop(CONTINUE_PENDING, False):
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the response proper has not started
 

@@ -566,9 +566,12 @@ async def test_a_websocket_ignores_what_its_client_sends_up_to_64_kib(stack, htt
     assert ws.close_code == 1009, (msg, ws.close_code)
 
 
-async def _expect_continue(gateway_url: str, path: str, body: bytes, length: int, content_type: str) -> list[str]:
-    """A raw HTTP/1.1 POST with `Expect: 100-continue` that sends its body only if invited: the
-    status lines it got, in order."""
+async def _expect_continue(
+    gateway_url: str, path: str, body: bytes, length: int, content_type: str, version: str = "1.1", expect: str = ""
+) -> tuple[list[str], bool]:
+    """A raw POST with `Expect: 100-continue` (or `expect`) that sends its body only if invited:
+    the status lines it got, in order, and whether the answer closes the connection
+    (`Connection: close`)."""
     import asyncio
     from urllib.parse import urlsplit
 
@@ -578,10 +581,12 @@ async def _expect_continue(gateway_url: str, path: str, body: bytes, length: int
     reader, writer = await asyncio.open_connection(url.hostname, url.port)
     try:
         head = (
-            f"POST {path} HTTP/1.1\r\nHost: {url.netloc}\r\nAuthorization: Bearer {TOKENS['tester']}\r\n"
-            f"Content-Type: {content_type}\r\nContent-Length: {length}\r\nExpect: 100-continue\r\n\r\n"
+            f"POST {path} HTTP/{version}\r\nHost: {url.netloc}\r\nAuthorization: Bearer {TOKENS['tester']}\r\n"
+            f"Content-Type: {content_type}\r\nContent-Length: {length}\r\nExpect: {expect or '100-continue'}\r\n\r\n"
         )
         writer.write(head.encode())
+        if version == "1.0":
+            writer.write(body)
         await writer.drain()
         first = (await asyncio.wait_for(reader.readline(), 10)).decode().strip()
         lines = [first]
@@ -590,14 +595,17 @@ async def _expect_continue(gateway_url: str, path: str, body: bytes, length: int
             writer.write(body)
             await writer.drain()
             lines.append((await asyncio.wait_for(reader.readline(), 30)).decode().strip())
-        return lines
+        headers = []
+        while (line := await asyncio.wait_for(reader.readline(), 10)) not in (b"\r\n", b""):
+            headers.append(line.decode().strip().lower())
+        return lines, "connection: close" in headers
     finally:
         writer.close()
 
 
 async def test_a_body_refused_on_its_headers_is_not_invited_with_100_continue(stack) -> None:
     body = json.dumps({"prompt": "invited"}).encode()
-    ok = await _expect_continue(stack.gateway_url, URL, body, len(body), "application/json")
+    ok, _ = await _expect_continue(stack.gateway_url, URL, body, len(body), "application/json")
     assert ok == ["HTTP/1.1 100 Continue", "HTTP/1.1 202 Accepted"], ok
     huge = 10**9  # over every limit: refused by its Content-Length alone
     for path, content_type in [
@@ -606,7 +614,12 @@ async def test_a_body_refused_on_its_headers_is_not_invited_with_100_continue(st
         ("/v1/videos", "application/json"),
         ("/api/v1/models/download", "application/json"),
     ]:
-        lines = await _expect_continue(stack.gateway_url, path, b"", huge, content_type)
-        assert lines[0].startswith("HTTP/1.1 413"), (path, lines)
-    wrong_type = await _expect_continue(stack.gateway_url, URL, body, len(body), "text/plain")
-    assert wrong_type[0].startswith("HTTP/1.1 415"), wrong_type
+        lines, closed = await _expect_continue(stack.gateway_url, path, b"", huge, content_type)
+        assert lines[0].startswith("HTTP/1.1 413") and closed, (path, lines)
+    # Refused for its type: answered at once, closing the connection, since the client may never
+    # send the body it was not invited to send (nor may it send another request on it).
+    lines, closed = await _expect_continue(stack.gateway_url, URL, body, len(body), "text/plain")
+    assert lines[0].startswith("HTTP/1.1 415") and closed, lines
+    # HTTP/1.0 knows no Expect: the header is ignored, the body read as sent.
+    lines, _ = await _expect_continue(stack.gateway_url, URL, body, len(body), "application/json", "1.0", "odd")
+    assert lines == ["HTTP/1.0 202 Accepted"], lines
