@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+from decimal import Decimal
+from fractions import Fraction
 from typing import Any, Literal
 
 from aiohttp import web
@@ -98,6 +100,22 @@ def video_object(request: web.Request, record: JobRecord) -> dict[str, Any]:
     }
 
 
+def frame_steps(seconds: str, fps: int, frame_step: int) -> int:
+    """How many frame steps a duration makes: (seconds x fps - 1) / frame_step, rounded half up
+    (as people round; round() goes to the even step), in exact arithmetic (the decimal string as
+    a fraction: at 15 fps 8.2 s is 123 frames, where floats make 122.99999999999999)."""
+    return math.floor((Fraction(seconds) * fps - 1 + Fraction(frame_step, 2)) / frame_step)
+
+
+def _exact(value: Fraction) -> str:
+    """A bound in seconds as it is: a decimal where it has one (0.625), else the fraction, with
+    its value to four places (5/24, about 0.2083)."""
+    decimal = Decimal(value.numerator) / Decimal(value.denominator)
+    if Fraction(decimal) == value:
+        return f"{decimal.normalize():f}"
+    return f"{value.numerator}/{value.denominator} (about {float(value):.4g})"
+
+
 def _seconds_text(seconds: float) -> str:
     return str(round(seconds)) if abs(seconds - round(seconds)) < 0.05 else f"{seconds:.2f}"
 
@@ -133,22 +151,22 @@ async def _create_video(request: web.Request) -> web.Response:
         fields |= {"width": width, "height": height}
     if create.seconds is not None:
         fps = spec.defaults.fps or spec.native_fps
-        # Rounded half up (a half step more), as people round, not half to even as round() does.
-        steps = math.floor((float(create.seconds) * fps - 1) / spec.frame_step + 0.5)
+        half_step = Fraction(spec.frame_step, 2)
+        steps = frame_steps(create.seconds, fps, spec.frame_step)
         frames = steps * spec.frame_step + 1
         if steps < 1:  # seconds * fps - 1 under half a frame step: no step at all
-            shortest, rounds_to_one = spec.frame_step / fps, (spec.frame_step / 2 + 1) / fps
+            shortest, rounds_to_one = Fraction(spec.frame_step, fps), (half_step + 1) / fps
             message = (
-                f"seconds: model {spec.id!r} makes videos of at least {_seconds_text(shortest)} s "
-                f"({spec.frame_step + 1} frames at {fps} fps); less than {rounds_to_one:.4g} s rounds to none"
+                f"seconds: model {spec.id!r} makes videos of at least {_seconds_text(float(shortest))} s "
+                f"({spec.frame_step + 1} frames at {fps} fps); less than {_exact(rounds_to_one)} s rounds to none"
             )
             problems.append(problem("seconds", "min_duration", message))
         elif frames > spec.limits.max_frames:
-            longest = (spec.limits.max_frames - 1) / fps
-            rounds_past = (spec.limits.max_frames - 1 + spec.frame_step / 2 + 1) / fps
+            longest = Fraction(spec.limits.max_frames - 1, fps)
+            rounds_past = (spec.limits.max_frames - 1 + half_step + 1) / fps
             message = (
-                f"seconds: model {spec.id!r} makes at most {_seconds_text(longest)} s ({spec.limits.max_frames} "
-                f"frames at {fps} fps); {rounds_past:.4g} s or more rounds to more"
+                f"seconds: model {spec.id!r} makes at most {_seconds_text(float(longest))} s ({spec.limits.max_frames} "
+                f"frames at {fps} fps); {_exact(rounds_past)} s or more rounds to more"
             )
             problems.append(problem("seconds", "max_duration", message))
         else:
