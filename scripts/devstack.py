@@ -124,7 +124,11 @@ def not_ready_answer(url: str) -> str | None:
         with urllib.request.urlopen(url, timeout=2) as response:
             return None if response.status == 200 else f"{response.status}"
     except urllib.error.HTTPError as exc:
-        return f"{exc.code} {exc.read(300).decode(errors='replace').strip()}"
+        try:
+            said = exc.read(300).decode(errors="replace").strip()
+        except OSError:  # it stalled or dropped the connection after its status line
+            said = "(no body)"
+        return f"{exc.code} {said}"
     except (urllib.error.URLError, OSError):
         return None
 
