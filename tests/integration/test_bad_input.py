@@ -374,6 +374,27 @@ async def test_routes_ignore_query_parameters_they_do_not_read(stack, http) -> N
         assert response.status == 200, await response.text()
 
 
+# Every query parameter each route reads (`reads_query`): given twice, it is refused.
+READ_QUERIES = [
+    *(("/api/v1/jobs", name) for name in ("status", "model", "limit", "cursor")),
+    ("/api/v1/model/info", "model"),
+    *((stream, name) for stream in ("/api/v1/events", "/api/v1/ws") for name in ("all", "since", "access_token")),
+    *(("/v1/videos", name) for name in ("limit", "order", "after")),
+    ("/v1/videos/00000000-0000-4000-8000-000000000000/content", "variant"),
+]
+
+
+@pytest.mark.parametrize(("path", "name"), READ_QUERIES)
+async def test_every_query_parameter_a_route_reads_is_refused_twice(stack, http, path, name) -> None:
+    async with http.get(f"{stack.gateway_url}{path}?{name}=1&{name}=2") as response:
+        payload = await response.json()
+    if path.startswith("/v1/"):  # in OpenAI's shape
+        assert (response.status, payload["error"]["param"]) == (400, name), payload
+    else:
+        assert response.status == 422, payload
+        assert [(d["field"], d["rule"]) for d in payload["error"]["details"]] == [(name, "single_value")]
+
+
 @pytest.mark.parametrize(
     "query",
     ["/api/v1/jobs?model=%ff", "/api/v1/model/info?model=%C3", "/api/v1/events?job_id=%ff", "/v1/videos?after=%ff"],
