@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import av
 from PIL import Image, UnidentifiedImageError
 
+from common.media import VIDEO_FORMATS, open_video, video_demuxer
 from gateway.errors import ApiError, problem
 
 IMAGE_FORMATS = {
@@ -76,8 +77,10 @@ def check_image(data: bytes, max_pixels: int) -> CheckedInput:
 
 def check_video(data: bytes, min_frames: int, max_frames: int, max_seconds: float, max_side: int) -> CheckedInput:
     """Probe with PyAV and decode up to `max_frames` frames: the worker must be able to read it too."""
+    if video_demuxer(data) is None:
+        raise bad_input("video", "format", f"video: not a video container this service reads ({VIDEO_FORMATS})")
     try:
-        with av.open(io.BytesIO(data)) as container:
+        with open_video(data) as container:
             if not container.streams.video:
                 raise bad_input("video", "video_stream", "video: the file has no video stream")
             stream = container.streams.video[0]

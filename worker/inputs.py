@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import io
 
-import av
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from common.media import open_video
 
 
 def fit(image: Image.Image, width: int, height: int) -> Image.Image:
@@ -25,7 +26,7 @@ def load_image(data: bytes, width: int, height: int) -> Image.Image:
 def load_video(data: bytes, num_frames: int, width: int, height: int) -> list[Image.Image]:
     """The first `num_frames` frames of the video (the gateway checked it has that many)."""
     frames: list[Image.Image] = []
-    with av.open(io.BytesIO(data)) as container:
+    with open_video(data) as container:  # the gateway's demuxer, never one FFmpeg probes for
         for frame in container.decode(video=0):
             frames.append(fit(frame.to_image(), width, height))
             if len(frames) == num_frames:

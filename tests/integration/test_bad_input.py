@@ -164,7 +164,7 @@ async def test_errors_speak_of_the_request_not_of_the_libraries_reading_it(stack
     async with http.post(url, json={"prompt": "x", "image": "abc!"}) as r:
         detail = (await r.json())["error"]["details"][0]
     assert detail["rule"] == "base64" and "outside the base64 alphabet" in detail["message"], detail
-    junk = base64.b64encode(b"not a video" * 50).decode()
+    junk = base64.b64encode(b"\x1a\x45\xdf\xa3" + b"not a video" * 50).decode()  # Matroska's signature only
     async with http.post(
         stack.gateway_url + "/api/v1/generate/video-to-video", json={"prompt": "x", "video": junk}
     ) as r:

@@ -128,6 +128,16 @@ BAD_UPLOADS = [
     ("video-to-video", {"video": "  "}, {}, 422, "video", "string_too_short"),
     ("video-to-video", {}, {"video": b""}, 422, "video", "empty"),
     ("video-to-video", {}, {"video": b"\x00\x00\x00\x18ftypmp42 but not really"}, 422, "video", "decodable"),
+    # A playlist of files on the server's disk is not a container: never opened.
+    (
+        "video-to-video",
+        {},
+        {"video": b"ffconcat version 1.0\n" + b"file docs/performance.png\n" * 9},
+        422,
+        "video",
+        "format",
+    ),
+    ("video-to-video", {}, {"video": b"not a video" * 50}, 422, "video", "format"),
     ("video-to-video", {"num_frames": 25}, {"video": mp4_bytes(21, 64, 32)}, 422, "video", "min_frames"),
     ("video-to-video", {"strength": 1.5}, {"video": mp4_bytes(9, 64, 32)}, 422, "strength", "less_than_equal"),
     ("video-to-video", {"model": "wan-i2v-tiny"}, {"video": mp4_bytes(9, 64, 32)}, 422, "model", "supports_mode"),

@@ -16,6 +16,7 @@ from PIL import Image
 from gateway import handlers
 from gateway.errors import ApiError
 from gateway.inputs import MAX_JPEG_SCANS, check_image, check_video
+from worker.inputs import load_video
 
 
 def _jpeg_with_repeated_scan(side: int, copies: int) -> bytes:
@@ -121,3 +122,50 @@ def test_a_job_id_is_a_whole_uuid_and_nothing_after_it(suffix) -> None:
     with pytest.raises(ApiError) as refused:
         handlers.parse_job_id(job_id + suffix)
     assert refused.value.status == 404
+
+
+def _mp4(frames: int = 9) -> bytes:
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="mp4") as out:
+        stream = out.add_stream("mpeg4", rate=8)
+        stream.width, stream.height, stream.pix_fmt = 64, 64, "yuv420p"
+        for n in range(frames):
+            frame = av.VideoFrame.from_image(Image.new("RGB", (64, 64), (n * 20, 90, 160)))
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode())
+    return buf.getvalue()
+
+
+# Files FFmpeg's probing would open with demuxers that read other inputs named inside them: a
+# playlist of files on the server's disk, an SDP description (UDP ports, then a 20 s wait), HLS.
+PLAYLISTS = {
+    "ffconcat": b"ffconcat version 1.0\n" + b"file docs/performance.png\n" * 9,
+    "sdp": b"v=0\no=- 0 0 IN IP4 127.0.0.1\ns=x\nc=IN IP4 127.0.0.1\nt=0 0\nm=video 5998 RTP/AVP 96\n"
+    b"a=rtpmap:96 H264/90000\n",
+    "hls": b"#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nhttp://127.0.0.1:1/a.ts\n#EXT-X-ENDLIST\n",
+}
+
+
+@pytest.mark.parametrize("data", PLAYLISTS.values(), ids=PLAYLISTS.keys())
+def test_descriptions_of_other_inputs_are_refused_before_ffmpeg_opens_them(data, monkeypatch) -> None:
+    from common import media
+
+    opened = []
+    monkeypatch.setattr(media.av, "open", lambda *a, **k: opened.append(a) or pytest.fail("opened"))
+    with pytest.raises(ApiError) as refused:
+        check_video(data, 9, 1000, 120, 4096)
+    assert refused.value.details[0]["rule"] == "format" and "MP4/MOV, WebM/Matroska" in refused.value.message
+    with pytest.raises(ValueError, match="not a video container"):
+        load_video(data, 9, 64, 64)
+    assert opened == []
+
+
+def test_real_containers_are_read_with_their_own_demuxer() -> None:
+    mp4 = _mp4()
+    assert check_video(mp4, 9, 1000, 120, 4096).frames == 9
+    assert len(load_video(mp4, 9, 32, 32)) == 9
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    with pytest.raises(ApiError) as one_frame:  # a single image is a one-frame video, as before
+        check_video(png.getvalue(), 9, 1000, 120, 4096)
+    assert one_frame.value.details[0]["rule"] == "min_frames"
