@@ -95,9 +95,30 @@ def _no_such_host(exc: OSError) -> bool:
     return isinstance(exc, socket.gaierror) and exc.errno in gone
 
 
+# IPv6 prefixes whose addresses carry an IPv4 address in their last 32 bits: NAT64 (well-known
+# and local-use) and the deprecated IPv4-compatible form. A gateway's network may route them to that
+# IPv4 address, so it is the one checked.
+_EMBEDDING_IPV4 = [ipaddress.ip_network(n) for n in ("64:ff9b::/96", "64:ff9b:1::/48", "::/96")]
+
+
+def _reachable(
+    ip: ipaddress.IPv4Address | ipaddress.IPv6Address,
+) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:
+    """The address and every IPv4 address it may stand for (mapped, 6to4, Teredo, NAT64, IPv4-compatible)."""
+    found: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [ip]
+    if isinstance(ip, ipaddress.IPv6Address):
+        found += [v4 for v4 in (ip.ipv4_mapped, ip.sixtofour, *(ip.teredo or ())) if v4 is not None]
+        if any(ip in net for net in _EMBEDDING_IPV4):
+            found.append(ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF))
+    return found
+
+
 def _address_problem(host: str, address: str, allow: list[str]) -> str | None:
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # without an IPv6 zone
-    if ip.is_global or _allowed(ip, allow):
+    if _allowed(ip, allow):
+        return None
+    # Site-local (fec0::/10) is deprecated, but still routed inside some networks.
+    if all(a.is_global and not (a.version == 6 and a.is_site_local) for a in _reachable(ip)):
         return None
     return (
         f"{host} resolves to {ip}, a private, loopback or reserved address; such hosts must be "

@@ -356,6 +356,29 @@ async def test_a_host_name_the_resolver_cannot_take_is_a_problem_not_an_error(ur
     assert problem in (await webhooks.destination_problem(url, []) or "")
 
 
+@pytest.mark.parametrize(
+    "host",
+    [
+        "[::127.0.0.1]",  # IPv4-compatible
+        "[::ffff:127.0.0.1]",  # IPv4-mapped
+        "[64:ff9b::7f00:1]",  # NAT64 to 127.0.0.1
+        "[64:ff9b::a00:1]",  # NAT64 to 10.0.0.1
+        "[2002:7f00:1::1]",  # 6to4 of 127.0.0.1
+        "[fec0::1]",  # site-local
+        "127.1",
+        "0x7f000001",
+    ],
+)
+async def test_ipv6_addresses_that_stand_for_private_ipv4_ones_are_refused(host) -> None:
+    problem = await webhooks.destination_problem(f"http://{host}/hook", [])
+    assert problem is not None and "private, loopback or reserved" in problem, problem
+
+
+async def test_ipv6_addresses_that_stand_for_public_ipv4_ones_pass() -> None:
+    assert await webhooks.destination_problem("http://[64:ff9b::808:808]/hook", []) is None  # NAT64 to 8.8.8.8
+    assert await webhooks.destination_problem("http://[2606:4700:4700::1111]/hook", []) is None
+
+
 async def test_a_webhook_lookup_that_fails_is_tried_again_holding_the_event(local_receiver, monkeypatch) -> None:
     """The store is down for a moment: the event is not handed back to the broker (RabbitMQ 4
     would count that against a delivery limit and drop it), it waits here and is delivered."""
