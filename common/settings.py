@@ -123,6 +123,12 @@ class GatewaySettings(CommonSettings):
         description="Submissions that may carry a file (a body larger than max_body_bytes, or of unknown "
         "length) read and held at once; more wait up to 30 s for their turn, then 503 uploads_busy.",
     )
+    max_streams_per_key: int = Field(
+        default=100,
+        ge=1,
+        description="WebSocket and SSE streams one API key may hold open on one gateway at once; more get "
+        "429 too_many_streams until one closes.",
+    )
     max_image_pixels: int = Field(default=4096 * 4096, ge=1)
     max_video_frames: int = Field(default=1000, ge=1)
     max_video_seconds: float = Field(default=120.0, gt=0)

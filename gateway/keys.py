@@ -24,3 +24,5 @@ KEYS = web.AppKey("keys", Keys | None)  # None: auth disabled
 SUBMISSIONS = web.AppKey("submissions", set)  # submissions running to their end (handlers.run_to_end)
 # Submissions that may carry a file and are being read or held (handlers.upload_slot).
 UPLOAD_SLOTS = web.AppKey("upload_slots", asyncio.Semaphore)
+# Each API key's open WebSocket and SSE streams on this gateway (streams.open_stream); "" without auth.
+STREAMS = web.AppKey("streams", dict)

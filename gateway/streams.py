@@ -30,7 +30,7 @@ from aiohttp import web
 from gateway.auth import owner_of, visible
 from gateway.errors import ApiError
 from gateway.handlers import ascii_int, parse_job_id
-from gateway.keys import HUB, SETTINGS, STORE
+from gateway.keys import HUB, SETTINGS, STORE, STREAMS
 from gateway.views import event_frame
 from schemas.errors import shown
 from schemas.jobs import JobRecord
@@ -335,7 +335,29 @@ def _history(record: JobRecord) -> list[JobEvent]:
 @asynccontextmanager
 async def open_stream(app: web.Application, request: StreamRequest) -> AsyncIterator[JobStream]:
     """Subscribe first, then read the records (404 for an unknown job, or another key's) — see the
-    module docstring."""
+    module docstring. A key holds at most `max_streams_per_key` streams open at once."""
+    owner, limit = request.owner or "", app[SETTINGS].max_streams_per_key
+    counts: dict[str, int] = app[STREAMS]
+    if counts.get(owner, 0) >= limit:
+        raise ApiError(
+            429,
+            "too_many_streams",
+            f"this API key has {limit} streams open on this gateway, as many as it may "
+            "(VIDEOGEN_MAX_STREAMS_PER_KEY); close one, or follow several jobs in one stream",
+            headers={"Retry-After": "5"},
+        )
+    counts[owner] = counts.get(owner, 0) + 1
+    try:
+        async with _subscribed(app, request) as stream:
+            yield stream
+    finally:
+        counts[owner] -= 1
+        if not counts[owner]:
+            del counts[owner]
+
+
+@asynccontextmanager
+async def _subscribed(app: web.Application, request: StreamRequest) -> AsyncIterator[JobStream]:
     with app[HUB].subscribe(request.job_ids, request.owner) as sub:
         records: dict[str, JobRecord] = {}
         for job_id in request.job_ids or ():

@@ -247,3 +247,30 @@ def test_a_gateway_without_keys_refuses_to_start(stack) -> None:
     )
     assert result.returncode == 2
     assert "VIDEOGEN_API_KEYS_FILE" in result.stderr and "VIDEOGEN_AUTH_DISABLED" in result.stderr
+
+
+async def test_a_key_holds_at_most_its_number_of_streams_open(stack) -> None:
+    """Past VIDEOGEN_MAX_STREAMS_PER_KEY a key's next stream is 429 too_many_streams, on WebSocket
+    and SSE alike, while other keys' streams open; once one closes, another may open."""
+    gateway, _ = stack.start_gateway("gateway-stream-cap", VIDEOGEN_MAX_STREAMS_PER_KEY="2")
+    async with client() as mine, client(TOKENS["other"]) as theirs:
+        first = await mine.ws_connect(f"{gateway}/api/v1/ws?all=true")
+        second = await mine.get(f"{gateway}/api/v1/events?all=true")
+        assert second.status == 200
+        async with mine.get(f"{gateway}/api/v1/events?all=true", timeout=aiohttp.ClientTimeout(total=10)) as third:
+            payload = await third.json()  # (a stream that opened would never end: the timeout fails it)
+        assert (third.status, payload["error"]["code"]) == (429, "too_many_streams"), payload
+        assert third.headers["Retry-After"] == "5" and "VIDEOGEN_MAX_STREAMS_PER_KEY" in payload["error"]["message"]
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            await mine.ws_connect(f"{gateway}/api/v1/ws?all=true")
+        assert refused.value.status == 429
+        other = await theirs.ws_connect(f"{gateway}/api/v1/ws?all=true")
+        await first.close()
+
+        async def opens() -> bool:
+            async with mine.get(f"{gateway}/api/v1/events?all=true") as again:
+                return again.status == 200
+
+        await until(opens, 10, "a stream opens once one of the key's closed")
+        second.close()
+        await other.close()
