@@ -19,7 +19,19 @@ from gateway.broker import GatewayBroker
 from gateway.deadletters import dead_letter_handler, expiry_handler
 from gateway.errors import error_middleware, query_values, timeout_middleware
 from gateway.events import EventHub
-from gateway.keys import BROKER, HUB, KEYS, REGISTRY, SETTINGS, STORE, STREAMS, SUBMISSIONS, UPLOAD_SLOTS, WEBHOOKS
+from gateway.keys import (
+    BROKER,
+    HUB,
+    KEYS,
+    REGISTRY,
+    SETTINGS,
+    STORE,
+    STREAMS,
+    SUBMISSIONS,
+    UPLOAD_SLOTS,
+    UPLOAD_SLOTS_BY_KEY,
+    WEBHOOKS,
+)
 from gateway.metrics import metrics_middleware
 from gateway.openapi import OPENAPI, build_openapi, openapi_document
 from gateway.webhooks import WebhookDeliverer
@@ -54,6 +66,7 @@ def create_app(settings: GatewaySettings) -> web.Application:
     app[HUB] = EventHub()
     app[SUBMISSIONS] = set()
     app[UPLOAD_SLOTS] = asyncio.Semaphore(settings.max_concurrent_uploads)
+    app[UPLOAD_SLOTS_BY_KEY] = {}
     app[STREAMS] = {}
     app.cleanup_ctx.append(_store_ctx)
     app.cleanup_ctx.append(_broker_ctx)

@@ -37,7 +37,7 @@ from gateway.errors import (
     validation_error,
 )
 from gateway.inputs import CheckedInput, bad_input, check_image, check_video
-from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE, SUBMISSIONS, UPLOAD_SLOTS
+from gateway.keys import BROKER, HUB, REGISTRY, SETTINGS, STORE, SUBMISSIONS, UPLOAD_SLOTS, UPLOAD_SLOTS_BY_KEY
 from gateway.metrics import SUBMITTED
 from gateway.webhooks import destination_problem
 from schemas.api import Health, Readiness
@@ -346,29 +346,39 @@ async def upload_slot(request: web.Request) -> AsyncIterator[None]:
     """Hold one of the gateway's `max_concurrent_uploads` slots while a body that may carry a file
     (larger than `max_body_bytes`, or of unknown length) is read, checked and stored: each is held
     in memory, several times over while it is parsed (a 100 MiB file in JSON about 0.4 GiB at its
-    peak), so how many at once bounds the gateway's memory. A request waits for its turn up to
-    UPLOAD_WAIT_S (its body unread), then gets 503 `uploads_busy`."""
+    peak), so how many at once bounds the gateway's memory. One API key holds at most half the
+    slots (at least one): a key whose uploads come slowly cannot hold them all. A request waits
+    for its turn up to UPLOAD_WAIT_S (its body unread), then gets 503 `uploads_busy`."""
     settings = request.app[SETTINGS]
     if request.content_length is not None and request.content_length <= settings.max_body_bytes:
         yield
         return
-    slots = request.app[UPLOAD_SLOTS]
+    slots, per_key = request.app[UPLOAD_SLOTS], request.app[UPLOAD_SLOTS_BY_KEY]
+    share = max(1, settings.max_concurrent_uploads // 2)
+    mine = per_key.setdefault(owner_of(request) or "", asyncio.Semaphore(share))
+    held = []
     try:
         async with asyncio.timeout(UPLOAD_WAIT_S):
-            await slots.acquire()
+            for semaphore in (mine, slots):  # the key's share first: its waits take no gateway slot
+                await semaphore.acquire()
+                held.append(semaphore)
     except TimeoutError:
-        log.warning("uploads_busy", waited_s=UPLOAD_WAIT_S, slots=settings.max_concurrent_uploads)
+        for semaphore in held:
+            semaphore.release()
+        whose = "this API key's" if not held else "the gateway's"
+        log.warning("uploads_busy", waited_s=UPLOAD_WAIT_S, slots=settings.max_concurrent_uploads, per_key=not held)
         raise ApiError(
             503,
             "uploads_busy",
-            f"the gateway is reading {settings.max_concurrent_uploads} uploads already and this one waited "
-            f"{UPLOAD_WAIT_S:g} s for its turn; retry later",
+            f"{whose} uploads are all being read ({share if not held else settings.max_concurrent_uploads} at "
+            f"once) and this one waited {UPLOAD_WAIT_S:g} s for its turn; retry later",
             headers={"Retry-After": "5"},
         ) from None
     try:
         yield
     finally:
-        slots.release()
+        for semaphore in held:
+            semaphore.release()
 
 
 async def submit(request: web.Request, mode: GenerationMode) -> web.Response:

@@ -24,5 +24,7 @@ KEYS = web.AppKey("keys", Keys | None)  # None: auth disabled
 SUBMISSIONS = web.AppKey("submissions", set)  # submissions running to their end (handlers.run_to_end)
 # Submissions that may carry a file and are being read or held (handlers.upload_slot).
 UPLOAD_SLOTS = web.AppKey("upload_slots", asyncio.Semaphore)
+# Each API key's share of those slots (half of them, at least one); "" without auth.
+UPLOAD_SLOTS_BY_KEY = web.AppKey("upload_slots_by_key", dict)
 # Each API key's open WebSocket and SSE streams on this gateway (streams.open_stream); "" without auth.
 STREAMS = web.AppKey("streams", dict)

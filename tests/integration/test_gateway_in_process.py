@@ -551,3 +551,44 @@ async def test_uploads_past_the_gateways_slots_wait_their_turn_then_get_503(sett
         later = await client.post(path, data=at_once(), headers=headers)
         assert later.status == 202, await later.text()
         assert not client.app[UPLOAD_SLOTS].locked()
+
+
+async def test_one_key_holds_at_most_half_the_upload_slots(settings, monkeypatch, tmp_path) -> None:
+    """With two slots, a key whose upload comes slowly holds one: its next upload waits for its
+    own turn (then 503, naming the key's share), while another key's upload is read at once."""
+    from gateway.keys import UPLOAD_SLOTS_BY_KEY
+
+    monkeypatch.setattr(handlers, "UPLOAD_WAIT_S", 0.5)
+    keys = tmp_path / "keys.toml"
+    devstack.write_api_keys(keys, {"slow": {"token": "vg_slow-0123456789"}, "other": {"token": "vg_other-0123456789"}})
+    settings = settings.model_copy(update={"max_concurrent_uploads": 2, "auth_disabled": False, "api_keys_file": keys})
+    image = base64.b64encode(png_bytes(32, 32)).decode()
+    body = json.dumps({"prompt": "an upload", "model": "wan-i2v-tiny", "image": image}).encode()
+    path = "/api/v1/generate/image-to-video"
+    slow = {"Content-Type": "application/json", "Authorization": "Bearer vg_slow-0123456789"}
+    other = slow | {"Authorization": "Bearer vg_other-0123456789"}
+    go_on = asyncio.Event()
+
+    async def slowly():
+        yield body[:10]
+        await go_on.wait()
+        yield body[10:]
+
+    async def at_once():
+        yield body
+
+    async with TestClient(TestServer(create_app(settings))) as client:
+        first = asyncio.create_task(client.post(path, data=slowly(), headers=slow))
+
+        async def first_reading() -> bool:
+            share = client.app[UPLOAD_SLOTS_BY_KEY].get("slow")
+            return share is not None and share.locked()
+
+        await until(first_reading, 10, "the slow key's upload to take its share")
+        busy = await client.post(path, data=at_once(), headers=slow)
+        assert busy.status == 503 and "this API key's uploads" in (await busy.json())["error"]["message"]
+        theirs = await client.post(path, data=at_once(), headers=other)
+        assert theirs.status == 202, await theirs.text()
+        go_on.set()
+        assert (await first).status == 202
+        assert not client.app[UPLOAD_SLOTS].locked()
