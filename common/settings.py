@@ -17,9 +17,9 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from schemas.registry import Registry, load_registry
 
 
-def check_endpoint(value: str, url: str) -> urllib.parse.SplitResult:
-    """`url` (made from `value`) names a host and, optionally, a port, and nothing else (no user,
-    path, query or fragment: the store client would refuse or drop them); ValueError otherwise."""
+def check_endpoint(url: str) -> None:
+    """`url` names a host and, optionally, a port, and nothing else (no user, path, query or
+    fragment: the store client would refuse or drop them); ValueError otherwise."""
     parts = urllib.parse.urlsplit(url)
     try:
         port = parts.port
@@ -31,7 +31,6 @@ def check_endpoint(value: str, url: str) -> urllib.parse.SplitResult:
         raise ValueError("has a port that is not a number from 1 to 65535")
     if parts.username is not None or parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError("must be only a host and a port (no user, path, query or fragment)")
-    return parts
 
 
 def check_rate_limit(value: str) -> str:
@@ -88,7 +87,7 @@ class CommonSettings(BaseSettings):
     def _host_and_port(cls, value: str) -> str:
         if "://" in value:
             raise ValueError("must be host:port, without a scheme (VIDEOGEN_S3_SECURE=true for HTTPS)")
-        check_endpoint(value, f"//{value}")
+        check_endpoint(f"//{value}")
         return value
 
     @field_validator("log_level")
@@ -185,7 +184,7 @@ class GatewaySettings(CommonSettings):
             url = value if "://" in value else f"http://{value}"
             if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
                 raise ValueError("must be an http:// or https:// URL, or host:port for HTTP")
-            check_endpoint(value, url)
+            check_endpoint(url)
         return value
 
     @field_validator("rate_limit")

@@ -117,20 +117,21 @@ def http_ok(url: str) -> bool:
         return False
 
 
-def not_ready_answer(url: str) -> str | None:
-    """What a readiness endpoint answered other than 200 (its status and body, shortened), or None
-    when nothing answered: a process that is up but waits for a service is not a hung one."""
+def readiness(url: str) -> tuple[bool, str | None]:
+    """Whether a readiness endpoint answers 200, and what it answered otherwise (its status and
+    body, shortened; None when nothing answered): a process that is up but waits for a service
+    is not a hung one."""
     try:
         with urllib.request.urlopen(url, timeout=2) as response:
-            return None if response.status == 200 else f"{response.status}"
+            return response.status == 200, None if response.status == 200 else f"{response.status}"
     except urllib.error.HTTPError as exc:
         try:
             said = exc.read(300).decode(errors="replace").strip()
         except OSError:  # it stalled or dropped the connection after its status line
             said = "(no body)"
-        return f"{exc.code} {said}"
+        return False, f"{exc.code} {said}"
     except (urllib.error.URLError, OSError):
-        return None
+        return False, None
 
 
 def free_port_block(size: int) -> int:
@@ -1015,16 +1016,16 @@ def stack_status() -> int:
     cfg = stack_config(state)
     store: S3Store = cfg["store"]  # type: ignore[assignment]
     workers = [(name, f"http://127.0.0.1:{state.port(port)}", models) for name, port, models in STACK_WORKERS]
+    # Each part: (up, what it answered when not ready, what to show).
     checks = {
-        "s3": (bucket_ready(store), f"http://{store.endpoint}"),
-        "rabbitmq": (amqp_answers(cfg["amqp_url"]), f"{_redact(cfg['amqp_url'])}  namespace {state.namespace}"),  # type: ignore[arg-type]
-        "gateway": (http_ok(f"{state.gateway_url}/ready"), state.gateway_url),
-        **{name: (http_ok(f"{url}/ready"), f"{url}  ({', '.join(models)})") for name, url, models in workers},
+        "s3": (bucket_ready(store), None, f"http://{store.endpoint}"),
+        "rabbitmq": (amqp_answers(cfg["amqp_url"]), None, f"{_redact(cfg['amqp_url'])}  namespace {state.namespace}"),  # type: ignore[arg-type]
+        "gateway": (*readiness(f"{state.gateway_url}/ready"), state.gateway_url),
+        **{name: (*readiness(f"{url}/ready"), f"{url}  ({', '.join(models)})") for name, url, models in workers},
     }
-    for name, (ok, url) in checks.items():
+    for name, (ok, answer, url) in checks.items():
         entry = state.started.get(name)
         ours = entry is not None and _alive(entry, name)
-        answer = None if ok or name in ("s3", "rabbitmq") else not_ready_answer(url.split()[0] + "/ready")
         started = "started by scripts/stack" if ours else "external"
         if ok:
             owner = started
@@ -1038,7 +1039,7 @@ def stack_status() -> int:
             owner = f"its process {entry['pid']} (started by scripts/stack) runs but does not answer; log: {_part_log(name)}"  # type: ignore[index]
         shown = "up" if ok else "unready" if answer is not None else "down"
         print(f"{name:<12} {shown:<6} {url}  ({owner})")
-    return 0 if all(ok for ok, _ in checks.values()) else 1
+    return 0 if all(ok for ok, _, _ in checks.values()) else 1
 
 
 def _redact(url: str) -> str:

@@ -506,25 +506,35 @@ async def test_a_store_failure_at_submission_leaves_no_queued_record(settings, m
     assert response.status == 503 and record.status == JobStatus.FAILED and record.error.code == "not_queued"
 
 
+class Upload:
+    """An image-to-video submission in JSON whose body may carry a file (it takes an upload
+    slot): sent `slowly()` (chunked, held after 10 bytes until `go_on` is set) or `at_once()`."""
+
+    path = "/api/v1/generate/image-to-video"
+
+    def __init__(self) -> None:
+        image = base64.b64encode(png_bytes(32, 32)).decode()
+        self.body = json.dumps({"prompt": "an upload", "model": "wan-i2v-tiny", "image": image}).encode()
+        self.go_on = asyncio.Event()
+
+    async def slowly(self) -> AsyncIterator[bytes]:  # chunked: its length is not known up front
+        yield self.body[:10]
+        await self.go_on.wait()
+        yield self.body[10:]
+
+    async def at_once(self) -> AsyncIterator[bytes]:
+        yield self.body
+
+
 async def test_uploads_past_the_gateways_slots_wait_their_turn_then_get_503(settings, monkeypatch) -> None:
     """With one upload slot: a second body that may carry a file waits while the first is read,
     and gets 503 uploads_busy once it has waited its limit; a small body (its length known and
     within max_body_bytes) does not wait; once the first is done, the next upload gets its turn."""
     monkeypatch.setattr(handlers, "UPLOAD_WAIT_S", 0.5)
     settings = settings.model_copy(update={"max_concurrent_uploads": 1})
-    image = base64.b64encode(png_bytes(32, 32)).decode()
-    body = json.dumps({"prompt": "an upload", "model": "wan-i2v-tiny", "image": image}).encode()
-    path = "/api/v1/generate/image-to-video"
+    upload = Upload()
+    body, path, slowly, at_once, go_on = upload.body, upload.path, upload.slowly, upload.at_once, upload.go_on
     headers = {"Content-Type": "application/json"}
-    go_on = asyncio.Event()
-
-    async def slowly():  # chunked: its length is not known up front
-        yield body[:10]
-        await go_on.wait()
-        yield body[10:]
-
-    async def at_once():
-        yield body
 
     async with TestClient(TestServer(create_app(settings))) as client:
         first = asyncio.create_task(client.post(path, data=slowly(), headers=headers))
@@ -562,20 +572,10 @@ async def test_one_key_holds_at_most_half_the_upload_slots(settings, monkeypatch
     keys = tmp_path / "keys.toml"
     devstack.write_api_keys(keys, {"slow": {"token": "vg_slow-0123456789"}, "other": {"token": "vg_other-0123456789"}})
     settings = settings.model_copy(update={"max_concurrent_uploads": 2, "auth_disabled": False, "api_keys_file": keys})
-    image = base64.b64encode(png_bytes(32, 32)).decode()
-    body = json.dumps({"prompt": "an upload", "model": "wan-i2v-tiny", "image": image}).encode()
-    path = "/api/v1/generate/image-to-video"
+    upload = Upload()
+    path, slowly, at_once, go_on = upload.path, upload.slowly, upload.at_once, upload.go_on
     slow = {"Content-Type": "application/json", "Authorization": "Bearer vg_slow-0123456789"}
     other = slow | {"Authorization": "Bearer vg_other-0123456789"}
-    go_on = asyncio.Event()
-
-    async def slowly():
-        yield body[:10]
-        await go_on.wait()
-        yield body[10:]
-
-    async def at_once():
-        yield body
 
     async with TestClient(TestServer(create_app(settings))) as client:
         first = asyncio.create_task(client.post(path, data=slowly(), headers=slow))

@@ -162,9 +162,9 @@ def test_down_stops_the_workers_at_once_before_the_gateway(state_dir, sleeper, m
 def test_status_says_when_its_process_runs_but_does_not_answer(state_dir, sleeper, monkeypatch, capsys) -> None:
     gateway = sleeper()
     StackState(started={"gateway": devstack.process_identity(gateway.pid)}).save()
-    for check in ("bucket_ready", "amqp_answers", "http_ok"):
+    for check in ("bucket_ready", "amqp_answers"):
         monkeypatch.setattr(devstack, check, lambda *_: False)
-    monkeypatch.setattr(devstack, "not_ready_answer", lambda *_: None)
+    monkeypatch.setattr(devstack, "readiness", lambda *_: (False, None))
     assert devstack.stack_status() == 1
     lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
     assert f"its process {gateway.pid} (started by scripts/stack) runs but does not answer" in lines["gateway"]
