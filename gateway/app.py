@@ -189,6 +189,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
                 log.warning("retention_not_applied", days=days, error=str(exc))
     app[STORE] = store
     yield
+    await store.close()
 
 
 def _release_quota_on_end(app: web.Application) -> None:

@@ -52,6 +52,7 @@ async def run(settings: WorkerSettings) -> bool:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     async with contextlib.AsyncExitStack() as serving:
+        serving.push_async_callback(store.close)
         try:
             await serving.enter_async_context(serve_health(worker, settings.health_host, settings.health_port))
         except OSError as exc:

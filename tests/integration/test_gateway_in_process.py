@@ -16,7 +16,7 @@ import pytest
 from aiohttp.test_utils import TestClient, TestServer
 
 from common.settings import GatewaySettings
-from common.store import ObjectStore, index_key, job_id_of_index
+from common.store import ObjectStore, StoreUnanswered, index_key, job_id_of_index
 from gateway import handlers, idempotency, openai_api
 from gateway.app import create_app
 from gateway.broker import GatewayBroker
@@ -397,20 +397,16 @@ async def test_an_idempotency_key_is_remembered_through_a_passing_store_error(se
 def _stored_then_unanswered(monkeypatch, matches) -> list[str]:
     """The store takes the first matching conditional write, then its answer is lost (a read
     time-out): the write's outcome is unknown to the gateway. Returns the keys it did this to."""
-    import urllib3
-    from minio import Minio
+    real, lost = ObjectStore._request, []
 
-    real, lost = Minio._put_object, []
-
-    def put(self, bucket_name, object_name, data, headers=None, query_params=None):
-        result = real(self, bucket_name, object_name, data, headers=headers, query_params=query_params)
-        if matches(object_name) and not lost:
-            lost.append(object_name)
-            timeout = urllib3.exceptions.ReadTimeoutError(None, object_name, "Read timed out.")
-            raise urllib3.exceptions.MaxRetryError(None, object_name, timeout)
+    async def request(self, method, key, body=b"", headers=None):
+        result = await real(self, method, key, body, headers)
+        if method == "PUT" and matches(key) and not lost:
+            lost.append(key)
+            raise StoreUnanswered(f"no answer from the store within its time-out for PUT {key}")
         return result
 
-    monkeypatch.setattr(Minio, "_put_object", put)
+    monkeypatch.setattr(ObjectStore, "_request", request)
     return lost
 
 
