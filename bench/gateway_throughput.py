@@ -135,7 +135,10 @@ async def store_writes(env: dict[str, str], seconds: float) -> float:
             done += 1
 
     started = time.perf_counter()
-    await asyncio.gather(*(writer() for _ in range(CEILING_CLIENTS)))
+    try:
+        await asyncio.gather(*(writer() for _ in range(CEILING_CLIENTS)))
+    finally:
+        await store.close()
     return done / (time.perf_counter() - started)
 
 
