@@ -115,9 +115,14 @@ STORE_THREADS = 32
 # The single-object requests made on the event loop share at most this many connections.
 STORE_CONNECTIONS = 64
 # Those requests are tried again (after 0.2 s, then 0.4 s) when the store answers 500 to 504 or a
-# connection fails, but not after a read that timed out: as the minio client's retries are set.
+# connection fails, but not after the store took the request and then did not answer in time (the
+# minio client's calls are retried alike).
 _RETRIES = 2
 _RETRY_STATUSES = frozenset({500, 502, 503, 504})
+# A body must be sent within s3_timeout_s plus a second per this many bytes, or the call fails
+# (the answer is waited for with s3_timeout_s between bytes); smaller bodies fit the socket buffers.
+_SEND_BYTES_PER_S = 1 << 20
+_BUFFERED_BYTES = 1 << 16
 
 
 class StoreError(Exception):
@@ -202,6 +207,7 @@ class ObjectStore:
         )
         self._region = settings.s3_region
         self._credentials = Credentials(settings.s3_access_key, settings.s3_secret_key.get_secret_value())
+        self._timeout_s = settings.s3_timeout_s
         self._http_timeout = aiohttp.ClientTimeout(total=None, sock_connect=3.0, sock_read=settings.s3_timeout_s)
         self._http: aiohttp.ClientSession | None = None
         self._http_loop: asyncio.AbstractEventLoop | None = None
@@ -238,10 +244,15 @@ class ObjectStore:
             content_sha256 = await asyncio.to_thread(lambda: hashlib.sha256(body).hexdigest())
         else:
             content_sha256 = hashlib.sha256(body).hexdigest()
-        session, target = self._session(), yarl.URL(url.geturl(), encoded=True)
+        target, timeout = yarl.URL(url.geturl(), encoded=True), self._http_timeout
+        if len(body) > _BUFFERED_BYTES:  # sending could stall, which sock_read does not cover
+            timeout = aiohttp.ClientTimeout(
+                total=self._timeout_s + len(body) / _SEND_BYTES_PER_S, sock_connect=3.0, sock_read=self._timeout_s
+            )
         for attempt in range(_RETRIES + 1):
             if attempt:
                 await asyncio.sleep(0.2 * 2 ** (attempt - 1))
+            session = self._session()  # refuses once the client is closed, also between tries
             date = datetime.now(UTC)
             signed = sign_v4_s3(
                 method=method,
@@ -250,6 +261,7 @@ class ObjectStore:
                 headers={
                     **(headers or {}),
                     "Host": url.netloc,
+                    "Accept-Encoding": "identity",  # the bytes as stored, even through a compressing proxy
                     "x-amz-content-sha256": content_sha256,
                     "x-amz-date": date.strftime("%Y%m%dT%H%M%SZ"),
                 },
@@ -258,22 +270,32 @@ class ObjectStore:
                 date=date,
             )
             try:
-                async with session.request(method, target, data=body or None, headers=signed) as response:
+                async with session.request(
+                    method, target, data=body or None, headers=signed, timeout=timeout
+                ) as response:
                     data = await response.read()
                     status, etag = response.status, response.headers.get("ETag", "").strip('"')
-            except aiohttp.SocketTimeoutError as exc:  # the store took the request and did not answer
+            except aiohttp.ConnectionTimeoutError as exc:  # no connection: tried again
+                failed: BaseException = exc
+            except TimeoutError as exc:  # the request went out (or part of it) and no answer came in time
                 raise StoreUnanswered(f"no answer from the store within its time-out for {method} {key}") from exc
-            except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-                if attempt < _RETRIES:
-                    continue
-                raise StoreUnanswered(f"the store could not be reached for {method} {key}: {exc!r}") from exc
-            if status < 300:
-                return data, etag
-            if status not in _RETRY_STATUSES or attempt == _RETRIES:
-                raise _error_of(status, data, key)
+            except (aiohttp.ClientError, OSError) as exc:
+                failed = exc
+            else:
+                if status < 300:
+                    return data, etag
+                if status not in _RETRY_STATUSES or attempt == _RETRIES:
+                    raise _error_of(status, data, key)
+                continue
+            if self._closed:
+                raise StoreUnanswered(f"the store client was closed during {method} {key}") from failed
+            if attempt == _RETRIES:
+                raise StoreUnanswered(f"the store could not be reached for {method} {key}: {failed!r}") from failed
         raise AssertionError("unreachable")
 
     async def _run(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._closed:
+            raise StoreUnanswered("the store client is closed")
         return await asyncio.get_running_loop().run_in_executor(self._threads, functools.partial(fn, *args, **kwargs))
 
     @staticmethod
@@ -425,7 +447,15 @@ class ObjectStore:
                 await asyncio.sleep(0.05 * 2**attempt)  # let the other write land
             try:
                 return (await self._request("PUT", key, data, headers))[1]
-            except StoreUnanswered as exc:  # no answer: the store may have taken it
+            except StoreError as exc:
+                if exc.code == _PRECONDITION_FAILED:
+                    break
+                if exc.code == _RACED:
+                    continue
+                if not isinstance(exc, StoreUnanswered) and (exc.status or 0) < 500:
+                    raise
+                # No answer, or only server errors (the store, or a proxy in front, may have taken
+                # it before it failed): the outcome is unknown until the object is read.
                 try:
                     written = await ours()
                 except Exception:
@@ -433,11 +463,6 @@ class ObjectStore:
                 if written is not None:
                     return written
                 raise
-            except StoreError as exc:
-                if exc.code == _PRECONDITION_FAILED:
-                    break
-                if exc.code != _RACED:
-                    raise
         # Refused (or raced every time): unless the bytes there are these, somebody else wrote.
         if (written := await ours()) is not None:
             return written

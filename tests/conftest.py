@@ -126,6 +126,23 @@ def namespace(amqp_url: str) -> Iterator[str]:
     asyncio.run(delete_test_namespace(amqp_url, ns))
 
 
+@pytest.fixture
+async def closed_stores(monkeypatch: pytest.MonkeyPatch):
+    """Closes the object-store clients (`ObjectStore`) a test makes, with their connections, when it ends."""
+    from common.store import ObjectStore
+
+    made, init = [], ObjectStore.__init__
+
+    def recording(self, *args, **kwargs) -> None:
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(ObjectStore, "__init__", recording)
+    yield
+    for store in made:
+        await store.close()
+
+
 @pytest.fixture(scope="session")
 def s3_store(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Store]:
     base = devstack.free_port_block(10)

@@ -26,6 +26,8 @@ from scripts import devstack
 from tests.conftest import delete_test_namespace
 from tests.helpers import png_bytes, queued_record, until
 
+pytestmark = pytest.mark.usefixtures("closed_stores")
+
 
 @pytest.fixture
 async def settings(s3_store, amqp_url, tmp_path, monkeypatch) -> AsyncIterator[GatewaySettings]:

@@ -15,6 +15,8 @@ from schemas.messages import ExpiryCheck, JobMessage, new_id
 from schemas.registry import load_registry
 from tests.helpers import queued_record
 
+pytestmark = pytest.mark.usefixtures("closed_stores")
+
 
 def settings_of(s3_store) -> CommonSettings:
     return CommonSettings(
