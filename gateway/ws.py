@@ -55,8 +55,11 @@ async def job_events(request: web.Request) -> web.WebSocketResponse:
                 stream.ended, (WSCloseCode.INTERNAL_ERROR, b"the stream failed; reconnect with since")
             )
             # Bounded: a client that stopped taking data would hold the close handshake for ever.
+            # A stopping gateway reads nothing more (aiohttp drops what arrives once the server
+            # shuts down), so the client's answer to the close cannot come: the connection is
+            # closed after a second, which clients that wait for it (browsers) take as the end.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(ws.close(code=code, message=reason), 10)
+                await asyncio.wait_for(ws.close(code=code, message=reason), 1 if stream.ended is Ended.SHUTDOWN else 10)
         return ws
 
 

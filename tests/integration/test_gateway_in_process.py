@@ -590,3 +590,52 @@ async def test_one_key_holds_at_most_half_the_upload_slots(settings, monkeypatch
         go_on.set()
         assert (await first).status == 202
         assert not client.app[UPLOAD_SLOTS].locked()
+
+
+async def test_a_stopping_gateway_ends_its_websockets_at_once(settings) -> None:
+    """The close (1001) goes out when the gateway stops, and the connection ends a second later
+    at most: the client's answer to the close, which a stopping server no longer reads, is not
+    waited for. A client that waits for the connection to end after answering, as the RFC has
+    it (browsers, `websockets`), hears of it at once rather than after 10 s."""
+    import base64
+    import os
+    import struct
+    import time
+
+    import aiohttp
+
+    server = TestServer(create_app(settings))
+    await server.start_server()
+    async with aiohttp.ClientSession() as http:
+        response = await http.post(server.make_url("/api/v1/generate/text-to-video"), json={"prompt": "p"})
+        job_id = (await response.json())["job_id"]
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    key = base64.b64encode(os.urandom(16)).decode()
+    writer.write(
+        f"GET /api/v1/ws?job_id={job_id} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n".encode()
+    )
+    assert (await reader.readuntil(b"\r\n\r\n")).startswith(b"HTTP/1.1 101")
+
+    async def frame() -> tuple[int, bytes]:
+        first, size = await reader.readexactly(2)
+        size &= 0x7F
+        if size == 126:
+            (size,) = struct.unpack("!H", await reader.readexactly(2))
+        elif size == 127:
+            (size,) = struct.unpack("!Q", await reader.readexactly(8))
+        return first & 0x0F, await reader.readexactly(size)
+
+    assert json.loads((await frame())[1])["status"] == "queued"
+    started = time.monotonic()
+    stopping = asyncio.ensure_future(server.close())
+    opcode, payload = await frame()
+    assert opcode == 8 and struct.unpack("!H", payload[:2])[0] == 1001, payload
+    mask = os.urandom(4)  # the client's answer: a masked close frame with the same code
+    writer.write(
+        bytes([0x88, 0x80 | len(payload[:2])]) + mask + bytes(b ^ mask[i % 4] for i, b in enumerate(payload[:2]))
+    )
+    assert await reader.read() == b""  # the gateway ended the connection
+    await stopping
+    writer.close()
+    assert time.monotonic() - started < 5
