@@ -73,7 +73,9 @@ async def destination_problem(url: str, allow: list[str], delivering: bool = Fal
     try:
         port = parts.port
     except ValueError:
-        return "the URL's port is not a number from 0 to 65535"
+        return "the URL's port is not a number from 1 to 65535"
+    if port == 0:
+        return "the URL's port is not a number from 1 to 65535"
     if host in allow:
         return None
     try:
@@ -117,11 +119,12 @@ def _address_problem(host: str, address: str, allow: list[str]) -> str | None:
     ip = ipaddress.ip_address(address.split("%", 1)[0])  # without an IPv6 zone
     if _allowed(ip, allow):
         return None
-    # Site-local (fec0::/10) is deprecated, but still routed inside some networks.
-    if all(a.is_global and not (a.version == 6 and a.is_site_local) for a in _reachable(ip)):
+    # Site-local (fec0::/10) is deprecated, but still routed inside some networks; multicast
+    # addresses (some of which Python counts as global) name groups, not a receiver.
+    if all(a.is_global and not a.is_multicast and not (a.version == 6 and a.is_site_local) for a in _reachable(ip)):
         return None
     return (
-        f"{host} resolves to {ip}, a private, loopback or reserved address; such hosts must be "
+        f"{host} resolves to {ip}, a private, loopback, multicast or reserved address; such hosts must be "
         "listed in VIDEOGEN_WEBHOOK_ALLOW_HOSTS"
     )
 

@@ -371,7 +371,19 @@ async def test_a_host_name_the_resolver_cannot_take_is_a_problem_not_an_error(ur
 )
 async def test_ipv6_addresses_that_stand_for_private_ipv4_ones_are_refused(host) -> None:
     problem = await webhooks.destination_problem(f"http://{host}/hook", [])
-    assert problem is not None and "private, loopback or reserved" in problem, problem
+    assert problem is not None and "private, loopback, multicast or reserved" in problem, problem
+
+
+@pytest.mark.parametrize("host", ["224.0.0.1", "224.0.0.251", "239.255.255.250", "[ff02::1]", "[ff0e::1]"])
+async def test_multicast_addresses_are_refused(host) -> None:
+    """Group addresses, not a receiver (Python counts some of them as global)."""
+    problem = await webhooks.destination_problem(f"http://{host}/hook", [])
+    assert problem is not None and "multicast" in problem, problem
+
+
+async def test_port_zero_is_refused() -> None:
+    problem = await webhooks.destination_problem("http://8.8.8.8:0/hook", [])
+    assert problem == "the URL's port is not a number from 1 to 65535"
 
 
 async def test_ipv6_addresses_that_stand_for_public_ipv4_ones_pass() -> None:
