@@ -35,7 +35,7 @@ from gateway.handlers import (
 from gateway.jobs import cancel, load_video, video_redirect
 from gateway.keys import REGISTRY, SETTINGS, STORE
 from schemas.jobs import JobRecord, JobStatus, utcnow
-from schemas.requests import ImageToVideoRequest, TextToVideoRequest, check_prompt_text
+from schemas.requests import ImageToVideoRequest, TextToVideoRequest, check_prompt_text, refuse_controls
 
 LIST_LIMIT_MAX = 100
 # How many index entries `order=asc` reads at most: the index lists newest first, so a listing
@@ -64,6 +64,11 @@ class CreateVideo(BaseModel):
     model: str | None = Field(default=None, min_length=1, max_length=100)
     seconds: str | None = Field(default=None, pattern=r"^[0-9]{1,3}(\.[0-9]+)?$", description='Duration, e.g. "4".')
     size: str | None = Field(default=None, pattern=r"^[1-9][0-9]{1,4}x[1-9][0-9]{1,4}$", description='"WIDTHxHEIGHT".')
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _no_controls(cls, value: Any) -> Any:
+        return refuse_controls(value)
 
     @field_validator("prompt")
     @classmethod

@@ -16,11 +16,11 @@ MAX_SEED = 2**32 - 1
 _ALLOWED_CONTROLS = {"\t", "\n", "\r"}
 
 
-def check_prompt_text(value: str | None, visible: bool = True) -> str | None:
-    """A prompt's text: no control characters but tab and line breaks, and (`visible`) at least
-    one character that shows (a prompt of only zero-width or other format characters says
-    nothing to the model, as one of only spaces)."""
-    if value is None:
+def refuse_controls(value: Any) -> Any:
+    """No control characters but tab and line breaks in a text, checked before it is stripped
+    (U+0085, U+000B and U+000C count as whitespace there): one at either end is refused too, not
+    stripped away."""
+    if not isinstance(value, str):
         return value
     controls = sorted({c for c in value if unicodedata.category(c) == "Cc" and c not in _ALLOWED_CONTROLS})
     if controls:
@@ -29,6 +29,17 @@ def check_prompt_text(value: str | None, visible: bool = True) -> str | None:
             "no control characters but tab and line breaks; found {found}",
             {"found": ", ".join(f"U+{ord(c):04X}" for c in controls)},
         )
+    return value
+
+
+def check_prompt_text(value: str | None, visible: bool = True) -> str | None:
+    """A prompt's text: no control characters but tab and line breaks (`refuse_controls`, which
+    runs before stripping as well), and (`visible`) at least one character that shows (a prompt
+    of only zero-width or other format characters says nothing to the model, as one of only
+    spaces)."""
+    if value is None:
+        return value
+    refuse_controls(value)
     if visible and value and all(c.isspace() or unicodedata.category(c) in ("Cf", "Cc") for c in value):
         raise PydanticCustomError("visible_text", "at least one visible character; only invisible ones were sent")
     return value
@@ -66,6 +77,11 @@ class TextToVideoRequest(BaseModel):
             1, {"type": "string", "description": 'Comma-separated, e.g. "job.running,job.succeeded".'}
         ),
     )
+
+    @field_validator("prompt", "negative_prompt", mode="before")
+    @classmethod
+    def _no_controls(cls, value: Any) -> Any:
+        return refuse_controls(value)
 
     @field_validator("prompt")
     @classmethod

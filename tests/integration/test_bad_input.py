@@ -73,6 +73,16 @@ CASES = [
     # A prompt says something to the model: no control characters, and not only invisible ones.
     ({"prompt": "a\u0000b"}, 422, "validation_error", "prompt", "control_characters", "U+0000"),
     ({"prompt": " \u200b\u200d "}, 422, "validation_error", "prompt", "visible_text", "visible character"),
+    # Control characters that count as whitespace are refused at either end too, not stripped.
+    ({"prompt": "\u0085a red fox\u0085"}, 422, "validation_error", "prompt", "control_characters", "U+0085"),
+    (
+        {"prompt": "x", "negative_prompt": "\u000c"},
+        422,
+        "validation_error",
+        "negative_prompt",
+        "control_characters",
+        "U+000C",
+    ),
     (
         {"prompt": "x", "negative_prompt": "\u0007"},
         422,

@@ -25,3 +25,19 @@ from gateway.openai_api import frame_steps
 )
 def test_seconds_make_frame_steps(seconds: str, fps: int, frame_step: int, steps: int) -> None:
     assert frame_steps(seconds, fps, frame_step) == steps
+
+
+@pytest.mark.parametrize("prompt", ["\u0085a red fox", "a red fox\u000b", "\u000c"])
+def test_control_characters_at_either_end_of_a_prompt_are_refused_not_stripped(prompt) -> None:
+    from pydantic import ValidationError
+
+    from gateway.openai_api import CreateVideo
+    from schemas.requests import TextToVideoRequest
+
+    for model, payload in (
+        (CreateVideo, {"prompt": prompt}),
+        (TextToVideoRequest, {"prompt": "x", "negative_prompt": prompt}),
+    ):
+        with pytest.raises(ValidationError) as raised:
+            model.model_validate(payload)
+        assert [e["type"] for e in raised.value.errors()] == ["control_characters"], raised.value
