@@ -372,15 +372,6 @@ class ObjectStore:
     async def put_file(self, key: str, path: Path, content_type: str) -> None:
         await self._run(self._client.fput_object, self.bucket, key, str(path), content_type=content_type)
 
-    async def _read(self, key: str) -> tuple[bytes, str] | None:
-        """The object's bytes and ETag (None if there is no such object)."""
-        try:
-            return await self._request("GET", key)
-        except StoreError as exc:
-            if exc.code in ("NoSuchKey", "NoSuchObject"):
-                return None
-            raise
-
     async def get_bytes(self, key: str) -> bytes | None:
         found = await self.get_tagged(key)
         return None if found is None else found[0]
@@ -422,8 +413,14 @@ class ObjectStore:
         return await self.put_if(record_key(record.job_id), record.model_dump_json().encode(), etag)
 
     async def get_tagged(self, key: str) -> tuple[bytes, str] | None:
-        """An object's bytes and ETag, which `put_if` takes to write only over this version."""
-        return await self._read(key)
+        """An object's bytes and ETag, which `put_if` takes to write only over this version (None
+        if there is no such object)."""
+        try:
+            return await self._request("GET", key)
+        except StoreError as exc:
+            if exc.code in ("NoSuchKey", "NoSuchObject"):
+                return None
+            raise
 
     async def put_if(self, key: str, data: bytes, etag: str | None, content_type: str = "application/json") -> str:
         """Write the object only over the version with this ETag (None: only where there is none
@@ -438,7 +435,7 @@ class ObjectStore:
 
         async def ours() -> str | None:
             """The stored object's ETag if it holds these bytes."""
-            stored = await self._read(key)
+            stored = await self.get_tagged(key)
             return stored[1] if stored is not None and stored[0] == data else None
 
         headers = {"Content-Type": content_type, **condition}

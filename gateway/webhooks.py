@@ -73,7 +73,7 @@ async def destination_problem(url: str, allow: list[str], delivering: bool = Fal
     try:
         port = parts.port
     except ValueError:
-        return "the URL's port is not a number from 1 to 65535"
+        port = 0
     if port == 0:
         return "the URL's port is not a number from 1 to 65535"
     if host in allow:
